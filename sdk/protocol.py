@@ -1,0 +1,252 @@
+"""MQTT protocol version 1: topics and message schemas (DESIGN.md).
+
+Pure code: no network, no threads. The agent builds messages with
+:func:`make_message`; the collector checks what arrives with
+:func:`parse_message`, which never raises anything but :class:`MessageError`.
+
+Every message is a JSON object with ``schema`` (``edgeship/v1/<kind>``),
+``msg_id`` (unique per device, used for de-duplication), ``device`` and
+``ts`` (seconds since the epoch, float). Fields beyond those listed here are
+allowed and kept, so later versions can add fields (e.g. drift scores)
+without breaking older collectors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import EdgeshipError
+
+__all__ = [
+    "PROTOCOL",
+    "KINDS",
+    "DEVICE_KINDS",
+    "ROLLOUT_DEVICE_STATES",
+    "FEEDBACK_KINDS",
+    "MAX_PAYLOAD",
+    "MessageError",
+    "Message",
+    "topic",
+    "device_topic",
+    "rollout_plan_topic",
+    "subscriptions",
+    "parse_topic",
+    "make_message",
+    "encode",
+    "parse_message",
+    "new_msg_id",
+    "valid_id",
+]
+
+PROTOCOL = "edgeship/v1"
+# Kinds sent by a device on edgeship/v1/{fleet}/devices/{device}/{kind}.
+DEVICE_KINDS = ("state", "telemetry", "feedback", "rollout")
+# "plan" is sent by the controller on edgeship/v1/{fleet}/rollouts/{rollout_id}.
+KINDS = DEVICE_KINDS + ("plan",)
+ROLLOUT_DEVICE_STATES = (
+    "assigned", "downloading", "prefetched", "verified", "active",
+    "healthy", "failed", "rolled_back",
+)
+FEEDBACK_KINDS = ("correct", "incorrect", "label", "rating", "comment")
+# A Pi sends small JSON; anything larger than this is hostile or broken.
+MAX_PAYLOAD = 256 * 1024
+RETAINED = {"state": True, "telemetry": False, "feedback": False, "rollout": False, "plan": True}
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+class MessageError(EdgeshipError):
+    """A message does not follow the v1 protocol; the text says which field."""
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: str
+    fleet: str
+    device: str | None  # None for plan messages
+    body: dict[str, Any]
+
+    @property
+    def msg_id(self) -> str:
+        return self.body["msg_id"]
+
+
+def valid_id(value: object) -> bool:
+    """Fleet, device and rollout ids: safe in a topic level and a file name."""
+    return isinstance(value, str) and bool(_ID_RE.match(value))
+
+
+def _check_id(what: str, value: str) -> str:
+    if not valid_id(value):
+        raise MessageError(f"{what} {value!r} is not a valid id: use letters, digits and _.:- (max 128)")
+    return value
+
+
+def device_topic(fleet: str, device: str, kind: str) -> str:
+    if kind not in DEVICE_KINDS:
+        raise MessageError(f"unknown device topic kind {kind!r}; expected one of {', '.join(DEVICE_KINDS)}")
+    return f"{PROTOCOL}/{_check_id('fleet', fleet)}/devices/{_check_id('device', device)}/{kind}"
+
+
+def rollout_plan_topic(fleet: str, rollout_id: str) -> str:
+    return f"{PROTOCOL}/{_check_id('fleet', fleet)}/rollouts/{_check_id('rollout id', rollout_id)}"
+
+
+def topic(fleet: str, kind: str, device: str | None = None, rollout_id: str | None = None) -> str:
+    """Topic for a message kind; ``plan`` needs ``rollout_id``, the others ``device``."""
+    if kind == "plan":
+        return rollout_plan_topic(fleet, rollout_id or "")
+    return device_topic(fleet, device or "", kind)
+
+
+def subscriptions(fleet: str, kinds: tuple[str, ...] = DEVICE_KINDS,
+                  share_group: str | None = None) -> list[str]:
+    """Topic filters a collector subscribes to (shared subscription when grouped)."""
+    filters = [f"{PROTOCOL}/{_check_id('fleet', fleet)}/devices/+/{k}" for k in kinds]
+    if share_group:
+        filters = [f"$share/{_check_id('share group', share_group)}/{f}" for f in filters]
+    return filters
+
+
+def parse_topic(topic_name: str) -> tuple[str, str, str | None]:
+    """Return (kind, fleet, device-or-rollout-id) for a v1 topic, else MessageError."""
+    parts = topic_name.split("/")
+    if len(parts) == 6 and parts[:2] == ["edgeship", "v1"] and parts[3] == "devices" and parts[5] in DEVICE_KINDS:
+        if valid_id(parts[2]) and valid_id(parts[4]):
+            return parts[5], parts[2], parts[4]
+    if len(parts) == 5 and parts[:2] == ["edgeship", "v1"] and parts[3] == "rollouts":
+        if valid_id(parts[2]) and valid_id(parts[4]):
+            return "plan", parts[2], parts[4]
+    raise MessageError(f"topic {topic_name[:200]!r} is not an edgeship/v1 topic")
+
+
+def new_msg_id() -> str:
+    return uuid.uuid4().hex
+
+
+def make_message(kind: str, device: str, body: dict[str, Any] | None = None, *,
+                 msg_id: str | None = None, ts: float | None = None) -> dict[str, Any]:
+    """Build a message dict with the envelope fields filled in and checked."""
+    if kind not in KINDS:
+        raise MessageError(f"unknown message kind {kind!r}")
+    msg = dict(body or {})
+    msg["schema"] = f"{PROTOCOL}/{kind}"
+    msg["msg_id"] = msg_id or msg.get("msg_id") or new_msg_id()
+    msg["device"] = device
+    msg["ts"] = float(ts if ts is not None else msg.get("ts", time.time()))
+    _validate(kind, msg)
+    return msg
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    data = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > MAX_PAYLOAD:
+        raise MessageError(f"message of {len(data)} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+    return data
+
+
+def parse_message(topic_name: str, payload: bytes) -> Message:
+    """Decode and validate one received message.
+
+    Checks size, JSON, envelope, that the schema matches the topic kind and
+    that the device in the payload is the device in the topic (a device must
+    not speak for another), then the kind's own required fields.
+    """
+    if len(payload) > MAX_PAYLOAD:
+        raise MessageError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte limit")
+    kind, fleet, ident = parse_topic(topic_name)
+    try:
+        body = json.loads(payload, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise MessageError("payload is not a JSON object")
+    _validate(kind, body)
+    if kind == "plan":
+        if body.get("rollout_id", ident) != ident:
+            raise MessageError(f"rollout_id {body.get('rollout_id')!r} does not match topic {ident!r}")
+        return Message(kind, fleet, None, body)
+    if body["device"] != ident:
+        raise MessageError(f"device {body['device']!r} in payload does not match topic device {ident!r}")
+    return Message(kind, fleet, ident, body)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _num(body: dict, key: str, *, required: bool = True, minimum: float | None = None) -> None:
+    if key not in body:
+        if required:
+            raise MessageError(f"field {key!r} is missing")
+        return
+    v = body[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise MessageError(f"field {key!r} must be a finite number, got {type(v).__name__}")
+    if minimum is not None and v < minimum:
+        raise MessageError(f"field {key!r} must be >= {minimum}, got {v}")
+
+
+def _str(body: dict, key: str, *, required: bool = True, choices: tuple[str, ...] | None = None,
+         max_len: int = 1024) -> None:
+    if key not in body or body[key] is None:
+        if required:
+            raise MessageError(f"field {key!r} is missing")
+        return
+    v = body[key]
+    if not isinstance(v, str) or len(v) > max_len:
+        raise MessageError(f"field {key!r} must be a string of at most {max_len} characters")
+    if choices is not None and v not in choices:
+        raise MessageError(f"field {key!r} is {v!r}; expected one of {', '.join(choices)}")
+
+
+def _dict(body: dict, key: str, *, required: bool = True) -> None:
+    if key not in body:
+        if required:
+            raise MessageError(f"field {key!r} is missing")
+        return
+    if not isinstance(body[key], dict):
+        raise MessageError(f"field {key!r} must be an object")
+
+
+def _validate(kind: str, body: dict[str, Any]) -> None:
+    schema = body.get("schema")
+    if schema != f"{PROTOCOL}/{kind}":
+        raise MessageError(f"schema {str(schema)[:80]!r} does not match topic kind {kind!r} (expected {PROTOCOL}/{kind})")
+    _str(body, "msg_id", max_len=128)
+    if not body["msg_id"]:
+        raise MessageError("field 'msg_id' is empty")
+    if kind != "plan":
+        if not valid_id(body.get("device")):
+            raise MessageError(f"field 'device' {str(body.get('device'))[:80]!r} is not a valid device id")
+    _num(body, "ts", minimum=0)
+    if kind == "state":
+        if not isinstance(body.get("online"), bool):
+            raise MessageError("field 'online' must be true or false")
+        if body.get("model") is not None:
+            _dict(body, "model")
+    elif kind == "telemetry":
+        _dict(body, "counts")
+        for k, v in body["counts"].items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise MessageError(f"telemetry count {str(k)[:40]!r} must be a non-negative number")
+        _num(body, "window_s", minimum=0)
+        if body.get("model") is not None:
+            _dict(body, "model")
+    elif kind == "feedback":
+        _str(body, "prediction_id", max_len=128)
+        _str(body, "kind", choices=FEEDBACK_KINDS)
+        if body.get("model") is not None:
+            _dict(body, "model")
+    elif kind == "rollout":
+        _str(body, "rollout_id", max_len=128)
+        _str(body, "state", choices=ROLLOUT_DEVICE_STATES)
+        _str(body, "reason", required=False, max_len=2048)
+    elif kind == "plan":
+        _str(body, "rollout_id", max_len=128)
+        _dict(body, "plan")
