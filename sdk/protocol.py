@@ -41,6 +41,8 @@ __all__ = [
     "parse_message",
     "new_msg_id",
     "valid_id",
+    "array_field",
+    "parse_array_field",
 ]
 
 PROTOCOL = "edgeship/v1"
@@ -243,6 +245,10 @@ def _validate(kind: str, body: dict[str, Any]) -> None:
         _str(body, "kind", choices=FEEDBACK_KINDS)
         if body.get("model") is not None:
             _dict(body, "model")
+        if body.get("input") is not None:  # optional captured input: {name: array_field(...)}
+            _dict(body, "input")
+            for name, field in body["input"].items():
+                parse_array_field(field, what=f"input {str(name)[:40]!r}")
     elif kind == "rollout":
         _str(body, "rollout_id", max_len=128)
         _str(body, "state", choices=ROLLOUT_DEVICE_STATES)
@@ -250,3 +256,39 @@ def _validate(kind: str, body: dict[str, Any]) -> None:
     elif kind == "plan":
         _str(body, "rollout_id", max_len=128)
         _dict(body, "plan")
+
+
+_DTYPES = ("float32", "float64", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
+
+
+def array_field(dtype: str, shape: list[int] | tuple[int, ...], data: bytes) -> dict[str, Any]:
+    """A numpy-free JSON form of one array: ``{"dtype", "shape", "b64"}`` (C order, little endian)."""
+    import base64
+
+    return {"dtype": str(dtype), "shape": [int(d) for d in shape], "b64": base64.b64encode(data).decode("ascii")}
+
+
+def parse_array_field(field: Any, what: str = "array") -> tuple[str, tuple[int, ...], bytes]:
+    """Check and decode :func:`array_field` output -> (dtype, shape, raw bytes); MessageError if wrong."""
+    import base64
+    import binascii
+
+    if not isinstance(field, dict) or not isinstance(field.get("b64"), str):
+        raise MessageError(f"{what} must be an object with dtype, shape and b64")
+    dtype, shape = field.get("dtype"), field.get("shape")
+    if dtype not in _DTYPES:
+        raise MessageError(f"{what}: dtype {str(dtype)[:20]!r} is not one of {', '.join(_DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape):
+        raise MessageError(f"{what}: shape must be a list of at most 8 non-negative integers")
+    try:
+        data = base64.b64decode(field["b64"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MessageError(f"{what}: b64 is not valid base64") from exc
+    itemsize = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2, "int16": 2}.get(dtype, 1)
+    n = 1
+    for d in shape:
+        n *= d
+    if n * itemsize != len(data):
+        raise MessageError(f"{what}: {len(data)} bytes do not fill shape {shape} of {dtype}")
+    return dtype, tuple(shape), data

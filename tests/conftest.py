@@ -53,6 +53,10 @@ class MosquittoBroker:
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence true\n"
+            # Run as root, Mosquitto drops to user `mosquitto`, which cannot write
+            # pytest's 0700 tmp dirs: persistence (sessions across a restart) would
+            # silently fail. Keep the current user for these throwaway brokers.
+            + ("user root\n" if os.geteuid() == 0 else "") +
             f"persistence_location {self.workdir}/\n"
             "max_inflight_messages 100\n"
             "max_queued_messages 100000\n"

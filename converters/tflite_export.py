@@ -1,0 +1,277 @@
+"""TFLite export and int8 quantization.
+
+* :func:`export_tflite` — a torch module to a float ``.tflite`` (litert-torch).
+* :func:`export_tflite_int8` — a torch module to a full-integer ``.tflite``:
+  litert-torch's PT2E quantizer (per-channel symmetric int8 weights, int8
+  activations calibrated on ``calib_data``), optionally with int8
+  input/output tensors (the float Quantize/Dequantize at the edges removed
+  with LiteRT's ``modify_model_interface``).
+* :func:`quantize_tflite` — a float ``.tflite`` to int8 with ai-edge-quantizer
+  (``static``: int8 weights + activations, calibrated; ``dynamic``: int8
+  weights, float activations).
+
+Third-party failures become :class:`~edgeship.errors.ConversionError` naming
+the step; every output file is written under a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConversionError
+from .data import Dataset
+
+__all__ = ["export_tflite", "export_tflite_int8", "quantize_tflite"]
+
+# TFLite schema TensorType values used by modify_model_interface.
+_TFL_FLOAT32, _TFL_INT8 = 0, 9
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _litert_progress(show: bool):
+    """litert-torch reads its progress switch from the environment at call time; restore it after."""
+    key = "LITERT_TORCH_SHOW_PROGRESS"
+    old = os.environ.get(key)
+    os.environ[key] = "y" if show else "n"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def _as_args(sample_input) -> tuple:
+    import torch
+
+    if isinstance(sample_input, (tuple, list)):
+        return tuple(torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a for a in sample_input)
+    if isinstance(sample_input, torch.Tensor):
+        return (sample_input,)
+    return (torch.as_tensor(np.asarray(sample_input)),)
+
+
+def _calib_batches(calib_data, batch: int = 1):
+    """Yield tuples of torch tensors from an array, a tuple of arrays, or a Dataset."""
+    import torch
+
+    if isinstance(calib_data, Dataset):
+        for feed in calib_data.batches(batch):
+            yield tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feed.values())
+        return
+    arrays = calib_data if isinstance(calib_data, (tuple, list)) else (calib_data,)
+    arrays = [np.asarray(a) for a in arrays]
+    for i in range(0, len(arrays[0]), batch):
+        yield tuple(torch.from_numpy(np.ascontiguousarray(a[i:i + batch])) for a in arrays)
+
+
+def _write(out_path, edge_model, quiet: bool = True) -> Path:
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with _litert_progress(not quiet):
+            edge_model.export(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def export_tflite(torch_model, sample_input, out_path, *, quiet: bool = True) -> Path:
+    """Float export of ``torch_model`` (traced with ``sample_input``) to ``out_path``."""
+    import litert_torch
+
+    args = _as_args(sample_input)
+    try:
+        with _litert_progress(not quiet):
+            edge = litert_torch.convert(torch_model.eval(), args)
+    except Exception as exc:  # litert-torch surfaces torch.export / MLIR errors of many types
+        raise ConversionError(f"TFLite export failed ({_one_line(exc)}); the model must be torch.export-able "
+                              "with the sample input") from exc
+    return _write(out_path, edge, quiet)
+
+
+def export_tflite_int8(torch_model, sample_input, calib_data, out_path, int8_io: bool = False, *,
+                       per_channel: bool = True, calib_batch: int = 1, quiet: bool = True) -> Path:
+    """Full-integer TFLite export with litert-torch's PT2E quantizer.
+
+    ``sample_input`` fixes the traced shapes (its batch is the model's batch);
+    ``calib_data`` (array, tuple of arrays or Dataset, already preprocessed)
+    is run through the observed model to set activation ranges. With
+    ``int8_io`` the model takes and returns int8 tensors (scale/zero-point in
+    the tensor's quantization parameters).
+    """
+    import litert_torch
+    import torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    args = _as_args(sample_input)
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
+    try:
+        exported = torch.export.export(torch_model.eval(), args).module()
+        prepared = prepare_pt2e(exported, quantizer)
+        n = 0
+        with torch.no_grad():
+            for batch in _calib_batches(calib_data, calib_batch):
+                prepared(*batch)
+                n += 1
+        if n == 0:
+            raise ConversionError("PT2E calibration got no samples; give calibration data")
+        converted = convert_pt2e(prepared, fold_quantize=False)
+        move_exported_model_to_eval(converted)  # an exported GraphModule has no usable .eval()
+        with _litert_progress(not quiet):
+            edge = litert_torch.convert(converted, args, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+    except ConversionError:
+        raise
+    except Exception as exc:  # torch.export / PT2E / converter errors come in many types
+        raise ConversionError(f"TFLite int8 export failed ({_one_line(exc)}); the model must be torch.export-able "
+                              "and use ops the PT2E quantizer supports (conv, linear, add, pooling)") from exc
+    out = _write(out_path, edge, quiet)
+    # litert-torch's STATIC conversion folds the edge Quantize/Dequantize into int8 IO; put
+    # them back for float IO (or add them, should a future version keep float IO).
+    io_int8 = _io_is_int8(out)
+    if int8_io and not io_int8:
+        _to_int8_io(out)
+    elif not int8_io and io_int8:
+        _to_float_io(out)
+    return out
+
+
+def _io_is_int8(path: Path) -> bool:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path))
+    return all(np.dtype(d["dtype"]) == np.int8 for d in interp.get_input_details() + interp.get_output_details())
+
+
+def _to_float_io(path: Path) -> None:
+    """Give an int8-IO model float32 inputs/outputs: QUANTIZE after each input, DEQUANTIZE before each output."""
+    from ai_edge_litert import schema_py_generated as fb
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    model = fu.read_model(str(path))
+
+    def opcode(builtin: int) -> int:
+        for i, oc in enumerate(model.operatorCodes):
+            if fu.get_builtin_code_from_operator_code(oc) == builtin:
+                return i
+        oc = fb.OperatorCodeT()
+        oc.builtinCode = builtin
+        oc.deprecatedBuiltinCode = builtin
+        oc.version = 2  # int8 variants of (DE)QUANTIZE are version 2
+        model.operatorCodes.append(oc)
+        return len(model.operatorCodes) - 1
+
+    sg = model.subgraphs[0]
+    remap: dict[int, int] = {}
+
+    def float_twin(idx: int) -> int:
+        t = sg.tensors[idx]
+        new = fb.TensorT()
+        new.shape, new.shapeSignature = t.shape, t.shapeSignature
+        new.type = fb.TensorType.FLOAT32
+        new.buffer = 0  # buffer 0 is the flatbuffer's empty sentinel: no constant data
+        new.name = t.name
+        t.name = (t.name or b"io") + b"_int8"
+        sg.tensors.append(new)
+        remap[idx] = len(sg.tensors) - 1
+        return remap[idx]
+
+    q, dq = opcode(fb.BuiltinOperator.QUANTIZE), opcode(fb.BuiltinOperator.DEQUANTIZE)
+    for pos, idx in enumerate(list(sg.inputs)):
+        if sg.tensors[idx].type == fb.TensorType.INT8:
+            op = fb.OperatorT()
+            op.opcodeIndex, op.inputs, op.outputs = q, [float_twin(idx)], [idx]
+            sg.operators.insert(0, op)
+            sg.inputs[pos] = remap[idx]
+    for pos, idx in enumerate(list(sg.outputs)):
+        if sg.tensors[idx].type == fb.TensorType.INT8:
+            op = fb.OperatorT()
+            op.opcodeIndex, op.inputs, op.outputs = dq, [idx], [float_twin(idx)]
+            sg.operators.append(op)
+            sg.outputs[pos] = remap[idx]
+    for sig in model.signatureDefs or []:
+        for tm in list(sig.inputs or []) + list(sig.outputs or []):
+            tm.tensorIndex = remap.get(tm.tensorIndex, tm.tensorIndex)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.io.tmp")
+    try:
+        fu.write_model(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _to_int8_io(path: Path) -> None:
+    from ai_edge_litert import _pywrap_modify_model_interface as mmi
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.io.tmp")
+    try:
+        status = mmi.modify_model_interface(str(path), str(tmp), _TFL_INT8, _TFL_INT8)
+        if status != 0 or not tmp.exists():
+            raise ConversionError(f"{path.name}: could not switch the model to int8 input/output (status {status}); "
+                                  "the model must start with a Quantize and end with a Dequantize op")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def quantize_tflite(float_path, calib: Dataset, out_path, *, mode: str = "static") -> Path:
+    """Quantize a float ``.tflite`` with ai-edge-quantizer (``static`` a8w8 or ``dynamic`` w8)."""
+    from ai_edge_quantizer import quantizer as aeq
+    from ai_edge_quantizer import recipe
+    from ai_edge_litert.interpreter import Interpreter
+
+    float_path = Path(float_path)
+    try:
+        interp = Interpreter(model_path=str(float_path))
+        sigs = interp.get_signature_list()
+    except (RuntimeError, ValueError) as exc:
+        raise ConversionError(f"{float_path}: the TFLite interpreter cannot read it ({exc})") from exc
+    if not sigs:
+        raise ConversionError(f"{float_path}: the model has no signature; ai-edge-quantizer needs one "
+                              "(export with litert-torch or the TFLite converter)")
+    sig_key, sig = next(iter(sigs.items()))
+    sig_inputs = list(sig["inputs"])
+    try:
+        qt = aeq.Quantizer(str(float_path))
+        if mode == "static":
+            qt.load_quantization_recipe(recipe.static_wi8_ai8())
+            names = list(calib.inputs)
+            # Signature inputs carry the export's argument names; pair them in order with ours.
+            samples = [{s: np.asarray(calib.inputs[names[j]][i:i + 1]) for j, s in enumerate(sig_inputs)}
+                       for i in range(len(calib))]
+            calibration = qt.calibrate({sig_key: samples})
+            result = qt.quantize(calibration, enable_progress_report=False)
+        elif mode == "dynamic":
+            qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+            result = qt.quantize(enable_progress_report=False)
+        else:
+            raise ConversionError(f"unknown TFLite quantization mode {mode!r}; use static or dynamic")
+    except ConversionError:
+        raise
+    except Exception as exc:  # ai-edge-quantizer raises ValueError/RuntimeError/KeyError
+        raise ConversionError(f"{float_path.name}: ai-edge-quantizer {mode} failed ({_one_line(exc)})") from exc
+    out = Path(out_path)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(bytes(result.quantized_model))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out

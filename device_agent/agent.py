@@ -1,0 +1,890 @@
+"""The device agent: sources → prefetch → micro-batcher → runner → sinks, plus the local API.
+
+Usage (notebook or app)::
+
+    from edgeship.agent import Agent
+    with Agent.from_config("agent.toml") as agent:        # or Agent(package="model.edgepkg")
+        r = agent.infer(x)                               # Result: label, score, outputs, prediction_id
+        fut = agent.submit(x, deadline=0.02)             # concurrent.futures.Future[Result]
+
+Data flow and threads (each loop is a class owning its thread):
+
+* one :class:`~edgeship.agent.prefetch.Prefetcher` per ``[[sources]]``
+  entry reads blocks, decodes/preprocesses/validates them and puts
+  :class:`~edgeship.agent.batcher.Work` into the shared
+  :class:`~edgeship.agent.batcher.MicroBatcher`;
+* ``submit()`` and the HTTP API validate one sample in the caller's thread
+  and put it into the same batcher;
+* the batcher thread packs a batch into preallocated buffers, runs the
+  *current* model (:class:`ModelHandle`, read once per batch), splits the
+  outputs back per request in order, completes futures and hands one
+  :class:`~edgeship.agent.results.ResultBatch` per batch to the sinks and
+  components.
+
+Bad input never stops the agent: a sample with the wrong shape or dtype, or
+with NaN/inf, is refused with an :class:`~edgeship.errors.InputError`
+(``submit`` raises it; source rows are logged and counted as
+``rejected``) and everything else goes on.
+
+Components (for the telemetry, feedback, rollout and drift engineers)
+---------------------------------------------------------------------
+``agent.add_component(obj)`` (or ``Agent(..., components=[...])``) plugs in
+anything with ``start()`` and ``stop(timeout)``, and optionally:
+
+* ``on_batch(batch: ResultBatch)`` — called once per batch (fast path;
+  ``batch.results()`` materialises per-sample results), or
+  ``on_result(result: Result)`` — called per sample (simple, slower);
+* ``wants_inputs = True`` — per-sample results carry ``result.inputs``
+  (the preprocessed input), e.g. for feedback capture;
+* ``health() -> dict`` — merged into ``agent.health()["components"]``;
+* ``feedback(prediction_id, kind, value=None)`` — the first component
+  with this method receives ``agent.feedback(...)`` and ``POST
+  /v1/feedback``; without one, both raise/return "feedback not enabled".
+
+Components are started after the model is loaded and stopped before the
+sinks close. ``agent.metrics.snapshot()`` gives the cumulative counters and
+histograms (the telemetry window takes deltas); ``agent.store`` is the
+:class:`~edgeship.agent.store.ModelStore`; ``agent.model`` names the active
+model. Sink types other than stdout/jsonl/callback (e.g. ``mqtt``) come
+from ``Agent(..., sink_factories={"mqtt": factory})``.
+
+Model swaps (rollout): ``load_candidate(sha)`` loads and warms a stored
+package beside the running one and returns a handle; ``switch_to(handle
+or sha)`` makes it active between two batches (no request is dropped or
+answered by a half-loaded model) and records it in ``state.json``;
+``rollback()`` goes back to the previous model (kept in memory for
+``[rollout] health_window_s`` after a switch, so rolling back is instant).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import EdgeshipError, InputError, ModelError, OverloadError, StoreError
+from ..metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Counters, Histogram
+from .batcher import BatchPolicy, MicroBatcher, Packer, Segment, Work
+from .cache import ResultCache, input_key, row_keys
+from .config import AgentConfig, AgentSection, load_config, parse_config
+from .preprocessing import BlockPreprocessor
+from .results import Result, ResultBatch, classify, _top
+from .sinks import Sink, make_sink
+from .sources import RawBlock, Source, make_source
+from .prefetch import Prefetcher
+from .store import ModelStore
+from .systemd import Notifier
+
+__all__ = ["Agent", "AgentMetrics", "ModelHandle", "Result", "FeedbackUnavailableError"]
+
+log = logging.getLogger("edgeship.agent")
+
+COUNTER_NAMES = ("inferences", "batches", "requests", "errors", "rejected", "dropped", "overload_rejected",
+                 "cache_hits", "cache_misses", "deadline_missed", "source_errors", "switches", "rollbacks")
+
+
+class AgentMetrics:
+    """Cumulative counters and fixed-bucket histograms (constant memory), shared by API, bench, telemetry."""
+
+    def __init__(self) -> None:
+        self.counters = Counters(COUNTER_NAMES)
+        self.latency_ms = Histogram(LATENCY_BOUNDS_MS)     # request in -> result out, per sample
+        self.inference_ms = Histogram(LATENCY_BOUNDS_MS)   # one model call, per batch
+        self.batch_size = Histogram(BATCH_BOUNDS)
+        self._lock = threading.Lock()
+        self.queue_depth: Callable[[], int] = lambda: 0
+        self.reject_reasons: dict[str, int] = {}
+        self.recent_rejects: list[dict] = []
+
+    def record_batch(self, n: int, run_ms: float, latencies: Sequence[tuple[float, int]]) -> None:
+        with self._lock:
+            self.batch_size.add(n)
+            self.inference_ms.add(run_ms)
+            for lat, k in latencies:
+                self.latency_ms.add_repeated(lat, k)
+
+    def record_rejects(self, source: str, rejects: Sequence[tuple[Any, str]]) -> None:
+        self.counters.inc("rejected", len(rejects))
+        with self._lock:
+            for ref, reason in rejects:
+                key = reason.split(":")[0][:80] if ref is not None else reason[:80]
+                self.reject_reasons[key] = self.reject_reasons.get(key, 0) + 1
+                if len(self.reject_reasons) > 50:  # bounded: keep the first 50 kinds
+                    self.reject_reasons.pop(key, None)
+            self.recent_rejects = (self.recent_rejects + [{"source": source, "ref": ref, "reason": reason}
+                                                          for ref, reason in rejects[-5:]])[-20:]
+
+    def snapshot(self) -> dict:
+        """Cumulative figures: ``counters``, ``queue_depth``, histograms as ``to_dict()``."""
+        with self._lock:
+            return {"counters": self.counters.snapshot(), "queue_depth": self.queue_depth(),
+                    "latency_ms": self.latency_ms.to_dict(), "inference_ms": self.inference_ms.to_dict(),
+                    "batch_size": self.batch_size.to_dict(), "reject_reasons": dict(self.reject_reasons)}
+
+
+@dataclass
+class ModelHandle:
+    """A loaded, warmed model: runner + everything the hot path needs, built once."""
+
+    sha256: str
+    manifest: dict
+    runner: Any
+    input_names: list[str]
+    output_names: list[str]
+    sample_shapes: list[tuple[int, ...]]
+    dtypes: list[np.dtype]
+    model_batch: int | None       # None dynamic, k fixed, 0 no batch axis
+    preprocessors: list[BlockPreprocessor]
+    labels: list[str] | None
+    model: dict
+    model_json: str
+    load_s: float = 0.0
+    warmup_s: float = 0.0
+    packers: dict = field(default_factory=dict)
+
+    def packer(self, max_batch: int) -> Packer:
+        p = self.packers.get(max_batch)
+        if p is None:
+            p = self.packers[max_batch] = Packer(self.sample_shapes, self.dtypes, max_batch, self.model_batch)
+        return p
+
+    def run_fn(self) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+        names = self.input_names
+        run = self.runner.run_unchecked
+        if len(names) == 1:
+            name = names[0]
+            return lambda arrs: run({name: arrs[0]})
+        return lambda arrs: run(dict(zip(names, arrs)))
+
+    def close(self) -> None:
+        try:
+            self.runner.close()
+        except Exception as exc:  # closing must never mask the real shutdown path
+            log.warning("closing model %s failed: %s", self.sha256[:12], exc)
+
+
+def _batch_mode(spec, batch_size) -> tuple[int | None, tuple[int, ...]]:
+    """(model batch, sample shape) of one input: None = any batch; k = exactly k rows; 0 = no axis.
+
+    By the package contract the first axis is always the batch axis: ``-1``
+    takes any batch, a fixed size takes exactly that many rows (padded and
+    split by the packer; 1 = one by one). Only a scalar input has none.
+    """
+    shape = tuple(int(d) for d in spec.shape)
+    if not shape:
+        return 0, ()
+    if shape[0] == -1:
+        mode, sample = None, shape[1:]
+    else:
+        mode, sample = shape[0], shape[1:]
+    if any(d < 0 for d in sample):
+        raise ModelError(f"input {spec.name} has a variable dimension besides the batch axis ({shape}); "
+                         "the agent needs fixed sample shapes: export the model with fixed sizes")
+    return mode, sample
+
+
+class Agent:
+    """The on-device agent. Build with a config (or ``package=``), then ``start()`` / context manager."""
+
+    def __init__(self, config: AgentConfig | Mapping | None = None, *, package: str | os.PathLike | None = None,
+                 state_dir: str | os.PathLike | None = None, callbacks: Mapping[str, Callable] | None = None,
+                 sink_factories: Mapping[str, Callable] | None = None, components: Iterable[Any] = (),
+                 sinks: Iterable[Sink] = (), sources: Iterable[Source] = ()) -> None:
+        if config is None:
+            config = AgentConfig()
+        elif isinstance(config, Mapping):
+            config = parse_config(config)
+        if package is not None or state_dir is not None:
+            a = config.agent
+            import dataclasses
+            config = dataclasses.replace(config, agent=dataclasses.replace(
+                a, package=str(package) if package is not None else a.package,
+                state_dir=str(state_dir) if state_dir is not None else a.state_dir))
+        self.config: AgentConfig = config
+        self.metrics = AgentMetrics()
+        self.callbacks = dict(callbacks or {})
+        self.sink_factories = dict(sink_factories or {})
+        self.components: list[Any] = list(components)
+        self._extra_sinks = list(sinks)
+        self._extra_sources = list(sources)
+        self.store: ModelStore | None = None
+        self.cache: ResultCache | None = None
+        self.sinks: list[Sink] = []
+        self.prefetchers: list[Prefetcher] = []
+        self.batcher: MicroBatcher | None = None
+        self.api = None
+        self._handle: ModelHandle | None = None
+        self._previous: ModelHandle | None = None
+        self._previous_until = 0.0
+        self._state = "new"   # new | starting | running | stopping | stopped
+        self._lock = threading.RLock()
+        self._switch_lock = threading.Lock()
+        self._id_lock = threading.Lock()
+        self._next_id = 0
+        self.run_id = secrets.token_hex(4)
+        self._id_prefix = f"{self.run_id}-"
+        self.started_at: float | None = None
+        self.first_result_at: float | None = None
+        self._notifier = Notifier.from_env()
+        self._batch_hooks: list[Callable[[ResultBatch], None]] = []
+        self._result_hooks: list[Callable[[Result], None]] = []
+        self._wants_inputs = False
+        self._max_batch = config.batcher.max_batch
+
+    # -- construction ---------------------------------------------------------
+    @classmethod
+    def from_config(cls, path: str | os.PathLike, **kwargs: Any) -> "Agent":
+        return cls(load_config(path), **kwargs)
+
+    def add_component(self, obj: Any) -> Any:
+        """Plug in a component (``start``/``stop``, optional ``on_batch``/``on_result``/``health``/``feedback``)."""
+        with self._lock:
+            self.components.append(obj)
+            if self._state == "running":
+                self._wire_component(obj)
+                obj.start()
+        return obj
+
+    def _wire_component(self, obj: Any) -> None:
+        if hasattr(obj, "on_batch"):
+            self._batch_hooks.append(obj.on_batch)
+        elif hasattr(obj, "on_result"):
+            self._result_hooks.append(obj.on_result)
+        if getattr(obj, "wants_inputs", False):
+            self._wants_inputs = True
+
+    # -- model loading --------------------------------------------------------
+    def _trusted(self) -> list[str] | None:
+        return list(self.config.agent.trusted_keys) or None
+
+    def load_candidate(self, sha: str) -> ModelHandle:
+        """Load and warm a stored package beside the active model (does not switch)."""
+        if self.store is None:
+            raise StoreError("the agent is not started; call start() first")
+        self.store.verify(sha, self._trusted())
+        return self._load(sha)
+
+    def _load(self, sha: str) -> ModelHandle:
+        from ..runtime import load  # noqa: PLC0415 - keeps `import edgeship.agent.agent` light
+
+        rt = self.config.runtime
+        store = self.store
+        manifest = store.manifest(sha)
+        t0 = time.perf_counter()
+        kwargs: dict[str, Any] = {"backend": rt.backend, "threads": rt.threads, "optimization": rt.optimization}
+        if rt.variant is not None:
+            kwargs["variant"] = rt.variant
+        try:
+            runner = load(str(store.package_path(sha)), **kwargs)
+        except EdgeshipError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"cannot load model {manifest.get('name')} {manifest.get('version')}: {exc}") from exc
+        load_s = time.perf_counter() - t0
+        try:
+            specs = list(runner.inputs)
+            specs = [s.logical() if hasattr(s, "logical") else s for s in specs]
+            modes, shapes = zip(*(_batch_mode(s, runner.batch_size) for s in specs))
+            dtypes = [np.dtype(s.dtype) for s in specs]
+            pre = manifest.get("preprocess") or {}
+            preprocessors = [BlockPreprocessor(pre if i == 0 else None, shapes[i], dtypes[i]) for i in range(len(specs))]
+            t1 = time.perf_counter()
+            if rt.warmup:
+                runner.warmup(rt.warmup)
+            warm_s = time.perf_counter() - t1
+        except BaseException:
+            runner.close()
+            raise
+        labels = manifest.get("labels") or None
+        model = {"name": manifest.get("name"), "version": manifest.get("version"), "sha256": sha}
+        handle = ModelHandle(
+            sha256=sha, manifest=manifest, runner=runner, input_names=[s.name for s in specs],
+            output_names=[s.name for s in runner.outputs], sample_shapes=list(shapes), dtypes=dtypes,
+            model_batch=None if all(m is None for m in modes) else max(m or 0 for m in modes), preprocessors=preprocessors, labels=list(labels) if labels else None,
+            model=model, model_json=json.dumps({"name": model["name"], "version": model["version"]}, separators=(",", ":")),
+            load_s=load_s, warmup_s=warm_s)
+        log.info("loaded %s %s (%s) with %s in %.0f ms, warm-up %.0f ms", model["name"], model["version"], sha[:12],
+                 getattr(runner, "backend", "?"), 1000 * load_s, 1000 * warm_s)
+        return handle
+
+    @property
+    def model(self) -> dict | None:
+        h = self._handle
+        return dict(h.model) if h is not None else None
+
+    @property
+    def handle(self) -> ModelHandle | None:
+        return self._handle
+
+    def switch_to(self, target: ModelHandle | str) -> dict:
+        """Make ``target`` (a handle from ``load_candidate`` or a stored sha256) the active model.
+
+        The swap is one reference assignment read by the batcher at the start
+        of each batch: the batch in flight finishes on the old model, the next
+        one runs on the new, already warm model. Returns the new model dict.
+        """
+        with self._switch_lock:
+            handle = target if isinstance(target, ModelHandle) else self.load_candidate(target)
+            old = self._handle
+            if old is not None and old.sha256 == handle.sha256:
+                if handle is not old:
+                    handle.close()
+                return dict(old.model)
+            self.store.activate(handle.sha256)  # raises when pinned to another version
+            self._swap(handle)
+            self.metrics.counters.inc("switches")
+            log.info("switched to %s %s (%s)", handle.model["name"], handle.model["version"], handle.sha256[:12])
+            return dict(handle.model)
+
+    def _swap(self, handle: ModelHandle) -> None:
+        old = self._handle
+        if old is not None and handle.sample_shapes != old.sample_shapes:
+            log.warning("the new model takes %s instead of %s: queued samples of the old shape will be rejected",
+                        handle.sample_shapes, old.sample_shapes)
+        self._handle = handle  # the swap point (see _process)
+        if self.cache is not None:
+            self.cache.clear()
+        prev, self._previous = self._previous, old
+        self._previous_until = time.monotonic() + self.config.rollout.health_window_s
+        if prev is not None and prev is not handle:
+            self._close_later(prev)
+
+    def _close_later(self, handle: ModelHandle) -> None:
+        # The batcher may still be running a batch on it: close after that batch.
+        def closer():
+            deadline = time.monotonic() + 30
+            while self.batcher is not None and self.batcher.busy and time.monotonic() < deadline:
+                time.sleep(0.005)
+            handle.close()
+        threading.Thread(target=closer, name="edgeship-close-model", daemon=True).start()
+
+    def rollback(self) -> dict:
+        """Go back to the previous model (instantly when it is still in memory)."""
+        with self._switch_lock:
+            if self.store is None:
+                raise StoreError("the agent is not started; call start() first")
+            sha = self.store.rollback()
+            prev = self._previous
+            handle = prev if prev is not None and prev.sha256 == sha else self._load(sha)
+            self._swap(handle)
+            self.metrics.counters.inc("rollbacks")
+            log.warning("rolled back to %s %s (%s)", handle.model["name"], handle.model["version"], sha[:12])
+            return dict(handle.model)
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self) -> "Agent":
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError(f"this Agent is {self._state}; build a new one to start again")
+            self._state = "starting"
+        try:
+            self._start()
+        except BaseException:
+            self._state = "stopping"
+            self._teardown(1.0)
+            self._state = "stopped"
+            raise
+        self._state = "running"
+        self._notifier.notify("READY=1", f"STATUS=serving {self._handle.model['name']} {self._handle.model['version']}")
+        return self
+
+    def _start(self) -> None:
+        cfg = self.config
+        self.started_at = time.monotonic()
+        self.store = ModelStore(cfg.agent.state_dir)
+        if cfg.agent.package:
+            sha = self.store.install(cfg.agent.package, self._trusted())
+            if self.store.active is None:
+                self.store.activate(sha)
+        sha = self.store.startup_choice(self._trusted())
+        if sha is None:
+            raise StoreError(f"no model: the store in {cfg.agent.state_dir} is empty; set [agent] package "
+                             "to a .edgepkg file (or let a rollout install one)")
+        self._handle = self._load(sha)
+        b = cfg.batcher
+        max_batch = b.max_batch
+        if self._handle.model_batch == 0:
+            max_batch = 1
+        self._max_batch = max_batch
+        if cfg.cache.enabled:
+            self.cache = ResultCache(cfg.cache.max_entries, cfg.cache.ttl_s)
+        policy = BatchPolicy(max_batch, b.max_delay_ms / 1000.0, b.queue_size, b.overload,
+                             margin_s=b.deadline_margin_ms / 1000.0)
+        tick = self._notifier.watchdog_interval() or 1.0
+        self.batcher = MicroBatcher(policy, self._process, block_timeout_s=b.block_timeout_ms / 1000.0,
+                                    on_error=self._on_batch_error, on_evicted=self._on_evicted,
+                                    on_tick=self._tick, tick_s=min(1.0, tick))
+        self.metrics.queue_depth = lambda: policy.pending
+        self.sinks = [make_sink(s, callbacks=self.callbacks, factories=self.sink_factories) for s in cfg.sinks]
+        self.sinks += self._extra_sinks
+        for c in self.components:
+            self._wire_component(c)
+        self.batcher.start()
+        for c in self.components:
+            c.start()
+        sources = [(make_source(s.type, s.id, **s.options), s) for s in cfg.sources]
+        sources += [(src, None) for src in self._extra_sources]
+        for src, scfg in sources:
+            self._start_source(src, scfg)
+        if cfg.api.enabled:
+            from .api import ApiServer  # noqa: PLC0415
+
+            self.api = ApiServer(self, cfg.api).start()
+
+    def _start_source(self, src: Source, scfg) -> Prefetcher:
+        kw = {}
+        if scfg is not None:
+            kw = dict(block_size=scfg.block_size, read_ahead=scfg.read_ahead, workers=scfg.workers,
+                      restart=scfg.restart, max_restarts=scfg.max_restarts)
+        deadline_s = scfg.deadline_ms / 1000.0 if scfg is not None and scfg.deadline_ms else None
+        pf = Prefetcher(src, lambda block, s, _d=deadline_s: self._prepare(block, s, _d),
+                        lambda work, stop: self.batcher.put(work, stop=stop),
+                        on_reject=self._on_source_reject, **kw)
+        self.prefetchers.append(pf.start())
+        return pf
+
+    def add_source(self, src: Source, deadline_ms: float | None = None, **prefetch: Any) -> Prefetcher:
+        """Attach a source object to a running agent (tests, apps with their own reader)."""
+        if self._state != "running":
+            raise RuntimeError("the agent is not running")
+        pf = Prefetcher(src, lambda block, s: self._prepare(block, s, deadline_ms / 1000.0 if deadline_ms else None),
+                        lambda work, stop: self.batcher.put(work, stop=stop), on_reject=self._on_source_reject,
+                        **prefetch)
+        self.prefetchers.append(pf.start())
+        return pf
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop sources, answer what is in flight (at most ``timeout`` s), stop components, close sinks."""
+        with self._lock:
+            if self._state in ("stopping", "stopped", "new"):
+                self._state = "stopped"
+                return
+            self._state = "stopping"
+        self._notifier.notify("STOPPING=1")
+        self._teardown(self.config.agent.drain_timeout_s if timeout is None else timeout)
+        self._state = "stopped"
+
+    def _teardown(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for pf in self.prefetchers:
+            if not pf.stop(min(2.0, max(0.1, deadline - time.monotonic()))):
+                log.warning("source %s did not stop in time (stalled inside read); abandoned", pf.source.id)
+        if self.api is not None:
+            self.api.stop(1.0)
+        if self.batcher is not None:
+            lost = self.batcher.stop(max(0.0, deadline - time.monotonic()))
+            if lost:
+                log.warning("%d queued samples were not run before the drain timeout", lost)
+        for c in reversed(self.components):
+            try:
+                c.stop(max(0.5, deadline - time.monotonic()))
+            except Exception as exc:
+                log.warning("component %s did not stop cleanly: %s", type(c).__name__, exc)
+        for s in self.sinks:
+            try:
+                s.close()
+            except Exception as exc:
+                log.warning("sink %s did not close cleanly: %s", type(s).__name__, exc)
+        for h in {id(h): h for h in (self._handle, self._previous) if h is not None}.values():
+            h.close()
+
+    def __enter__(self) -> "Agent":
+        if self._state == "new":
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    def sources_finished(self) -> bool:
+        """Every source reached its end and its samples were handed to the batcher."""
+        return bool(self.prefetchers) and all(p.finished for p in self.prefetchers)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until finite sources are done and the queue is empty (or the timeout)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            b = self.batcher
+            if (not self.prefetchers or self.sources_finished()) and b is not None and b.pending == 0 and not b.busy:
+                return True
+            time.sleep(0.005)
+        return False
+
+    # -- requests -------------------------------------------------------------
+    def _check_running(self) -> None:
+        if self._state != "running":
+            raise OverloadError(f"the agent is {self._state}; start() it first" if self._state == "new"
+                                else f"the agent is {self._state} and accepts no new requests")
+
+    def _validate_one(self, handle: ModelHandle, x, preprocess: bool) -> list[np.ndarray]:
+        if isinstance(x, Mapping):
+            try:
+                arrays = [np.asarray(x[name]) for name in handle.input_names]
+            except KeyError as exc:
+                raise InputError(f"missing input {exc.args[0]!r}; the model takes {handle.input_names}") from exc
+        else:
+            arrays = [np.asarray(x)]
+            if len(handle.input_names) != 1:
+                raise InputError(f"the model takes {len(handle.input_names)} inputs {handle.input_names}; "
+                                 "pass a dict {name: array}")
+        out = []
+        for a, shape, dt, pre, name in zip(arrays, handle.sample_shapes, handle.dtypes, handle.preprocessors,
+                                           handle.input_names):
+            if a.dtype.kind not in "biuf":
+                raise InputError(f"input {name}: dtype {a.dtype} is not numeric", input_name=name,
+                                 expected=str(dt), got=str(a.dtype))
+            if a.shape == (1, *shape):
+                a = a[0]
+            if preprocess:
+                a = pre.one(a)
+            else:
+                if a.shape != shape:
+                    if a.size == int(np.prod(shape)) and a.ndim <= 1:
+                        a = a.reshape(shape)
+                    else:
+                        raise InputError(f"input {name}: shape {tuple(a.shape)} does not match the model's {shape}",
+                                         input_name=name, expected=shape, got=tuple(a.shape))
+                a = a.astype(dt, copy=False)
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise InputError(f"input {name}: contains NaN or infinity; send finite numbers", input_name=name)
+            out.append(a)
+        return out
+
+    def submit(self, x, deadline: float | None = None, *, preprocess: bool = True, source: str = "api",
+               timeout: float | None = None) -> concurrent.futures.Future:
+        """Queue one sample; returns a Future[Result].
+
+        ``x``: one raw sample (array-like; the manifest preprocess is applied
+        unless ``preprocess=False``) or ``{input name: array}``. ``deadline``:
+        seconds from now the answer is wanted within (the batcher flushes
+        early for it). Raises :class:`InputError` for a bad sample and
+        :class:`OverloadError` when the queue refuses it.
+        """
+        self._check_running()
+        handle = self._handle
+        try:
+            xs = self._validate_one(handle, x, preprocess)
+        except InputError as exc:
+            self.metrics.record_rejects(source, [(None, str(exc))])
+            raise
+        now = time.monotonic()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        keys = None
+        if self.cache is not None:
+            key = input_key(xs, handle.sha256.encode())
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.metrics.counters.inc("cache_hits")
+                self._emit_cached(handle, [hit], [x_[None] for x_ in xs], source, time.time(), now, None, fut)
+                return fut
+            self.metrics.counters.inc("cache_misses")
+            keys = [key]
+        w = Work([x_[None] for x_ in xs], 1, t_in=now, deadline=None if deadline is None else now + deadline,
+                 source=source, future=fut, keys=keys)
+        try:
+            self.batcher.put(w, timeout=timeout)
+        except OverloadError:
+            self.metrics.counters.inc("overload_rejected")
+            raise
+        self.metrics.counters.inc("requests")
+        return fut
+
+    def infer(self, x, deadline: float | None = None, timeout: float = 30.0, **kw: Any) -> Result:
+        """Run one sample and wait for its :class:`Result` (at most ``timeout`` s)."""
+        fut = self.submit(x, deadline, **kw)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError as exc:
+            raise OverloadError(f"no result within {timeout:g} s; the agent is overloaded or stalled") from exc
+
+    def feedback(self, prediction_id: str, kind: str, value: Any = None) -> Any:
+        """Hand feedback on a prediction to the feedback component (see the module docstring)."""
+        for c in self.components:
+            fn = getattr(c, "feedback", None)
+            if callable(fn):
+                return fn(prediction_id, kind, value)
+        raise FeedbackUnavailableError("feedback is not enabled on this agent: configure [mqtt] (the feedback "
+                                   "component stores feedback in the outbox) or add a feedback component")
+
+    # -- source path ----------------------------------------------------------
+    def _prepare(self, block: RawBlock, src: Source, deadline_s: float | None) -> tuple[Work | None, list]:
+        """Runs in a prefetch worker: decode, preprocess, validate a block; returns (work, rejects)."""
+        handle = self._handle
+        rejects: list[tuple[Any, str]] = list(block.errors)
+        refs = block.refs
+        pre = handle.preprocessors[0]
+        shape = handle.sample_shapes[0]
+        ts = block.ts
+        if block.items is not None:
+            rows, keep_refs, keep_ts = [], [], []
+            for i, item in enumerate(block.items):
+                ref = refs[i] if refs is not None else None
+                try:
+                    rows.append(pre.one(src.decode(item)))
+                    keep_refs.append(ref)
+                    keep_ts.append(ts[i] if isinstance(ts, np.ndarray) else ts)
+                except InputError as exc:
+                    rejects.append((ref, str(exc)))
+                except (OSError, ValueError) as exc:
+                    rejects.append((ref, f"cannot decode: {exc}"))
+            if not rows:
+                return None, rejects
+            x = np.stack(rows)
+            refs = keep_refs if refs is not None else None
+            ts = np.asarray(keep_ts) if isinstance(block.ts, np.ndarray) else block.ts
+        else:
+            data = block.data
+            if data is None or len(data) == 0:
+                return None, rejects
+            try:
+                x = pre.numeric(data)
+            except InputError as exc:
+                rejects.extend((refs[i] if refs else None, str(exc)) for i in range(len(data)))
+                return None, rejects
+        n = len(x)
+        if x.dtype.kind == "f":
+            finite = np.isfinite(x.reshape(n, -1)).all(axis=1)
+            if not finite.all():
+                bad = np.flatnonzero(~finite)
+                rejects.extend((refs[i] if refs else None, "contains NaN or infinity") for i in bad.tolist())
+                x = x[finite]
+                if refs is not None:
+                    refs = [r for r, f in zip(refs, finite.tolist()) if f]
+                if isinstance(ts, np.ndarray):
+                    ts = ts[finite]
+                n = len(x)
+                if n == 0:
+                    return None, rejects
+        now = time.monotonic()
+        keys = None
+        if self.cache is not None:
+            keys = row_keys([x], 0, n, handle.sha256.encode())
+            hits = [self.cache.get(k) for k in keys]
+            hit_idx = [i for i, h in enumerate(hits) if h is not None]
+            self.metrics.counters.inc("cache_hits", len(hit_idx))
+            self.metrics.counters.inc("cache_misses", n - len(hit_idx))
+            if hit_idx:
+                sel = np.asarray(hit_idx)
+                self._emit_cached(handle, [hits[i] for i in hit_idx], [x[sel]], src.id,
+                                  ts[sel] if isinstance(ts, np.ndarray) else ts, now,
+                                  [refs[i] for i in hit_idx] if refs is not None else None, None)
+                miss = np.asarray([i for i, h in enumerate(hits) if h is None], dtype=np.int64)
+                if miss.size == 0:
+                    return None, rejects
+                x = x[miss]
+                keys = [keys[i] for i in miss.tolist()]
+                refs = [refs[i] for i in miss.tolist()] if refs is not None else None
+                ts = ts[miss] if isinstance(ts, np.ndarray) else ts
+                n = len(x)
+        w = Work([x], n, t_in=now, deadline=None if deadline_s is None else now + deadline_s, source=src.id,
+                 ts=ts, keys=keys, extra=refs)
+        return w, rejects
+
+    def _on_source_reject(self, source: str, rejects: list) -> None:
+        self.metrics.record_rejects(source, rejects)
+        for ref, reason in rejects[:3]:
+            log.warning("source %s: rejected %s: %s", source, ref if ref is not None else "a sample", reason)
+        if len(rejects) > 3:
+            log.warning("source %s: rejected %d more samples", source, len(rejects) - 3)
+
+    def _on_evicted(self, work: Work, n: int) -> None:
+        self.metrics.counters.inc("dropped", n)
+
+    def _on_batch_error(self, segments: list[Segment], exc: BaseException) -> None:
+        n = sum(s.count for s in segments)
+        if isinstance(exc, InputError):
+            self.metrics.record_rejects("batch", [(None, str(exc))] * n)
+        else:
+            self.metrics.counters.inc("errors", n)
+
+    def _tick(self) -> None:
+        # Runs on the batcher thread: the watchdog ping proves the batch loop is alive.
+        self._notifier.watchdog()
+        prev = self._previous
+        if prev is not None and time.monotonic() > self._previous_until:
+            self._previous = None  # health window over: free the old model's memory
+            self._close_later(prev)
+
+    # -- the batch ------------------------------------------------------------
+    def _alloc_ids(self, n: int) -> int:
+        with self._id_lock:
+            base = self._next_id
+            self._next_id += n
+        return base
+
+    def _process(self, segments: list[Segment]) -> None:
+        """Runs on the batcher thread: one batch through the current model, results out in order."""
+        handle = self._handle  # read once: a switch takes effect at the next batch
+        packer = handle.packer(self._max_batch)
+        n = packer.pack(segments)
+        t0 = time.monotonic()
+        outs = packer.run(handle.run_fn(), n)
+        t_done = time.monotonic()
+        wall = time.time()
+        if self.first_result_at is None:
+            self.first_result_at = t_done
+        base = self._alloc_ids(n)
+        sources: list = []
+        ts: list = []
+        lats: list = []
+        refs: list | None = None
+        lat_counts = []
+        missed = 0
+        futures = []
+        cache = self.cache
+        for seg in segments:
+            w, c = seg.work, seg.count
+            lat = (t_done - w.t_in) * 1000.0
+            lat_counts.append((lat, c))
+            if w.deadline is not None and t_done > w.deadline:
+                missed += c
+            sources += [w.source] * c
+            lats += [lat] * c
+            if isinstance(w.ts, np.ndarray):
+                ts += w.ts[seg.start:seg.start + c].tolist()
+            else:
+                ts += [w.ts] * c
+            if w.extra is not None or refs is not None:
+                if refs is None:
+                    refs = [None] * (seg.pos)
+                refs += w.extra[seg.start:seg.start + c] if w.extra is not None else [None] * c
+            if w.future is not None:
+                futures.append(seg)
+            if cache is not None and w.keys is not None:
+                for i in range(c):
+                    cache.put(w.keys[seg.start + i], tuple(o[seg.pos + i] for o in outs))
+        cls = classify(outs[0]) if len(outs) == 1 else None
+        batch = ResultBatch(model=handle.model, output_names=handle.output_names, outputs=outs, n=n,
+                            id_prefix=self._id_prefix, id_base=base, source=sources, ts=ts, latency_ms=lats,
+                            labels=handle.labels, refs=refs, model_json=handle.model_json, cls=cls)
+        m = self.metrics
+        m.counters.inc("inferences", n)
+        m.counters.inc("batches")
+        if missed:
+            m.counters.inc("deadline_missed", missed)
+        m.record_batch(n, (t_done - t0) * 1000.0, lat_counts)
+        for seg in futures:
+            w = seg.work
+            p = seg.pos
+            label = score = top = None
+            if cls is not None:
+                idx = int(cls[0][p])
+                label = handle.labels[idx] if handle.labels and idx < len(handle.labels) else str(idx)
+                score = float(cls[1][p])
+                top = _top(outs[0][p], handle.labels)
+            r = Result(f"{self._id_prefix}{base + p}", {name: o[p] for name, o in zip(handle.output_names, outs)},
+                       handle.model, lats[p], w.source, ts[p], label, score, top)
+            w.future.set_result(r)
+        self._deliver(batch, None)
+
+    def _deliver(self, batch: ResultBatch, inputs: list[np.ndarray] | None) -> None:
+        for s in self.sinks:
+            try:
+                s.write(batch)
+            except Exception as exc:  # a broken sink must not stop inference
+                self.metrics.counters.inc("errors")
+                log.warning("sink %s failed: %s", type(s).__name__, exc)
+        for hook in self._batch_hooks:
+            try:
+                hook(batch)
+            except Exception as exc:
+                log.warning("component hook failed: %s", exc)
+        if self._result_hooks:
+            for r in batch.results():
+                for hook in self._result_hooks:
+                    try:
+                        hook(r)
+                    except Exception as exc:
+                        log.warning("component hook failed: %s", exc)
+
+    def _emit_cached(self, handle: ModelHandle, hits: list[tuple], xs: list[np.ndarray], source: str, ts, t_in: float,
+                     refs, fut) -> None:
+        n = len(hits)
+        outs = [np.stack([h[j] for h in hits]) for j in range(len(hits[0]))]
+        lat = (time.monotonic() - t_in) * 1000.0
+        base = self._alloc_ids(n)
+        batch = ResultBatch(model=handle.model, output_names=handle.output_names, outputs=outs, n=n,
+                            id_prefix=self._id_prefix, id_base=base, source=source, ts=ts, latency_ms=lat,
+                            labels=handle.labels, refs=refs, cached=True, model_json=handle.model_json)
+        with self.metrics._lock:
+            self.metrics.latency_ms.add_repeated(lat, n)
+        if fut is not None:
+            fut.set_result(batch.results()[0])
+        self._deliver(batch, None)
+
+    # -- health ---------------------------------------------------------------
+    def health(self) -> dict:
+        h = self._handle
+        b = self.batcher
+        sources = [p.health() for p in self.prefetchers]
+        status = "ok" if self._state == "running" else self._state
+        if status == "ok" and (b is None or not b.alive or any(s["state"] in ("stalled", "failed") for s in sources)):
+            status = "degraded"
+        out = {
+            "status": status,
+            "device": self.config.agent.device_id,
+            "fleet": self.config.agent.fleet,
+            "model": dict(h.model) if h else None,
+            "backend": getattr(h.runner, "backend", None) if h else None,
+            "previous_in_memory": self._previous.model["version"] if self._previous else None,
+            "uptime_s": (time.monotonic() - self.started_at) if self.started_at else 0.0,
+            "queue_depth": b.pending if b else 0,
+            "last_batch_age_s": (time.monotonic() - b.last_batch_at) if b and b.last_batch_at else None,
+            "sources": sources,
+            "counters": self.metrics.counters.snapshot(),
+            "recent_rejects": list(self.metrics.recent_rejects[-5:]),
+        }
+        if self.cache is not None:
+            out["cache"] = self.cache.stats()
+        comps = {}
+        for c in self.components:
+            fn = getattr(c, "health", None)
+            if callable(fn):
+                try:
+                    comps[type(c).__name__] = fn()
+                except Exception as exc:
+                    comps[type(c).__name__] = {"error": str(exc)}
+        if comps:
+            out["components"] = comps
+        return out
+
+    # -- running as a service -------------------------------------------------
+    def run_forever(self, stop_event: threading.Event | None = None, *, until_done: bool = False,
+                    handle_signals: bool = True) -> int:
+        """Start (if needed) and serve until SIGTERM/SIGINT (or ``stop_event``); drain and return 0.
+
+        ``until_done``: also return when every source has ended and the queue is empty.
+        """
+        import signal
+
+        stop_event = stop_event or threading.Event()
+        old = {}
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, lambda *_: stop_event.set())
+        try:
+            if self._state == "new":
+                self.start()
+            while not stop_event.wait(0.2):
+                if until_done and self.prefetchers and self.sources_finished() and self.wait_idle(0.5):
+                    break
+        finally:
+            self.stop()
+            for sig, h in old.items():
+                signal.signal(sig, h)
+        return 0
+
+
+class FeedbackUnavailableError(EdgeshipError):  # noqa: N801 - an EdgeshipError that reads like the builtin
+    """Feedback was sent to an agent that has no feedback component (HTTP 503)."""

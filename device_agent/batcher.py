@@ -1,0 +1,474 @@
+"""Micro-batching: a pure policy, a packer, and the thread that drives them.
+
+Three layers, so the decisions can be tested without threads or models:
+
+* :class:`BatchPolicy` (pure; time is passed in): the bounded pending queue,
+  when to flush (``max_batch`` reached, ``max_delay`` elapsed for the oldest
+  request, or the earliest deadline would be missed if we waited longer),
+  what to take, and the overload policy when the queue is full:
+
+  - ``block``: the producer waits (bounded by ``block_timeout``) for room,
+    then is rejected;
+  - ``drop_oldest``: the oldest pending samples are evicted to make room;
+  - ``reject``: the new request is refused at once.
+
+  Every sample is counted exactly once as ``accepted`` and later either
+  taken (run) or ``dropped``; refused ones are counted as ``rejected``.
+
+* :class:`Packer` (numpy only): copies the taken segments into preallocated
+  batch buffers (one slice copy per request or per source *block*, never a
+  Python call per sample), pads or splits to the batch the model accepts,
+  runs models without a batch axis one by one, and hands back outputs whose
+  row ``i`` belongs to packed sample ``i`` (order kept).
+
+* :class:`MicroBatcher`: owns the batcher thread; producers call ``put``;
+  the thread waits (``Condition.wait(timeout)``) for the policy's flush time,
+  takes a batch and calls ``process(segments)``. ``process`` is where the
+  agent reads its *current* runner, so a model swap happens between batches.
+
+A unit of work is a :class:`Work`: one API request (n = 1) or one block of
+samples read by a source (n up to the source's block size), sharing a
+timestamp, a source id and an optional deadline. Blocks keep the sensor path
+free of per-sample objects: a block is split across batches by moving its
+``start`` offset.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import InputError, OverloadError
+
+__all__ = ["Work", "Segment", "Offer", "BatchPolicy", "Packer", "MicroBatcher",
+           "ACCEPTED", "REJECTED", "WAIT"]
+
+log = logging.getLogger("edgeship.agent.batcher")
+
+ACCEPTED, REJECTED, WAIT = "accepted", "rejected", "wait"
+_seq = itertools.count  # one counter per policy instance (see BatchPolicy.__init__)
+
+
+class Work:
+    """One request or one source block: ``xs`` holds one array per model input, rows = samples."""
+
+    __slots__ = ("xs", "n", "start", "t_in", "deadline", "source", "ts", "future", "keys", "done",
+                 "dropped", "seq", "extra")
+
+    def __init__(self, xs: Sequence[np.ndarray], n: int, *, t_in: float, deadline: float | None = None,
+                 source: str = "api", ts: float | np.ndarray | None = None, future=None, keys=None,
+                 extra=None) -> None:
+        self.xs = xs
+        self.n = n
+        self.start = 0          # rows before this were taken or dropped
+        self.t_in = t_in        # monotonic time the work entered the agent
+        self.deadline = deadline  # monotonic, or None
+        self.source = source
+        self.ts = time.time() if ts is None else ts  # wall clock for results
+        self.future = future    # concurrent.futures.Future for API requests, None for source blocks
+        self.keys = keys        # cache keys per row, or None
+        self.done = False
+        self.dropped = 0
+        self.seq = 0
+        self.extra = extra
+
+    @property
+    def remaining(self) -> int:
+        return self.n - self.start
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``[start, start + count)`` of ``work`` packed into the batch at ``pos``."""
+
+    work: Work
+    start: int
+    count: int
+    pos: int
+
+
+@dataclass(frozen=True)
+class Offer:
+    decision: str                        # ACCEPTED | REJECTED | WAIT
+    evicted: tuple = ()                  # ((work, n_rows_dropped), ...) under drop_oldest
+    reason: str = ""
+
+
+class BatchPolicy:
+    """Pure micro-batching policy. Times are ``time.monotonic()`` seconds passed in by the caller."""
+
+    def __init__(self, max_batch: int = 32, max_delay_s: float = 0.002, queue_size: int = 4096,
+                 overload: str = "block", margin_s: float = 0.001) -> None:
+        if max_batch < 1 or queue_size < 1:
+            raise ValueError("max_batch and queue_size must be >= 1")
+        if overload not in ("block", "drop_oldest", "reject"):
+            raise ValueError(f"unknown overload policy {overload!r}")
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.queue_size = queue_size
+        self.overload = overload
+        self.margin_s = margin_s
+        self.items: deque[Work] = deque()
+        self.pending = 0  # samples waiting
+        self._deadlines: list[tuple[float, int, Work]] = []  # heap, lazily cleaned
+        self._seq = _seq()
+        self.est_run_s = 0.0  # EWMA of one batch's run time, learnt from observe_run
+        self.counts = {"accepted": 0, "taken": 0, "dropped": 0, "rejected": 0, "batches": 0,
+                       "flush_full": 0, "flush_delay": 0, "flush_deadline": 0, "flush_drain": 0}
+
+    # -- admission ------------------------------------------------------------
+    def offer(self, work: Work, now: float) -> Offer:
+        """Admit ``work`` if the queue has room; otherwise apply the overload policy."""
+        n = work.remaining
+        if n <= 0:
+            return Offer(ACCEPTED)
+        free = self.queue_size - self.pending
+        evicted: list[tuple[Work, int]] = []
+        if n > free:
+            if n > self.queue_size:
+                # Can never fit: no policy can help, refuse with a reason.
+                self.counts["rejected"] += n
+                return Offer(REJECTED, reason=f"{n} samples exceed the whole queue ({self.queue_size})")
+            if self.overload == "reject":
+                self.counts["rejected"] += n
+                return Offer(REJECTED, reason=f"queue full ({self.pending}/{self.queue_size} samples)")
+            if self.overload == "block":
+                return Offer(WAIT, reason=f"queue full ({self.pending}/{self.queue_size} samples)")
+            need = n - free
+            while need > 0:
+                old = self.items[0]
+                k = min(need, old.remaining)
+                old.start += k
+                old.dropped += k
+                self.pending -= k
+                need -= k
+                self.counts["dropped"] += k
+                evicted.append((old, k))
+                if old.remaining == 0:
+                    old.done = True
+                    self.items.popleft()
+        self._admit(work, n)
+        return Offer(ACCEPTED, tuple(evicted))
+
+    def _admit(self, work: Work, n: int) -> None:
+        work.seq = next(self._seq)
+        self.items.append(work)
+        self.pending += n
+        self.counts["accepted"] += n
+        if work.deadline is not None:
+            heapq.heappush(self._deadlines, (work.deadline, work.seq, work))
+
+    def refuse(self, work: Work) -> None:
+        """Count a producer that gave up waiting under ``block`` (its timeout elapsed)."""
+        self.counts["rejected"] += work.remaining
+
+    # -- flushing -------------------------------------------------------------
+    def _earliest_deadline(self) -> float | None:
+        heap = self._deadlines
+        while heap and heap[0][2].done:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def next_flush(self, now: float) -> float | None:
+        """Seconds to wait before flushing (0 = flush now); None when nothing is pending."""
+        if self.pending == 0:
+            return None
+        if self.pending >= self.max_batch:
+            return 0.0
+        wait = self.items[0].t_in + self.max_delay_s - now
+        dl = self._earliest_deadline()
+        if dl is not None:
+            # Flush early so the run itself still fits before the deadline.
+            wait = min(wait, dl - self.est_run_s - self.margin_s - now)
+        return max(0.0, wait)
+
+    def flush_reason(self, now: float) -> str:
+        if self.pending >= self.max_batch:
+            return "flush_full"
+        dl = self._earliest_deadline()
+        if dl is not None and dl - self.est_run_s - self.margin_s - now <= 0 and \
+                self.items[0].t_in + self.max_delay_s > now:
+            return "flush_deadline"
+        return "flush_delay"
+
+    def take(self, now: float, reason: str | None = None) -> list[Segment]:
+        """Pop up to ``max_batch`` samples in arrival order (splitting a block if needed)."""
+        if self.pending == 0:
+            return []
+        self.counts[reason or self.flush_reason(now)] += 1
+        out: list[Segment] = []
+        pos = 0
+        items = self.items
+        while items and pos < self.max_batch:
+            w = items[0]
+            k = min(w.remaining, self.max_batch - pos)
+            out.append(Segment(w, w.start, k, pos))
+            w.start += k
+            pos += k
+            if w.remaining == 0:
+                w.done = True
+                items.popleft()
+        self.pending -= pos
+        self.counts["taken"] += pos
+        self.counts["batches"] += 1
+        return out
+
+    def drain_all(self) -> list[Work]:
+        """Remove everything pending (on shutdown); the caller fails their futures."""
+        left = list(self.items)
+        for w in left:
+            self.counts["dropped"] += w.remaining
+            w.dropped += w.remaining
+            w.start = w.n
+            w.done = True
+        self.items.clear()
+        self._deadlines.clear()
+        self.pending = 0
+        return left
+
+    def observe_run(self, seconds: float) -> None:
+        """Learn how long a batch takes (EWMA), for deadline-aware flushing."""
+        self.est_run_s = seconds if self.est_run_s == 0.0 else 0.8 * self.est_run_s + 0.2 * seconds
+
+
+class Packer:
+    """Preallocated batch buffers for one model signature; pads/splits/one-by-one runs.
+
+    ``sample_shapes``/``dtypes``: per model input, the shape of one sample
+    (without the batch axis) and its dtype. ``model_batch``: None = the model
+    takes any batch; an int k = exactly k rows per call (padded); 0 = the
+    model has no batch axis (one call per sample, rows fed without a batch dim).
+    """
+
+    def __init__(self, sample_shapes: Sequence[tuple[int, ...]], dtypes: Sequence[np.dtype], max_batch: int,
+                 model_batch: int | None = None) -> None:
+        self.sample_shapes = [tuple(s) for s in sample_shapes]
+        self.dtypes = [np.dtype(d) for d in dtypes]
+        self.model_batch = model_batch
+        cap = max_batch
+        if model_batch:
+            cap = max(max_batch, model_batch)
+            cap = -(-cap // model_batch) * model_batch  # whole model batches
+        self.capacity = cap
+        self.buffers = [np.zeros((cap, *s), dtype=d) for s, d in zip(self.sample_shapes, self.dtypes)]
+
+    def pack(self, segments: Sequence[Segment]) -> int:
+        """Copy the segments' rows into the buffers; returns the number of rows."""
+        n = 0
+        bufs = self.buffers
+        for seg in segments:
+            w = seg.work
+            a, b = seg.start, seg.start + seg.count
+            for buf, x in zip(bufs, w.xs):
+                buf[seg.pos:seg.pos + seg.count] = x[a:b]
+            n = seg.pos + seg.count
+        return n
+
+    def run(self, run_fn: Callable[[list[np.ndarray]], list[np.ndarray]], n: int) -> list[np.ndarray]:
+        """Run rows ``[0, n)`` of the buffers; outputs have exactly ``n`` rows, in order."""
+        bufs = self.buffers
+        mb = self.model_batch
+        if mb is None:
+            return run_fn([b[:n] for b in bufs])
+        if mb == 0:  # no batch axis: one call per sample, then stack
+            outs = [run_fn([b[i] for b in bufs]) for i in range(n)]
+            return [np.stack([o[j] for o in outs]) for j in range(len(outs[0]))]
+        if n % mb:
+            pad = mb - n % mb
+            for b in bufs:  # zero the padding so a NaN check inside the model never trips on stale rows
+                b[n:n + pad] = 0
+        chunks = [run_fn([b[i:i + mb] for b in bufs]) for i in range(0, n, mb)]
+        if len(chunks) == 1:
+            return [o[:n] for o in chunks[0]]
+        return [np.concatenate([c[j] for c in chunks])[:n] for j in range(len(chunks[0]))]
+
+
+class MicroBatcher:
+    """The batcher thread: producers ``put`` work, the thread flushes batches into ``process``.
+
+    ``process(segments)`` runs one batch and delivers its results; an
+    exception there fails that batch's requests (``on_error(segments, exc)``)
+    and the loop goes on. ``on_evicted(work, n)`` is told about rows dropped
+    under ``drop_oldest`` (outside the lock). ``on_tick()`` runs at least
+    every ``tick_s`` from the loop (the systemd watchdog ping).
+    """
+
+    def __init__(self, policy: BatchPolicy, process: Callable[[list[Segment]], None], *,
+                 block_timeout_s: float = 1.0, on_error: Callable | None = None,
+                 on_evicted: Callable | None = None, on_tick: Callable[[], None] | None = None,
+                 tick_s: float = 1.0, name: str = "edgeship-batcher") -> None:
+        self.policy = policy
+        self.process = process
+        self.block_timeout_s = block_timeout_s
+        self.on_error = on_error
+        self.on_evicted = on_evicted
+        self.on_tick = on_tick
+        self.tick_s = tick_s
+        self.name = name
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._running = False
+        self._drain_deadline: float | None = None
+        self.busy = False  # a batch is being processed right now
+        self.last_batch_at = 0.0
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self) -> "MicroBatcher":
+        if self._thread is not None:
+            raise RuntimeError("MicroBatcher already started")
+        self._accepting = self._running = True
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """Stop accepting, run what is pending for at most ``timeout`` s, fail the rest.
+
+        Returns the number of samples that could not be run in time.
+        """
+        with self._lock:
+            self._accepting = False
+            self._drain_deadline = time.monotonic() + max(0.0, timeout)
+            self._not_empty.notify_all()
+            self._not_full.notify_all()
+        t = self._thread
+        if t is not None:
+            t.join(timeout + 1.0)
+        with self._lock:
+            self._running = False
+            left = self.policy.drain_all()
+            self._not_empty.notify_all()
+        if t is not None:
+            t.join(2.0)
+        self._thread = None
+        lost = 0
+        for w in left:
+            lost += w.dropped
+            self._fail(w, OverloadError("the agent stopped before this request ran; send it again"))
+        return lost
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def pending(self) -> int:
+        return self.policy.pending
+
+    # -- producers ------------------------------------------------------------
+    def put(self, work: Work, timeout: float | None = None, stop: threading.Event | None = None) -> None:
+        """Queue ``work``; raises :class:`OverloadError` when the overload policy refuses it.
+
+        Under ``block`` the caller waits for room at most ``timeout`` (default
+        ``block_timeout_s``); with ``stop`` (a source's prefetcher) it waits
+        until there is room or ``stop`` is set: back-pressure, not loss.
+        """
+        evicted: tuple = ()
+        with self._lock:
+            if not self._accepting:
+                raise OverloadError("the agent is stopping and accepts no new requests")
+            policy = self.policy
+            offer = policy.offer(work, time.monotonic())
+            if offer.decision == WAIT:
+                wait_s = self.block_timeout_s if timeout is None else timeout
+                limit = time.monotonic() + wait_s
+                while offer.decision == WAIT:
+                    left = limit - time.monotonic()
+                    if stop is not None:
+                        left = 0.0 if stop.is_set() else 0.2
+                    if left <= 0 or not self._accepting:
+                        policy.refuse(work)
+                        raise OverloadError(f"{offer.reason}: waited {wait_s:g} s for room; "
+                                            "slow down, or raise [batcher] queue_size")
+                    self._not_full.wait(left)
+                    offer = policy.offer(work, time.monotonic())
+            if offer.decision == REJECTED:
+                raise OverloadError(f"{offer.reason}: request rejected (overload policy "
+                                    f"'{policy.overload}'); slow down, or raise [batcher] queue_size")
+            evicted = offer.evicted
+            # Wake the thread only when the flush time may have moved earlier:
+            # first pending work, a full batch, or a deadline.
+            if policy.pending == work.remaining or policy.pending >= policy.max_batch or work.deadline is not None:
+                self._not_empty.notify()
+        for w, k in evicted:
+            if self.on_evicted is not None:
+                self.on_evicted(w, k)
+            if w.future is not None and w.remaining == 0:
+                self._fail(w, OverloadError("dropped by the overload policy 'drop_oldest': newer requests "
+                                            "took its place; slow down, or raise [batcher] queue_size"))
+
+    @staticmethod
+    def _fail(work: Work, exc: BaseException) -> None:
+        f = work.future
+        if f is not None and not f.done():
+            try:
+                f.set_exception(exc)
+            except Exception:  # already resolved by a racing path (cancel): nothing to do
+                pass
+
+    # -- the loop -------------------------------------------------------------
+    def _loop(self) -> None:
+        policy = self.policy
+        next_tick = 0.0
+        while True:
+            with self._lock:
+                while True:
+                    now = time.monotonic()
+                    if now >= next_tick and self.on_tick is not None:
+                        break
+                    wait = policy.next_flush(now)
+                    if not self._accepting:
+                        if wait is None or (self._drain_deadline is not None and now >= self._drain_deadline):
+                            return
+                        wait = 0.0  # draining: flush without waiting for a fuller batch
+                    if wait is None:
+                        self._not_empty.wait(self.tick_s)
+                        continue
+                    if wait > 0:
+                        self._not_empty.wait(min(wait, self.tick_s))
+                        continue
+                    segments = policy.take(now, None if self._accepting else "flush_drain")
+                    self._not_full.notify_all()
+                    break
+                else:  # pragma: no cover - loop exits by break/return
+                    segments = []
+            if now >= next_tick and self.on_tick is not None:
+                next_tick = now + self.tick_s
+                try:
+                    self.on_tick()
+                except Exception:
+                    log.exception("batcher tick hook failed")
+                continue
+            if not segments:
+                continue
+            self.busy = True
+            t0 = time.monotonic()
+            try:
+                self.process(segments)
+            except Exception as exc:
+                if not isinstance(exc, InputError):
+                    log.exception("batch of %d failed", sum(s.count for s in segments))
+                if self.on_error is not None:
+                    try:
+                        self.on_error(segments, exc)
+                    except Exception:
+                        log.exception("batch error hook failed")
+                for s in segments:
+                    if s.work.future is not None:
+                        self._fail(s.work, exc)
+            finally:
+                self.busy = False
+            t1 = time.monotonic()
+            self.last_batch_at = t1
+            with self._lock:
+                policy.observe_run(t1 - t0)

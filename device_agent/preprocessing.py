@@ -1,0 +1,84 @@
+"""The manifest's ``preprocess`` applied to whole blocks of samples (agent hot path).
+
+``edgeship.preprocess.Preprocessor`` is the reference for one sample (the
+same code ``runner.predict`` uses); the agent uses it for every decoded
+item (image file, camera frame, ``.npy`` file, API request whose shape is
+not the model's). Numeric blocks whose rows already have the model's
+sample shape (sensor streams) take a vectorised path instead: one NumPy
+expression per block for ``scale``, ``mean``/``std`` (per channel: axis 1
+for NCHW samples, the last axis otherwise) and ``dtype`` — the same
+arithmetic as the reference, without a Python call per sample.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import InputError
+from ..preprocess import Preprocessor
+
+__all__ = ["BlockPreprocessor"]
+
+
+class BlockPreprocessor:
+    def __init__(self, preprocess: Mapping[str, Any] | None, sample_shape: tuple[int, ...], dtype) -> None:
+        self.sample_shape = tuple(sample_shape)
+        self.size = int(np.prod(self.sample_shape)) if self.sample_shape else 1
+        self.model_dtype = np.dtype(dtype)
+        self.ref = Preprocessor(preprocess, (-1, *self.sample_shape), str(self.model_dtype))
+        p = self.ref.spec
+        self.spec = p
+        self.dtype = self.ref.dtype
+        self.layout = str(p.get("layout", "")).upper()
+        scale = p.get("scale")
+        self.scale = None if scale in (None, 1, 1.0) else np.float32(scale)
+        mean = np.asarray(p.get("mean", [0.0]), dtype=np.float32).ravel()
+        std = np.asarray(p.get("std", [1.0]), dtype=np.float32).ravel()
+        self.identity_norm = bool(np.all(mean == 0) and np.all(std == 1))
+        rank = len(self.sample_shape)
+        if self.identity_norm:
+            self.mean = self.inv_std = None
+        else:
+            if self.layout == "NCHW" and rank == 3:
+                shape = (1, -1, 1, 1)
+            else:
+                shape = (1,) * rank + (-1,)
+            self.mean = mean.reshape(shape) if mean.size > 1 else np.float32(mean[0])
+            self.inv_std = (1.0 / std).reshape(shape) if std.size > 1 else np.float32(1.0 / std[0])
+        self.float_out = np.issubdtype(self.model_dtype, np.floating)
+
+    def numeric(self, x: np.ndarray) -> np.ndarray:
+        """A block ``(n, ...)`` of raw samples -> ``(n, *sample_shape)`` model input."""
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise InputError(f"input dtype {x.dtype} is not numeric; send numbers", got=str(x.dtype))
+        n = x.shape[0] if x.ndim else 0
+        if x.shape[1:] != self.sample_shape:
+            if n and x.ndim == 2 and x.shape[1] == self.size and len(self.sample_shape) != 1:
+                x = x.reshape((n, *self.sample_shape))  # flat rows for a shaped input
+            else:
+                # Rows that need the full per-sample treatment (resize, layout): the reference path.
+                return np.stack([self.one(row) for row in x]) if n else np.zeros((0, *self.sample_shape), self.model_dtype)
+        if not self.float_out:
+            return x.astype(self.model_dtype, copy=False)
+        y = x.astype(np.float32, copy=False)
+        if self.scale is not None:
+            y = y * self.scale
+        if not self.identity_norm:
+            y = (y - self.mean) * self.inv_std
+        return y.astype(self.model_dtype, copy=False)
+
+    def one(self, a: Any) -> np.ndarray:
+        """One decoded item (image array, path, frame, numeric array) -> one model sample."""
+        a_arr = a if isinstance(a, np.ndarray) else None
+        if a_arr is not None and a_arr.shape == self.sample_shape and a_arr.dtype.kind in "biuf":
+            return self.numeric(a_arr[None])[0]
+        y = self.ref.one(a)
+        if y.shape != self.sample_shape:
+            if y.size == self.size:
+                y = y.reshape(self.sample_shape)
+            else:
+                raise InputError(f"sample of shape {tuple(np.shape(a))} gives {y.shape} after preprocessing; "
+                                 f"the model takes {self.sample_shape}", expected=self.sample_shape, got=y.shape)
+        return y.astype(self.model_dtype, copy=False)

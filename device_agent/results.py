@@ -1,0 +1,203 @@
+"""Results: one :class:`Result` per request, one :class:`ResultBatch` per run of source rows.
+
+The API path hands every caller a :class:`Result`. The source path never
+builds per-sample objects: a :class:`ResultBatch` holds the output rows of
+one source block's slice of a batch, with labels and scores computed for
+all rows at once (one ``argmax``/softmax per batch), prediction ids as a
+prefix + consecutive integers, and ``to_json_lines()`` formats all rows
+with one string template. ``results()`` materialises per-sample
+:class:`Result` objects for consumers that want them (callbacks).
+
+Prediction ids are ``<run id>-<n>``: the run id is random per agent start,
+``n`` counts up, so ids are unique per device and cheap to make.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["Result", "ResultBatch", "classify"]
+
+
+@dataclass(slots=True)
+class Result:
+    """What the agent answers for one sample."""
+
+    prediction_id: str
+    outputs: dict[str, np.ndarray]
+    model: dict
+    latency_ms: float
+    source: str
+    ts: float
+    label: str | None = None
+    score: float | None = None
+    top: list[tuple[str, float]] | None = None
+    ref: str | None = None
+    cached: bool = False
+    inputs: dict | None = None  # the preprocessed input, only when a component asks (wants_inputs)
+
+    def to_dict(self, outputs: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {"prediction_id": self.prediction_id, "source": self.source, "ts": self.ts,
+                             "model": self.model, "latency_ms": self.latency_ms}
+        if self.ref is not None:
+            d["ref"] = self.ref
+        if self.label is not None:
+            d["label"] = self.label
+            d["score"] = self.score
+            d["top"] = [[lab, s] for lab, s in (self.top or [])]
+        if outputs or self.label is None:
+            d["outputs"] = {k: np.asarray(v).tolist() for k, v in self.outputs.items()}
+        if self.cached:
+            d["cached"] = True
+        return d
+
+
+def classify(out: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(argmax index, score) per row of a (n, classes) output; None when it is not a classifier output.
+
+    Scores are probabilities: the output itself when rows already sum to 1,
+    else its softmax (logits).
+    """
+    if out.ndim != 2 or out.shape[1] < 2 or not np.issubdtype(out.dtype, np.floating):
+        return None
+    idx = out.argmax(axis=1)
+    if out.size and out.min() >= 0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+        score = out[np.arange(len(out)), idx]
+    else:
+        # softmax at the argmax is 1 / sum(exp(x - max)): no full softmax needed.
+        score = 1.0 / np.exp(out - out[np.arange(len(out)), idx][:, None]).sum(axis=1)
+    return idx, score.astype(np.float64)
+
+
+class ResultBatch:
+    """The rows of one batch (or one group of cache hits).
+
+    ``source``, ``ts``, ``latency_ms``, ``refs`` and ``cached`` are either
+    one value for every row or a list with one entry per row.
+    """
+
+    __slots__ = ("model", "output_names", "outputs", "n", "id_prefix", "id_base", "source", "ts", "refs",
+                 "latency_ms", "labels", "top_idx", "scores", "cached", "_model_json")
+
+    def __init__(self, *, model: dict, output_names: Sequence[str], outputs: Sequence[np.ndarray], n: int,
+                 id_prefix: str, id_base: int, source: str, ts, latency_ms, labels: Sequence[str] | None = None,
+                 refs: Sequence[str] | None = None, cached: bool = False, model_json: str | None = None,
+                 cls: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        self.model = model
+        self.output_names = list(output_names)
+        self.outputs = list(outputs)
+        self.n = n
+        self.id_prefix = id_prefix
+        self.id_base = id_base
+        self.source = source
+        self.ts = ts
+        self.latency_ms = latency_ms
+        self.labels = labels
+        self.refs = refs
+        self.cached = cached
+        self._model_json = model_json
+        if cls is None and len(self.outputs) == 1:
+            cls = classify(self.outputs[0])
+        self.top_idx, self.scores = cls if cls is not None else (None, None)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def prediction_ids(self) -> list[str]:
+        p = self.id_prefix
+        return [f"{p}{i}" for i in range(self.id_base, self.id_base + self.n)]
+
+    @staticmethod
+    def _col(v, n: int) -> list:
+        # Columns are per row (list/array) or one value for all rows.
+        if isinstance(v, np.ndarray):
+            return v.tolist()
+        if isinstance(v, list):
+            return v
+        return [v] * n
+
+    def label_names(self) -> list[str] | None:
+        if self.top_idx is None:
+            return None
+        labels = self.labels
+        if labels:
+            return [labels[i] if i < len(labels) else str(i) for i in self.top_idx.tolist()]
+        return [str(i) for i in self.top_idx.tolist()]
+
+    def results(self) -> list[Result]:
+        """Per-sample :class:`Result` objects (allocates; the sink fast path does not use this)."""
+        n = self.n
+        ids = self.prediction_ids()
+        ts = self._col(self.ts, n)
+        lat = self._col(self.latency_ms, n)
+        names = self.label_names()
+        scores = self.scores.tolist() if self.scores is not None else None
+        src = self._col(self.source, n)
+        refs = self._col(self.refs, n)
+        cached = self._col(self.cached, n)
+        out = []
+        for i in range(n):
+            outputs = {name: o[i] for name, o in zip(self.output_names, self.outputs)}
+            label = score = top = None
+            if names is not None:
+                label, score = names[i], scores[i]
+                top = _top(self.outputs[0][i], self.labels)
+            out.append(Result(ids[i], outputs, self.model, lat[i], src[i], ts[i], label, score, top,
+                              refs[i], cached[i]))
+        return out
+
+    def to_json_lines(self, outputs: bool = False) -> str:
+        """All rows as JSON lines, formatted with one template (no json.dumps per row)."""
+        n = self.n
+        if n == 0:
+            return ""
+        model_json = self._model_json or json.dumps({"name": self.model.get("name"), "version": self.model.get("version")},
+                                                    separators=(",", ":"))
+        if isinstance(self.source, list):
+            enc_src = {x: json.dumps(x) for x in set(self.source)}
+            src = [enc_src[x] for x in self.source]
+        else:
+            src = [json.dumps(self.source)] * n
+        ts = self._col(self.ts, n)
+        lat = self._col(self.latency_ms, n)
+        base = self.id_base
+        prefix = self.id_prefix
+        names = self.label_names()
+        if isinstance(self.cached, list):
+            cached = [',"cached":true' if c else "" for c in self.cached]
+        else:
+            cached = [',"cached":true' if self.cached else ""] * n
+        extra = [""] * n
+        if self.refs is not None:
+            extra = [',"ref":' + json.dumps(r) if r is not None else "" for r in self._col(self.refs, n)]
+        if outputs or names is None:
+            outs = [",\"outputs\":{" + ",".join(f"{json.dumps(name)}:{json.dumps(o[i].tolist())}"
+                                                for name, o in zip(self.output_names, self.outputs)) + "}"
+                    for i in range(n)]
+            extra = [a + b for a, b in zip(extra, outs)]
+        if names is None:
+            tmpl = '{"prediction_id":"%s%d","source":%s,"ts":%.6f,"latency_ms":%.3f,"model":%s%s%s}\n'
+            return "".join([tmpl % (prefix, base + i, src[i], ts[i], lat[i], model_json, extra[i], cached[i])
+                            for i in range(n)])
+        scores = self.scores.tolist()
+        jl = [json.dumps(x) for x in names] if self.labels is None else None
+        if jl is None:
+            enc = {lab: json.dumps(lab) for lab in set(names)}
+            jl = [enc[x] for x in names]
+        tmpl = '{"prediction_id":"%s%d","source":%s,"ts":%.6f,"label":%s,"score":%.5f,"latency_ms":%.3f,"model":%s%s%s}\n'
+        return "".join([tmpl % (prefix, base + i, src[i], ts[i], jl[i], scores[i], lat[i], model_json, extra[i], cached[i])
+                        for i in range(n)])
+
+
+def _top(row: np.ndarray, labels: Sequence[str] | None, k: int = 5) -> list[tuple[str, float]]:
+    row = np.asarray(row, dtype=np.float64).ravel()
+    if row.min() >= 0 and abs(row.sum() - 1.0) < 1e-3:
+        p = row
+    else:
+        e = np.exp(row - row.max())
+        p = e / e.sum()
+    idx = np.argsort(-p)[:k]
+    return [((labels[i] if labels and i < len(labels) else str(i)), float(p[i])) for i in idx]

@@ -1,0 +1,34 @@
+"""What ``edgeship agent run`` does: build the agent and its components, serve until SIGTERM.
+
+:func:`wire_components` is the one place where optional components are
+attached to the agent built from a config — the telemetry engineer adds the
+MQTT link, outbox, telemetry and feedback components here (when ``[mqtt]
+broker`` is set), the rollout engineer the rollout client. Each is plugged
+in with ``agent.add_component(obj)`` and, for result sinks, through
+``agent.sink_factories[type] = factory`` before ``start()``.
+"""
+from __future__ import annotations
+
+import logging
+
+from .agent import Agent
+from .config import AgentConfig
+
+__all__ = ["run_agent", "wire_components"]
+
+log = logging.getLogger("edgeship.agent")
+
+
+def wire_components(agent: Agent, cfg: AgentConfig) -> None:
+    """Attach the optional components the config asks for (before ``agent.start()``)."""
+    return None
+
+
+def run_agent(cfg: AgentConfig, *, until_done: bool = False) -> int:
+    """Start, serve until SIGTERM/SIGINT (or the end of finite sources with ``until_done``), drain; exit code."""
+    agent = Agent(cfg)
+    wire_components(agent, cfg)
+    agent.start()
+    m = agent.model
+    log.info("serving %s %s (%s) on device %s", m["name"], m["version"], m["sha256"][:12], cfg.agent.device_id)
+    return agent.run_forever(until_done=until_done)

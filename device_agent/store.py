@@ -1,0 +1,435 @@
+"""The device's model store: verified packages by sha256, and which one is active.
+
+Layout of one agent's state directory (DESIGN.md "Device state")::
+
+    state_dir/
+      state.json                  {"format": 1, "active": sha, "previous": sha, "pinned": version, ...}
+      store/<sha256>/package.edgepkg   the package file as received (its sha256 is the folder name)
+      store/<sha256>/files/             the package unpacked (manifest.json, model files, ...)
+      store/<sha256>/installed.json     name, version, size, installed_at (written last)
+      store/.tmp-*                      half-done installs; removed at the next open
+
+Crash safety: an install is built under ``store/.tmp-*`` and renamed into
+place only when complete, and ``installed.json`` is written last, so a
+power cut leaves either a complete package or garbage that is swept at the
+next open. ``state.json`` is replaced atomically (write temp, fsync,
+rename, fsync the folder), so it always names a complete package.
+
+For the rollout client (download → verify → switch → maybe roll back):
+
+* ``install(pkg_path, trusted_keys)`` verifies (hashes + signature) and
+  stores a package, returning its sha256; installing twice is a no-op.
+  ``ensure_installed(sha)`` checks an already stored one.
+* ``activate(sha)`` makes it the active one (the old active becomes
+  ``previous``); the running agent switches with ``Agent.switch_to(sha)``,
+  which calls ``activate`` once the new runner is warm.
+* ``rollback()`` swaps active and previous; ``pin(version)`` holds the
+  device on one version (``activate`` of another raises until ``pin(None)``).
+* ``gc(keep=...)`` removes packages that are neither active, previous,
+  pinned nor in ``keep`` (e.g. a prefetched candidate).
+* ``startup_choice(trusted_keys)`` is what the agent loads at start: the
+  active package if it still verifies, else the previous one (one log line
+  says why), else :class:`StoreError`.
+
+``verify(sha, trusted_keys)`` re-checks a stored package: the file's sha256
+equals the folder name, every unpacked file matches the manifest's sha256
+and size, and the manifest signature verifies when keys are given.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import EdgeshipError, IntegrityError, PackageError, SignatureError, StoreError
+
+__all__ = ["ModelStore", "atomic_write_json", "file_sha256"]
+
+log = logging.getLogger("edgeship.agent.store")
+
+STATE_FORMAT = 1
+_SHA_LEN = 64
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write JSON so that readers see the old or the new file, never a torn one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _trust(trusted_keys):
+    if not trusted_keys:
+        return None
+    from ..signing import TrustStore
+
+    if isinstance(trusted_keys, TrustStore):
+        return trusted_keys
+    return TrustStore.from_paths(list(trusted_keys))
+
+
+class ModelStore:
+    """Packages by sha256 under ``state_dir/store`` plus the atomic ``state.json``."""
+
+    def __init__(self, state_dir: str | os.PathLike) -> None:
+        self.state_dir = Path(state_dir)
+        self.root = self.state_dir / "store"
+        self.state_path = self.state_dir / "state.json"
+        self._lock = threading.RLock()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the model store in {self.state_dir}: {exc.strerror or exc} "
+                             "(check [agent] state_dir and its permissions)") from exc
+        self._sweep()
+
+    # -- paths ------------------------------------------------------------------
+    def path(self, sha: str) -> Path:
+        return self.root / sha
+
+    def package_path(self, sha: str) -> Path:
+        return self.root / sha / "package.edgepkg"
+
+    def files_dir(self, sha: str) -> Path:
+        return self.root / sha / "files"
+
+    def manifest(self, sha: str) -> dict:
+        try:
+            return json.loads((self.files_dir(sha) / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"package {sha[:12]} in the store has no readable manifest: {exc}") from exc
+
+    def info(self, sha: str) -> dict:
+        try:
+            return json.loads((self.path(sha) / "installed.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"package {sha[:12]} is not (completely) installed in {self.root}") from exc
+
+    def _sweep(self) -> None:
+        # Leftovers of installs interrupted by a crash or power cut.
+        for p in self.root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    # -- state.json -------------------------------------------------------------
+    def state(self) -> dict:
+        """The current state (``active``, ``previous``, ``pinned``); defaults when there is none yet."""
+        base = {"format": STATE_FORMAT, "active": None, "previous": None, "pinned": None, "updated": None,
+                "history": []}
+        try:
+            text = self.state_path.read_text()
+        except FileNotFoundError:
+            return base
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.state_path}: {exc.strerror or exc}") from exc
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise StoreError(f"{self.state_path} is not valid JSON ({exc}); restore it or delete it "
+                             "to start with an empty store state") from exc
+        if not isinstance(data, dict):
+            raise StoreError(f"{self.state_path} is not a JSON object; delete it to start fresh")
+        if int(data.get("format", 1)) > STATE_FORMAT:
+            raise StoreError(f"{self.state_path} was written by a newer agent (format {data['format']}); upgrade edgeship")
+        base.update(data)
+        return base
+
+    def _write_state(self, **changes) -> dict:
+        with self._lock:
+            st = self.state()
+            event = changes.pop("_event", None)
+            st.update(changes)
+            st["format"] = STATE_FORMAT
+            st["updated"] = time.time()
+            if event:
+                st["history"] = (st.get("history") or [])[-19:] + [{"ts": st["updated"], **event}]
+            atomic_write_json(self.state_path, st)
+            return st
+
+    @property
+    def active(self) -> str | None:
+        return self.state()["active"]
+
+    @property
+    def previous(self) -> str | None:
+        return self.state()["previous"]
+
+    @property
+    def pinned(self) -> str | None:
+        return self.state()["pinned"]
+
+    # -- install / verify ---------------------------------------------------------
+    def installed(self) -> list[dict]:
+        """Every completely installed package: sha256, name, version, installed_at."""
+        out = []
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(".") or len(p.name) != _SHA_LEN:
+                continue
+            try:
+                out.append({"sha256": p.name, **self.info(p.name)})
+            except StoreError:
+                continue
+        return out
+
+    def has(self, sha: str) -> bool:
+        return (self.path(sha) / "installed.json").exists()
+
+    def install(self, pkg_path: str | os.PathLike, trusted_keys: Iterable | None = None) -> str:
+        """Verify and store a package; returns its sha256 (already stored: a no-op)."""
+        pkg_path = Path(pkg_path)
+        try:
+            sha = file_sha256(pkg_path)
+        except FileNotFoundError as exc:
+            raise StoreError(f"package {pkg_path} not found") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot read package {pkg_path}: {exc.strerror or exc}") from exc
+        with self._lock:
+            if self.has(sha):
+                return sha
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+            try:
+                shutil.copyfile(pkg_path, tmp / "package.edgepkg")
+                if file_sha256(tmp / "package.edgepkg") != sha:
+                    raise IntegrityError(f"package {pkg_path} changed while it was being installed; try again")
+                manifest = self._unpack(tmp / "package.edgepkg", tmp / "files", trusted_keys)
+                info = {"name": manifest.get("name"), "version": manifest.get("version"),
+                        "size": (tmp / "package.edgepkg").stat().st_size, "installed_at": time.time(),
+                        "source": str(pkg_path), "signed": bool(trusted_keys)}
+                for f in (tmp / "files").rglob("*"):
+                    if f.is_file():
+                        with open(f, "rb") as fh:
+                            os.fsync(fh.fileno())
+                atomic_write_json(tmp / "installed.json", info)
+                dest = self.path(sha)
+                if dest.exists():  # an incomplete earlier install under the final name
+                    shutil.rmtree(dest)
+                os.replace(tmp, dest)
+                _fsync_dir(self.root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        log.info("installed %s %s (%s)", info["name"], info["version"], sha[:12])
+        return sha
+
+    def _unpack(self, pkg_file: Path, dest: Path, trusted_keys) -> dict:
+        """Unpack with edgeship.package when available, else a checked zip extraction."""
+        try:
+            from ..package import unpack  # noqa: PLC0415 - keeps this module importable alone
+        except ImportError:
+            unpack = None
+        if unpack is not None:
+            unpack(pkg_file, dest, trusted_keys=_trust(trusted_keys) if trusted_keys else None)
+            return json.loads((dest / "manifest.json").read_text())
+        try:
+            with zipfile.ZipFile(pkg_file) as zf:
+                for name in zf.namelist():
+                    if name.startswith("/") or ".." in Path(name).parts:
+                        raise PackageError(f"package member {name!r} escapes the package folder")
+                zf.extractall(dest)
+        except zipfile.BadZipFile as exc:
+            raise PackageError(f"{pkg_file.name} is not a valid .edgepkg (not a zip file)") from exc
+        self._verify_files(dest, trusted_keys, label=pkg_file.name)
+        return json.loads((dest / "manifest.json").read_text())
+
+    @staticmethod
+    def _verify_files(files: Path, trusted_keys, label: str) -> None:
+        mpath = files / "manifest.json"
+        try:
+            raw = mpath.read_bytes()
+            manifest = json.loads(raw)
+        except (OSError, ValueError) as exc:
+            raise IntegrityError(f"{label}: manifest.json is missing or unreadable") from exc
+        for name, meta in (manifest.get("files") or {}).items():
+            f = files / name
+            try:
+                size = f.stat().st_size
+            except OSError as exc:
+                raise IntegrityError(f"{label}: {name} is missing") from exc
+            if "size" in meta and size != meta["size"]:
+                raise IntegrityError(f"{label}: {name} has {size} bytes, the manifest says {meta['size']}")
+            if "sha256" in meta and file_sha256(f) != meta["sha256"]:
+                raise IntegrityError(f"{label}: {name} differs from the manifest (sha256 mismatch)")
+        trust = _trust(trusted_keys)
+        if trust is not None:
+            sig = files / "manifest.sig"
+            if not sig.exists():
+                raise SignatureError(f"{label} is not signed, and trusted keys are configured")
+            trust.verify(raw, sig.read_bytes(), what=f"manifest of {label}")
+
+    def verify(self, sha: str, trusted_keys: Iterable | None = None) -> None:
+        """Re-check a stored package; raises PackageError/StoreError naming what is wrong."""
+        if not self.has(sha):
+            raise StoreError(f"package {sha[:12]} is not installed in {self.root}")
+        pkg = self.package_path(sha)
+        try:
+            actual = file_sha256(pkg)
+        except OSError as exc:
+            raise IntegrityError(f"package {sha[:12]}: {pkg.name} is unreadable ({exc.strerror or exc})") from exc
+        if actual != sha:
+            raise IntegrityError(f"package {sha[:12]}: the stored file's sha256 is {actual[:12]} (corrupted on disk)")
+        self._verify_files(self.files_dir(sha), trusted_keys, label=f"package {sha[:12]}")
+
+    ensure_installed = verify
+
+    # -- state changes ------------------------------------------------------------
+    def activate(self, sha: str, *, force: bool = False) -> dict:
+        """Make ``sha`` active; the former active becomes ``previous``. Returns the new state."""
+        with self._lock:
+            info = self.info(sha)
+            st = self.state()
+            if st["pinned"] and info.get("version") != st["pinned"] and not force:
+                raise StoreError(f"the device is pinned to version {st['pinned']}; "
+                                 f"unpin it (edgeship agent pin --clear) before activating {info.get('version')}")
+            if st["active"] == sha:
+                return st
+            return self._write_state(active=sha, previous=st["active"] or st["previous"],
+                                     _event={"event": "activate", "sha256": sha, "version": info.get("version")})
+
+    def rollback(self) -> str:
+        """Swap active and previous; returns the sha256 now active."""
+        with self._lock:
+            st = self.state()
+            if not st["previous"]:
+                raise StoreError("no previous model to roll back to")
+            if not self.has(st["previous"]):
+                raise StoreError(f"the previous model {st['previous'][:12]} is no longer in the store")
+            self._write_state(active=st["previous"], previous=st["active"],
+                              _event={"event": "rollback", "sha256": st["previous"]})
+            return st["previous"]
+
+    def pin(self, version: str | None) -> str | None:
+        """Hold the device on ``version`` (activating its newest stored package); None unpins.
+
+        Returns the sha256 now active (None when unpinning).
+        """
+        with self._lock:
+            if version is None:
+                self._write_state(pinned=None, _event={"event": "unpin"})
+                return None
+            cands = [m for m in self.installed() if m.get("version") == version]
+            if not cands:
+                have = sorted({str(m.get("version")) for m in self.installed()})
+                raise StoreError(f"version {version} is not in the store (have: {', '.join(have) or 'none'}); "
+                                 "install its package first")
+            sha = max(cands, key=lambda m: m.get("installed_at", 0))["sha256"]
+            self.activate(sha, force=True)
+            self._write_state(pinned=version, _event={"event": "pin", "version": version})
+            return sha
+
+    def remove(self, sha: str) -> None:
+        with self._lock:
+            st = self.state()
+            if sha in (st["active"], st["previous"]):
+                raise StoreError(f"package {sha[:12]} is active or previous; it cannot be removed")
+            target = self.path(sha)
+            if target.exists():
+                # Rename first so a crash mid-delete never leaves a half package under its name.
+                trash = Path(tempfile.mkdtemp(prefix=".tmp-rm-", dir=self.root))
+                os.replace(target, trash / sha)
+                shutil.rmtree(trash, ignore_errors=True)
+
+    def gc(self, keep: Iterable[str] = ()) -> list[str]:
+        """Remove packages neither active, previous, pinned nor in ``keep``; returns what was removed."""
+        with self._lock:
+            st = self.state()
+            keep = set(keep) | {st["active"], st["previous"]}
+            removed = []
+            for m in self.installed():
+                if m["sha256"] in keep or (st["pinned"] and m.get("version") == st["pinned"]):
+                    continue
+                self.remove(m["sha256"])
+                removed.append(m["sha256"])
+            return removed
+
+    def quarantine(self, sha: str, reason: str) -> None:
+        """Forget a corrupt package: it stops being active/previous, its folder is removed."""
+        with self._lock:
+            st = self.state()
+            changes: dict = {"_event": {"event": "quarantine", "sha256": sha, "reason": reason}}
+            if st["active"] == sha:
+                changes["active"] = None
+            if st["previous"] == sha:
+                changes["previous"] = None
+            self._write_state(**changes)
+            self.remove(sha)
+
+    def startup_choice(self, trusted_keys: Iterable | None = None) -> str | None:
+        """The sha256 to load at start: active if it verifies, else the previous one; None when empty.
+
+        A corrupt active package is refused with one log line and removed;
+        the previous verified package becomes active. Raises StoreError when
+        there was an active package but nothing verified is left.
+        """
+        with self._lock:
+            st = self.state()
+            active = st["active"]
+            if active is None:
+                return None
+            try:
+                self.verify(active, trusted_keys)
+                return active
+            except EdgeshipError as exc:
+                reason = str(exc)
+            prev = st["previous"]
+            log.error("refusing the active model %s: %s", active[:12], reason)
+            if prev:
+                try:
+                    self.verify(prev, trusted_keys)
+                except EdgeshipError as exc2:
+                    raise StoreError(f"the active model is corrupt ({reason}) and the previous one too ({exc2}); "
+                                     "install a good package (edgeship agent run with [agent] package)") from exc2
+                self._write_state(active=prev, previous=None,
+                                  _event={"event": "fallback", "from": active, "to": prev, "reason": reason})
+                try:
+                    self.remove(active)
+                except (StoreError, OSError):
+                    pass
+                log.error("falling back to the previous model %s %s (%s)", self.info(prev).get("name"),
+                          self.info(prev).get("version"), prev[:12])
+                return prev
+            raise StoreError(f"the active model is corrupt ({reason}) and the store has no previous "
+                             "verified one; install a good package")

@@ -1,0 +1,68 @@
+"""``edgeship agent ...`` and ``edgeship bench``: thin shells over :mod:`edgeship.agent`.
+
+Other groups' engineers add subcommands to ``agent`` here (``feedback``,
+``pin``, ``doctor``, ``install-service``): one function each, flags in, one
+library call, errors out.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from ._common import EdgeshipGroup
+
+__all__ = ["agent", "bench"]
+
+
+@click.group(cls=EdgeshipGroup)
+def agent() -> None:
+    """Run and configure the on-device agent."""
+
+
+@agent.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The agent's TOML config (edgeship agent config --example).")
+@click.option("--check", is_flag=True, help="Only validate the config and exit.")
+@click.option("--until-done", is_flag=True, help="Exit once every (finite) source is read and answered.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+              help="Overrides [agent] log_level.")
+def run_cmd(config_path: str, check: bool, until_done: bool, log_level: str | None) -> None:
+    """Serve the model: sources -> batcher -> runner -> sinks, plus the local API, until SIGTERM."""
+    from ..agent.config import load_config
+
+    cfg = load_config(config_path)
+    if check:
+        click.echo(f"ok: {config_path} ({len(cfg.sources)} sources, {len(cfg.sinks)} sinks, "
+                   f"api {'on' if cfg.api.enabled else 'off'})")
+        return
+    logging.basicConfig(level=(log_level or cfg.agent.log_level).upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..agent.runner_main import run_agent
+
+    sys.exit(run_agent(cfg, until_done=until_done))
+
+
+@agent.command("config")
+@click.option("--example", is_flag=True, required=True, help="Print a commented example config.")
+def config_cmd(example: bool) -> None:
+    """Print a commented example agent.toml."""
+    from ..agent.config import EXAMPLE_CONFIG
+
+    click.echo(EXAMPLE_CONFIG, nl=False)
+
+
+@click.command("bench")
+@click.argument("package", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads of the runtime (default: its choice).")
+@click.option("--backend", default=None, help="onnxruntime or tflite (default: the package's default variant).")
+@click.option("--seconds", type=float, default=1.0, show_default=True, help="Time per throughput measurement.")
+def bench(package: str, as_json: bool, threads: int | None, backend: str | None, seconds: float) -> None:
+    """Measure a package on this device: load, warm-up, latency, throughput (raw and through the agent), RSS."""
+    from ..agent.bench import format_bench, run_bench
+
+    result = run_bench(package, threads=threads, backend=backend, seconds=seconds, quiet=as_json)
+    click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))

@@ -1,0 +1,106 @@
+"""``edgeship convert ...``: workstation-side conversions (quantize; distill, run and prune are added here too).
+
+Each command is a thin shell: flags in, one library call from
+``edgeship.converters`` (imported inside the body so ``edgeship --help``
+never loads torch), errors out as one line.
+"""
+from __future__ import annotations
+
+import click
+
+from ._common import EdgeshipGroup
+
+__all__ = ["convert"]
+
+
+@click.group(cls=EdgeshipGroup)
+def convert() -> None:
+    """Convert models on the workstation: quantize to int8, distill, prune, run recipes."""
+
+
+@convert.command("quantize")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--calib", required=True, type=click.Path(exists=True),
+              help="Calibration data: .npy, .npz (one array per input, optional 'labels') or an image folder.")
+@click.option("--eval", "eval_", required=True, type=click.Path(exists=True),
+              help="Held-out data the accuracy gate is measured on (same formats as --calib).")
+@click.option("--max-drop", type=float, default=1.0, show_default=True,
+              help="Largest accepted metric drop vs fp32, in points (e.g. 1.0 = one top-1 percentage point).")
+@click.option("--metric", type=click.Choice(["top1", "agreement", "mse", "cosine"]), default=None,
+              help="Metric to gate on (default: top1 with labels, agreement without, cosine for non-classifiers).")
+@click.option("--method", type=click.Choice(["auto", "static", "dynamic"]), default="auto", show_default=True)
+@click.option("--target", type=click.Choice(["onnx", "tflite", "both"]), default="onnx", show_default=True)
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The .edgepkg to write.")
+@click.option("--allow-fp32", is_flag=True, help="Ship fp32 (exit 0) when no int8 candidate meets the budget.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Ed25519 private key to sign the package with.")
+@click.option("--batch", type=int, default=32, show_default=True, help="Batch size for eval and batch latency.")
+@click.option("--name", default=None, help="Package name (default: from the model).")
+@click.option("--version", "version", default=None, help="Package version (default: 1.0.0 or the package's).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def quantize_cmd(model, calib, eval_, max_drop, metric, method, target, out, allow_fp32, key, batch, name, version,
+                 quiet) -> None:
+    """Quantize MODEL (.onnx, float .tflite or .edgepkg) to int8, gated on accuracy and measured speed.
+
+    Exits non-zero, writing no package, when no int8 candidate stays within
+    --max-drop (unless --allow-fp32).
+    """
+    from edgeship.converters.quantize import quantize
+
+    result = quantize(model, calib, eval_, max_drop=max_drop, metric=metric, method=method, target=target, out=out,
+                      allow_fp32=allow_fp32, batch=batch, signing_key=key, name=name, version=version, quiet=quiet)
+    click.echo(result.summary())
+
+
+@convert.command("distill")
+@click.option("--teacher", required=True,
+              help="Teacher: an .onnx file, or path/to/file.py:Factory with --teacher-weights.")
+@click.option("--teacher-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="State dict (.pt) for a torch teacher given as file.py:Factory.")
+@click.option("--student", required=True, help="Student factory: path/to/file.py:Factory (returns a torch module).")
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="Training data: .npz (inputs + optional 'labels'), .npy or an image folder.")
+@click.option("--val", type=click.Path(exists=True), default=None,
+              help="Held-out data for the metric and early stopping.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for student.pt, learning_curve.png and the teacher-logit cache.")
+@click.option("--alpha", type=float, default=0.7, show_default=True,
+              help="Weight of the soft-target loss; 1.0 = pure soft targets (no labels needed).")
+@click.option("--temperature", "-T", type=float, default=4.0, show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--early-stopping", type=int, default=10, show_default=True,
+              help="Patience in epochs without a better held-out metric (0 = off).")
+@click.option("--hint-layer", default=None,
+              help="Feature (hint) loss on this module name; 'teacher_layer,student_layer' when they differ.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Teacher-logit cache (default: OUT/cache).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def distill_cmd(teacher, teacher_weights, student, data, val, out_dir, alpha, temperature, epochs, lr, batch_size,
+                seed, early_stopping, hint_layer, cache_dir, quiet) -> None:
+    """Distill TEACHER into a small STUDENT; writes OUT/student.pt and a learning curve."""
+    from edgeship.converters.distill import distill_files
+
+    result = distill_files(teacher, student, data, teacher_weights=teacher_weights, val=val, out_dir=out_dir,
+                           alpha=alpha, temperature=temperature, epochs=epochs, lr=lr, batch_size=batch_size,
+                           seed=seed, early_stopping=early_stopping or None, hint_layer=hint_layer,
+                           cache_dir=cache_dir, quiet=quiet)
+    click.echo(result.summary())
+    click.echo(f"student: {result.checkpoint}\nlearning curve: {result.curve_png}")
+
+
+@convert.command("run")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print which steps would run and which are reused; run nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def run_cmd(recipe, dry_run, quiet) -> None:
+    """Run a conversion RECIPE (TOML): distill, export, quantize, evaluate, package and sign.
+
+    Each step's output is cached by its inputs' hashes, so a re-run only
+    redoes the steps whose inputs changed.
+    """
+    from edgeship.converters.recipe import run_recipe
+
+    click.echo(run_recipe(recipe, dry_run=dry_run, quiet=quiet).summary())

@@ -1,0 +1,171 @@
+"""``edgeship fleet ...``: collect, devices, report, export-feedback.
+
+Thin commands: flags in, one library call, errors out as one line. Other
+areas add their sub-commands to the ``fleet`` group here (``rollout``,
+``serve``, ``console``). Shared flags are the decorators :func:`db_option`,
+:func:`broker_option` and :func:`fleet_option`; :func:`broker_or_embedded`
+starts the embedded broker when ``--broker`` is not given.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import threading
+import time
+
+import click
+
+from ._common import EdgeshipGroup
+
+__all__ = ["fleet", "db_option", "broker_option", "fleet_option", "broker_or_embedded"]
+
+DEFAULT_DB = "edgeship-fleet.sqlite"
+
+
+def db_option(f):
+    return click.option("--db", "db_url", default=DEFAULT_DB, show_default=True, envvar="EDGESHIP_FLEET_DB",
+                        help="Fleet DB: a SQLite path or sqlite:///path.")(f)
+
+
+def broker_option(f):
+    return click.option("--broker", default=None, envvar="EDGESHIP_BROKER",
+                        help="MQTT broker URL (mqtt://host:port, mqtts://...). Default: an embedded broker on 127.0.0.1.")(f)
+
+
+def fleet_option(f):
+    return click.option("--fleet", default="default", show_default=True, help="Fleet id (topic level).")(f)
+
+
+@contextlib.contextmanager
+def broker_or_embedded(url: str | None, *, quiet: bool = False):
+    """Yield a broker URL: ``url``, or that of an embedded broker running for the block."""
+    if url:
+        yield url
+        return
+    from ..fleet.embedded_broker import EmbeddedBroker
+
+    with EmbeddedBroker() as b:
+        if not quiet:
+            click.echo(f"embedded MQTT broker on {b.url} (pass --broker to use a real one)", err=True)
+        yield b.url
+
+
+@click.group(cls=EdgeshipGroup)
+def fleet() -> None:
+    """The fleet side: collector, devices, reports, feedback export."""
+
+
+@fleet.command("collect")
+@broker_option
+@db_option
+@fleet_option
+@click.option("--share-group", default=None, help="Use MQTT shared subscriptions ($share/GROUP/...) so several collectors split the stream.")
+@click.option("--client-id", default=None, help="MQTT client id (stable: the broker keeps the session while away).")
+@click.option("--protocol", "protocol_version", type=click.Choice(["3.1.1", "5"]), default="3.1.1", show_default=True)
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option("--quiet", is_flag=True, help="No periodic status line.")
+def collect(broker, db_url, fleet, share_group, client_id, protocol_version, duration, quiet) -> None:
+    """Subscribe to the fleet's topics and store every valid message in the fleet DB."""
+    from ..fleet.collector import Collector
+    from ..fleet.db import FleetDB
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with FleetDB.open(db_url) as db, broker_or_embedded(broker, quiet=quiet) as url:
+        col = Collector(db, url, fleet, share_group, client_id=client_id, protocol_version=protocol_version)
+        with col:
+            if not quiet:
+                click.echo(f"collecting fleet {fleet!r} from {url} into {db_url}", err=True)
+            deadline = None if duration is None else time.monotonic() + duration
+            last = time.monotonic()
+            while not stop.wait(0.5):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if not quiet and time.monotonic() - last >= 10:
+                    last = time.monotonic()
+                    s = col.stats()
+                    click.echo(f"stored {s['stored']}  duplicates {s['duplicates']}  rejected {s['rejected']}  "
+                               f"connected {s['link']['connected']}", err=True)
+            s = col.stats()
+        click.echo(json.dumps({k: v for k, v in s.items() if k != "link"}))
+
+
+@fleet.command("devices")
+@db_option
+@click.option("--fleet", default=None, help="Only this fleet.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def devices(db_url, fleet, as_json) -> None:
+    """Devices: online/offline (retained state + last will), model version, last seen."""
+    from ..fleet.db import FleetDB
+
+    with FleetDB.open(db_url) as db:
+        rows = db.devices(fleet)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no devices yet (is `edgeship fleet collect` running?)")
+        return
+    now = time.time()
+    head = ("device", "fleet", "status", "model", "version", "last seen")
+    table = [(r["device"], r["fleet"], "online" if r["online"] else "offline", r["model_name"] or "-",
+              r["model_version"] or "-", f"{_ago(now - r['last_seen'])} ago" if r["last_seen"] else "-") for r in rows]
+    widths = [max(len(h), *(len(str(t[i])) for t in table)) for i, h in enumerate(head)]
+    for line in (head, tuple("-" * w for w in widths), *table):
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+
+
+def _ago(s: float) -> str:
+    s = max(0.0, s)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s / n:.0f}{unit}"
+    return f"{s:.0f}s"
+
+
+@fleet.command("report")
+@db_option
+@click.option("--since", default=None, help="Start of the period: 24h, 7d, an ISO date, or epoch seconds (default: all).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write PNG plots, summary.json and report.html here.")
+@click.option("--bucket", "bucket_s", type=float, default=None, help="Time bucket in seconds for the plots (default: automatic).")
+def report(db_url, since, out_dir, bucket_s) -> None:
+    """Per model version: inferences, error rate, latency p50/p95 over time, feedback."""
+    from ..fleet.db import FleetDB
+    from ..fleet.report import build_report, parse_since
+
+    with FleetDB.open(db_url) as db:
+        rep = build_report(db, since=parse_since(since), out_dir=out_dir, bucket_s=bucket_s)
+    click.echo(rep.text())
+
+
+@fleet.command("export-feedback")
+@db_option
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="Output .npz file.")
+@click.option("--model-version", default=None, help="Only feedback on this model version.")
+@click.option("--since", default=None, help="Only feedback since (24h, 7d, ISO date, epoch).")
+@click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="labels.txt (one class name per line) to map label names to class indices.")
+def export_feedback_cmd(db_url, out_path, model_version, since, labels_file) -> None:
+    """Labelled field samples (inputs attached by feedback) as an .npz the convert commands accept."""
+    from pathlib import Path
+
+    from ..fleet.db import FleetDB
+    from ..fleet.report import export_feedback, parse_since
+
+    labels = None
+    if labels_file:
+        labels = [ln.strip() for ln in Path(labels_file).read_text().splitlines() if ln.strip()]
+    with FleetDB.open(db_url) as db:
+        path, n = export_feedback(db, out_path, model_version=model_version, since=parse_since(since), labels=labels)
+    click.echo(f"wrote {n} labelled samples to {path}")
+
+
+# `edgeship fleet console` and `console init` live in their own module (issue 11).
+from .console_cmds import console as _console  # noqa: E402
+
+fleet.add_command(_console)

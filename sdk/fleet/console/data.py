@@ -1,0 +1,437 @@
+"""What the console shows, assembled from the fleet library (no SQL here).
+
+:class:`ConsoleData` is the one object the web app talks to. It reads the
+fleet DB through :class:`edgeship.fleet.db.FleetDB` methods, drives rollouts
+through the same controller calls as ``edgeship fleet rollout ...`` and
+exports feedback with the same function as ``edgeship fleet export-feedback``.
+The query-string parsing and the shaping of rows for pages are pure
+functions here, tested directly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ...errors import EdgeshipError, RolloutError
+from . import auth
+
+__all__ = ["ConsoleData", "QueryError", "parse_device_query", "filter_sort_devices", "DEVICE_SORT_KEYS",
+           "parse_int", "parse_stages", "shape_gate", "stage_timeline"]
+
+DEVICE_SORT_KEYS = ("device", "online", "model", "last_seen", "p95_ms", "error_rate", "negative_rate", "drift")
+# The feedback page covers this many days (totals and series).
+FEEDBACK_DAYS = 7
+
+
+class QueryError(EdgeshipError, ValueError):
+    """A query parameter or form field the console cannot use; the message names it."""
+
+
+# ----------------------------------------------------------------- pure helpers
+
+def parse_int(name: str, value: Any, default: int, lo: int, hi: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        n = int(str(value).strip())
+    except ValueError as exc:
+        raise QueryError(f"parameter {name!r} must be an integer, got {str(value)[:40]!r}") from exc
+    if not lo <= n <= hi:
+        raise QueryError(f"parameter {name!r} must be between {lo} and {hi}, got {n}")
+    return n
+
+
+def parse_device_query(q: str = "", status: str = "", model: str = "", drift: str = "", sort: str = "device",
+                       order: str = "asc", limit: Any = 200, offset: Any = 0) -> dict:
+    """Validate the device list's query string; QueryError names the bad parameter."""
+    if len(q) > 128:
+        raise QueryError("parameter 'q' is longer than 128 characters")
+    if status not in ("", "online", "offline"):
+        raise QueryError(f"parameter 'status' must be online or offline, got {status[:40]!r}")
+    if drift not in ("", "yes", "no"):
+        raise QueryError(f"parameter 'drift' must be yes or no, got {drift[:40]!r}")
+    if sort not in DEVICE_SORT_KEYS:
+        raise QueryError(f"parameter 'sort' must be one of {', '.join(DEVICE_SORT_KEYS)}, got {sort[:40]!r}")
+    if order not in ("asc", "desc"):
+        raise QueryError(f"parameter 'order' must be asc or desc, got {order[:40]!r}")
+    if len(model) > 128:
+        raise QueryError("parameter 'model' is longer than 128 characters")
+    return {"q": q, "status": status, "model": model, "drift": drift, "sort": sort, "order": order,
+            "limit": parse_int("limit", limit, 200, 1, 5000), "offset": parse_int("offset", offset, 0, 0, 10 ** 7)}
+
+
+def filter_sort_devices(rows: list[dict], p: dict) -> tuple[int, list[dict]]:
+    """Apply a parsed device query to device rows; return (total after filter, page)."""
+    out = rows
+    if p["q"]:
+        needle = p["q"].lower()
+        out = [r for r in out if needle in r["device"].lower()]
+    if p["status"]:
+        want = p["status"] == "online"
+        out = [r for r in out if bool(r.get("online")) == want]
+    if p["model"]:
+        out = [r for r in out if (r.get("model_version") or "") == p["model"]]
+    if p["drift"]:
+        want = p["drift"] == "yes"
+        out = [r for r in out if bool(r.get("drift")) == want]
+    key = {"model": "model_version"}.get(p["sort"], p["sort"])
+    present = [r for r in out if r.get(key) is not None]
+    missing = [r for r in out if r.get(key) is None]
+    present.sort(key=lambda r: (r[key], r["device"]), reverse=p["order"] == "desc")
+    # Devices with no figure yet sort last either way: they are the least informative.
+    out = present + sorted(missing, key=lambda r: r["device"])
+    return len(out), out[p["offset"]: p["offset"] + p["limit"]]
+
+
+def parse_stages(text: str) -> list[float] | None:
+    if not text.strip():
+        return None
+    try:
+        stages = [float(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError as exc:
+        raise QueryError(f"stages {text[:60]!r}: give percentages separated by commas, e.g. 1,10,50,100") from exc
+    if not stages or any(not (0 < s <= 100) for s in stages) or stages != sorted(stages) or stages[-1] != 100:
+        raise QueryError(f"stages {text[:60]!r}: increasing percentages in (0, 100] ending at 100, e.g. 1,10,50,100")
+    return stages
+
+
+def _num(v: Any) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _fmt_figure(v: float | None, unit: str) -> str:
+    if v is None:
+        return "—"
+    if unit == "rate":
+        return f"{100 * v:.2f} %"
+    if unit == "ratio":
+        return f"{v:.2f}×"
+    if unit == "ms":
+        return f"{v:.2f} ms"
+    return f"{v:.4g}"
+
+
+def shape_gate(g: dict) -> dict:
+    """One gate as the page shows it: figures, threshold, verdict pass/fail/waiting."""
+    name = str(g.get("name") or g.get("gate") or "gate")
+    canary = _num(g.get("canary", g.get("canary_value")))
+    control = _num(g.get("control", g.get("control_value")))
+    threshold = _num(g.get("threshold"))
+    unit = g.get("unit") or ("ms" if "latency" in name and "ratio" not in name else
+                             "ratio" if "ratio" in name else "rate")
+    ok = g.get("ok", g.get("passed", g.get("holds")))
+    verdict = g.get("verdict")
+    if verdict not in ("pass", "fail", "waiting"):
+        if ok is None or g.get("enough_samples") is False:
+            verdict = "waiting"
+        else:
+            verdict = "pass" if ok else "fail"
+    # The line drawn on the chart is in the units of the bars: for a ratio gate
+    # (canary / control <= t) that is control * t.
+    line = threshold
+    if unit == "ratio" and threshold is not None and control is not None:
+        line = control * threshold
+    return {
+        "name": name, "canary": canary, "control": control, "threshold": threshold, "unit": unit,
+        "canary_text": _fmt_figure(canary, "ms" if unit == "ratio" else unit),
+        "control_text": _fmt_figure(control, "ms" if unit == "ratio" else unit),
+        "threshold_text": _fmt_figure(threshold, unit) if threshold is not None else "—",
+        "threshold_line": line, "verdict": verdict,
+        "canary_n": g.get("canary_n", g.get("canary_samples")), "control_n": g.get("control_n", g.get("control_samples")),
+        "min_samples": g.get("min_samples"), "detail": g.get("detail") or g.get("reason") or "",
+        "history": g.get("history"),
+    }
+
+
+def stage_timeline(stages: list, current: int | None, state: str, stage_started: float | None = None) -> list[dict]:
+    """Stages with status done / current / pending (and aborted at the stage that failed)."""
+    out = []
+    finished = state in ("completed", "done", "promoted", "succeeded")
+    for i, s in enumerate(stages):
+        if isinstance(s, dict):
+            pct, soak = _num(s.get("percent", s.get("pct"))), _num(s.get("soak_s", s.get("soak")))
+            started = s.get("started")
+        else:
+            pct, soak, started = _num(s), None, None
+        if finished or (current is not None and i < current):
+            status = "done"
+        elif current is not None and i == current:
+            status = "aborted" if state == "aborted" else ("paused" if state == "paused" else "current")
+            started = started or stage_started
+        else:
+            status = "pending"
+        out.append({"percent": pct, "soak_s": soak, "status": status, "started": started})
+    return out
+
+
+# ----------------------------------------------------------------- the data object
+
+class ConsoleData:
+    """The console's view of the fleet.
+
+    ``controller`` is a RolloutController (or None: rollouts then show
+    read-only from the DB); ``packages_dir`` is what ``--serve-packages``
+    serves; ``export_dir`` receives feedback exports.
+    """
+
+    def __init__(self, db, *, controller=None, packages_dir: str | os.PathLike | None = None,
+                 export_dir: str | os.PathLike | None = None, package_url: str | None = None,
+                 online_window_s: float = 15 * 60.0, clock: Callable[[], float] = time.time,
+                 extra_routes: list | None = None) -> None:
+        self.db = db
+        self.controller = controller
+        self.packages_dir = Path(packages_dir) if packages_dir else None
+        self.export_dir = Path(export_dir) if export_dir else Path(tempfile.gettempdir()) / "edgeship-console-exports"
+        self.package_url = package_url
+        self.window_s = online_window_s
+        self.clock = clock
+        self._extra_routes = list(extra_routes or [])
+        self._export_lock = threading.Lock()
+
+    def extra_routes(self) -> list:
+        return list(self._extra_routes)
+
+    # -------------------------------------------------------- sessions / audit
+    def session_put(self, s: auth.Session) -> None:
+        self.db.console_session_put(auth.token_digest(s.sid), s.user, s.csrf, s.created, s.expires)
+        self.db.console_session_purge(self.clock())
+
+    def session_get(self, sid: str) -> auth.Session | None:
+        row = self.db.console_session_get(auth.token_digest(sid))
+        if row is None:
+            return None
+        return auth.Session(sid=sid, user=row["user"], csrf=row["csrf"], created=row["created"], expires=row["expires"])
+
+    def session_delete(self, sid: str) -> None:
+        self.db.console_session_delete(auth.token_digest(sid))
+
+    def audit(self, *, who: str, action: str, target: str, outcome: str, remote: str = "") -> None:
+        self.db.audit_add(ts=self.clock(), who=who[:128], action=action[:64], target=target[:256],
+                          outcome=outcome[:512], remote=remote[:64])
+
+    def audit_list(self, limit: Any = 200) -> list[dict]:
+        return self.db.audit_list(limit=parse_int("limit", limit, 200, 1, 1000))
+
+    # -------------------------------------------------------- devices
+    def _device_rows(self) -> list[dict]:
+        return [device_row(r) for r in self.db.console_devices(now=self.clock(), window_s=self.window_s)]
+
+    def summary(self, rows: list[dict] | None = None) -> dict:
+        rows = self._device_rows() if rows is None else rows
+        online = sum(1 for r in rows if r.get("online"))
+        try:
+            running = sum(1 for r in self.rollouts() if r.get("state") in ("running", "paused"))
+        except EdgeshipError:
+            running = 0
+        return {"devices": len(rows), "online": online, "offline": len(rows) - online,
+                "drifting": sum(1 for r in rows if r.get("drift")), "rollouts_running": running}
+
+    def devices(self, **params: Any) -> dict:
+        p = parse_device_query(**params)
+        rows = self._device_rows()
+        total, page = filter_sort_devices(rows, p)
+        models = sorted({r["model_version"] for r in rows if r.get("model_version")})
+        return {"total": total, "limit": p["limit"], "offset": p["offset"], "window_s": self.window_s,
+                "models": models, "summary": self.summary(rows), "items": page}
+
+    def device(self, device: str) -> dict | None:
+        if len(device) > 128:
+            return None
+        rows = [r for r in self._device_rows() if r["device"] == device]
+        if not rows:
+            return None
+        d = rows[0]
+        d.update(self.db.console_device_history(device))
+        hist = d["history"]
+        d["history_p95"] = [[w["ts"], w.get("p95_ms")] for w in hist]
+        d["history_inferences"] = [[w["ts"], w.get("inferences")] for w in hist]
+        d["history_errors"] = [[w["ts"], w.get("errors")] for w in hist]
+        return d
+
+    # -------------------------------------------------------- rollouts
+    def can_start(self) -> bool:
+        return self.controller is not None and self.packages_dir is not None
+
+    def packages(self) -> list[dict]:
+        if self.packages_dir is None or not self.packages_dir.is_dir():
+            return []
+        from ..package import read_manifest_summary  # noqa: F401  (resolved lazily; see _package_info)
+
+        return [info for info in (self._package_info(p) for p in sorted(self.packages_dir.glob("*.edgepkg"))) if info]
+
+    def _package_info(self, path: Path) -> dict | None:
+        return {"file": path.name, "name": path.stem, "version": "", "size": path.stat().st_size}
+
+    def rollouts(self) -> list[dict]:
+        if self.controller is not None:
+            rows = self.controller.list()
+        elif hasattr(self.db, "rollouts_list"):
+            rows = self.db.rollouts_list()
+        else:
+            rows = []
+        return [self._rollout_summary(r) for r in rows]
+
+    def _rollout_summary(self, r: Any) -> dict:
+        return dict(r)
+
+    def rollout(self, rollout_id: str) -> dict | None:
+        if len(rollout_id) > 128:
+            return None
+        try:
+            st = self.controller.status(rollout_id) if self.controller is not None else self.db.rollout_status(rollout_id)
+        except RolloutError:
+            return None
+        return st
+
+    def rollout_action(self, rollout_id: str, action: str, who: str) -> dict:
+        if self.controller is None:
+            raise RolloutError("this console runs without a rollout controller; start it with --broker to act on rollouts")
+        if action == "promote":
+            self.controller.promote(rollout_id, force=True, who=who)
+        else:
+            getattr(self.controller, action)(rollout_id, who=who)
+        return self.rollout(rollout_id) or {}
+
+    def start_rollout(self, package: str, *, stages: str = "", soak_s: str = "", who: str = "") -> dict:
+        if self.controller is None or self.packages_dir is None:
+            raise RolloutError("starting rollouts needs a controller (--broker) and --serve-packages DIR")
+        names = {p["file"] for p in self.packages()}
+        if package not in names:
+            raise QueryError(f"package {package[:80]!r} is not in the served package directory")
+        st = parse_stages(stages)
+        soak = parse_int("soak_s", soak_s, 1800, 0, 30 * 86400)
+        return self.controller.start(self.packages_dir / package, stages=st, soak_s=soak, who=who)
+
+    # -------------------------------------------------------- feedback
+    def feedback(self, model: str = "", bucket: Any = "", samples: int = 24) -> dict:
+        """Per-version feedback over the last ``FEEDBACK_DAYS`` days, as ``edgeship fleet report`` counts it."""
+        if len(model) > 128:
+            raise QueryError("parameter 'model' is longer than 128 characters")
+        bucket_s = parse_int("bucket", bucket, 0, 60, 7 * 86400)
+        now = self.clock()
+        rows = self.db.feedback(since=now - FEEDBACK_DAYS * 86400, model_version=model or None)
+        latest = self.db.console_latest_feedback("incorrect", limit=samples, model_version=model or None)
+        return shape_feedback(rows, latest, bucket_s or None, model)
+
+    def feedback_input_image(self, device: str, msg_id: str) -> tuple[bytes, str] | None:
+        from .images import input_to_png
+
+        if len(device) > 128 or len(msg_id) > 128:
+            return None
+        data = self.db.feedback_input(f"{device}/{msg_id}")
+        return None if data is None else input_to_png(data)
+
+    def export_feedback(self, model: str = "") -> tuple[Path, int]:
+        from .. import report
+
+        self.export_dir.mkdir(parents=True, exist_ok=True)
+        with self._export_lock:
+            out = self.export_dir / f"feedback-{int(self.clock())}.npz"
+            path, count = report.export_feedback(self.db, out, model_version=model or None)
+        return Path(path), int(count)
+
+
+def drift_flagged(body: Any) -> bool:
+    """Whether a telemetry window says its inputs or predictions drift.
+
+    The agent's drift block (:meth:`edgeship.drift.WindowStats.report`) carries
+    the verdict in ``alarm`` (None when the window had too few samples to
+    judge: not flagged). Older or hand-made blocks without ``alarm`` are judged
+    with the same rule, :func:`edgeship.drift.is_alarm`, on their scores.
+    """
+    if not isinstance(body, dict):
+        return False
+    drift = body.get("drift")
+    if not isinstance(drift, dict):
+        return False
+    if "alarm" in drift:
+        return drift["alarm"] is True
+    from ...drift import is_alarm
+
+    stack = [drift]
+    while stack:
+        node = stack.pop()
+        psi, z = node.get("psi"), node.get("z")
+        if is_alarm(psi if isinstance(psi, (int, float)) else None, z if isinstance(z, (int, float)) else None):
+            return True
+        stack.extend(v for v in node.values() if isinstance(v, dict))
+    return False
+
+
+def device_row(r: dict) -> dict:
+    """A DB row of :meth:`FleetDB.console_devices` as the device list shows it."""
+    body = r.get("telemetry_body")
+    try:
+        parsed = json.loads(body) if isinstance(body, str) else None
+    except ValueError:
+        parsed = None
+    inf, err = r.get("inferences"), r.get("errors")
+    fb, neg = r.get("feedback"), r.get("negative")
+    return {
+        "device": r["device"], "fleet": r.get("fleet"), "online": bool(r.get("online")),
+        "last_seen": r.get("last_seen") or None, "model_name": r.get("model_name"),
+        "model_version": r.get("model_version"), "agent_version": r.get("agent_version"),
+        "p95_ms": _num(r.get("p95_ms")), "inferences": inf,
+        # As the fleet report counts it: errors among all attempts.
+        "error_rate": (err / (inf + err)) if (inf or err) else None,
+        "negative_rate": (neg / fb) if fb else None, "feedback": fb or 0,
+        "drift": drift_flagged(parsed),
+    }
+
+
+def shape_feedback(rows: list[dict], latest: list[dict], bucket_s: float | None, model: str) -> dict:
+    """Per-version counts and negative rate (the report's own figures), series per version, latest samples."""
+    from ...protocol import FEEDBACK_KINDS
+    from ..report import is_negative, pick_bucket, summarize
+
+    summary = summarize([], rows, bucket_s=bucket_s)
+    bucket = float(bucket_s or summary["bucket_s"] or pick_bucket(1.0))
+    versions = [{"version": v.version, "counts": dict(v.feedback), "total": sum(v.feedback.values()),
+                 "verdicts": v.verdicts, "negative_rate": v.negative_rate} for v in summary["versions"]]
+    per: dict[str, dict[int, list[int]]] = {}
+    for r in rows:
+        v = r.get("model_version") or "(unknown)"
+        b = int(r["ts"] // bucket)
+        cell = per.setdefault(v, {}).setdefault(b, [0, 0, 0])  # all, verdicts, negative
+        cell[0] += 1
+        if r["kind"] in ("correct", "incorrect", "label"):
+            cell[1] += 1
+            value = r.get("value")
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            cell[2] += int(is_negative(r["kind"], value, r.get("predicted")))
+    rate_series, count_series = [], []
+    for v in sorted(per):
+        cells = sorted(per[v].items())
+        # Plotted at the bucket's end: the figure "as of" that time.
+        rate_series.append({"name": v, "points": [[(b + 1) * bucket, (c[2] / c[1]) if c[1] else None] for b, c in cells]})
+        count_series.append({"name": v, "points": [[(b + 1) * bucket, c[0]] for b, c in cells]})
+    samples = []
+    for r in latest:
+        value = r.get("label") or r.get("value")
+        if isinstance(value, str) and value.startswith('"'):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        samples.append({"id": f"{r['device']}/{r['msg_id']}", "device": r["device"], "msg_id": r["msg_id"],
+                        "ts": r["ts"], "prediction_id": r["prediction_id"], "model_version": r.get("model_version"),
+                        "value": value, "has_input": bool(r.get("has_input")), "has_image": bool(r.get("has_input"))})
+    kinds = [k for k in FEEDBACK_KINDS if any(k in e["counts"] for e in versions)] or ["correct", "incorrect"]
+    return {"model": model, "bucket_s": bucket, "days": FEEDBACK_DAYS, "kinds": kinds, "versions": versions,
+            "rate_series": rate_series, "count_series": count_series, "samples": samples}

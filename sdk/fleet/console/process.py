@@ -1,0 +1,132 @@
+"""One fleet process around the console: DB, collector, rollout controller, package server.
+
+``edgeship fleet console`` calls :meth:`FleetConsole.open` and nothing else.
+Each part is the same object the other ``edgeship fleet`` commands build, so
+the console shows and does exactly what the CLI would.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from ...errors import ConfigError, EdgeshipError
+from .config import ConsoleConfig, load_console_config
+
+__all__ = ["FleetConsole"]
+
+log = logging.getLogger("edgeship.fleet.console")
+
+
+class FleetConsole:
+    """Owns the parts it started; ``start()`` / ``stop(timeout)`` / context manager."""
+
+    def __init__(self, config: ConsoleConfig, db, *, broker: str | None = None, fleet: str = "default",
+                 host: str | None = None, port: int | None = None, packages_dir: str | os.PathLike | None = None,
+                 signing_key: str | os.PathLike | None = None, own_db: bool = False) -> None:
+        self.config = config
+        self.db = db
+        self.broker = broker
+        self.fleet = fleet
+        self.host = host
+        self.port = port
+        self.packages_dir = Path(packages_dir) if packages_dir else None
+        self.signing_key = signing_key
+        self._own_db = own_db
+        self._parts: list[Any] = []  # started parts, stopped in reverse order
+        self.collector = None
+        self.controller = None
+        self.package_server = None
+        self.server = None
+        self._stopped = threading.Event()
+
+    @classmethod
+    def open(cls, *, config: str | os.PathLike | ConsoleConfig | None = None, db: str | os.PathLike = "edgeship-fleet.sqlite",
+             broker: str | None = None, fleet: str = "default", host: str | None = None, port: int | None = None,
+             packages_dir: str | os.PathLike | None = None,
+             signing_key: str | os.PathLike | None = None) -> "FleetConsole":
+        from ..db import FleetDB
+
+        cfg = config if isinstance(config, ConsoleConfig) else load_console_config(config)
+        if packages_dir is not None and not Path(packages_dir).is_dir():
+            raise ConfigError(f"--serve-packages {str(packages_dir)!r} is not a directory")
+        return cls(cfg, FleetDB.open(db), broker=broker, fleet=fleet, host=host, port=port,
+                   packages_dir=packages_dir, signing_key=signing_key, own_db=True)
+
+    @property
+    def url(self) -> str:
+        return self.server.url if self.server is not None else ""
+
+    def start(self) -> "FleetConsole":
+        from .app import create_app
+        from .data import ConsoleData
+        from .server import ConsoleServer
+
+        try:
+            package_url = None
+            if self.packages_dir is not None:
+                self.package_server = self._start_package_server()
+                package_url = getattr(self.package_server, "url", None)
+            if self.broker:
+                from ..collector import Collector
+
+                self.collector = Collector(self.db, self.broker, self.fleet).start()
+                self._parts.append(self.collector)
+                self.controller = self._start_controller(package_url)
+            data = ConsoleData(self.db, controller=self.controller, packages_dir=self.packages_dir,
+                               package_url=package_url)
+            self.server = ConsoleServer(create_app(self.config, data), self.config, host=self.host, port=self.port)
+            self.server.start()
+            self._parts.append(self.server)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_package_server(self):
+        try:
+            from ..server import PackageServer
+        except ImportError as exc:
+            raise ConfigError("--serve-packages needs edgeship.fleet.server, which this install lacks") from exc
+        srv = PackageServer(self.packages_dir, host=self.host or self.config.host, port=0)
+        srv.start()
+        self._parts.append(srv)
+        return srv
+
+    def _start_controller(self, package_url: str | None):
+        try:
+            from ..controller import RolloutController
+        except ImportError:
+            log.warning("console: no rollout controller in this install; rollouts are read-only")
+            return None
+        ctl = RolloutController(self.db, self.broker, self.fleet, signing_key=self.signing_key,
+                                package_base_url=package_url)
+        ctl.start()
+        self._parts.append(ctl)
+        return ctl
+
+    def stop(self, timeout: float = 5.0) -> None:
+        while self._parts:
+            part = self._parts.pop()
+            try:
+                part.stop(timeout)
+            except EdgeshipError as exc:  # keep stopping the others
+                log.warning("console: stopping %s: %s", type(part).__name__, exc)
+        if self._own_db and self.db is not None:
+            self.db.close()
+            self.db = None
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the web server stops (or ``timeout``); True once stopped."""
+        if self.server is None:
+            return True
+        return self.server.wait(timeout)
+
+    def __enter__(self) -> "FleetConsole":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

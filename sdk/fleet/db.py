@@ -1,0 +1,491 @@
+"""The fleet database: the ONLY module with SQL.
+
+``FleetDB.open(url_or_path)`` opens SQLite (a path or ``sqlite:///path``; WAL
+mode) — ``postgresql://`` is reserved for later and refused with a clear
+error today. The SQL is kept portable so PostgreSQL can follow:
+
+* statements are written with ``?`` placeholders; :meth:`FleetDB._q` turns
+  them into the driver's style (``%s`` for psycopg) in one place;
+* DDL uses ``{real}``, ``{blob}``, ``{text}`` type placeholders filled per dialect;
+* upserts use ``INSERT ... ON CONFLICT ... DO NOTHING / DO UPDATE`` (SQLite
+  ≥ 3.24 and PostgreSQL both speak it); no ``INSERT OR IGNORE``, no ``rowid``.
+
+Schema changes are numbered entries of :data:`MIGRATIONS` (append only; never
+edit a released entry). Query methods are grouped by area below — ingest,
+devices, telemetry, feedback — and other areas (rollouts, console) add their
+own migration entries and a section of methods here.
+
+Tables (migration 1):
+
+    messages(device, msg_id, kind, ts, received)      de-duplication ledger: one row per stored message
+    devices(device, fleet, online, session, state_ts, last_seen, model_*, agent_version, started_at, state)
+    telemetry(device, msg_id, ts, window_s, model_*, inferences, errors, rejected, dropped,
+              outbox_dropped, p50_ms, p95_ms, p99_ms, body)
+    feedback(device, msg_id, ts, prediction_id, kind, value, label, model_*, has_input, body)
+    feedback_inputs(device, msg_id, prediction_id, data)   JSON-encoded input arrays attached by feedback
+    rollout_reports(device, msg_id, ts, rollout_id, state, reason, model_version, body)
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ..errors import FleetDBError
+
+__all__ = ["FleetDB", "MIGRATIONS", "StoreResult"]
+
+_DIALECT_TYPES = {
+    "sqlite": {"real": "REAL", "blob": "BLOB", "text": "TEXT", "int": "INTEGER"},
+    "postgresql": {"real": "DOUBLE PRECISION", "blob": "BYTEA", "text": "TEXT", "int": "BIGINT"},
+}
+
+# (version, description, statements). Append only.
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "collector: messages, devices, telemetry, feedback, rollout reports", [
+        """CREATE TABLE messages (
+            device {text} NOT NULL, msg_id {text} NOT NULL, kind {text} NOT NULL,
+            ts {real} NOT NULL, received {real} NOT NULL,
+            PRIMARY KEY (device, msg_id))""",
+        "CREATE INDEX messages_kind_ts ON messages(kind, ts)",
+        """CREATE TABLE devices (
+            device {text} PRIMARY KEY, fleet {text} NOT NULL, online {int} NOT NULL DEFAULT 0,
+            session {real} NOT NULL DEFAULT 0, state_ts {real} NOT NULL DEFAULT 0,
+            last_seen {real} NOT NULL DEFAULT 0,
+            model_name {text}, model_version {text}, model_sha256 {text},
+            agent_version {text}, started_at {real}, state {text})""",
+        """CREATE TABLE telemetry (
+            device {text} NOT NULL, msg_id {text} NOT NULL, ts {real} NOT NULL, window_s {real} NOT NULL,
+            model_name {text}, model_version {text},
+            inferences {int} NOT NULL DEFAULT 0, errors {int} NOT NULL DEFAULT 0,
+            rejected {int} NOT NULL DEFAULT 0, dropped {int} NOT NULL DEFAULT 0,
+            outbox_dropped {int} NOT NULL DEFAULT 0,
+            p50_ms {real}, p95_ms {real}, p99_ms {real}, body {text} NOT NULL,
+            PRIMARY KEY (device, msg_id))""",
+        "CREATE INDEX telemetry_ts ON telemetry(ts)",
+        "CREATE INDEX telemetry_model_ts ON telemetry(model_version, ts)",
+        """CREATE TABLE feedback (
+            device {text} NOT NULL, msg_id {text} NOT NULL, ts {real} NOT NULL,
+            prediction_id {text} NOT NULL, kind {text} NOT NULL, value {text}, label {text},
+            model_name {text}, model_version {text}, has_input {int} NOT NULL DEFAULT 0, body {text} NOT NULL,
+            PRIMARY KEY (device, msg_id))""",
+        "CREATE INDEX feedback_ts ON feedback(ts)",
+        """CREATE TABLE feedback_inputs (
+            device {text} NOT NULL, msg_id {text} NOT NULL, prediction_id {text} NOT NULL, data {text} NOT NULL,
+            PRIMARY KEY (device, msg_id))""",
+        """CREATE TABLE rollout_reports (
+            device {text} NOT NULL, msg_id {text} NOT NULL, ts {real} NOT NULL,
+            rollout_id {text} NOT NULL, state {text} NOT NULL, reason {text}, model_version {text},
+            body {text} NOT NULL,
+            PRIMARY KEY (device, msg_id))""",
+        "CREATE INDEX rollout_reports_rollout ON rollout_reports(rollout_id, ts)",
+    ]),
+    (2, "console: sessions, audit log, telemetry by device", [
+        """CREATE TABLE console_sessions (
+            sid_sha256 {text} PRIMARY KEY, user_name {text} NOT NULL, csrf {text} NOT NULL,
+            created {real} NOT NULL, expires {real} NOT NULL)""",
+        """CREATE TABLE audit_log (
+            ts {real} NOT NULL, who {text} NOT NULL, action {text} NOT NULL, target {text} NOT NULL,
+            outcome {text} NOT NULL, remote {text} NOT NULL DEFAULT '')""",
+        "CREATE INDEX audit_log_ts ON audit_log(ts)",
+        # The console's device list and device page read each device's latest windows.
+        "CREATE INDEX telemetry_device_ts ON telemetry(device, ts)",
+        "CREATE INDEX feedback_device_ts ON feedback(device, ts)",
+        "CREATE INDEX rollout_reports_device_ts ON rollout_reports(device, ts)",
+    ]),
+]
+
+
+class StoreResult:
+    """What :meth:`FleetDB.store_messages` did with a batch."""
+
+    __slots__ = ("stored", "duplicates")
+
+    def __init__(self) -> None:
+        self.stored = 0
+        self.duplicates = 0
+
+
+def _model_fields(body: dict) -> tuple[Any, Any, Any]:
+    m = body.get("model")
+    if not isinstance(m, dict):
+        return None, None, None
+    def s(k: str) -> str | None:
+        v = m.get(k)
+        return None if v is None else str(v)[:256]
+    return s("name"), s("version"), s("sha256")
+
+
+def _num(v: Any, default: float = 0) -> float:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+
+class FleetDB:
+    """One connection, serialised by a lock (the collector, CLI and console share it)."""
+
+    def __init__(self, conn: Any, dialect: str, where: str) -> None:
+        self._conn = conn
+        self.dialect = dialect
+        self.where = where
+        self._lock = threading.RLock()
+        self._types = _DIALECT_TYPES[dialect]
+
+    # ------------------------------------------------------------ open / migrate
+    @classmethod
+    def open(cls, url_or_path: str | Path) -> "FleetDB":
+        s = str(url_or_path)
+        if s.startswith(("postgresql://", "postgres://")):
+            raise FleetDBError("PostgreSQL is not supported yet; use a SQLite path (e.g. --db fleet.sqlite)")
+        if s.startswith("sqlite:///"):
+            s = urllib.parse.unquote(s[len("sqlite:///") - 1:]) if s.startswith("sqlite:////") else s[len("sqlite:///"):]
+        elif "://" in s:
+            raise FleetDBError(f"fleet DB URL {s!r} is not understood; use a file path or sqlite:///path")
+        path = Path(s)
+        try:
+            if s != ":memory:":
+                path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(s, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: commits are atomic and survive a process crash; a power
+            # cut may lose the last commits, which the devices' outboxes resend.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise FleetDBError(f"cannot open fleet DB {s}: {exc}") from exc
+        db = cls(conn, "sqlite", s)
+        db.migrate()
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> "FleetDB":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _q(self, sql: str) -> str:
+        """One place for the parameter style: '?' here, '%s' for psycopg."""
+        return sql if self.dialect == "sqlite" else sql.replace("?", "%s")
+
+    def _ddl(self, sql: str) -> str:
+        return sql.format(**self._types)
+
+    def _exec(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        try:
+            return self._conn.execute(self._q(sql), params)
+        except sqlite3.Error as exc:
+            raise FleetDBError(f"fleet DB {self.where}: {exc}") from exc
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict]:
+        with self._lock:
+            cur = self._exec(sql, params)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def _tx(self):
+        db = self
+
+        class _Tx:
+            def __enter__(self_inner):
+                db._lock.acquire()
+                try:
+                    db._exec("BEGIN IMMEDIATE" if db.dialect == "sqlite" else "BEGIN")
+                except BaseException:
+                    db._lock.release()
+                    raise
+                return db
+
+            def __exit__(self_inner, et, ev, tb):
+                try:
+                    db._exec("COMMIT" if et is None else "ROLLBACK")
+                finally:
+                    db._lock.release()
+                return False
+
+        return _Tx()
+
+    def transaction(self):
+        """``with db.transaction(): ...`` — for other areas' multi-statement writes."""
+        return self._tx()
+
+    def schema_version(self) -> int:
+        with self._lock:
+            self._exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = self._exec("SELECT MAX(version) FROM schema_version").fetchone()
+            return int(row[0] or 0)
+
+    def migrate(self) -> int:
+        """Apply pending :data:`MIGRATIONS` in order, each in its own transaction."""
+        current = self.schema_version()
+        for version, _desc, statements in sorted(MIGRATIONS, key=lambda m: m[0]):
+            if version <= current:
+                continue
+            with self._tx():
+                for st in statements:
+                    self._exec(self._ddl(st))
+                self._exec("INSERT INTO schema_version(version) VALUES (?)", (version,))
+            current = version
+        return current
+
+    # ------------------------------------------------------------ ingest (collector)
+    def store_messages(self, messages: Iterable[Any], received: float | None = None) -> StoreResult:
+        """Store a batch of parsed :class:`edgeship.protocol.Message` in one transaction.
+
+        De-duplicates on (device, msg_id): a message already in the ledger is
+        skipped entirely, so redeliveries never double-count.
+        """
+        res = StoreResult()
+        now = time.time() if received is None else received
+        with self._tx():
+            for m in messages:
+                b = m.body
+                cur = self._exec("INSERT INTO messages(device, msg_id, kind, ts, received) VALUES (?,?,?,?,?) "
+                                 "ON CONFLICT (device, msg_id) DO NOTHING", (m.device, b["msg_id"], m.kind, b["ts"], now))
+                if cur.rowcount != 1:
+                    res.duplicates += 1
+                    continue
+                res.stored += 1
+                self._touch_device(m.fleet, m.device, now)
+                getattr(self, f"_store_{m.kind}")(m, now)
+        return res
+
+    def _touch_device(self, fleet: str, device: str, now: float) -> None:
+        self._exec("INSERT INTO devices(device, fleet, last_seen) VALUES (?,?,?) "
+                   "ON CONFLICT (device) DO UPDATE SET last_seen = excluded.last_seen, fleet = excluded.fleet",
+                   (device, fleet, now))
+
+    def _store_state(self, m: Any, now: float) -> None:
+        b = m.body
+        session = _num(b.get("session"), 0.0)
+        row = self._exec("SELECT session, state_ts FROM devices WHERE device = ?", (m.device,)).fetchone()
+        cur_session, cur_ts = (row[0], row[1]) if row else (0.0, 0.0)
+        # Order: a newer connection (session) wins; within one connection a last
+        # will wins over the online message it guards, otherwise the newer ts.
+        if session < cur_session:
+            return
+        if session == cur_session and not b.get("will") and b["ts"] < cur_ts:
+            return
+        name, version, sha = _model_fields(b)
+        keep_model = b.get("model") is None
+        self._exec(
+            "UPDATE devices SET online = ?, session = ?, state_ts = ?, "
+            "model_name = CASE WHEN ? THEN model_name ELSE ? END, "
+            "model_version = CASE WHEN ? THEN model_version ELSE ? END, "
+            "model_sha256 = CASE WHEN ? THEN model_sha256 ELSE ? END, "
+            "agent_version = COALESCE(?, agent_version), started_at = COALESCE(?, started_at), state = ? "
+            "WHERE device = ?",
+            (int(bool(b["online"])), session, b["ts"], int(keep_model), name, int(keep_model), version,
+             int(keep_model), sha, b.get("agent_version") if isinstance(b.get("agent_version"), str) else None,
+             b.get("started_at") if isinstance(b.get("started_at"), (int, float)) else None,
+             json.dumps(b, separators=(",", ":")), m.device))
+
+    def _store_telemetry(self, m: Any, now: float) -> None:
+        b = m.body
+        c = b["counts"]
+        lat = b.get("latency_ms") if isinstance(b.get("latency_ms"), dict) else {}
+        name, version, _ = _model_fields(b)
+        self._exec(
+            "INSERT INTO telemetry(device, msg_id, ts, window_s, model_name, model_version, inferences, errors, "
+            "rejected, dropped, outbox_dropped, p50_ms, p95_ms, p99_ms, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT (device, msg_id) DO NOTHING",
+            (m.device, b["msg_id"], b["ts"], b["window_s"], name, version,
+             int(_num(c.get("inferences"))), int(_num(c.get("errors"))), int(_num(c.get("rejected"))),
+             int(_num(c.get("dropped"))), int(_num(c.get("outbox_dropped"))),
+             _num(lat.get("p50"), None), _num(lat.get("p95"), None), _num(lat.get("p99"), None),
+             json.dumps(b, separators=(",", ":"))))
+        if version is not None:
+            # Telemetry also tells which model a device runs (state may be older).
+            self._exec("UPDATE devices SET model_name = ?, model_version = ? WHERE device = ? AND "
+                       "(model_version IS NULL OR state_ts <= ?)", (name, version, m.device, b["ts"]))
+
+    def _store_feedback(self, m: Any, now: float) -> None:
+        b = m.body
+        name, version, _ = _model_fields(b)
+        value = b.get("value")
+        label = None
+        if b["kind"] == "label" and value is not None:
+            label = str(value)[:256]
+        elif b["kind"] == "correct" and b.get("predicted") is not None:
+            label = str(b["predicted"])[:256]
+        inp = b.get("input")
+        has_input = isinstance(inp, dict) and bool(inp)
+        body = {k: v for k, v in b.items() if k != "input"}
+        self._exec(
+            "INSERT INTO feedback(device, msg_id, ts, prediction_id, kind, value, label, model_name, model_version, "
+            "has_input, body) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (device, msg_id) DO NOTHING",
+            (m.device, b["msg_id"], b["ts"], b["prediction_id"], b["kind"],
+             None if value is None else json.dumps(value), label, name, version, int(has_input),
+             json.dumps(body, separators=(",", ":"))))
+        if has_input:
+            self._exec("INSERT INTO feedback_inputs(device, msg_id, prediction_id, data) VALUES (?,?,?,?) "
+                       "ON CONFLICT (device, msg_id) DO NOTHING",
+                       (m.device, b["msg_id"], b["prediction_id"], json.dumps(inp, separators=(",", ":"))))
+
+    def _store_rollout(self, m: Any, now: float) -> None:
+        b = m.body
+        _, version, _ = _model_fields(b)
+        self._exec(
+            "INSERT INTO rollout_reports(device, msg_id, ts, rollout_id, state, reason, model_version, body) "
+            "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (device, msg_id) DO NOTHING",
+            (m.device, b["msg_id"], b["ts"], b["rollout_id"], b["state"], b.get("reason"),
+             version if version is not None else (str(b["version"]) if b.get("version") is not None else None),
+             json.dumps(b, separators=(",", ":"))))
+
+    def _store_plan(self, m: Any, now: float) -> None:  # collectors do not subscribe to plans
+        return
+
+    # ------------------------------------------------------------ devices
+    def devices(self, fleet: str | None = None) -> list[dict]:
+        sql = ("SELECT device, fleet, online, last_seen, state_ts, model_name, model_version, model_sha256, "
+               "agent_version, started_at FROM devices")
+        params: tuple = ()
+        if fleet:
+            sql += " WHERE fleet = ?"
+            params = (fleet,)
+        return self._rows(sql + " ORDER BY device", params)
+
+    def message_counts(self) -> dict[str, int]:
+        return {r["kind"]: r["n"] for r in self._rows("SELECT kind, COUNT(*) AS n FROM messages GROUP BY kind")}
+
+    def message_ids(self, kind: str | None = None) -> list[tuple[str, str]]:
+        sql, params = "SELECT device, msg_id FROM messages", ()
+        if kind:
+            sql, params = sql + " WHERE kind = ?", (kind,)
+        return [(r["device"], r["msg_id"]) for r in self._rows(sql, params)]
+
+    # ------------------------------------------------------------ telemetry
+    def telemetry(self, since: float = 0.0, until: float | None = None, device: str | None = None) -> list[dict]:
+        """Telemetry windows in time order (``body`` is the full JSON message)."""
+        sql = ("SELECT device, msg_id, ts, window_s, model_name, model_version, inferences, errors, rejected, "
+               "dropped, outbox_dropped, p50_ms, p95_ms, p99_ms, body FROM telemetry WHERE ts >= ?")
+        params: list[Any] = [since]
+        if until is not None:
+            sql += " AND ts < ?"
+            params.append(until)
+        if device:
+            sql += " AND device = ?"
+            params.append(device)
+        return self._rows(sql + " ORDER BY ts, device", params)
+
+    # ------------------------------------------------------------ feedback
+    def feedback(self, since: float = 0.0, model_version: str | None = None) -> list[dict]:
+        """Feedback rows, oldest first; ``value`` is decoded JSON, ``predicted`` the label the model gave."""
+        sql = ("SELECT device, msg_id, ts, prediction_id, kind, value, label, model_name, model_version, has_input, "
+               "body FROM feedback WHERE ts >= ?")
+        params: list[Any] = [since]
+        if model_version:
+            sql += " AND model_version = ?"
+            params.append(model_version)
+        rows = self._rows(sql + " ORDER BY ts", params)
+        for r in rows:
+            body = json.loads(r.pop("body"))
+            r["predicted"] = body.get("predicted")
+            r["value"] = None if r["value"] is None else json.loads(r["value"])
+        return rows
+
+    def feedback_samples(self, model_version: str | None = None, since: float = 0.0) -> list[dict]:
+        """Feedback rows that carry an input, with that input's JSON (``data``), oldest first."""
+        sql = ("SELECT f.device, f.msg_id, f.ts, f.prediction_id, f.kind, f.value, f.label, f.model_version, "
+               "i.data FROM feedback f JOIN feedback_inputs i ON i.device = f.device AND i.msg_id = f.msg_id "
+               "WHERE f.ts >= ?")
+        params: list[Any] = [since]
+        if model_version:
+            sql += " AND f.model_version = ?"
+            params.append(model_version)
+        return self._rows(sql + " ORDER BY f.ts", params)
+
+    def feedback_input(self, sample_id: str) -> dict | None:
+        """The input attached to one feedback message; ``sample_id`` is ``device/msg_id``."""
+        device, _, msg_id = sample_id.partition("/")
+        rows = self._rows("SELECT data FROM feedback_inputs WHERE device = ? AND msg_id = ?", (device, msg_id))
+        return json.loads(rows[0]["data"]) if rows else None
+
+    # ------------------------------------------------------------ rollout reports (collector side)
+    def rollout_reports(self, rollout_id: str | None = None, since: float = 0.0) -> list[dict]:
+        sql = "SELECT device, msg_id, ts, rollout_id, state, reason, model_version FROM rollout_reports WHERE ts >= ?"
+        params: list[Any] = [since]
+        if rollout_id:
+            sql += " AND rollout_id = ?"
+            params.append(rollout_id)
+        return self._rows(sql + " ORDER BY ts", params)
+
+    # ------------------------------------------------------------ console (sessions, audit, views)
+    def console_session_put(self, sid_sha256: str, user: str, csrf: str, created: float, expires: float) -> None:
+        with self._lock:
+            self._exec("INSERT INTO console_sessions(sid_sha256, user_name, csrf, created, expires) VALUES (?,?,?,?,?)",
+                       (sid_sha256, user, csrf, created, expires))
+
+    def console_session_get(self, sid_sha256: str) -> dict | None:
+        rows = self._rows("SELECT user_name AS user, csrf, created, expires FROM console_sessions WHERE sid_sha256 = ?",
+                          (sid_sha256,))
+        return rows[0] if rows else None
+
+    def console_session_delete(self, sid_sha256: str) -> None:
+        with self._lock:
+            self._exec("DELETE FROM console_sessions WHERE sid_sha256 = ?", (sid_sha256,))
+
+    def console_session_purge(self, now: float) -> int:
+        with self._lock:
+            return self._exec("DELETE FROM console_sessions WHERE expires <= ?", (now,)).rowcount
+
+    def audit_add(self, *, ts: float, who: str, action: str, target: str, outcome: str, remote: str = "") -> None:
+        """One audit entry (console actions, refused ones too; rollout commands from the CLI may add theirs)."""
+        with self._lock:
+            self._exec("INSERT INTO audit_log(ts, who, action, target, outcome, remote) VALUES (?,?,?,?,?,?)",
+                       (ts, who, action, target, outcome, remote))
+
+    def audit_list(self, limit: int = 200, since: float = 0.0) -> list[dict]:
+        return self._rows("SELECT ts, who, action, target, outcome, remote FROM audit_log WHERE ts >= ? "
+                          "ORDER BY ts DESC LIMIT ?", (since, int(limit)))
+
+    def console_devices(self, now: float, window_s: float) -> list[dict]:
+        """Every device with its figures over the last ``window_s``: one row each.
+
+        ``p95_ms`` and ``telemetry_body`` are from the device's latest window;
+        inferences/errors and feedback counts are summed over the window.
+        ``feedback`` counts verdicts (correct/incorrect/label) and ``negative``
+        the incorrect ones and corrections, as :func:`edgeship.fleet.report.is_negative`
+        counts them when no prediction is stored.
+        """
+        since = now - window_s
+        return self._rows(
+            "SELECT d.device, d.fleet, d.online, d.last_seen, d.model_name, d.model_version, d.agent_version, "
+            "t.inferences, t.errors, f.feedback, f.negative, "
+            "(SELECT p95_ms FROM telemetry x WHERE x.device = d.device ORDER BY x.ts DESC LIMIT 1) AS p95_ms, "
+            "(SELECT body FROM telemetry x WHERE x.device = d.device ORDER BY x.ts DESC LIMIT 1) AS telemetry_body "
+            "FROM devices d "
+            "LEFT JOIN (SELECT device, SUM(inferences) AS inferences, SUM(errors) AS errors FROM telemetry "
+            "           WHERE ts >= ? GROUP BY device) t ON t.device = d.device "
+            "LEFT JOIN (SELECT device, COUNT(*) AS feedback, "
+            "           SUM(CASE WHEN kind IN ('incorrect', 'label') THEN 1 ELSE 0 END) AS negative FROM feedback "
+            "           WHERE ts >= ? AND kind IN ('correct', 'incorrect', 'label') GROUP BY device) f "
+            "           ON f.device = d.device "
+            "ORDER BY d.device", (since, since))
+
+    def console_device_history(self, device: str, limit: int = 240) -> dict:
+        """One device's latest telemetry windows (oldest first), rollout reports and feedback counts."""
+        windows = self._rows(
+            "SELECT ts, window_s, model_version, inferences, errors, p50_ms, p95_ms, p99_ms FROM "
+            "(SELECT * FROM telemetry WHERE device = ? ORDER BY ts DESC LIMIT ?) w ORDER BY ts", (device, int(limit)))
+        reports = self._rows("SELECT ts, rollout_id, state, reason, model_version FROM rollout_reports "
+                             "WHERE device = ? ORDER BY ts DESC LIMIT 50", (device,))
+        feedback = {r["kind"]: r["n"] for r in self._rows(
+            "SELECT kind, COUNT(*) AS n FROM feedback WHERE device = ? GROUP BY kind", (device,))}
+        return {"history": windows, "rollout_events": reports, "feedback_counts": feedback}
+
+    def console_latest_feedback(self, kind: str = "incorrect", limit: int = 24,
+                                model_version: str | None = None) -> list[dict]:
+        sql = ("SELECT device, msg_id, ts, prediction_id, kind, value, label, model_version, has_input "
+               "FROM feedback WHERE kind = ?")
+        params: list[Any] = [kind]
+        if model_version:
+            sql += " AND model_version = ?"
+            params.append(model_version)
+        return self._rows(sql + " ORDER BY ts DESC LIMIT ?", params + [int(limit)])

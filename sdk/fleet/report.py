@@ -1,0 +1,461 @@
+"""``edgeship fleet report`` and ``edgeship fleet export-feedback``.
+
+The report is built in three steps so other areas can add to it:
+
+1. :func:`summarize` (pure) turns telemetry and feedback rows into per model
+   version figures (inferences, error rate, latency p50/p95 overall and per
+   time bucket, feedback counts, negative-feedback rate);
+2. :func:`render_table` prints them; :func:`plot_versions` draws the PNGs;
+3. :func:`build_report` assembles table + PNGs + ``report.html`` and then
+   appends every extra :class:`Section` — the rollout report (``--rollout ID``)
+   and drift plots register a function ``(db, summary, out_dir) -> Section``
+   and pass it in ``sections``; nothing here needs to change for them.
+
+Export (:func:`export_feedback`): feedback that carries the input and a label
+(``label`` gives it, ``correct`` confirms the predicted one) becomes an
+``.npz`` with one array per input name plus integer ``labels`` — the layout
+``edgeship convert`` / the distillation and quantization commands read.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from ..errors import DataError, EdgeshipError
+from ..metrics import Histogram
+
+__all__ = ["parse_since", "is_negative", "summarize", "render_table", "plot_versions", "build_report",
+           "Section", "Report", "export_feedback", "pick_bucket"]
+
+
+# ----------------------------------------------------------------- pure helpers
+
+def parse_since(text: str | None, now: float | None = None) -> float:
+    """``"24h"``, ``"7d"``, ``"30m"``, ``"90s"``, an ISO date/time (UTC) or epoch seconds -> epoch seconds."""
+    now = time.time() if now is None else now
+    if text is None or text == "":
+        return 0.0
+    s = text.strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", s)
+    if m:
+        mult = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[m.group(2)]
+        return now - float(m.group(1)) * mult
+    try:
+        v = float(s)
+        if v >= 0:
+            return v
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise DataError(f"--since {text!r} is not understood; use e.g. 24h, 7d, 2026-11-25 or 2026-11-25T06:00") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def pick_bucket(span_s: float, target_points: int = 48) -> float:
+    """A round time-bucket width giving about ``target_points`` points over ``span_s``."""
+    for b in (60, 300, 600, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400):
+        if span_s / b <= target_points:
+            return float(b)
+    return 7 * 86400.0
+
+
+def is_negative(kind: str, value: Any = None, predicted: Any = None) -> bool:
+    """Negative feedback: ``incorrect``, or a ``label`` that differs from the prediction."""
+    if kind == "incorrect":
+        return True
+    if kind == "label":
+        return predicted is None or str(value) != str(predicted)
+    return False
+
+
+def _version_key(row: dict) -> str:
+    return row.get("model_version") or "(unknown)"
+
+
+@dataclass
+class VersionFigures:
+    version: str
+    name: str | None = None
+    devices: set = field(default_factory=set)
+    windows: int = 0
+    inferences: int = 0
+    errors: int = 0
+    rejected: int = 0
+    dropped: int = 0
+    latency: Histogram | None = None
+    feedback: dict = field(default_factory=dict)
+    negative: int = 0
+    verdicts: int = 0  # correct + incorrect + label
+    series: dict = field(default_factory=dict)  # bucket start -> {"inferences", "errors", "hist"}
+
+    @property
+    def error_rate(self) -> float | None:
+        n = self.inferences + self.errors
+        return self.errors / n if n else None
+
+    @property
+    def negative_rate(self) -> float | None:
+        return self.negative / self.verdicts if self.verdicts else None
+
+    def p(self, q: float) -> float | None:
+        return None if self.latency is None else self.latency.percentile(q)
+
+    def as_dict(self) -> dict:
+        return {"version": self.version, "name": self.name, "devices": len(self.devices), "windows": self.windows,
+                "inferences": self.inferences, "errors": self.errors, "error_rate": self.error_rate,
+                "rejected": self.rejected, "dropped": self.dropped, "p50_ms": self.p(50), "p95_ms": self.p(95),
+                "p99_ms": self.p(99), "feedback": dict(self.feedback), "negative_rate": self.negative_rate,
+                "series": [{"t": t, "inferences": s["inferences"], "errors": s["errors"],
+                            "p50_ms": s["hist"].percentile(50) if s["hist"] else None,
+                            "p95_ms": s["hist"].percentile(95) if s["hist"] else None}
+                           for t, s in sorted(self.series.items())]}
+
+
+def summarize(telemetry: Iterable[dict], feedback: Iterable[dict], *, bucket_s: float | None = None) -> dict:
+    """Per-version figures from DB rows (pure). Returns ``{"versions": [...], "bucket_s", "since", "until"}``."""
+    tel = list(telemetry)
+    fb = list(feedback)
+    ts = [r["ts"] for r in tel] + [r["ts"] for r in fb]
+    t0, t1 = (min(ts), max(ts)) if ts else (0.0, 0.0)
+    bucket = bucket_s or pick_bucket(max(t1 - t0, 1.0))
+    by: dict[str, VersionFigures] = {}
+    for r in tel:
+        v = by.setdefault(_version_key(r), VersionFigures(_version_key(r)))
+        v.name = v.name or r.get("model_name")
+        v.devices.add(r["device"])
+        v.windows += 1
+        v.inferences += int(r.get("inferences") or 0)
+        v.errors += int(r.get("errors") or 0)
+        v.rejected += int(r.get("rejected") or 0)
+        v.dropped += int(r.get("dropped") or 0)
+        h = None
+        body = r.get("body")
+        if isinstance(body, str):
+            try:
+                body = json.loads(body)
+            except ValueError:
+                body = None
+        hd = (body or {}).get("latency_ms", {}).get("hist") if isinstance(body, dict) else None
+        if isinstance(hd, dict):
+            try:
+                h = Histogram.from_dict(hd)
+            except (KeyError, ValueError, TypeError):
+                h = None
+        if h is not None:
+            if v.latency is None:
+                v.latency = h.copy()
+            else:
+                try:
+                    v.latency.merge(h)
+                except ValueError:
+                    pass
+        b = math.floor(r["ts"] / bucket) * bucket
+        s = v.series.setdefault(b, {"inferences": 0, "errors": 0, "hist": None})
+        s["inferences"] += int(r.get("inferences") or 0)
+        s["errors"] += int(r.get("errors") or 0)
+        if h is not None:
+            if s["hist"] is None:
+                s["hist"] = h.copy()
+            else:
+                try:
+                    s["hist"].merge(h)
+                except ValueError:
+                    pass
+    for r in fb:
+        v = by.setdefault(_version_key(r), VersionFigures(_version_key(r)))
+        kind = r["kind"]
+        v.feedback[kind] = v.feedback.get(kind, 0) + 1
+        if kind in ("correct", "incorrect", "label"):
+            v.verdicts += 1
+            if is_negative(kind, r.get("value"), r.get("predicted")):
+                v.negative += 1
+    versions = sorted(by.values(), key=lambda x: x.version)
+    return {"versions": versions, "bucket_s": bucket, "since": t0, "until": t1}
+
+
+def _fmt(v: Any, spec: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return format(v, spec or ".3g")
+    return str(v)
+
+
+def render_table(summary: dict) -> str:
+    """A readable fixed-width table, one row per model version."""
+    head = ["version", "devices", "inferences", "error rate", "p50 ms", "p95 ms", "p99 ms", "feedback",
+            "negative"]
+    rows = []
+    for v in summary["versions"]:
+        fbn = sum(v.feedback.values())
+        rows.append([v.version, str(len(v.devices)), str(v.inferences),
+                     "-" if v.error_rate is None else f"{100 * v.error_rate:.2f}%",
+                     _fmt(v.p(50), ".3g"), _fmt(v.p(95), ".3g"), _fmt(v.p(99), ".3g"),
+                     str(fbn), "-" if v.negative_rate is None else f"{100 * v.negative_rate:.1f}%"])
+    if not rows:
+        return "no telemetry or feedback in the selected period"
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def plot_versions(summary: dict, out_dir: Path) -> list[Path]:
+    """PNG plots: latency p50/p95 over time, inferences and error rate over time, feedback per version."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    vs = summary["versions"]
+
+    def when(t: float) -> datetime:
+        return datetime.fromtimestamp(t, tz=timezone.utc)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for v in vs:
+        pts = sorted((t, s["hist"]) for t, s in v.series.items() if s["hist"] is not None and s["hist"].count)
+        if not pts:
+            continue
+        xs = [when(t) for t, _ in pts]
+        ax.plot(xs, [h.percentile(50) for _, h in pts], marker=".", label=f"{v.version} p50")
+        ax.plot(xs, [h.percentile(95) for _, h in pts], marker=".", linestyle="--", label=f"{v.version} p95")
+    ax.set_title("Latency per model version (ms)")
+    ax.set_ylabel("ms")
+    ax.set_xlabel("time (UTC)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    p = out_dir / "latency.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for v in vs:
+        pts = sorted(v.series.items())
+        if not pts:
+            continue
+        xs = [when(t) for t, _ in pts]
+        a1.plot(xs, [s["inferences"] for _, s in pts], marker=".", label=v.version)
+        a2.plot(xs, [100 * s["errors"] / (s["inferences"] + s["errors"]) if s["inferences"] + s["errors"] else 0
+                     for _, s in pts], marker=".", label=v.version)
+    a1.set_title(f"Inferences per {summary['bucket_s'] / 60:g} min bucket")
+    a2.set_title("Error rate (%)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        if a.lines:
+            a.legend(fontsize=8)
+    a2.set_xlabel("time (UTC)")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    p = out_dir / "inferences_errors.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    kinds = ("correct", "incorrect", "label", "rating", "comment")
+    x = range(len(vs))
+    width = 0.15
+    for i, k in enumerate(kinds):
+        ax.bar([xi + (i - 2) * width for xi in x], [v.feedback.get(k, 0) for v in vs], width, label=k)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([v.version for v in vs])
+    ax.set_title("Feedback per model version")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    p = out_dir / "feedback.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+@dataclass
+class Section:
+    """One extra part of the report (rollout, drift, ...)."""
+
+    title: str
+    text: str = ""                      # printed after the main table
+    html: str = ""                      # trusted HTML fragment (escape your own data)
+    plots: list[Path] = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    summary: dict
+    table: str
+    out_dir: Path | None
+    plots: list[Path]
+    html_path: Path | None
+    sections: list[Section]
+
+    def text(self) -> str:
+        parts = [self.table]
+        for s in self.sections:
+            if s.text:
+                parts += ["", f"== {s.title} ==", s.text]
+        if self.html_path:
+            parts += ["", f"report: {self.html_path}"]
+        return "\n".join(parts)
+
+
+SectionFn = Callable[[Any, dict, "Path | None"], Section]
+
+
+def build_report(db: Any, *, since: float = 0.0, until: float | None = None, out_dir: str | Path | None = None,
+                 bucket_s: float | None = None, sections: Sequence[SectionFn] = ()) -> Report:
+    """Query, summarize, and (with ``out_dir``) write PNGs, ``summary.json`` and ``report.html``."""
+    tel = db.telemetry(since=since, until=until)
+    fb = []
+    for r in db.feedback(since=since):
+        if until is not None and r["ts"] >= until:
+            continue
+        fb.append(r)
+    summary = summarize(tel, fb, bucket_s=bucket_s)
+    table = render_table(summary)
+    out = Path(out_dir) if out_dir else None
+    plots: list[Path] = []
+    if out is not None:
+        plots = plot_versions(summary, out)
+    extra = [fn(db, summary, out) for fn in sections]
+    html_path = None
+    if out is not None:
+        (out / "summary.json").write_text(json.dumps(
+            {"generated": time.time(), "since": since, "bucket_s": summary["bucket_s"],
+             "versions": [v.as_dict() for v in summary["versions"]],
+             "sections": {s.title: s.data for s in extra}}, indent=2, default=str))
+        html_path = out / "report.html"
+        html_path.write_text(_html(summary, table, plots, extra, out))
+    return Report(summary, table, out, plots, html_path, extra)
+
+
+def _html(summary: dict, table: str, plots: list[Path], sections: list[Section], out: Path) -> str:
+    esc = html.escape
+    rows = []
+    for v in summary["versions"]:
+        d = v.as_dict()
+        rows.append("<tr>" + "".join(f"<td>{esc(_fmt(c))}</td>" for c in (
+            d["version"], d["devices"], d["inferences"],
+            None if d["error_rate"] is None else f"{100 * d['error_rate']:.2f}%",
+            d["p50_ms"], d["p95_ms"], d["p99_ms"], ", ".join(f"{k}: {n}" for k, n in sorted(d["feedback"].items())),
+            None if d["negative_rate"] is None else f"{100 * d['negative_rate']:.1f}%")) + "</tr>")
+    imgs = "".join(f'<figure><img src="{esc(p.relative_to(out).as_posix())}" alt="{esc(p.stem)}"></figure>'
+                   for p in plots)
+    extra = ""
+    for s in sections:
+        extra += f"<h2>{esc(s.title)}</h2>{s.html or '<pre>' + esc(s.text) + '</pre>'}"
+        extra += "".join(f'<figure><img src="{esc(p.relative_to(out).as_posix() if p.is_relative_to(out) else str(p))}">'
+                         "</figure>" for p in s.plots)
+    period = "-"
+    if summary["versions"]:
+        period = (f"{datetime.fromtimestamp(summary['since'], tz=timezone.utc):%Y-%m-%d %H:%M} — "
+                  f"{datetime.fromtimestamp(summary['until'], tz=timezone.utc):%Y-%m-%d %H:%M} UTC")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>edgeship fleet report</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}</style></head>
+<body><h1>edgeship fleet report</h1><p>Period: {esc(period)}; generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>
+<h2>Per model version</h2>
+<table><tr><th>version</th><th>devices</th><th>inferences</th><th>error rate</th><th>p50 ms</th><th>p95 ms</th>
+<th>p99 ms</th><th>feedback</th><th>negative feedback</th></tr>{''.join(rows)}</table>
+<p>Negative feedback = <code>incorrect</code>, or a <code>label</code> that differs from the prediction,
+over all correct/incorrect/label feedback.</p>
+{imgs}{extra}
+</body></html>
+"""
+
+
+# ----------------------------------------------------------------- export
+
+def export_feedback(db: Any, out: str | Path, *, model_version: str | None = None, since: float = 0.0,
+                    labels: Sequence[str] | None = None) -> tuple[Path, int]:
+    """Write labelled field samples to ``out`` (.npz); returns (path, number of samples).
+
+    ``labels`` (the model's class names, in index order) maps label names to
+    class indices; without it every label must be an integer.
+    """
+    import numpy as np
+
+    from ..protocol import MessageError, parse_array_field
+
+    rows = db.feedback_samples(model_version=model_version, since=since)
+    index = {str(name): i for i, name in enumerate(labels)} if labels else None
+    inputs: dict[str, list] = {}
+    ys: list[int] = []
+    names: tuple[str, ...] | None = None
+    shapes: dict[str, tuple] = {}
+    skipped = 0
+    for r in rows:
+        if r["kind"] == "label":
+            lab = r["label"]
+        elif r["kind"] == "correct":
+            lab = r["label"]  # the predicted label the user confirmed
+        else:
+            continue
+        if lab is None:
+            skipped += 1
+            continue
+        if index is not None:
+            if str(lab) not in index:
+                skipped += 1
+                continue
+            y = index[str(lab)]
+        else:
+            try:
+                y = int(str(lab))
+            except ValueError as exc:
+                raise DataError(f"feedback label {str(lab)[:40]!r} is not a class index; pass the model's labels "
+                                "(--labels labels.txt) to map names to indices") from exc
+        try:
+            data = json.loads(r["data"])
+            arrays = {}
+            for name, f in data.items():
+                dtype, shape, raw = parse_array_field(f, what=f"input {name!r}")
+                arrays[name] = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+        except (ValueError, MessageError):
+            skipped += 1
+            continue
+        keyset = tuple(sorted(arrays))
+        if names is None:
+            names = keyset
+        if keyset != names:
+            skipped += 1
+            continue
+        # A stored input is one sample, possibly with a leading batch axis of 1.
+        sample = {k: (a[0] if a.ndim >= 1 and a.shape[0] == 1 else a) for k, a in arrays.items()}
+        if any(shapes.setdefault(k, a.shape) != a.shape for k, a in sample.items()):
+            skipped += 1
+            continue
+        for k, a in sample.items():
+            inputs.setdefault(k, []).append(a)
+        ys.append(y)
+    if not ys:
+        raise EdgeshipError("no labelled feedback with attached inputs to export; inputs are attached when agents "
+                            "run with [feedback] keep_inputs = true and users send --label or --correct")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays_out = {k: np.stack(v) for k, v in inputs.items()}
+    arrays_out["labels"] = np.asarray(ys, dtype=np.int64)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, **arrays_out)
+    tmp.replace(out)
+    return out, len(ys)

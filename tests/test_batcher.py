@@ -1,0 +1,284 @@
+"""The micro-batching policy and packer, tested without threads or models; plus the pure metrics."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from edgeship.agent.batcher import ACCEPTED, REJECTED, WAIT, BatchPolicy, MicroBatcher, Packer, Work
+from edgeship.agent.cache import ResultCache, input_key, row_keys
+from edgeship.agent.prefetch import backoff_delay
+from edgeship.errors import OverloadError
+from edgeship.metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Counters, Histogram, percentiles
+
+
+def w(n=1, t=0.0, deadline=None, source="s"):
+    return Work([np.arange(n, dtype=np.float32)[:, None]], n, t_in=t, deadline=deadline, source=source)
+
+
+def test_flush_when_full_and_after_max_delay():
+    p = BatchPolicy(max_batch=4, max_delay_s=0.010, queue_size=100)
+    assert p.next_flush(0.0) is None
+    p.offer(w(1, t=0.0), 0.0)
+    assert p.next_flush(0.0) == pytest.approx(0.010)
+    assert p.next_flush(0.004) == pytest.approx(0.006)
+    for _ in range(3):
+        p.offer(w(1, t=0.001), 0.001)
+    assert p.next_flush(0.001) == 0.0  # full
+    segs = p.take(0.001)
+    assert [s.count for s in segs] == [1, 1, 1, 1] and [s.pos for s in segs] == [0, 1, 2, 3]
+    assert p.counts["flush_full"] == 1 and p.pending == 0
+    p.offer(w(1, t=1.0), 1.0)
+    assert p.next_flush(1.011) == 0.0
+    p.take(1.011)
+    assert p.counts["flush_delay"] == 1
+
+
+def test_deadline_flushes_early_accounting_for_run_time():
+    p = BatchPolicy(max_batch=32, max_delay_s=0.050, queue_size=100, margin_s=0.001)
+    p.observe_run(0.004)
+    p.offer(w(1, t=0.0), 0.0)
+    p.offer(w(1, t=0.0, deadline=0.010), 0.0)
+    # must start by 0.010 - 0.004 - 0.001 = 0.005, long before max_delay (0.050)
+    assert p.next_flush(0.0) == pytest.approx(0.005)
+    assert p.flush_reason(0.006) == "flush_deadline"
+    segs = p.take(0.006)
+    assert sum(s.count for s in segs) == 2 and p.counts["flush_deadline"] == 1
+    # the deadline heap forgets served work
+    p.offer(w(1, t=0.01), 0.01)
+    assert p.next_flush(0.01) == pytest.approx(0.050)
+
+
+def test_blocks_split_across_batches_in_order():
+    p = BatchPolicy(max_batch=4, max_delay_s=0.0, queue_size=100)
+    a, b = w(6), w(3)
+    p.offer(a, 0.0)
+    p.offer(b, 0.0)
+    s1 = p.take(0.0)
+    assert [(s.work is a, s.start, s.count, s.pos) for s in s1] == [(True, 0, 4, 0)]
+    s2 = p.take(0.0)
+    assert [(s.work is a, s.start, s.count, s.pos) for s in s2] == [(True, 4, 2, 0), (False, 0, 2, 2)]
+    s3 = p.take(0.0)
+    assert [(s.work is b, s.start, s.count) for s in s3] == [(True, 2, 1)]
+    assert p.counts["taken"] == 9 and p.pending == 0 and a.done and b.done
+
+
+def test_overload_reject_counts_exactly():
+    p = BatchPolicy(max_batch=8, queue_size=10, overload="reject")
+    decisions = [p.offer(w(1), 0.0).decision for _ in range(25)]
+    assert decisions.count(ACCEPTED) == 10 and decisions.count(REJECTED) == 15
+    assert p.counts["accepted"] == 10 and p.counts["rejected"] == 15 and p.pending == 10
+
+
+def test_overload_block_asks_to_wait_and_refuse_counts():
+    p = BatchPolicy(max_batch=8, queue_size=2, overload="block")
+    p.offer(w(1), 0.0)
+    p.offer(w(1), 0.0)
+    item = w(1)
+    assert p.offer(item, 0.0).decision == WAIT
+    assert p.counts["rejected"] == 0  # waiting is not a refusal yet
+    p.refuse(item)
+    assert p.counts["rejected"] == 1 and p.pending == 2
+
+
+def test_overload_drop_oldest_evicts_oldest_rows_exactly():
+    p = BatchPolicy(max_batch=8, queue_size=10, overload="drop_oldest")
+    first, second = w(6), w(4)
+    p.offer(first, 0.0)
+    p.offer(second, 0.0)
+    offer = p.offer(w(3), 0.0)
+    assert offer.decision == ACCEPTED
+    assert [(x is first, k) for x, k in offer.evicted] == [(True, 3)]
+    assert first.start == 3 and first.dropped == 3 and p.pending == 10
+    offer = p.offer(w(5), 0.0)
+    assert [(x is first, k) for x, k in offer.evicted] == [(True, 3), (False, 2)]
+    assert first.done and p.counts["dropped"] == 8
+    # conservation: accepted = pending + dropped + taken
+    p.take(0.0)
+    c = p.counts
+    assert c["accepted"] == p.pending + c["dropped"] + c["taken"] == 18
+
+
+def test_oversized_work_is_refused_with_reason():
+    p = BatchPolicy(max_batch=4, queue_size=5, overload="drop_oldest")
+    offer = p.offer(w(6), 0.0)
+    assert offer.decision == REJECTED and "exceed" in offer.reason and p.counts["rejected"] == 6
+
+
+def test_drain_all_counts_dropped():
+    p = BatchPolicy(max_batch=4, queue_size=50)
+    p.offer(w(5), 0.0)
+    p.take(0.0)
+    left = p.drain_all()
+    assert len(left) == 1 and p.counts["dropped"] == 1 and p.pending == 0
+
+
+# -- packer -----------------------------------------------------------------------
+
+def _segments(p: BatchPolicy):
+    return p.take(0.0)
+
+
+def test_packer_dynamic_batch_keeps_order():
+    p = BatchPolicy(max_batch=8, queue_size=100)
+    rows = [np.full((2, 3), i, np.float32) for i in range(4)]
+    for r in rows:
+        p.offer(Work([r], 2, t_in=0.0), 0.0)
+    pk = Packer([(3,)], [np.float32], 8)
+    segs = _segments(p)
+    n = pk.pack(segs)
+    assert n == 8
+    calls = []
+    out = pk.run(lambda arrs: calls.append(arrs[0].shape) or [arrs[0].sum(axis=1)], n)
+    assert calls == [(8, 3)]
+    assert out[0].tolist() == [0, 0, 3, 3, 6, 6, 9, 9]
+
+
+def test_packer_fixed_batch_pads_and_splits():
+    pk = Packer([(2,)], [np.float32], max_batch=10, model_batch=4)
+    assert pk.capacity == 12
+    p = BatchPolicy(max_batch=10, queue_size=100)
+    p.offer(Work([np.arange(20, dtype=np.float32).reshape(10, 2)], 10, t_in=0.0), 0.0)
+    n = pk.pack(p.take(0.0))
+    shapes = []
+    out = pk.run(lambda arrs: shapes.append(arrs[0].shape) or [arrs[0][:, :1] * 2], n)
+    assert shapes == [(4, 2), (4, 2), (4, 2)]
+    assert out[0].shape == (10, 1) and out[0][:, 0].tolist() == [2 * 2 * i for i in range(10)]
+
+
+def test_packer_no_batch_axis_runs_one_by_one():
+    pk = Packer([(3,)], [np.float32], max_batch=1, model_batch=0)
+    p = BatchPolicy(max_batch=1, queue_size=10)
+    p.offer(Work([np.ones((1, 3), np.float32)], 1, t_in=0.0), 0.0)
+    n = pk.pack(p.take(0.0))
+    shapes = []
+    out = pk.run(lambda arrs: shapes.append(arrs[0].shape) or [arrs[0].sum(keepdims=True)], n)
+    assert shapes == [(3,)] and out[0].tolist() == [[3.0]]
+
+
+def test_packer_buffers_are_reused():
+    pk = Packer([(4,)], [np.float32], 8)
+    buf = pk.buffers[0]
+    for _ in range(3):
+        p = BatchPolicy(max_batch=8, queue_size=10)
+        p.offer(Work([np.ones((3, 4), np.float32)], 3, t_in=0.0), 0.0)
+        pk.pack(p.take(0.0))
+        assert pk.buffers[0] is buf
+
+
+# -- the threaded batcher ------------------------------------------------------
+
+def test_microbatcher_runs_and_stops_with_reject_policy():
+    seen = []
+    done = threading.Event()
+
+    def process(segs):
+        seen.append(sum(s.count for s in segs))
+        if sum(seen) >= 5:
+            done.set()
+
+    mb = MicroBatcher(BatchPolicy(max_batch=4, max_delay_s=0.001, queue_size=8, overload="reject"), process).start()
+    for _ in range(5):
+        mb.put(w(1, t=0.0))
+    assert done.wait(5)
+    assert sum(seen) == 5 and max(seen) <= 4
+    assert mb.stop(2.0) == 0
+    with pytest.raises(OverloadError, match="stopping"):
+        mb.put(w(1))
+
+
+def test_microbatcher_block_policy_times_out_and_counts():
+    gate = threading.Event()
+    mb = MicroBatcher(BatchPolicy(max_batch=1, max_delay_s=0.0, queue_size=1, overload="block"),
+                      lambda segs: gate.wait(5), block_timeout_s=0.05).start()
+    mb.put(w(1))          # taken by the thread, which blocks on the gate
+    mb.put(w(1))          # fills the queue
+    with pytest.raises(OverloadError, match="waited"):
+        # the first may have been taken already; at most one more fits
+        mb.put(w(1))
+        mb.put(w(1))
+    assert mb.policy.counts["rejected"] == 1
+    gate.set()
+    mb.stop(2.0)
+
+
+# -- metrics ------------------------------------------------------------------------
+
+def test_histogram_percentiles_and_constant_memory():
+    h = Histogram(LATENCY_BOUNDS_MS)
+    rng = np.random.default_rng(0)
+    vals = rng.lognormal(0.0, 0.5, 100_000)
+    h.add_many(vals)
+    size = len(h.counts)
+    h.add_many(vals)
+    assert len(h.counts) == size and h.count == 200_000
+    for q in (50, 95, 99):
+        exact = np.percentile(vals, q)
+        assert abs(h.percentile(q) - exact) / exact < 0.12
+    assert h.percentile(0) == pytest.approx(vals.min()) and h.percentile(100) == pytest.approx(vals.max())
+
+
+def test_histogram_add_paths_agree_merge_and_roundtrip():
+    a, b, c = Histogram(BATCH_BOUNDS), Histogram(BATCH_BOUNDS), Histogram(BATCH_BOUNDS)
+    vals = [1, 1, 3, 8, 9, 64, 64, 2000]
+    for v in vals:
+        a.add(v)
+    b.add_many(vals)
+    assert a.counts == b.counts and a.total == b.total
+    c.add_repeated(64, 2)
+    c.merge(a)
+    assert c.count == 10
+    d = Histogram.from_dict(c.to_dict())
+    assert d.counts == c.counts and d.min == 1 and d.max == 2000
+    assert percentiles(c.to_dict())["p50"] == c.percentile(50)
+    with pytest.raises(ValueError):
+        a.merge(Histogram(LATENCY_BOUNDS_MS))
+
+
+def test_histogram_constant_reports_constant_and_empty_is_none():
+    h = Histogram()
+    assert h.percentile(50) is None and h.to_dict()["min"] is None
+    h.add_repeated(0.3, 1000)
+    assert h.percentile(50) == pytest.approx(0.3) and h.percentile(99) == pytest.approx(0.3)
+    h.add(float("nan"))
+    assert h.count == 1000
+
+
+def test_counters_delta():
+    c = Counters(["a"])
+    c.inc("a", 3)
+    snap = c.snapshot()
+    c.inc("a")
+    c.inc("b", 2)
+    assert c.delta(snap) == {"a": 1, "b": 2}
+
+
+# -- cache and backoff ------------------------------------------------------------------
+
+def test_result_cache_lru_ttl_and_counts():
+    now = [0.0]
+    cache = ResultCache(max_entries=2, ttl_s=10, clock=lambda: now[0])
+    k1, k2, k3 = (input_key([np.array([i], np.float32)]) for i in range(3))
+    cache.put(k1, "one")
+    cache.put(k2, "two")
+    assert cache.get(k1) == "one"      # k1 now most recent
+    cache.put(k3, "three")             # evicts k2
+    assert cache.get(k2) is None and cache.evictions == 1
+    now[0] = 11.0
+    assert cache.get(k1) is None and cache.expired == 1
+    assert cache.hits == 1 and cache.misses == 2
+
+
+def test_cache_keys_distinguish_shape_dtype_and_rows():
+    x = np.arange(6, dtype=np.float32)
+    assert input_key([x]) != input_key([x.reshape(2, 3)])
+    assert input_key([x]) != input_key([x.astype(np.float64)])
+    block = np.stack([x, x, x + 1])
+    keys = row_keys([block], 0, 3)
+    assert keys[0] == keys[1] != keys[2]
+    assert keys[0] == row_keys([x[None]], 0, 1)[0]
+
+
+def test_backoff_schedule():
+    assert [backoff_delay(i, 0.1, 1.0) for i in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]

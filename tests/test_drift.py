@@ -1,0 +1,169 @@
+"""Drift math (edgeship.drift): PSI, z, reference stats, constant-memory windows."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from edgeship import drift
+from edgeship.errors import DataError, InputError, PackageFormatError
+
+
+def test_psi_identical_is_zero_and_grows_with_shift():
+    e = [10, 20, 30, 40]
+    assert drift.psi(e, e) == pytest.approx(0.0, abs=1e-12)
+    assert drift.psi(e, [1, 2, 3, 4]) == pytest.approx(0.0, abs=1e-12)  # counts vs proportions: same thing
+    small = drift.psi(e, [12, 20, 30, 38])
+    big = drift.psi(e, [40, 30, 20, 10])
+    assert 0 < small < drift.PSI_WARN < drift.PSI_ALARM < big
+
+
+def test_psi_matches_formula_and_smooths_empty_bins():
+    e, a = np.array([0.5, 0.5, 0.0]), np.array([0.25, 0.25, 0.5])
+    got = drift.psi(e, a)
+    eps = drift.PSI_EPSILON
+    ee = np.maximum(e, eps) / np.maximum(e, eps).sum()
+    expect = float(np.sum((a - ee) * np.log(a / ee)))
+    assert got == pytest.approx(expect)
+    assert math.isfinite(got) and got > 1.0  # mass where the reference had none is a large shift
+    assert drift.psi([0, 0], [1, 1]) is None
+    with pytest.raises(ValueError):
+        drift.psi([1, 2], [1, 2, 3])
+
+
+def test_psi_from_counts_aligns_labels():
+    assert drift.psi_from_counts({"a": 5, "b": 5}, {"b": 5, "a": 5}) == pytest.approx(0.0, abs=1e-12)
+    assert drift.psi_from_counts({"a": 10}, {"a": 5, "b": 5}) > drift.PSI_ALARM
+
+
+def test_mean_shift_z_and_alarm_rule():
+    assert drift.mean_shift_z(1.0, 2.0, 2.0) == pytest.approx(0.5)
+    assert math.isfinite(drift.mean_shift_z(0.0, 0.0, 1.0))  # constant reference: floored std, finite
+    assert drift.is_alarm(psi_value=drift.PSI_ALARM + 0.01)
+    assert drift.is_alarm(z_value=-(drift.Z_ALARM + 0.01))
+    assert not drift.is_alarm(psi_value=drift.PSI_ALARM - 0.01, z_value=drift.Z_ALARM - 0.01)
+    assert not drift.is_alarm()
+
+
+def _classifier_data(n, rng, shift=0.0):
+    x = rng.random((n, 3, 4, 4)).astype(np.float32) + shift
+    logits = rng.normal(size=(n, 5))
+    logits[np.arange(n), rng.integers(0, 5, n)] += 4.0
+    return x, logits
+
+
+def test_reference_stats_layout_and_json_round_trip():
+    rng = np.random.default_rng(0)
+    x, logits = _classifier_data(500, rng)
+    ref = drift.reference_stats(x, logits, labels=list("abcde"))
+    assert json.loads(json.dumps(ref)) == ref  # JSON-ready, nothing numpy left
+    g = ref["inputs"]["input"]
+    assert g["axis"] == 1 and len(g["groups"]) == 3  # one group per image channel (NCHW)
+    for grp in g["groups"]:
+        assert grp["mean"] == pytest.approx(0.5, abs=0.03)
+        assert sum(grp["hist"]) == 500 * 16 and len(grp["hist"]) == len(grp["edges"]) + 1
+    out = ref["outputs"]
+    assert out["task"] == "classifier" and sum(out["class_counts"]) == 500 and not out["probabilities"]
+    assert sum(out["confidence"]["hist"]) == 500
+    # channels-last and wide inputs
+    nhwc = drift.reference_stats(np.moveaxis(x, 1, -1), layout="NHWC")
+    assert nhwc["inputs"]["input"]["axis"] == -1 and len(nhwc["inputs"]["input"]["groups"]) == 3
+    guessed = drift.reference_stats(rng.random((20, 8, 8, 3)))  # a small last axis reads as channels-last
+    assert guessed["inputs"]["input"]["axis"] == -1
+    wide = drift.reference_stats(rng.random((50, 100)))
+    assert wide["inputs"]["input"]["axis"] is None and len(wide["inputs"]["input"]["groups"]) == 1
+    reg = drift.reference_stats({"a": rng.random((50, 4))}, rng.random((50, 1)))
+    assert reg["outputs"]["task"] == "regressor"
+
+
+def test_reference_stats_bad_data_errors():
+    with pytest.raises(DataError, match="no samples"):
+        drift.reference_stats(np.zeros((0, 3)))
+    with pytest.raises(DataError, match="rows"):
+        drift.reference_stats(np.zeros((5, 3)), np.zeros((4, 2)))
+    with pytest.raises(DataError, match="labels"):
+        drift.reference_stats(np.zeros((5, 3)), np.zeros((5, 2)), labels=["a"])
+    with pytest.raises(PackageFormatError, match="rev"):
+        drift.WindowStats({"rev": 99})
+
+
+def test_window_clean_vs_shifted_classifier():
+    rng = np.random.default_rng(1)
+    x, logits = _classifier_data(2000, rng)
+    ref = json.loads(json.dumps(drift.reference_stats(x, logits)))
+    w = drift.WindowStats(ref)
+    for _ in range(5):
+        xb, lb = _classifier_data(64, rng)
+        w.update(xb, lb)
+    clean = w.report()
+    assert clean["samples"] == 320 and clean["alarm"] is False and clean["alarms"] == []
+    assert clean["score"] < drift.PSI_WARN
+    w.reset()
+    xb, lb = _classifier_data(320, rng, shift=0.4)  # a brighter camera
+    w.update(xb, lb)
+    shifted = w.report()
+    assert shifted["alarm"] is True and "input:input" in shifted["alarms"]
+    assert shifted["inputs"]["input"]["psi"] > drift.PSI_ALARM and shifted["inputs"]["input"]["z"] > drift.Z_ALARM
+    # predictions: a model suddenly unsure and stuck on one class
+    w.reset()
+    xb, _ = _classifier_data(320, rng)
+    flat = np.zeros((320, 5))
+    flat[:, 2] = 0.3
+    w.update(xb, flat)
+    r = w.report()
+    assert "predictions" in r["alarms"] and r["predictions"]["psi"] > drift.PSI_ALARM
+    assert r["predictions"]["confidence_psi"] > drift.PSI_ALARM
+    assert sum(r["predictions"]["confidence_hist"]["counts"]) == 320
+
+
+def test_small_window_is_not_judged():
+    rng = np.random.default_rng(2)
+    x, logits = _classifier_data(500, rng)
+    w = drift.WindowStats(drift.reference_stats(x, logits))
+    w.update(x[:10] + 5.0, logits[:10])
+    r = w.report()
+    assert r["alarm"] is None and r["alarms"] == [] and r["score"] > drift.PSI_ALARM  # scores still reported
+
+
+def test_window_memory_is_constant_and_subsamples_large_batches():
+    rng = np.random.default_rng(3)
+    ref = drift.reference_stats(rng.random((64, 3, 32, 32), dtype=np.float32))
+    w = drift.WindowStats(ref, max_values_per_update=1000)
+    before = w.nbytes
+    for _ in range(50):
+        w.update(rng.random((16, 3, 32, 32), dtype=np.float32))
+    assert w.nbytes == before
+    acc = w._inputs["input"]
+    assert 0 < acc.n[0] <= 50 * 1000  # subsampled: at most max_values per group per batch
+    assert w.report()["score"] < drift.PSI_WARN  # the subsample still represents the data
+
+
+def test_window_regressor_nonfinite_and_errors():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1000, 4))
+    y = x[:, :1] * 2
+    ref = drift.reference_stats({"f": x}, {"y": y})
+    w = drift.WindowStats(ref)
+    xb = x[:200].copy()
+    xb[0, 0] = np.nan
+    w.update({"f": xb}, {"y": y[:200]})
+    r = w.report()
+    assert r["nonfinite"] == 1 and r["predictions"]["psi"] < drift.PSI_ALARM
+    w.update({"f": x[:200]}, {"y": y[:200] + 10.0})
+    assert "predictions" in w.report()["alarms"]
+    with pytest.raises(InputError):
+        w.update({"f": rng.normal(size=(5, 7))})
+
+
+def test_merge_equals_one_window():
+    rng = np.random.default_rng(5)
+    x, logits = _classifier_data(400, rng)
+    ref = drift.reference_stats(x, logits)
+    a, b, both = drift.WindowStats(ref), drift.WindowStats(ref), drift.WindowStats(ref)
+    a.update(x[:100], logits[:100])
+    b.update(x[100:250], logits[100:250])
+    both.update(x[:100], logits[:100])
+    both.update(x[100:250], logits[100:250])
+    assert a.merge(b).report() == both.report()

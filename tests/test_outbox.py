@@ -1,0 +1,294 @@
+"""Outbox guarantees against real SQLite files, a real Mosquitto and the embedded broker."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from edgeship import protocol
+from edgeship.agent.outbox import Forwarder, Outbox, TokenBucket
+from edgeship.agent.telemetry import Telemetry
+from edgeship.errors import TransportError
+from edgeship.fleet.collector import Collector
+from edgeship.fleet.db import FleetDB
+from edgeship.mqtt import LinkOptions, MqttLink
+
+FLEET = "tf"
+FAST = LinkOptions(backoff_base=0.05, backoff_cap=0.5)
+
+
+def fb_msg(device: str, i: int) -> tuple[str, bytes, str]:
+    m = protocol.make_message("feedback", device, {"prediction_id": f"p{i}", "kind": "correct"})
+    return protocol.device_topic(FLEET, device, "feedback"), protocol.encode(m), m["msg_id"]
+
+
+def tel_msg(device: str, i: int, pad: int = 0) -> tuple[str, bytes, str]:
+    m = protocol.make_message("telemetry", device, {"window_s": 60.0, "counts": {"inferences": i}, "pad": "x" * pad})
+    return protocol.device_topic(FLEET, device, "telemetry"), protocol.encode(m), m["msg_id"]
+
+
+def wait_until(cond, timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+def collector(db, url: str, name: str) -> Collector:
+    c = Collector(db, url, FLEET, client_id=name, link_options=FAST).start()
+    assert c.wait_ready(10)
+    return c
+
+
+# ----------------------------------------------------------------- pure / local
+
+def test_token_bucket():
+    b = TokenBucket(rate=10, burst=2, now=0.0)
+    assert b.take(0.0) == 0 and b.take(0.0) == 0
+    assert b.take(0.0) == pytest.approx(0.1)
+    assert b.take(0.1) == 0  # refilled one token after 0.1 s
+    assert TokenBucket(0).take(0.0) == 0  # unlimited
+
+
+def test_put_peek_ack_in_order_and_persistent(tmp_path):
+    path = tmp_path / "outbox.sqlite"
+    with Outbox(path, 1_000_000) as ob:
+        ids = [ob.put("feedback", *fb_msg("d1", i)[:2]) for i in range(10)]
+        assert ids == sorted(ids) and len(ob) == 10
+        rows = ob.peek(0, 4)
+        assert [r.id for r in rows] == ids[:4]
+        ob.ack([rows[0].id, rows[1].id])
+        assert [r.id for r in ob.peek(0, 100)] == ids[2:]
+    with Outbox(path, 1_000_000) as ob:  # reopened: what was not acked is still there, in order
+        assert [r.id for r in ob.peek(0, 100)] == ids[2:]
+        assert ob.bytes > 0 and len(ob) == 8
+
+
+def test_cap_drops_oldest_telemetry_first_never_feedback(tmp_path):
+    path = tmp_path / "outbox.sqlite"
+    ob = Outbox(path, max_bytes=20_000)
+    fb_ids, tel_ids = [], []
+    for i in range(60):
+        tel_ids.append(ob.put("telemetry", *tel_msg("d1", i, pad=300)[:2]))
+        if i % 3 == 0:
+            fb_ids.append(ob.put("feedback", *fb_msg("d1", i)[:2]))
+    assert ob.bytes <= 20_000
+    kept = {r.id: r.kind for r in ob.peek(0, 10_000)}
+    assert all(i in kept for i in fb_ids), "feedback is never dropped"
+    kept_tel = sorted(i for i, k in kept.items() if k == "telemetry")
+    assert kept_tel == tel_ids[-len(kept_tel):], "the oldest telemetry goes first"
+    dropped = len(tel_ids) - len(kept_tel)
+    assert dropped > 0 and ob.stats()["dropped_unreported"] == dropped
+    ob.close()
+    ob = Outbox(path, max_bytes=20_000)  # the unreported count survives a restart
+    assert ob.take_dropped() == dropped
+    assert ob.take_dropped() == 0
+    ob.close()
+
+
+def test_cap_full_of_feedback_refuses_past_the_hard_limit(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite", max_bytes=8_192, hard_max_bytes=12_000)
+    with pytest.raises(TransportError, match="outbox .* is full"):
+        for i in range(1000):
+            ob.put("feedback", *fb_msg("d1", i)[:2])
+    assert 8_192 < ob.bytes <= 12_000
+    # Telemetry that does not fit is dropped (counted), not raised.
+    assert ob.put("telemetry", *tel_msg("d1", 0)[:2]) == -1
+    assert ob.take_dropped() == 1
+    ob.close()
+
+
+def test_state_replaces_unsent_state(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite", 1_000_000)
+    t = protocol.device_topic(FLEET, "d1", "state")
+    for online in (True, False, True):
+        ob.put("state", t, protocol.encode(protocol.make_message("state", "d1", {"online": online})), retain=True)
+    rows = ob.peek(0, 10)
+    assert len(rows) == 1 and rows[0].retain and b'"online":true' in rows[0].payload
+    ob.close()
+
+
+# ----------------------------------------------------------------- guarantees with a real broker
+
+@pytest.mark.mqtt
+def test_broker_restart_during_load_every_message_exactly_once(mosquitto_private, tmp_path):
+    url = mosquitto_private.url
+    db = FleetDB.open(tmp_path / "fleet.sqlite")
+    col = collector(db, url, "col-restart")
+    ob = Outbox(tmp_path / "outbox.sqlite", 50_000_000)
+    link = MqttLink(url, FAST, client_id="dev-restart").start()
+    fw = Forwarder(ob, link, rate=0).start()
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def produce():
+        i = 0
+        while not stop.is_set():
+            make = fb_msg if i % 2 else tel_msg
+            topic, payload, mid = make("dev-restart", i)
+            ob.put("feedback" if i % 2 else "telemetry", topic, payload)
+            accepted.append(mid)
+            i += 1
+            stop.wait(0.002)
+
+    t = threading.Thread(target=produce)
+    t.start()
+    try:
+        assert wait_until(lambda: len(db.message_ids()) > 100, 10)
+        mosquitto_private.stop()          # broker down while devices keep producing
+        time.sleep(0.5)  # an outage of a certain length is the point of the test
+        mosquitto_private.start()
+        time.sleep(0.5)
+        stop.set()
+        t.join(5)
+        assert fw.drain(30), f"outbox not drained: {ob.stats()}"
+        want = set(accepted)
+        ok = wait_until(lambda: len(db.message_ids()) >= len(want), 30)
+        ids = db.message_ids()
+        missing = want - {m for _, m in ids}
+        assert ok, f"{len(missing)} of {len(want)} accepted messages never arrived"
+        assert len(ids) == len(set(ids)) == len(want)
+        assert {m for _, m in ids} == want
+        counts = db.message_counts()
+        assert counts["feedback"] + counts["telemetry"] == len(want)
+        assert link.health()["connects"] >= 2
+    finally:
+        stop.set()
+        fw.stop()
+        link.stop()
+        col.stop()
+        ob.close()
+        db.close()
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    from edgeship import protocol
+    from edgeship.agent.outbox import Outbox, Forwarder
+    from edgeship.mqtt import MqttLink
+    path, url, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    ob = Outbox(path, 50_000_000)
+    for i in range(n):
+        m = protocol.make_message("feedback", "dev-kill", {"prediction_id": "p%d" % i, "kind": "incorrect"},
+                                  msg_id="m%06d" % i)
+        ob.put("feedback", protocol.device_topic("tf", "dev-kill", "feedback"), protocol.encode(m))
+    print("accepted", flush=True)
+    link = MqttLink(url, client_id="dev-kill").start()
+    Forwarder(ob, link, rate=400).start()   # slow on purpose: SIGKILL lands mid-flush
+    time.sleep(120)
+""")
+
+
+@pytest.mark.mqtt
+def test_sigkill_with_messages_in_outbox_delivered_after_restart_once(mosquitto, tmp_path):
+    n = 1500
+    db = FleetDB.open(tmp_path / "fleet.sqlite")
+    col = collector(db, mosquitto.url, "col-kill")
+    path = tmp_path / "outbox.sqlite"
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), mosquitto.url, str(n)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "accepted"
+        assert wait_until(lambda: len(db.message_ids()) >= 200, 20)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-flush, with rows sent but not yet deleted
+        proc.wait(10)
+        got_before = len(db.message_ids())
+        assert got_before < n, "the kill must land before everything was delivered"
+        ob = Outbox(path, 50_000_000)  # "restart": same file
+        assert 0 < len(ob) <= n - got_before + 200
+        link = MqttLink(mosquitto.url, client_id="dev-kill").start()
+        fw = Forwarder(ob, link, rate=0).start()
+        try:
+            assert fw.drain(30)
+            assert wait_until(lambda: len(db.message_ids()) >= n, 20)
+            ids = db.message_ids("feedback")
+            assert sorted(m for _, m in ids) == [f"m{i:06d}" for i in range(n)]  # all, and each once
+        finally:
+            fw.stop()
+            link.stop()
+            ob.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        col.stop()
+        db.close()
+
+
+@pytest.mark.mqtt
+def test_outage_cap_keeps_feedback_drops_oldest_telemetry_reports_count(mosquitto_private, tmp_path):
+    url = mosquitto_private.url
+    mosquitto_private.stop()  # the outage: the device starts with no broker
+    ob = Outbox(tmp_path / "outbox.sqlite", max_bytes=40_000)
+    link = MqttLink(url, FAST, client_id="dev-cap").start()
+    fw = Forwarder(ob, link, rate=0).start()
+    tel = Telemetry(ob, FLEET, "dev-cap", window_s=3600)
+    fb_ids, tel_ids = [], []
+    for i in range(80):
+        topic, payload, mid = tel_msg("dev-cap", i, pad=400)
+        ob.put("telemetry", topic, payload)
+        tel_ids.append(mid)
+        if i % 4 == 0:
+            topic, payload, mid = fb_msg("dev-cap", i)
+            ob.put("feedback", topic, payload)
+            fb_ids.append(mid)
+    dropped = ob.stats()["dropped_unreported"]
+    assert dropped > 0
+    report = tel.flush()  # the next telemetry window carries the drop count
+    assert report["counts"]["outbox_dropped"] == dropped
+    mosquitto_private.start()
+    db = FleetDB.open(tmp_path / "fleet.sqlite")
+    col = collector(db, url, "col-cap")
+    try:
+        assert fw.drain(30)
+        total = len(fb_ids) + (len(tel_ids) - dropped) + 1
+        assert wait_until(lambda: len(db.message_ids()) >= total, 20)
+        got = {m for _, m in db.message_ids()}
+        assert set(fb_ids) <= got, "every feedback message arrived"
+        assert set(tel_ids[dropped:]) <= got and not set(tel_ids[:dropped]) & got, "oldest telemetry dropped"
+        rows = [r for r in db.telemetry() if r["msg_id"] == report["msg_id"]]
+        assert rows and rows[0]["outbox_dropped"] == dropped
+    finally:
+        fw.stop()
+        link.stop()
+        col.stop()
+        ob.close()
+        db.close()
+
+
+def test_forward_through_embedded_amqtt_exactly_once(tmp_path):
+    from edgeship.fleet.embedded_broker import EmbeddedBroker
+
+    with EmbeddedBroker() as b:
+        db = FleetDB.open(tmp_path / "fleet.sqlite")
+        col = collector(db, b.url, "col-amqtt")
+        ob = Outbox(tmp_path / "outbox.sqlite", 10_000_000)
+        want = []
+        for i in range(300):
+            topic, payload, mid = fb_msg("dev-amqtt", i)
+            ob.put("feedback", topic, payload)
+            want.append(mid)
+        # The same message twice on the wire (a resend after a lost PUBACK) is stored once.
+        ob.put("feedback", topic, payload)
+        link = MqttLink(b.url, client_id="dev-amqtt").start()
+        fw = Forwarder(ob, link, rate=0).start()
+        try:
+            assert fw.drain(30)
+            assert wait_until(lambda: col.stats()["stored"] + col.stats()["duplicates"] >= 301, 20)
+            ids = db.message_ids()
+            assert sorted(m for _, m in ids) == sorted(want)
+            assert col.stats()["duplicates"] == 1
+        finally:
+            fw.stop()
+            link.stop()
+            col.stop()
+            ob.close()
+            db.close()

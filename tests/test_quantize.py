@@ -1,0 +1,546 @@
+"""int8 quantization (issue 4): data loading, metrics, the choice, real quantization, bad input.
+
+Real parts only: models are real ONNX/TFLite files built with torch or
+onnx.helper, run by real onnxruntime sessions and TFLite interpreters.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeship.errors import AccuracyBudgetError, ConversionError, DataError, EdgeshipError
+from edgeship.converters import evaluate as ev
+from edgeship.converters.data import Dataset, InputSpec, check_against, load_data
+from edgeship.converters.quantize import Candidate, choose, node_errors, quantize
+
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+def _export_onnx(module, sample, path: Path) -> Path:
+    import torch
+
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of the dynamo one, which is ~20x
+        # slower to start; for these tiny models the old path is the right trade in tests.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module.eval(), (torch.from_numpy(sample),), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          dynamo=False, opset_version=17)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The digits Student (~37k params) trained briefly, exported to ONNX, with calib/eval .npz files."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from examples.digits.model import Student, load_digits_split, train_classifier
+
+    d = load_digits_split()
+    model = train_classifier(Student(), d["x_train"], d["y_train"], epochs=5)
+    tmp = tmp_path_factory.mktemp("digits")
+    x_calib = (d["x_calib"] / 16.0).astype(np.float32)
+    x_eval = (d["x_eval"] / 16.0).astype(np.float32)
+    np.savez(tmp / "calib.npz", input=x_calib, labels=d["y_calib"])
+    np.savez(tmp / "eval.npz", input=x_eval, labels=d["y_eval"])
+    onnx_path = _export_onnx(model, x_eval[:1], tmp / "student.onnx")
+    return {"dir": tmp, "onnx": onnx_path, "calib": tmp / "calib.npz", "eval": tmp / "eval.npz",
+            "torch": model, "x_calib": x_calib, "x_eval": x_eval, "y_eval": d["y_eval"]}
+
+
+def _save(model, path: Path) -> Path:
+    import onnx
+
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _mlp_onnx(path: Path, sizes=(64, 48, 10), seed=0, col_scale=None) -> Path:
+    """A tiny MLP built with onnx.helper (~5k params); ``col_scale`` multiplies input columns first."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    x = "input"
+    if col_scale is not None:
+        inits.append(numpy_helper.from_array(np.asarray(col_scale, np.float32), "colscale"))
+        nodes.append(helper.make_node("Mul", [x, "colscale"], ["scaled"], name="scale_in"))
+        x = "scaled"
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
+        if i == 0 and col_scale is not None:
+            w /= np.asarray(col_scale, np.float32)[:, None]   # every column matters equally to the output
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}")]
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"mm{i}"], name=f"matmul{i}"))
+        last = i == len(sizes) - 2
+        nodes.append(helper.make_node("Add", [f"mm{i}", f"b{i}"], ["logits" if last else f"a{i}"], name=f"add{i}"))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [f"h{i}"], name=f"relu{i}"))
+            x = f"h{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", sizes[0]])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", sizes[-1]])], inits)
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.fixture(scope="session")
+def mlp(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlp")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((96, 64)).astype(np.float32)
+    np.save(tmp / "calib.npy", x[:48])
+    np.save(tmp / "eval.npy", x[48:])
+    return {"onnx": _mlp_onnx(tmp / "mlp.onnx"), "calib": tmp / "calib.npy", "eval": tmp / "eval.npy", "dir": tmp}
+
+
+def _cand(name, method, drop, b1, bn, size=100, **kw):
+    return Candidate(name=name, target="onnx", method=method, drop=drop, latency_b1_ms=b1, latency_batch_ms=bn,
+                     size=size, **kw)
+
+
+# --------------------------------------------------------------------------- the decision (pure)
+
+def test_choose_picks_fastest_within_budget():
+    cands = [_cand("fp32", "fp32", 0.0, 1.0, 10.0, 400), _cand("static-minmax", "static", 0.2, 0.4, 4.0),
+             _cand("static-entropy", "static", 1.5, 0.3, 3.0), _cand("dynamic", "dynamic", 0.1, 0.8, 9.0)]
+    d = choose(cands, max_drop=1.0)
+    assert d.ok and d.chosen == "static-minmax"     # entropy is faster but misses the budget
+    assert d.speed["static-minmax"] == pytest.approx(0.4)
+    assert "fastest" in d.reason and "0.40x" in d.reason
+
+
+def test_choose_keeps_fp32_when_int8_is_slower_and_says_why():
+    cands = [_cand("fp32", "fp32", 0.0, 0.010, 0.05), _cand("static-minmax", "static", 0.0, 0.020, 0.09),
+             _cand("dynamic", "dynamic", 0.0, 0.015, 0.08)]
+    d = choose(cands, max_drop=1.0)
+    assert d.ok and d.chosen == "fp32"
+    assert "slower" in d.reason and "dynamic" in d.reason   # names the best int8 candidate it rejected
+    # A user who asked for one method explicitly gets int8 even when slower.
+    forced = choose(cands, max_drop=1.0, fp32_competes=False)
+    assert forced.chosen == "dynamic"
+
+
+def test_choose_tolerates_noise_in_favour_of_int8():
+    cands = [_cand("fp32", "fp32", 0.0, 1.0, 1.0), _cand("static-minmax", "static", 0.0, 1.03, 1.03)]
+    assert choose(cands, max_drop=1.0).chosen == "static-minmax"   # 3% is inside the 5% noise band
+
+
+def test_choose_reports_failure_when_no_int8_meets_budget():
+    cands = [_cand("fp32", "fp32", 0.0, 1.0, 1.0), _cand("static-minmax", "static", 4.0, 0.3, 0.3),
+             _cand("dynamic", "dynamic", 2.5, 0.5, 0.5),
+             _cand("static-entropy", "static", None, None, None, error="ValueError: boom"),
+             _cand("static-percentile", "static", 0.0, 0.1, 0.1, duplicate_of="static-minmax")]
+    d = choose(cands, max_drop=1.0)
+    assert not d.ok and d.chosen == "fp32"
+    assert "dynamic" in d.reason and "2.50" in d.reason        # the closest candidate and its drop
+
+
+def test_choose_needs_a_baseline():
+    with pytest.raises(ConversionError):
+        choose([_cand("static", "static", 0.0, 1, 1)], max_drop=1.0)
+
+
+# --------------------------------------------------------------------------- metrics
+
+def test_metrics_and_auto_choice():
+    ref = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    out = np.array([[0.2, 0.8], [0.7, 0.3], [0.6, 0.4], [0.55, 0.45]])
+    assert ev.top1(out, np.array([1, 0, 1, 0])) == 0.75
+    assert ev.agreement(out, ref) == 0.75
+    assert ev.cosine(ref, ref) == pytest.approx(1.0)
+    assert ev.mse(out, ref) == pytest.approx(np.mean((out - ref) ** 2))
+    assert ev.to_points("mse", 0.0, reference=ref) == 100.0
+    assert ev.choose_metric((None, 10), has_labels=True) == "top1"
+    assert ev.choose_metric((None, 10), has_labels=False) == "agreement"
+    assert ev.choose_metric((None, 4, 16), has_labels=True) == "cosine"
+    assert ev.choose_metric((None, 1), has_labels=False) == "cosine"
+    assert ev.choose_metric((None, 10), has_labels=False, requested="mse") == "mse"
+    with pytest.raises(DataError, match="labels"):
+        ev.choose_metric((None, 10), has_labels=False, requested="top1")
+
+
+# --------------------------------------------------------------------------- data
+
+def test_load_npy_npz_and_arrays(tmp_path):
+    x = np.zeros((20, 3), np.float32)
+    np.save(tmp_path / "a.npy", x)
+    d = load_data(tmp_path / "a.npy", input_names=["x"])
+    assert d.names == ["x"] and len(d) == 20 and d.labels is None
+    np.savez(tmp_path / "b.npz", ids=np.zeros((20, 5), np.int64), state=x, labels=np.arange(20))
+    d = load_data(tmp_path / "b.npz", input_names=["ids", "state"])
+    assert d.names == ["ids", "state"] and d.labels.tolist() == list(range(20))
+    with pytest.raises(DataError, match="'mask'"):
+        load_data(tmp_path / "b.npz", input_names=["ids", "mask"])
+    with pytest.raises(DataError, match="2 inputs"):
+        load_data(tmp_path / "a.npy", input_names=["ids", "state"])
+    assert load_data({"x": x}).names == ["x"]
+    feed = Dataset(inputs={"x": x[:3]}).feed(8)
+    assert feed["x"].shape == (8, 3)
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((10, 12), 40 * i, np.uint8)).save(tmp_path / cls / f"{i}.png")
+    pp = {"scale": 1 / 255, "mean": [0.0], "std": [1.0], "layout": "NCHW", "resize": [8, 8], "color": "L"}
+    d = load_data(tmp_path, preprocess=pp)
+    assert d.inputs["input"].shape == (6, 1, 8, 8) and d.inputs["input"].dtype == np.float32
+    assert d.labels.tolist() == [0, 0, 0, 1, 1, 1] and d.label_names == ("cat", "dog")
+    assert d.inputs["input"].max() == pytest.approx(80 / 255, abs=1e-6)
+
+
+def test_data_errors_are_one_clear_line(tmp_path):
+    spec = [InputSpec("input", "float32", ("batch", 4))]
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "no images": lambda: load_data(tmp_path / "empty"),
+        "no such file": lambda: load_data(tmp_path / "missing.npz"),
+        "per-sample shape": lambda: check_against(load_data(np.zeros((30, 5), np.float32)), spec),
+        "NaN": lambda: check_against(load_data(np.where(np.arange(120).reshape(30, 4) == 9, np.nan, 1.0)), spec),
+        "at least 16": lambda: check_against(load_data(np.zeros((3, 4), np.float32)), spec, min_samples=16),
+        "int64": lambda: check_against(load_data(np.zeros((30, 4), np.float32)),
+                                       [InputSpec("ids", "int64", ("batch", 4))]),
+        "numeric": lambda: check_against(load_data(np.array([["a"] * 4] * 30)), spec),
+    }
+    for needle, fn in cases.items():
+        with pytest.raises(DataError) as info:
+            fn()
+        msg = str(info.value)
+        assert needle in msg and "\n" not in msg, (needle, msg)
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    with pytest.raises(DataError, match="not a readable numpy file"):
+        load_data(tmp_path / "bad.npy")
+    # The NaN message says which sample to look at.
+    with pytest.raises(DataError, match="first in sample 2"):
+        check_against(load_data(np.where(np.arange(120).reshape(30, 4) == 9, np.nan, 1.0)), spec)
+    # Integer data for a float input is cast, not refused.
+    ok = check_against(load_data(np.ones((30, 4), np.uint8)), spec)
+    assert ok.inputs["input"].dtype == np.float32
+
+
+# --------------------------------------------------------------------------- real quantization
+
+@pytest.mark.slow
+def test_quantize_digits_student_produces_a_valid_package(digits, tmp_path, signing_keys):
+    from edgeship import runtime
+    from edgeship.package import open_package
+
+    out = tmp_path / "student.edgepkg"
+    res = quantize(digits["onnx"], digits["calib"], digits["eval"], out=out, max_drop=1.0, method="static",
+                   quiet=True, repeats=5, calibrations=("minmax", "percentile"), signing_key=signing_keys[0],
+                   name="digits-student", version="2.0.0")
+    assert res.ok and res.package == out and out.is_file()
+    chosen = res.chosen["onnx"]
+    assert chosen.startswith("static-")
+    c = next(c for c in res.candidates if c.name == chosen)
+    assert c.drop <= 1.0 and c.size < 0.5 * next(x for x in res.candidates if x.method == "fp32").size
+    rep = res.report["targets"]["onnx"]
+    assert rep["metric"] == "top1" and rep["calibration_samples"] == 197 and rep["node_errors"]
+    assert {x["name"] for x in rep["candidates"]} >= {"fp32", "static-minmax", "static-percentile"}
+    # side report + plots next to the output
+    assert res.report_md.is_file() and "Chosen" in res.report_md.read_text()
+    assert all(p.is_file() and p.suffix == ".png" for p in res.plots) and len(res.plots) == 2
+
+    pkg = open_package(out)
+    man = pkg.manifest
+    assert man["name"] == "digits-student" and man["version"] == "2.0.0"
+    q = man["provenance"]["quantization"]["onnx"]
+    assert q["method"] == "static" and q["calibration_samples"] == 197
+    assert q["io"]["inputs"]["input"]["scale"] > 0      # scale/zero-point of the quantized input
+    assert __import__("json").loads(pkg.read("report.json"))["targets"]["onnx"]["chosen"] == chosen
+    with runtime.load(out) as runner:
+        got = runner.run(digits["x_eval"][:32])
+    fp32 = ev.predict(digits["onnx"], load_data(digits["x_eval"][:32], input_names=["input"]))
+    out_arr = next(iter(got.values()))
+    assert np.mean(out_arr.argmax(1) == fp32.argmax(1)) >= 0.95
+    assert np.abs(out_arr - fp32).max() < 0.25 * np.abs(fp32).max()
+
+
+@pytest.mark.slow
+def test_auto_on_tiny_mlp_decision_matches_measurements(mlp, tmp_path):
+    """One real run: whatever this (noisy, shared) machine measured, the choice must follow from it."""
+    res = quantize(mlp["onnx"], mlp["calib"], mlp["eval"], method="auto", quiet=True, repeats=15,
+                   calibrations=("minmax",), work_dir=tmp_path / "w")
+    dec = res.decisions["onnx"]
+    again = choose(res.candidates, max_drop=1.0)
+    assert (again.chosen, again.ok) == (dec.chosen, dec.ok)
+    assert res.report["targets"]["onnx"]["metric"] == "agreement"     # no labels, classifier output
+    if dec.chosen == "fp32":
+        assert "slower" in dec.reason
+    else:
+        assert dec.speed[dec.chosen] <= 1.05
+
+
+@pytest.mark.slow
+def test_recovery_keeps_the_worst_nodes_in_float(tmp_path):
+    """An input column 1000x larger than the others ruins per-tensor int8 of everything it feeds;
+    recovery must find those nodes by per-node error and keep them in float."""
+    rng = np.random.default_rng(3)
+    scale = np.ones(16, np.float32)
+    scale[0] = 1000.0
+    model = _mlp_onnx(tmp_path / "outlier.onnx", sizes=(16, 32, 10), col_scale=scale)
+    x = rng.standard_normal((160, 16)).astype(np.float32)
+    res = quantize(model, x[:64], x[64:], method="static", calibrations=("minmax",), quiet=True, repeats=3,
+                   recovery_steps=4, work_dir=tmp_path / "w")
+    cands = {c.name: c for c in res.candidates}
+    assert cands["static-minmax"].drop > 1.0                  # plain static misses the budget
+    chosen = cands[res.chosen["onnx"]]
+    assert chosen.excluded_nodes and chosen.drop <= 1.0      # a recovered candidate made it
+    assert set(chosen.excluded_nodes) & {"scale_in", "matmul0"}
+    log = res.report["targets"]["onnx"]["recovery"]
+    assert log and log[0]["from"] == "static-minmax"
+    rows = node_errors(tmp_path / "w" / "fp32.prep.onnx", Path(cands["static-minmax"].path),
+                       load_data(x[:32], input_names=["input"]), work_dir=tmp_path)
+    worst = max(rows, key=lambda r: r["added_db"])
+    assert set(worst["nodes"]) & {"scale_in", "matmul0"}
+
+
+def test_impossible_budget_is_one_line_and_writes_nothing(mlp, tmp_path):
+    out = tmp_path / "never.edgepkg"
+    with pytest.raises(AccuracyBudgetError) as info:
+        quantize(mlp["onnx"], mlp["calib"], mlp["eval"], max_drop=0.0, metric="cosine", method="dynamic",
+                 out=out, quiet=True, repeats=3, recovery_steps=1)
+    msg = str(info.value)
+    assert "\n" not in msg and "budget" in msg and "--allow-fp32" in msg
+    assert info.value.results and any(r["name"] == "dynamic" for r in info.value.results)
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+    # The side report explains the refusal (that is where the user looks next).
+    md = tmp_path / "never.edgepkg.report.md"
+    assert md.is_file() and "no int8 candidate met the accuracy budget" in md.read_text()
+
+
+@pytest.mark.slow
+def test_allow_fp32_ships_fp32(mlp, tmp_path):
+    from edgeship.package import open_package
+
+    out = tmp_path / "fp32.edgepkg"
+    res = quantize(mlp["onnx"], mlp["calib"], mlp["eval"], max_drop=0.0, metric="cosine", method="dynamic",
+                   out=out, quiet=True, repeats=3, recovery_steps=0, allow_fp32=True)
+    assert res.chosen["onnx"] == "fp32" and "--allow-fp32" in res.decisions["onnx"].reason
+    man = open_package(out).manifest
+    assert man["variants"][0]["precision"] == "fp32"
+
+
+def _bad_models(tmp_path: Path) -> dict[str, Path]:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    # control flow: If choosing between two Identity branches
+    cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
+    then_g = helper.make_graph([helper.make_node("Identity", ["input"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", 4])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["input"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", 4])])
+    g_if = helper.make_graph([helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g,
+                                               else_branch=else_g)], "g", [x], [y], [cond])
+    custom = helper.make_graph([helper.make_node("FancyOp", ["input"], ["y"], name="fancy", domain="acme.ops")],
+                               "g", [x], [y])
+    models = {
+        "control flow": helper.make_model(g_if, opset_imports=[helper.make_opsetid("", 17)]),
+        "unsupported operator": helper.make_model(custom, opset_imports=[helper.make_opsetid("", 17),
+                                                                         helper.make_opsetid("acme.ops", 1)]),
+    }
+    out = {}
+    import onnx
+
+    for k, m in models.items():
+        p = tmp_path / f"{k.replace(' ', '_')}.onnx"
+        onnx.save(m, str(p))
+        out[k] = p
+    return out
+
+
+def test_bad_models_and_data_give_one_line_and_no_package(digits, tmp_path):
+    good = dict(model=digits["onnx"], calib=digits["calib"], eval=digits["eval"])
+    x = digits["x_calib"]
+    nan = x.copy()
+    nan[5, 0, 0, 0] = np.nan
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ("control flow", {**good, "model": _bad_models(tmp_path)["control flow"]}, ConversionError),
+        ("unsupported operator", {**good, "model": _bad_models(tmp_path)["unsupported operator"]}, ConversionError),
+        ("per-sample shape", {**good, "calib": x[:, :, :4, :]}, DataError),
+        ("expects int64", None, DataError),
+        ("at least 16", {**good, "calib": x[:5]}, DataError),
+        ("NaN", {**good, "calib": nan}, DataError),
+        ("no images", {**good, "calib": tmp_path / "empty"}, DataError),
+        ("no such model file", {**good, "model": tmp_path / "nope.onnx"}, EdgeshipError),
+    ]
+    ids_model = _int_input_model(tmp_path / "ids.onnx")
+    for needle, kw, exc in cases:
+        if kw is None:
+            kw = {"model": ids_model, "calib": np.zeros((20, 4), np.float32), "eval": np.zeros((20, 4), np.int64)}
+        out = tmp_path / f"{needle.replace(' ', '_')}.edgepkg"
+        with pytest.raises(exc) as info:
+            quantize(kw["model"], kw["calib"], kw["eval"], out=out, quiet=True, repeats=3)
+        msg = str(info.value)
+        assert needle in msg and "\n" not in msg, (needle, msg)
+        assert not out.exists()
+    assert not list(tmp_path.glob("*.edgepkg*"))
+
+
+def _int_input_model(path: Path) -> Path:
+    """Token ids (int64) -> Gather from an embedding -> ReduceMean: an int64 input to calibrate."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    emb = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32), "emb")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    g = helper.make_graph([helper.make_node("Gather", ["emb", "ids"], ["e"], name="gather"),
+                           helper.make_node("ReduceMean", ["e", "axes"], ["y"], name="mean", keepdims=0)], "ids",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], [emb, axes])
+    return _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+@pytest.mark.slow
+def test_multi_input_int64_and_old_opset_model(tmp_path):
+    """Two inputs (int64 ids + a float state), opset 11: upgraded, calibrated with the user's data for both."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((50, 16)).astype(np.float32), "emb"),
+             numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) / 4, "w"),
+             numpy_helper.from_array(rng.standard_normal((16, 10)).astype(np.float32) / 4, "w2")]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="gather"),
+             helper.make_node("ReduceMean", ["e"], ["pooled"], name="pool", axes=[1], keepdims=0),
+             helper.make_node("Add", ["pooled", "state"], ["h"], name="add_state"),
+             helper.make_node("MatMul", ["h", "w"], ["h2"], name="mm"),
+             helper.make_node("Relu", ["h2"], ["h3"], name="relu"),
+             helper.make_node("MatMul", ["h3", "w2"], ["logits"], name="head")]
+    g = helper.make_graph(nodes, "two_inputs",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 6]),
+                           helper.make_tensor_value_info("state", TensorProto.FLOAT, ["batch", 16])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    path = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)]), tmp_path / "two.onnx")
+    data = {"ids": rng.integers(0, 50, (80, 6)), "state": rng.standard_normal((80, 16)).astype(np.float32)}
+    calib = {k: v[:40] for k, v in data.items()}
+    evald = {k: v[40:] for k, v in data.items()}
+    res = quantize(path, calib, evald, method="static", calibrations=("minmax",), quiet=True, repeats=3,
+                   work_dir=tmp_path / "w")
+    notes = res.report["targets"]["onnx"]["notes"]
+    assert notes["source_opset"] == 11 and notes["upgraded_to"] == 13
+    static = next(c for c in res.candidates if c.name == "static-minmax")
+    assert static.error is None and static.drop is not None
+    prepped = onnx.load(str(tmp_path / "w" / "static-minmax.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in prepped.graph.node)
+
+
+def test_quantize_rejects_bad_options(digits, tmp_path):
+    for kw, needle in [({"method": "magic"}, "method"), ({"target": "coreml"}, "target"),
+                       ({"max_drop": -1}, "max_drop"), ({"out": tmp_path / "x.zip"}, ".edgepkg"),
+                       ({"target": "tflite"}, "tflite")]:
+        with pytest.raises(ConversionError, match=needle):
+            quantize(digits["onnx"], digits["calib"], digits["eval"], quiet=True, **kw)
+
+
+# --------------------------------------------------------------------------- TFLite
+
+@pytest.mark.slow
+def test_tflite_int8_from_torch_and_from_float_tflite(digits, tmp_path):
+    from edgeship.converters.tflite_export import export_tflite, export_tflite_int8
+
+    x1 = digits["x_eval"][:1]
+    evald = load_data(digits["eval"], input_names=["input"])
+    f32 = export_tflite(digits["torch"], x1, tmp_path / "f32.tflite")
+    i8 = export_tflite_int8(digits["torch"], x1, digits["x_calib"], tmp_path / "i8.tflite")
+    i8io = export_tflite_int8(digits["torch"], x1, digits["x_calib"], tmp_path / "i8io.tflite", int8_io=True)
+    assert i8.stat().st_size < 0.4 * f32.stat().st_size
+    m = ev.TfliteModel(i8)
+    assert m.inputs[0].dtype == "float32" and m.outputs[0].dtype == "float32"
+    m_io = ev.TfliteModel(i8io)
+    assert m_io.inputs[0].dtype == "int8" and m_io.quantization("inputs")[0]["scale"] > 0
+    ref = ev.top1(ev.predict(f32, evald), evald.labels)
+    for p in (i8, i8io):
+        assert ev.top1(ev.predict(p, evald), evald.labels) >= ref - 0.02
+
+    res = quantize(f32, digits["calib"], digits["eval"], target="tflite", method="static", quiet=True, repeats=3,
+                   work_dir=tmp_path / "w")
+    c = next(c for c in res.candidates if c.name == "tflite-static")
+    assert c.error is None and c.drop <= 1.0 and res.chosen["tflite"] == "tflite-static"
+    assert res.report["targets"]["tflite"]["io_quantization"]["inputs"]
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_cli_bad_input_prints_one_error_line(digits, tmp_path):
+    out = tmp_path / "bad.edgepkg"
+    np.save(tmp_path / "few.npy", digits["x_calib"][:4])
+    proc = run_cli("convert", "quantize", str(digits["onnx"]), "--calib", str(tmp_path / "few.npy"),
+                   "--eval", str(digits["eval"]), "--out", str(out), "-q", check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "at least 16" in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_quantize_writes_package(digits, tmp_path):
+    out = tmp_path / "cli.edgepkg"
+    proc = run_cli("convert", "quantize", str(digits["onnx"]), "--calib", str(digits["calib"]),
+                   "--eval", str(digits["eval"]), "--out", str(out), "--method", "static", "-q")
+    assert out.is_file() and "onnx: static-" in proc.stdout
+    assert (tmp_path / "cli.edgepkg.report.md").is_file()
+
+
+@pytest.mark.slow
+def test_torch_module_to_both_targets(digits, tmp_path):
+    """A torch model goes to ONNX and TFLite in one call; TFLite also tries the PT2E export."""
+    from edgeship.package import open_package
+
+    out = tmp_path / "both.edgepkg"
+    res = quantize(digits["torch"], digits["calib"], digits["eval"], target="both", method="static", quiet=True,
+                   repeats=3, calibrations=("minmax",), recovery_steps=0, out=out, name="student")
+    assert set(res.chosen) == {"onnx", "tflite"}
+    names = {c.name for c in res.candidates}
+    assert {"static-minmax", "tflite-static", "tflite-pt2e"} <= names
+    pt2e = next(c for c in res.candidates if c.name == "tflite-pt2e")
+    assert pt2e.error is None and pt2e.drop <= 1.0
+    man = open_package(out).manifest
+    assert {v["file"] for v in man["variants"]} == {"model.onnx", "model.tflite"}
+    assert set(man["provenance"]["quantization"]) == {"onnx", "tflite"}
+    tfl = next(v for v in man["variants"] if v["file"] == "model.tflite")
+    chosen = next(c for c in res.candidates if c.name == res.chosen["tflite"])
+    file_in = ev.TfliteModel(chosen.path).inputs[0]
+    assert tfl["inputs"][0]["dtype"] == file_in.dtype           # the variant describes its file
+    if file_in.dtype == "int8":                                 # int8 IO carries its scale/zero-point
+        assert tfl["inputs"][0]["quantization"]["scale"] > 0
+
+
+@pytest.mark.slow
+def test_quantize_an_edgepkg_keeps_its_labels_and_preprocess(digits, tmp_path):
+    from PIL import Image
+
+    from edgeship.package import build, open_package
+
+    pp = {"color": "L", "resize": [8, 8], "scale": 1 / 16, "layout": "NCHW", "dtype": "float32"}
+    src = build(tmp_path / "fp32.edgepkg", {"model.onnx": digits["onnx"]}, name="digits", version="1.0.0",
+                preprocess=pp, labels=[str(i) for i in range(10)])
+    # Calibration from an image folder decoded with the package's preprocess (raw 0..16 pixels).
+    folder = tmp_path / "imgs"
+    x = digits["x_calib"] * 16
+    ys = np.load(digits["calib"])["labels"]
+    for i, (img, y) in enumerate(zip(x[:60], ys[:60])):
+        (folder / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0].astype(np.uint8)).save(folder / str(y) / f"{i}.png")
+    out = tmp_path / "int8.edgepkg"
+    res = quantize(src, folder, digits["eval"], out=out, method="static", quiet=True, repeats=3,
+                   calibrations=("minmax",), version="1.1.0")
+    assert res.report["targets"]["onnx"]["calibration_samples"] == 60
+    man = open_package(out).manifest
+    assert man["name"] == "digits" and man["version"] == "1.1.0"
+    assert man["labels"] == [str(i) for i in range(10)] and man["preprocess"]["scale"] == pytest.approx(1 / 16)
+    assert man["provenance"]["source"].endswith(":model.onnx")
