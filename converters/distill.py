@@ -164,6 +164,10 @@ def load_student(spec: str, weights=None, *, base_dir=None):
             state = torch.load(str(weights), map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, ValueError) as exc:
             raise ModelError(f"{weights}: cannot read the weights ({exc})") from exc
+        if isinstance(state, dict) and "pruned" in state and "state_dict" in state:
+            from .prune import shrink_to_state_dict  # a pruned checkpoint: resize the layers to its shapes first
+
+            shrink_to_state_dict(model, state["state_dict"])
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         try:

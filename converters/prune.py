@@ -348,10 +348,10 @@ def finetune(model, x: np.ndarray, y: np.ndarray | None, *, teacher=None, epochs
     return losses
 
 
-def _export(model, sample: np.ndarray, path: Path) -> Path:
+def _export(model, sample: np.ndarray, path: Path, exporter: str = "auto") -> Path:
     from .onnx_export import export_onnx
 
-    export_onnx(model, sample, path)
+    export_onnx(model, sample, path, exporter=exporter)
     return path
 
 
@@ -364,14 +364,14 @@ def _latency(path: Path, sample: np.ndarray, repeats: int) -> dict:
 
 
 def _ratio_for_latency(model, target: float, sample: np.ndarray, work: Path, base_b1: float, repeats: int,
-                       quiet: bool) -> tuple[float, list[dict]]:
+                       exporter: str) -> tuple[float, list[dict]]:
     if not 0.0 < target < 1.0:
         raise ConversionError(f"target_latency must be a fraction of latency to remove in (0, 1), got {target}")
     goal = base_b1 * (1.0 - target)
     tried = []
     for r in np.round(np.arange(0.1, 0.95, 0.1), 2):
         cand = prune_structure(model, float(r))
-        p = _export(cand, sample, work / f"latency-{r:.2f}.onnx")
+        p = _export(cand, sample, work / f"latency-{r:.2f}.onnx", exporter)
         lat = _latency(p, sample, repeats)["b1"]
         tried.append({"ratio": float(r), "latency_ms_b1": lat})
         if lat <= goal:
@@ -461,7 +461,7 @@ def prune(model, data, *, ratio: float | None = None, target_params: float | Non
           target_latency: float | None = None, teacher=None, eval=None, finetune_epochs: int = 10,  # noqa: A002
           lr: float = 1e-3, batch_size: int = 64, alpha: float = 0.7, temperature: float = 4.0,
           max_drop: float = 1.0, metric: str | None = None, sweep: Sequence[float] = (), out=None, seed: int = 0,
-          repeats: int = 20, quiet: bool = False) -> PruneResult:
+          repeats: int = 20, exporter: str = "auto", quiet: bool = False) -> PruneResult:
     """Prune ``model`` (an ``nn.Sequential``) by channel magnitude, fine-tune it, and gate on accuracy.
 
     ``data``: training data for fine-tuning (anything ``load_data`` takes;
@@ -470,7 +470,7 @@ def prune(model, data, *, ratio: float | None = None, target_params: float | Non
     ``target_latency``. ``teacher``: None (cross-entropy on labels), ``True``
     or ``"unpruned"`` (distil from the unpruned model), or a torch module.
     ``out``: a folder for ``pruned.pt``, ``pruned.onnx``, the trade-off plot
-    and ``prune.report.md``. Raises :class:`AccuracyBudgetError` when the
+    and ``prune.report.md``. ``exporter``: passed to ``export_onnx``. Raises :class:`AccuracyBudgetError` when the
     pruned model loses more than ``max_drop`` points (the report is still
     written; the checkpoint and ONNX file are not).
     """
@@ -520,20 +520,21 @@ def prune(model, data, *, ratio: float | None = None, target_params: float | Non
     work = Path(tempfile.mkdtemp(prefix="edgeship-prune-"))
     sample = np.ascontiguousarray(xe[:2])
     try:
-        base_onnx = _export(base, sample, work / "unpruned.onnx")
+        base_onnx = _export(base, sample, work / "unpruned.onnx", exporter)
         lat_before = _latency(base_onnx, sample, repeats)
         searched: list[dict] = []
         if target_params is not None:
             ratio = ratio_for_params(base, target_params)
         elif target_latency is not None:
-            ratio, searched = _ratio_for_latency(base, target_latency, sample, work, lat_before["b1"], repeats, quiet)
+            ratio, searched = _ratio_for_latency(base, target_latency, sample, work, lat_before["b1"], repeats,
+                                                  exporter)
         p_before = points(base)
 
         def one(r: float) -> tuple[object, dict, list[float]]:
             m = prune_structure(base, r)
             hist = finetune(m, x, y, teacher=teacher_m, epochs=finetune_epochs, lr=lr, batch_size=batch_size,
                             alpha=alpha, temperature=temperature, seed=seed, quiet=quiet, desc=f"fine-tune {r:.2f}")
-            p = _export(m, sample, work / f"pruned-{r:.4f}.onnx")
+            p = _export(m, sample, work / f"pruned-{r:.4f}.onnx", exporter)
             row = {"ratio": r, "params": count_params(m), "points": points(m), "size_kib": p.stat().st_size / 1024,
                    **{f"latency_ms_{k}": v for k, v in _latency(p, sample, repeats).items()}}
             return m, row, hist

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -50,8 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import (AccuracyBudgetError, ConversionError, DataError, EdgeshipError, ModelError,
-                      PackageError)
+from ..errors import AccuracyBudgetError, ConversionError, EdgeshipError, ModelError
 from . import evaluate as ev
 from .data import Dataset, InputSpec, check_against, load_data
 
@@ -438,8 +436,9 @@ def _build_candidate(prepped: Path, out: Path, *, method: str, calibration: str 
             # must have the same batch (a short last batch breaks it): feed one sample at a time.
             feeds = [{k: v[i:i + 1] for k, v in f.items()} for f in feeds for i in range(len(next(iter(f.values()))))]
         reader = None if cache.is_file() else _reader(feeds, desc=f"calibrating ({calibration})", quiet=quiet)
-        # onnxruntime prints progress chatter to stdout; our stdout belongs to the CLI's result.
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stderr):
+        # onnxruntime prints calibration chatter to stdout; our stdout belongs to the CLI's result
+        # and our progress bar already says what is happening.
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             quantize_static(str(prepped), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=cm,
                             nodes_to_exclude=list(exclude), extra_options=extra,
@@ -490,6 +489,9 @@ def node_errors(fp32_path, int8_path, data: Dataset, *, work_dir, batch: int = 3
                                                                              quiet=True)).items()}
         aug.unlink(missing_ok=True)
     f, q = acts["fp32"], acts["int8"]
+    for name, arr in sample.inputs.items():  # graph inputs: their own QDQ error counts too
+        if np.asarray(arr).dtype.kind == "f":
+            f.setdefault(name, np.ravel(np.concatenate([np.asarray(x[name]) for x in _feeds(sample, batch, fixed)])))
 
     def quant_value(t):
         return q.get(t + DEQUANT_OUTPUT_SUFFIX, q.get(t))
@@ -502,7 +504,7 @@ def node_errors(fp32_path, int8_path, data: Dataset, *, work_dir, batch: int = 3
     model = onnx.load(str(fp32_path))
     # A node whose output has no int8 counterpart (e.g. a Conv whose Relu the QDQ quantizer
     # fused away) is merged into its consumer's row: the group is measured, and excluded, together.
-    eff: dict[str, float] = {}
+    eff: dict[str, float] = {i.name: sqnr[i.name] for i in model.graph.input if i.name in sqnr}
     pending: dict[str, list[str]] = {}
     consumers: dict[str, list[str]] = {}
     for node in model.graph.node:
@@ -535,7 +537,8 @@ def node_errors(fp32_path, int8_path, data: Dataset, *, work_dir, batch: int = 3
 
 def _measure(c: Candidate, model_path: Path, evald: Dataset, *, metric: str, reference: np.ndarray,
              fp32_points: float | None, batch: int, threads_batch: int, repeats: int, max_drop: float,
-             latency: bool = True) -> None:
+             latency: bool = False) -> None:
+    """Accuracy (and size) of one candidate; latency is timed later for all at once (:func:`_time_all`)."""
     c.path = str(model_path)
     c.size = model_path.stat().st_size
     res = ev.evaluate(model_path, evald, metric=metric, reference=reference, batch=batch)
@@ -547,6 +550,33 @@ def _measure(c: Candidate, model_path: Path, evald: Dataset, *, metric: str, ref
         c.latency_b1_ms = ev.measure_latency(model_path, evald.inputs, threads=1, batch=1, repeats=repeats)
         c.latency_batch_ms = ev.measure_latency(model_path, evald.inputs, threads=threads_batch, batch=batch,
                                                 repeats=max(5, repeats // 3))
+
+
+def _time_all(cands: Sequence[Candidate], evald: Dataset, *, batch: int, threads_batch: int, repeats: int,
+              quiet: bool, rounds: int = 5) -> None:
+    """Median latency at batch 1 (1 thread) and ``batch`` (``threads_batch``) of every candidate.
+
+    Candidates are timed in interleaved rounds rather than one after another,
+    so a burst of load from another process lands on all of them instead of
+    deciding the choice by itself.
+    """
+    live = [c for c in cands if c.error is None and c.duplicate_of is None and c.path]
+    if not live:
+        return
+    per_round = max(3, repeats // rounds)
+    b1 = {c.name: [] for c in live}
+    bn = {c.name: [] for c in live}
+    m1 = {c.name: ev.open_model(c.path, threads=1) for c in live}
+    mn = {c.name: ev.open_model(c.path, threads=threads_batch) for c in live}
+    for _ in _progress(range(rounds), desc="timing", quiet=quiet):
+        for c in live:
+            b1[c.name].append(ev.measure_latency(m1[c.name], evald.inputs, threads=1, batch=1, repeats=per_round,
+                                                 warmup=1))
+            bn[c.name].append(ev.measure_latency(mn[c.name], evald.inputs, threads=threads_batch, batch=batch,
+                                                 repeats=max(2, per_round // 2), warmup=1))
+    for c in live:
+        c.latency_b1_ms = float(np.median(b1[c.name]))
+        c.latency_batch_ms = float(np.median(bn[c.name]))
 
 
 def _onnx_specs(path: Path) -> tuple[list[InputSpec], list[InputSpec]]:
@@ -589,10 +619,7 @@ def _resolve_model(model, work: Path, name: str | None, version: str | None) -> 
     if suffix == ".edgepkg":
         from ..package import open_package
 
-        try:
-            pkg = open_package(path)
-        except PackageError:
-            raise
+        pkg = open_package(path)  # PackageError passes through: its message already says what is wrong
         man = pkg.manifest
         variant = pkg.default_variant or {}
         member = variant.get("file") or next((f for f in man.get("runtime", {}) if f.endswith((".onnx", ".tflite"))),
@@ -643,10 +670,6 @@ def _load_sets(calib, evald, specs: list[InputSpec], preprocess) -> tuple[Datase
     e = check_against(load_data(evald, input_names=names, preprocess=preprocess), specs,
                       min_samples=MIN_EVAL_SAMPLES, what="eval data")
     return c, e
-
-
-def _family(c: Candidate) -> str:
-    return c.method
 
 
 def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None, method: str, batch: int,
@@ -748,6 +771,7 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
                 break
             current = c
 
+    _time_all(candidates, eval_d, batch=bs, threads_batch=threads_batch, repeats=repeats, quiet=quiet)
     decision = choose(candidates, max_drop=max_drop, fp32_competes=(method == "auto"))
     chosen = next(c for c in candidates if c.name == decision.chosen)
     if chosen.method != "fp32" and chosen.name not in node_tables:
@@ -806,6 +830,7 @@ def _run_tflite(src: _Source, calib, evald, *, max_drop: float, metric: str | No
         except Exception as exc:  # ai-edge-quantizer raises plain ValueError/RuntimeError; keep the others
             c.error = f"{type(exc).__name__}: {_one_line(exc)}"
         c.seconds = round(time.monotonic() - t, 2)
+    _time_all(candidates, eval_d, batch=batch, threads_batch=threads_batch, repeats=repeats, quiet=quiet)
     decision = choose(candidates, max_drop=max_drop, fp32_competes=(method == "auto"))
     chosen = next(c for c in candidates if c.name == decision.chosen)
     io_q = {}
@@ -885,7 +910,7 @@ def _write_side_report(out_base: Path, rep: dict, runs: list[dict]) -> tuple[Pat
         if tr["node_errors"]:
             rows = sorted(tr["node_errors"], key=lambda x: -x["added_db"])
             png = out_base.with_name(f"{out_base.name}.{t}.node_error.png")
-            plots.append(rp.plot_bars(png, [f"{x['node']} ({x['op']})" for x in rows],
+            plots.append(rp.plot_bars(png, ["+".join(x.get("nodes") or [x["node"]]) for x in rows],
                                       [x["added_db"] for x in rows], ylabel="SQNR lost at this node (dB)",
                                       title=f"per-node error of {tr['chosen']}"))
         cols = ["name", "method", "calibration", "points", "drop", "latency_b1_ms", "latency_batch_ms", "size",
@@ -909,7 +934,8 @@ def _write_side_report(out_base: Path, rep: dict, runs: list[dict]) -> tuple[Pat
         if tr["excluded_nodes"]:
             body += ["", "Kept in float: " + ", ".join(f"`{n}`" for n in tr["excluded_nodes"])]
         if tr["node_errors"]:
-            worst = sorted(tr["node_errors"], key=lambda x: -x["added_db"])[:10]
+            worst = [{**x, "node": "+".join(x.get("nodes") or [x["node"]])}
+                     for x in sorted(tr["node_errors"], key=lambda x: -x["added_db"])[:10]]
             body += ["", "Nodes adding the most error:", "",
                      rp.markdown_table(worst, ["node", "op", "sqnr_db", "added_db"],
                                        ["node", "op", "output SQNR (dB)", "SQNR lost (dB)"])]
@@ -921,7 +947,7 @@ def _write_side_report(out_base: Path, rep: dict, runs: list[dict]) -> tuple[Pat
     return md, plots
 
 
-def _package(out: Path, runs: list[dict], rep: dict, src: _Source, *, signing_key, extra_variants_fp32: bool) -> Path:
+def _package(out: Path, runs: list[dict], rep: dict, src: _Source, *, signing_key) -> Path:
     from .. import package as pkgmod
 
     files: dict[str, str] = {}
@@ -960,13 +986,18 @@ def _package(out: Path, runs: list[dict], rep: dict, src: _Source, *, signing_ke
                                     "io": r["io_quantization"], "reason": r["decision"].reason}
                       for r in runs}}
     labels = src.labels or (list(first["eval"].label_names) if first["eval"].label_names else None)
+    from .refstats import compute_reference_stats
+
+    # What the model was built for (fp32 outputs on calib + eval data), for on-device drift monitoring.
+    ref_stats = compute_reference_stats(first["fp32_path"], [first["calib"], first["eval"]], labels=labels,
+                                        preprocess=src.preprocess)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
         pkgmod.build(tmp, files, name=src.name, version=src.version,
                      inputs=[_spec_dict(s) for s in first["specs"]],
                      outputs=[_spec_dict(s) for s in first["out_specs"]],
                      preprocess=src.preprocess, labels=labels, example_input=example_input, report=rep,
-                     provenance=provenance, variants=variants, signing_key=signing_key)
+                     provenance=provenance, variants=variants, reference_stats=ref_stats, signing_key=signing_key)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -1064,7 +1095,7 @@ def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = 
         if out is not None:
             if failed:  # the markdown must say what was shipped
                 report_md, plots = _write_side_report(out, rep, runs)
-            package = _package(out, runs, rep, src, signing_key=signing_key, extra_variants_fp32=False)
+            package = _package(out, runs, rep, src, signing_key=signing_key)
         artifacts = {r["target"]: Path(r["chosen"].path) for r in runs} if keep_work else {}
         return QuantizeResult(chosen={r["target"]: r["chosen"].name for r in runs}, artifacts=artifacts,
                               decisions={r["target"]: r["decision"] for r in runs},

@@ -90,6 +90,10 @@ _SECTIONS: dict[str, dict[str, Opt]] = {
                  "calibrations": Opt((list,), ["minmax", "percentile", "entropy"]), "batch": Opt((int,), 32),
                  "recovery_steps": Opt((int,), 3)},
     "tflite": {"enabled": Opt((bool,), True), "int8_io": Opt((bool,), False)},
+    # prune (edgeship.converters.prune) runs between distill and export when ratio or a target is set
+    "prune": {"ratio": Opt(_NUM, None), "target_params": Opt(_NUM, None), "target_latency": Opt(_NUM, None),
+              "finetune_epochs": Opt((int,), 10), "lr": Opt(_NUM, 1e-3), "distill": Opt((bool,), True),
+              "max_drop": Opt(_NUM, 1.0), "seed": Opt((int,), 0)},
     "evaluate": {"repeats": Opt((int,), 30), "threads": Opt((int,), 0)},
     "package": {"signing_key": Opt((str,), required=True, kind="file"), "out": Opt((str,), None, kind="path")},
 }
@@ -293,6 +297,28 @@ def _distill_run(ctx: Ctx) -> tuple[dict, dict]:
     return {"student": res.checkpoint, "learning_curve": res.curve_png}, info
 
 
+# -- prune
+
+def _prune_enabled(r: Recipe) -> bool:
+    p = r["prune"]
+    return any(p[k] is not None for k in ("ratio", "target_params", "target_latency"))
+
+
+def _prune_run(ctx: Ctx) -> tuple[dict, dict]:
+    from .prune import prune, save_pruned
+
+    r = ctx.recipe
+    p = r["prune"]
+    res = prune(_student_module(ctx), r["data"]["train"], eval=r["data"]["val"] or r["data"]["eval"],
+                ratio=p["ratio"], target_params=p["target_params"], target_latency=p["target_latency"],
+                teacher=True if p["distill"] else None, finetune_epochs=p["finetune_epochs"], lr=float(p["lr"]),
+                max_drop=float(p["max_drop"]), metric=r["quantize"]["metric"], seed=p["seed"], out=ctx.work / "report",
+                quiet=ctx.quiet)
+    ckpt = save_pruned(res.model, ctx.work / "student.pruned.pt", ratio=res.ratio, params=res.params_after)
+    info = {k: v for k, v in res.to_dict().items() if k not in ("checkpoint", "onnx", "plot", "report_md")}
+    return {"student": ckpt, "prune_tradeoff": res.plot}, {**info, "student_params": res.params_after}
+
+
 # -- export
 
 def _student_module(ctx: Ctx):
@@ -379,7 +405,7 @@ def _evaluate_run(ctx: Ctx) -> tuple[dict, dict]:
         teacher_path = export_onnx(tm, _sample(r), ctx.work / "teacher.onnx")["path"]
     else:
         teacher_path = Path(teacher_path)
-    student_params = ctx.infos["distill"]["student_params"]
+    student_params = (ctx.infos.get("prune") or ctx.infos["distill"])["student_params"]
     rows = [("teacher", "teacher (fp32 ONNX)", teacher_path, teacher_params or _onnx_params(teacher_path)),
             ("student_fp32", "student fp32 (ONNX)", ctx.artifacts["onnx_fp32"], student_params),
             ("student_int8_onnx", f"student {ctx.infos['quantize']['precision']} ONNX", ctx.artifacts["onnx_int8"],
@@ -553,6 +579,21 @@ STEPS: tuple[Step, ...] = (
          run=_package_run, uses_info=True),
 )
 
+#: Inserted after ``distill`` only when the recipe's ``[prune]`` asks for it (see :func:`_with_optional`),
+#: so a recipe without pruning plans exactly :data:`STEPS`.
+PRUNE_STEP = Step("prune", needs=("student",), makes=("student", "prune_tradeoff"),
+                  options=lambda r: {"prune": dict(r["prune"]), "metric": r["quantize"]["metric"],
+                                     "student": r["student"]["factory"].rpartition(":")[2]},
+                  files=lambda r: [_factory_file(r["student"]["factory"]), r["data"]["train"], r["data"]["val"],
+                                   r["data"]["eval"]],
+                  run=_prune_run, enabled=_prune_enabled)
+
+
+def _with_optional(steps: tuple[Step, ...], recipe: Recipe) -> tuple[Step, ...]:
+    if not _prune_enabled(recipe):
+        return steps
+    i = next((k for k, s in enumerate(steps) if s.name == "distill"), -1)
+    return (*steps[:i + 1], PRUNE_STEP, *steps[i + 1:])
 
 # --------------------------------------------------------------------------- the engine
 
@@ -669,7 +710,7 @@ def run_recipe(path, *, dry_run: bool = False, quiet: bool = False, steps: tuple
     """
     t0 = time.monotonic()
     recipe = load_recipe(path)
-    steps = STEPS if steps is None else steps
+    steps = _with_optional(STEPS, recipe) if steps is None else steps
     out_dir = recipe.out_dir
     cache = out_dir / _CACHE
     hasher = _Hasher()
@@ -767,7 +808,7 @@ def _publish(recipe: Recipe, artifacts: Mapping[str, Path]) -> Path | None:
             shutil.copyfile(artifacts[a], out / name)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    for a in ("learning_curve", "accuracy_latency", "size", "quantize_candidates"):
+    for a in ("learning_curve", "accuracy_latency", "size", "quantize_candidates", "prune_tradeoff"):
         if a in artifacts:
             shutil.copyfile(artifacts[a], plots / f"{a}.png")
     if "package" not in artifacts:

@@ -118,13 +118,15 @@ def plot_scatter(path, points: Sequence[Mapping], *, x: str, y: str, label: str 
     """One labelled dot per point (e.g. accuracy vs latency of each candidate)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for p in points:
+    for i, p in enumerate(points):
         if p.get(x) is None or p.get(y) is None:
             continue
         chosen = highlight is not None and p.get(label) == highlight
         ax.scatter([p[x]], [p[y]], s=70 if chosen else 35, marker="*" if chosen else "o",
                    color="tab:red" if chosen else "tab:blue", zorder=3)
-        ax.annotate(str(p.get(label)), (p[x], p[y]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # Candidates often tie on accuracy; stagger the labels so tied points stay readable.
+        ax.annotate(str(p.get(label)), (p[x], p[y]), textcoords="offset points", xytext=(5, 4 + 10 * (i % 3)),
+                    fontsize=8)
     if hline is not None:
         ax.axhline(hline, color="tab:gray", linestyle="--", linewidth=1, label=hline_label or None)
         if hline_label:

@@ -148,6 +148,7 @@ class ModelHandle:
     load_s: float = 0.0
     warmup_s: float = 0.0
     packers: dict = field(default_factory=dict)
+    variant: str | None = None  # the package variant's id (adapt switches variants of one package)
 
     def packer(self, max_batch: int) -> Packer:
         p = self.packers.get(max_batch)
@@ -235,6 +236,9 @@ class Agent:
         self._notifier = Notifier.from_env()
         self._batch_hooks: list[Callable[[ResultBatch], None]] = []
         self._result_hooks: list[Callable[[Result], None]] = []
+        # on_batch_inputs(batch, inputs): called on the batcher thread while the packed input rows are valid
+        # (drift monitoring reads them there; they are overwritten by the next batch).
+        self._input_hooks: list[Callable[[ResultBatch, list[np.ndarray]], None]] = []
         self._wants_inputs = False
         self._max_batch = config.batcher.max_batch
 
@@ -253,6 +257,8 @@ class Agent:
         return obj
 
     def _wire_component(self, obj: Any) -> None:
+        if hasattr(obj, "on_batch_inputs"):
+            self._input_hooks.append(obj.on_batch_inputs)
         if hasattr(obj, "on_batch"):
             self._batch_hooks.append(obj.on_batch)
         elif hasattr(obj, "on_result"):
@@ -264,14 +270,14 @@ class Agent:
     def _trusted(self) -> list[str] | None:
         return list(self.config.agent.trusted_keys) or None
 
-    def load_candidate(self, sha: str) -> ModelHandle:
-        """Load and warm a stored package beside the active model (does not switch)."""
+    def load_candidate(self, sha: str, variant: str | None = None) -> ModelHandle:
+        """Load and warm a stored package beside the active model (does not switch); ``variant`` overrides the config's."""
         if self.store is None:
             raise StoreError("the agent is not started; call start() first")
         self.store.verify(sha, self._trusted())
-        return self._load(sha)
+        return self._load(sha, variant)
 
-    def _load(self, sha: str) -> ModelHandle:
+    def _load(self, sha: str, variant: str | None = None) -> ModelHandle:
         from ..runtime import load  # noqa: PLC0415 - keeps `import edgeship.agent.agent` light
 
         rt = self.config.runtime
@@ -279,8 +285,8 @@ class Agent:
         manifest = store.manifest(sha)
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = {"backend": rt.backend, "threads": rt.threads, "optimization": rt.optimization}
-        if rt.variant is not None:
-            kwargs["variant"] = rt.variant
+        if (variant or rt.variant) is not None:
+            kwargs["variant"] = variant or rt.variant
         try:
             runner = load(str(store.package_path(sha)), **kwargs)
         except EdgeshipError:
@@ -309,7 +315,7 @@ class Agent:
             output_names=[s.name for s in runner.outputs], sample_shapes=list(shapes), dtypes=dtypes,
             model_batch=None if all(m is None for m in modes) else max(m or 0 for m in modes), preprocessors=preprocessors, labels=list(labels) if labels else None,
             model=model, model_json=json.dumps({"name": model["name"], "version": model["version"]}, separators=(",", ":")),
-            load_s=load_s, warmup_s=warm_s)
+            load_s=load_s, warmup_s=warm_s, variant=(getattr(runner, "variant", None) or {}).get("id"))
         log.info("loaded %s %s (%s) with %s in %.0f ms, warm-up %.0f ms", model["name"], model["version"], sha[:12],
                  getattr(runner, "backend", "?"), 1000 * load_s, 1000 * warm_s)
         return handle
@@ -333,7 +339,7 @@ class Agent:
         with self._switch_lock:
             handle = target if isinstance(target, ModelHandle) else self.load_candidate(target)
             old = self._handle
-            if old is not None and old.sha256 == handle.sha256:
+            if old is not None and old.sha256 == handle.sha256 and old.variant == handle.variant:
                 if handle is not old:
                     handle.close()
                 return dict(old.model)
@@ -709,8 +715,10 @@ class Agent:
             self.metrics.counters.inc("errors", n)
 
     def _tick(self) -> None:
-        # Runs on the batcher thread: the watchdog ping proves the batch loop is alive.
-        self._notifier.watchdog()
+        # Runs on the batcher thread: the watchdog ping proves the batch loop is alive
+        # (only once READY=1 was sent: systemd expects READY first).
+        if self._state == "running":
+            self._notifier.watchdog()
         prev = self._previous
         if prev is not None and time.monotonic() > self._previous_until:
             self._previous = None  # health window over: free the old model's memory
@@ -774,6 +782,10 @@ class Agent:
         if missed:
             m.counters.inc("deadline_missed", missed)
         m.record_batch(n, (t_done - t0) * 1000.0, lat_counts)
+        want_inputs = self._input_hooks or self._wants_inputs
+        self._deliver(batch, [b[:n] for b in packer.buffers] if want_inputs else None)
+        # Futures last: waking a caller can preempt this thread (same core, GIL
+        # handover), so everything else of the batch is done before.
         for seg in futures:
             w = seg.work
             p = seg.pos
@@ -786,7 +798,6 @@ class Agent:
             r = Result(f"{self._id_prefix}{base + p}", {name: o[p] for name, o in zip(handle.output_names, outs)},
                        handle.model, lats[p], w.source, ts[p], label, score, top)
             w.future.set_result(r)
-        self._deliver(batch, None)
 
     def _deliver(self, batch: ResultBatch, inputs: list[np.ndarray] | None) -> None:
         for s in self.sinks:
@@ -800,8 +811,18 @@ class Agent:
                 hook(batch)
             except Exception as exc:
                 log.warning("component hook failed: %s", exc)
+        if inputs is not None:
+            for ihook in self._input_hooks:
+                try:
+                    ihook(batch, inputs)
+                except Exception as exc:
+                    log.warning("component input hook failed: %s", exc)
         if self._result_hooks:
-            for r in batch.results():
+            results = batch.results()
+            if self._wants_inputs and inputs is not None:
+                for i, r in enumerate(results):  # copies: the buffers are reused by the next batch
+                    r.inputs = {name: a[i].copy() for name, a in zip(self._handle.input_names, inputs)}
+            for r in results:
                 for hook in self._result_hooks:
                     try:
                         hook(r)
@@ -851,10 +872,13 @@ class Agent:
         for c in self.components:
             fn = getattr(c, "health", None)
             if callable(fn):
+                name = type(c).__name__
+                if name in comps:  # two components of one class: number the later ones
+                    name = f"{name}#{sum(k.split('#')[0] == name for k in comps) + 1}"
                 try:
-                    comps[type(c).__name__] = fn()
+                    comps[name] = fn()
                 except Exception as exc:
-                    comps[type(c).__name__] = {"error": str(exc)}
+                    comps[name] = {"error": str(exc)}
         if comps:
             out["components"] = comps
         return out

@@ -168,7 +168,17 @@ class RolloutSection:
 
 @dataclass(frozen=True)
 class AdaptSection:
-    latency_budget_ms: float | None = None
+    latency_budget_ms: float | None = field(default=None, metadata={"check": lambda v: None if v is None or v > 0 else f"must be > 0 (got {v})"})
+    # edgeship.agent.adapt: how the p95 is watched and when the variant changes (hysteresis)
+    check_s: float = _opt(1.0, _positive)           # how often the p95 of model calls is checked
+    sustain_s: float = _opt(10.0, _at_least(0))     # over budget this long -> step down
+    headroom_s: float = _opt(30.0, _at_least(0))    # room for a more accurate variant this long -> step up
+    headroom: float = _opt(0.8, _positive)          # ... its expected p95 must fit in this fraction of the budget
+    cooldown_s: float | None = None                 # no change this long after one (default: sustain_s)
+    min_samples: int = _opt(20, _at_least(1))       # a check with fewer model calls is not judged
+    hot_c: float = _opt(80.0, _positive)            # no step up at or above this SoC temperature
+    measure_s: float = _opt(1.0, _positive)         # start-up timing per variant
+    tune: bool = True                               # measure threads / batch delay when the config leaves them open
 
 
 @dataclass(frozen=True)
@@ -428,4 +438,7 @@ bandwidth_limit_kbps = 0          # 0 = unlimited
 
 [adapt]
 # latency_budget_ms = 20          # pick the package variant that meets this on this device
+# sustain_s = 10                  # p95 over budget this long -> step down to a faster variant
+# headroom_s = 30                 # headroom this long -> step back up (not while hot_c is reached)
+# tune = true                     # measure [runtime] threads / [batcher] max_delay_ms when not set here
 '''

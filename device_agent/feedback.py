@@ -90,32 +90,53 @@ class PredictionRing:
 
 
 class _InputWriter:
-    """Writes kept inputs to disk off the inference path; bounded queue and byte cap."""
+    """Writes kept inputs to disk off the inference path: one ``.npz`` per batch, bounded queue, byte cap.
 
-    def __init__(self, directory: Path, max_bytes: int, queue_size: int = 256) -> None:
+    ``index`` maps a prediction id to (file, row); it is bounded like the
+    prediction ring. A batch that finds the queue full is skipped (counted):
+    the disk never slows inference down.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int, index_size: int = 10000, queue_size: int = 64) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
-        self.q: queue.Queue[tuple[str, dict]] = queue.Queue(maxsize=queue_size)
+        self.index_size = max(1, index_size)
+        self.q: queue.Queue[tuple[list[str], dict]] = queue.Queue(maxsize=queue_size)
         self.skipped = 0
-        # Inputs queued but not yet on disk, so feedback arriving right after the prediction finds them.
-        self._pending: dict[str, dict] = {}
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, tuple[str | None, int]] = OrderedDict()
+        # Batches queued but not yet on disk, so feedback arriving right after the prediction finds them.
+        self._pending: dict[int, dict] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # Existing files (oldest first) so the cap holds across restarts.
+        # Files from an earlier run count against the cap (oldest deleted first); their index is gone.
         files = sorted(self.dir.glob("*.npz"), key=lambda p: p.stat().st_mtime)
         self._files: OrderedDict[str, int] = OrderedDict((p.name, p.stat().st_size) for p in files)
         self._bytes = sum(self._files.values())
 
-    def path_for(self, prediction_id: str) -> Path:
-        return self.dir / (_SAFE.sub("_", prediction_id)[:120] + ".npz")
-
-    def offer(self, prediction_id: str, arrays: dict) -> None:
+    def offer(self, prediction_ids: list[str], arrays: Mapping[str, Any]) -> None:
+        arrays = dict(arrays)
+        # Register before queueing: the writer may finish the file before put_nowait returns.
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            self._pending[seq] = arrays
+            for row, pid in enumerate(prediction_ids):
+                self._index[pid] = (f"#{seq}", row)
+                self._index.move_to_end(pid)
+            while len(self._index) > self.index_size:
+                self._index.popitem(last=False)
         try:
-            self.q.put_nowait((prediction_id, arrays))
-            self._pending[prediction_id] = arrays
+            self.q.put_nowait((prediction_ids, arrays, seq))
         except queue.Full:
-            self.skipped += 1  # the disk is slower than inference: keep up by skipping, never wait
+            self.skipped += len(prediction_ids)  # the disk is slower than inference: skip, never wait
+            with self._lock:
+                self._pending.pop(seq, None)
+                for pid in prediction_ids:
+                    if self._index.get(pid, ("", 0))[0] == f"#{seq}":
+                        del self._index[pid]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="feedback-inputs", daemon=True)
@@ -132,43 +153,56 @@ class _InputWriter:
 
         while not self._stop.is_set() or not self.q.empty():
             try:
-                pid, arrays = self.q.get(timeout=0.2)
+                pids, arrays, seq = self.q.get(timeout=0.2)
             except queue.Empty:
                 continue
+            name = f"{int(time.time() * 1000):013d}-{seq:08d}.npz"
             try:
-                path = self.path_for(pid)
+                path = self.dir / name
                 tmp = path.with_suffix(".tmp")
                 with open(tmp, "wb") as f:
                     np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-                os.replace(tmp, path)  # a crash never leaves a half-written input under the real name
+                os.replace(tmp, path)  # a crash never leaves a half-written file under the real name
                 size = path.stat().st_size
-                self._files[path.name] = size
-                self._files.move_to_end(path.name)
-                self._bytes += size
-                while self._bytes > self.max_bytes and self._files:
-                    name, s = self._files.popitem(last=False)
-                    self._bytes -= s
-                    try:
-                        (self.dir / name).unlink()
-                    except FileNotFoundError:
-                        pass
+                with self._lock:
+                    for pid in pids:
+                        ent = self._index.get(pid)
+                        if ent is not None and ent[0] == f"#{seq}":
+                            self._index[pid] = (name, ent[1])
+                    self._files[name] = size
+                    self._bytes += size
+                    while self._bytes > self.max_bytes and self._files:
+                        old, s = self._files.popitem(last=False)
+                        self._bytes -= s
+                        try:
+                            (self.dir / old).unlink()
+                        except FileNotFoundError:
+                            pass
             except (OSError, ValueError) as exc:
-                log.warning("could not keep input of %s: %s", pid, exc)
+                log.warning("could not keep %d inputs: %s", len(pids), exc)
             finally:
-                self._pending.pop(pid, None)
+                with self._lock:
+                    self._pending.pop(seq, None)
 
     def load(self, prediction_id: str) -> dict | None:
+        """The kept input arrays of one prediction (one sample, no batch axis), or None."""
         import numpy as np
 
-        pending = self._pending.get(prediction_id)
-        if pending is not None:
-            return {k: np.asarray(v) for k, v in pending.items()}
-        path = self.path_for(prediction_id)
+        with self._lock:
+            ent = self._index.get(prediction_id)
+            if ent is None:
+                return None
+            where, row = ent
+            if where.startswith("#"):
+                pending = self._pending.get(int(where[1:]))
+                if pending is not None:
+                    return {k: np.asarray(v)[row] for k, v in pending.items()}
+                return None
         try:
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except (OSError, ValueError):
-            return None
+            with np.load(self.dir / where, allow_pickle=False) as z:
+                return {k: z[k][row] for k in z.files}
+        except (OSError, ValueError, IndexError):
+            return None  # deleted by the byte cap
 
 
 class FeedbackManager:
@@ -180,11 +214,13 @@ class FeedbackManager:
         self.device = device
         self.topic = protocol.device_topic(fleet, device, "feedback")
         self.ring = PredictionRing(ring_size)
-        self.writer = _InputWriter(Path(inputs_dir), max_input_bytes) if inputs_dir and max_input_bytes > 0 else None
+        self.writer = (_InputWriter(Path(inputs_dir), max_input_bytes, index_size=max(1, ring_size))
+                       if inputs_dir and max_input_bytes > 0 else None)
+        self.input_names: list[str] | None = None  # set by the agent glue; else input0, input1, ...
         self.sent = 0
 
     def start(self) -> "FeedbackManager":
-        if self.writer is not None:
+        if self.writer is not None and self.writer._thread is None:  # noqa: SLF001
             self.writer.start()
         return self
 
@@ -192,25 +228,42 @@ class FeedbackManager:
         if self.writer is not None:
             self.writer.stop(timeout)
 
+    def on_batch(self, batch: Any) -> None:
+        """Agent fast path: remember every prediction of one ResultBatch."""
+        ids = batch.prediction_ids()
+        labels = batch.label_names() or [None] * len(ids)
+        ts = float(batch.ts) if isinstance(batch.ts, (int, float)) else time.time()
+        rec_model = batch.model
+        for pid, lab in zip(ids, labels):
+            self.ring.add(pid, {"label": lab, "model": rec_model, "ts": ts})
+
+    def on_batch_inputs(self, batch: Any, inputs: list) -> None:
+        """Agent hook (only wired with keep_inputs): hand this batch's input rows to the disk writer."""
+        if self.writer is None:
+            return
+        import numpy as np
+
+        names = self.input_names or [f"input{i}" for i in range(len(inputs))]
+        # The agent reuses its buffers for the next batch: copy now, on the batcher thread (cheap memcpy).
+        self.writer.offer(batch.prediction_ids(), {n: np.array(a[:batch.n], copy=True) for n, a in zip(names, inputs)})
+
     def on_result(self, result: Any) -> None:
         pid = getattr(result, "prediction_id", None)
         if not pid:
             return
-        self.ring.add(pid, {"label": getattr(result, "label", None), "model": getattr(result, "model", None),
-                            "ts": getattr(result, "ts", None) or time.time()})
-        if self.writer is not None:
-            inputs = getattr(result, "inputs", None)
-            if inputs is None:
-                inputs = getattr(result, "input", None)
-            if inputs is not None:
-                self.writer.offer(pid, inputs if isinstance(inputs, Mapping) else {"input": inputs})
+        self.remember(pid, label=getattr(result, "label", None), model=getattr(result, "model", None),
+                      inputs=getattr(result, "inputs", None))
 
     def remember(self, prediction_id: str, *, label: Any = None, model: Mapping | None = None,
                  inputs: Mapping | None = None) -> None:
-        """Record a prediction made outside the agent's result path (e.g. by an SDK user)."""
+        """Record one prediction (SDK users, or results without a batch); ``inputs`` is one sample."""
         self.ring.add(prediction_id, {"label": label, "model": dict(model) if model else None, "ts": time.time()})
         if inputs is not None and self.writer is not None:
-            self.writer.offer(prediction_id, dict(inputs))
+            import numpy as np
+
+            if not isinstance(inputs, Mapping):
+                inputs = {"input": inputs}
+            self.writer.offer([prediction_id], {k: np.asarray(v)[None] for k, v in inputs.items()})
 
     def feedback(self, prediction_id: str, kind: str, value: Any = None) -> dict:
         """Queue one feedback message; returns it. InputError for an unknown id or a bad value."""
@@ -237,3 +290,53 @@ class FeedbackManager:
         self.outbox.put("feedback", self.topic, protocol.encode(msg))
         self.sent += 1
         return msg
+
+
+def send_feedback(api: str, prediction_id: str, kind: str, value: Any = None, timeout: float = 10.0) -> dict:
+    """POST one feedback to a running agent's local API (``http://host:port`` or ``unix:/path``).
+
+    What ``edgeship agent feedback`` calls. Returns the API's JSON answer;
+    a refusal becomes an InputError / TransportError with the agent's message.
+    """
+    import http.client
+    import json
+    import socket
+    import urllib.parse
+
+    from ..errors import TransportError
+
+    value = check_feedback(kind, value)
+    body = json.dumps({"prediction_id": prediction_id, "kind": kind, "value": value}).encode()
+    if api.startswith("unix:"):
+        path = api[len("unix:"):]
+
+        class _UnixConn(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(timeout)
+                self.sock.connect(path)
+
+        conn: http.client.HTTPConnection = _UnixConn("localhost", timeout=timeout)
+    else:
+        u = urllib.parse.urlsplit(api if "://" in api else f"http://{api}")
+        if u.scheme != "http" or not u.hostname:
+            raise InputError(f"agent API {api!r} must look like http://127.0.0.1:8765 or unix:/path/to/socket")
+        conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/feedback", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+    except OSError as exc:
+        raise TransportError(f"cannot reach the agent's local API at {api}: {exc}; is `edgeship agent run` "
+                             "running with [api] enabled = true?") from exc
+    finally:
+        conn.close()
+    try:
+        out = json.loads(data or b"{}")
+    except ValueError:
+        out = {"error": data[:200].decode(errors="replace")}
+    if resp.status == 400:
+        raise InputError(str(out.get("error", out)))
+    if resp.status != 200:
+        raise TransportError(f"agent API answered {resp.status}: {out.get('error', out)}")
+    return out

@@ -68,6 +68,20 @@ class FleetLink:
                    max_input_bytes=int(config.feedback.max_input_bytes),
                    metrics_snapshot=metrics_snapshot, model_fn=model_fn)
 
+    def attach(self, agent: Any) -> "FleetLink":
+        """Plug into an :class:`edgeship.agent.Agent` (before or after ``start()``)."""
+        if self.telemetry.metrics_snapshot is None:
+            self.telemetry.metrics_snapshot = agent.metrics.snapshot
+            self.telemetry._prime()  # noqa: SLF001 - windows count from now
+        if self.state.model_fn is None:
+            self.state.model_fn = lambda: agent.model
+        fm = self.feedback_manager
+        if fm.writer is not None:
+            fm.input_names = None
+            agent.add_component(_InputCapture(fm, agent))
+        agent.add_component(self)
+        return self
+
     # ------------------------------------------------------------ component hooks
     def start(self) -> "FleetLink":
         if self._started:
@@ -99,6 +113,12 @@ class FleetLink:
             self.link.stop(timeout)
         self.outbox.close()
 
+    def on_batch(self, batch: Any) -> None:
+        # On the batcher thread: in-memory bookkeeping only, never I/O.
+        self.telemetry.on_batch(batch)
+        self.feedback_manager.on_batch(batch)
+        self.state.on_batch(batch)
+
     def on_result(self, result: Any) -> None:
         self.telemetry.on_result(result)
         self.feedback_manager.on_result(result)
@@ -111,3 +131,23 @@ class FleetLink:
         return {"mqtt": self.link.health() if self.link is not None else {"configured": False},
                 "outbox": self.outbox.stats() if not self.outbox.closed else {"closed": True},
                 "forwarder": self.forwarder.health() if self.forwarder is not None else None}
+
+
+class _InputCapture:
+    """Component wired only with ``[feedback] keep_inputs``: copies each batch's inputs for feedback."""
+
+    def __init__(self, feedback_manager: FeedbackManager, agent: Any) -> None:
+        self.fm = feedback_manager
+        self.agent = agent
+
+    def start(self) -> None:
+        self.fm.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        return None  # the FleetLink stops the writer after the last batch
+
+    def on_batch_inputs(self, batch: Any, inputs: list) -> None:
+        h = self.agent.handle
+        if h is not None and self.fm.input_names != h.input_names:
+            self.fm.input_names = list(h.input_names)
+        self.fm.on_batch_inputs(batch, inputs)

@@ -156,40 +156,46 @@ class ResultBatch:
             return ""
         model_json = self._model_json or json.dumps({"name": self.model.get("name"), "version": self.model.get("version")},
                                                     separators=(",", ":"))
-        if isinstance(self.source, list):
-            enc_src = {x: json.dumps(x) for x in set(self.source)}
-            src = [enc_src[x] for x in self.source]
-        else:
-            src = [json.dumps(self.source)] * n
         ts = self._col(self.ts, n)
         lat = self._col(self.latency_ms, n)
-        base = self.id_base
-        prefix = self.id_prefix
+        ids = range(self.id_base, self.id_base + n)
         names = self.label_names()
-        if isinstance(self.cached, list):
-            cached = [',"cached":true' if c else "" for c in self.cached]
+        # Per-row parts vary; the constant parts are baked into the template once per batch.
+        cols: list = [ids]
+        head = '{"prediction_id":"' + self.id_prefix.replace("%", "%%") + '%d","source":'
+        if isinstance(self.source, list) and len(set(self.source)) > 1:
+            enc_src = {x: json.dumps(x) for x in set(self.source)}
+            cols.append([enc_src[x] for x in self.source])
+            head += "%s"
         else:
-            cached = [',"cached":true' if self.cached else ""] * n
-        extra = [""] * n
+            src = self.source[0] if isinstance(self.source, list) else self.source
+            head += json.dumps(src).replace("%", "%%")
+        head += ',"ts":%.6f'
+        cols.append(ts)
+        if names is not None:
+            enc = {lab: json.dumps(lab) for lab in set(names)}
+            cols += [[enc[x] for x in names], self.scores.tolist()]
+            head += ',"label":%s,"score":%.5f'
+        head += ',"latency_ms":%.3f,"model":' + model_json.replace("%", "%%")
+        cols.append(lat)
+        extra = None
         if self.refs is not None:
             extra = [',"ref":' + json.dumps(r) if r is not None else "" for r in self._col(self.refs, n)]
         if outputs or names is None:
             outs = [",\"outputs\":{" + ",".join(f"{json.dumps(name)}:{json.dumps(o[i].tolist())}"
                                                 for name, o in zip(self.output_names, self.outputs)) + "}"
                     for i in range(n)]
-            extra = [a + b for a, b in zip(extra, outs)]
-        if names is None:
-            tmpl = '{"prediction_id":"%s%d","source":%s,"ts":%.6f,"latency_ms":%.3f,"model":%s%s%s}\n'
-            return "".join([tmpl % (prefix, base + i, src[i], ts[i], lat[i], model_json, extra[i], cached[i])
-                            for i in range(n)])
-        scores = self.scores.tolist()
-        jl = [json.dumps(x) for x in names] if self.labels is None else None
-        if jl is None:
-            enc = {lab: json.dumps(lab) for lab in set(names)}
-            jl = [enc[x] for x in names]
-        tmpl = '{"prediction_id":"%s%d","source":%s,"ts":%.6f,"label":%s,"score":%.5f,"latency_ms":%.3f,"model":%s%s%s}\n'
-        return "".join([tmpl % (prefix, base + i, src[i], ts[i], jl[i], scores[i], lat[i], model_json, extra[i], cached[i])
-                        for i in range(n)])
+            extra = outs if extra is None else [a + b for a, b in zip(extra, outs)]
+        if isinstance(self.cached, list):
+            c = [',"cached":true' if x else "" for x in self.cached]
+            extra = c if extra is None else [a + b for a, b in zip(extra, c)]
+        elif self.cached:
+            head += ',"cached":true'
+        if extra is not None:
+            cols.append(extra)
+            head += "%s"
+        tmpl = head + "}\n"
+        return "".join([tmpl % row for row in zip(*cols)])
 
 
 def _top(row: np.ndarray, labels: Sequence[str] | None, k: int = 5) -> list[tuple[str, float]]:

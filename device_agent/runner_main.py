@@ -21,6 +21,12 @@ log = logging.getLogger("edgeship.agent")
 
 def wire_components(agent: Agent, cfg: AgentConfig) -> None:
     """Attach the optional components the config asks for (before ``agent.start()``)."""
+    if cfg.mqtt.broker:
+        # Outbox + MQTT link + state/telemetry/feedback (issue 7): everything for the fleet goes
+        # through outbox.sqlite in the state dir; the network never touches the inference path.
+        from .link import FleetLink  # noqa: PLC0415 - only agents with a broker pay for it
+
+        FleetLink.from_config(cfg).attach(agent)
     return None
 
 

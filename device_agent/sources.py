@@ -25,7 +25,6 @@ sources, ``decode(item) -> np.ndarray``.
 from __future__ import annotations
 
 import glob as _glob
-import io
 import json
 import logging
 import os
@@ -36,7 +35,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -295,6 +293,12 @@ class JsonLinesSource(_LineSource):
                 if tss and len(tss) > len(rows):
                     tss.pop()
                 bad.append((self._ref(first_line + i), f"not a JSON array of numbers: {str(exc)[:120]}"))
+        if rows:
+            shapes = [np.shape(r) for r in rows]
+            best = max(set(shapes), key=shapes.count)
+            keep = [i for i, sh in enumerate(shapes) if sh == best]
+            bad += [("?", f"row has shape {sh}, the others {best}") for sh in shapes if sh != best]
+            rows, tss = [rows[i] for i in keep], [tss[i] for i in keep]
         block = self._block_from_rows(rows, bad, now)
         if block.data is not None and len(block.data) == len(tss) and any(t != now for t in tss):
             block.ts = np.asarray(tss)

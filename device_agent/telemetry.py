@@ -79,6 +79,25 @@ class WindowAggregator:
             if model is not None:
                 w.model = dict(model)
 
+    def record_batch(self, n: int, latency_ms: Any, labels: list | None = None,
+                     model: Mapping | None = None) -> None:
+        """One batch of ``n`` results; ``latency_ms`` is one value for all or one per row."""
+        with self._lock:
+            w = self._w
+            w.inferences += n
+            if isinstance(latency_ms, (int, float)):
+                w.latency.add_repeated(latency_ms, n)
+            elif latency_ms is not None:
+                w.latency.add_many(latency_ms)
+            if labels:
+                for lab in labels:
+                    key = str(lab)[:64]
+                    if key not in w.classes and len(w.classes) >= self.max_classes:
+                        key = "_other"
+                    w.classes[key] = w.classes.get(key, 0) + 1
+            if model is not None:
+                w.model = model  # the agent's model dict is fixed per loaded model: no copy per batch
+
     def take(self, now: float) -> WindowData:
         with self._lock:
             w, self._w = self._w, WindowData(now)
@@ -134,6 +153,9 @@ def build_telemetry_body(w: WindowData, *, now: float, counters: Mapping[str, in
         "cache_hits": int(c.get("cache_hits", 0)),
         "cache_misses": int(c.get("cache_misses", 0)),
     }
+    for k, v in c.items():  # other agent counters (batches, overload_rejected, ...) ride along
+        if k not in counts and k != "inferences" and isinstance(v, int) and v >= 0:
+            counts[k] = v
     lookups = counts["cache_hits"] + counts["cache_misses"]
     lat = w.latency
     body: dict[str, Any] = {
@@ -238,6 +260,9 @@ class Telemetry:
         self._providers.append(provider)
 
     # agent component hooks
+    def on_batch(self, batch: Any) -> None:
+        self.agg.record_batch(batch.n, batch.latency_ms, batch.label_names(), batch.model)
+
     def on_result(self, result: Any) -> None:
         self.agg.record(getattr(result, "latency_ms", None), getattr(result, "label", None),
                         getattr(result, "model", None))
@@ -348,8 +373,13 @@ class StateReporter:
         self._model = dict(model) if model else None
         self.put_state(True)
 
+    def on_batch(self, batch: Any) -> None:
+        self._see_model(batch.model)
+
     def on_result(self, result: Any) -> None:
-        m = getattr(result, "model", None)
+        self._see_model(getattr(result, "model", None))
+
+    def _see_model(self, m: Mapping | None) -> None:
         if m and (self._model is None or m.get("sha256") != self._model.get("sha256")
                   or m.get("version") != self._model.get("version")):
             self._model = dict(m)

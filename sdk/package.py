@@ -32,8 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import (ConfigError, EdgeshipError, IntegrityError, ModelError, PackageError, PackageFormatError,
-                     SignatureError)
+from .errors import ConfigError, IntegrityError, PackageError, PackageFormatError, SignatureError
 
 __all__ = ["FORMAT", "SUPPORTED_FORMATS", "MANIFEST", "SIGNATURE", "Package", "build", "sign", "open_package",
            "verify", "unpack", "inspect", "format_inspect", "read_manifest_summary", "file_sha256",
@@ -236,7 +235,8 @@ class Package:
             with zipfile.ZipFile(self.path) as zf:
                 return zf.read(member)
         except (zipfile.BadZipFile, zlib.error) as exc:
-            raise IntegrityError(f"{self.path}: member {member} is corrupt ({exc}); download the package again") from exc
+            raise IntegrityError(f"{self.path}: member {member} is corrupt ({exc}); "
+                                 "download the package again") from exc
 
     def member_path(self, member: str) -> Path | None:
         """The file on disk for an unpacked package (None for a zip)."""
@@ -485,8 +485,6 @@ def verify(path: str | os.PathLike | Package, trusted_keys=None, *, require_sign
     # Signature first: if the manifest was altered, that is the thing to report.
     _check_signature(pkg, store, require)
     if pkg.is_dir:
-        if pkg.signature is not None and store is not None:
-            pass  # checked above
         names = list(pkg.files) if members is None else list(members)
         for name in names:
             if name not in pkg.files:
@@ -642,17 +640,20 @@ def inspect_model(data: bytes, runtime: str, what: str = "model") -> tuple[list,
 
 
 def _guess_precision(data: bytes, runtime: str, inputs, outputs) -> str:
+    """int8 / fp16 / fp32 from the model itself (pass ``precision`` in a variant to say it outright)."""
     if any(s.dtype in ("int8", "uint8") and s.quantization for s in [*inputs, *outputs]):
         return "int8"
-    # Op names are plain strings inside the protobuf/flatbuffer: a cheap check
-    # that needs neither onnx nor a flatbuffer parser.
     if runtime == "onnxruntime":
+        # Op names are plain strings inside the protobuf: a cheap check that needs no onnx package.
         markers = (b"QuantizeLinear", b"QLinear", b"MatMulInteger", b"ConvInteger")
-        if any(m in data for m in markers):
-            return "int8"
-        if b"float16" in data:  # pragma: no cover - heuristic only
-            return "fp32"
-    return "fp32"
+        return "int8" if any(mk in data for mk in markers) else "fp32"
+    from .runtime import _backends
+
+    interp, _ = _backends.open_tflite(data, threads=1)
+    dtypes = {str(d["dtype"].__name__) for d in interp.get_tensor_details()}
+    if dtypes & {"int8", "uint8"}:
+        return "int8"
+    return "fp16" if "float16" in dtypes else "fp32"
 
 
 def _load_json_arg(value, what: str):
@@ -776,9 +777,11 @@ def build(out_path: str | os.PathLike, model_files, *, name: str, version: str,
             v["precision"] = _guess_precision(members[f], v["runtime"], specs_from_dicts(v["inputs"]),
                                               specs_from_dicts(v["outputs"]))
         v.setdefault("id", f"{'onnx' if v['runtime'] == 'onnxruntime' else 'tflite'}-{v['precision']}")
-        v.setdefault("metrics", {})
+        v["default"] = bool(v.get("default", False))
+        v["metrics"] = dict(v.get("metrics") or {})
         v["metrics"].setdefault("size", len(members[f]))
-        out_variants.append(v)
+        head = ("id", "file", "runtime", "precision", "default")
+        out_variants.append({**{k: v[k] for k in head if k in v}, **{k: x for k, x in v.items() if k not in head}})
     ids = [v["id"] for v in out_variants]
     if len(set(ids)) != len(ids):
         # Two variants got the same default id: suffix them so each stays addressable.

@@ -3,7 +3,7 @@
 Steps, in order, each optional::
 
     {"color": "L" | "RGB" | "BGR",     # decode/convert images (Pillow, lazily)
-     "resize": [height, width],        # bilinear
+     "resize": [height, width],        # bilinear (Pillow, antialiased)
      "scale": 0.00392,                 # x * scale
      "mean": [..], "std": [..],        # (x - mean) / std, per channel (last axis before layout)
      "layout": "NHWC" | "NCHW",        # raw samples are HWC; NCHW moves channels first
@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .errors import ConfigError, EdgeshipError, InputError
 
-__all__ = ["KEYS", "check_preprocess", "Preprocessor", "resize_bilinear", "decode_image"]
+__all__ = ["KEYS", "check_preprocess", "Preprocessor", "resize", "resize_bilinear", "decode_image"]
 
 KEYS = ("color", "resize", "scale", "mean", "std", "layout", "dtype")
 _COLORS = ("L", "RGB", "BGR")
@@ -131,6 +130,29 @@ def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return top * (1 - fy) + bot * fy
 
 
+def resize(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize an HW or HWC array to (height, width) as float32.
+
+    Uses Pillow's bilinear filter (antialiased when shrinking, as torchvision
+    and most training pipelines do) channel by channel in float mode, so a
+    file and the same pixels given as an array give identical results. Falls
+    back to plain bilinear interpolation without Pillow.
+    """
+    x = np.asarray(x)
+    if x.shape[:2] == (height, width):
+        return x.astype(np.float32, copy=False)
+    try:
+        from PIL import Image
+    except ImportError:
+        return resize_bilinear(x, height, width)
+    chans = x[..., None] if x.ndim == 2 else x
+    out = [np.asarray(Image.fromarray(np.ascontiguousarray(chans[..., c], dtype=np.float32))
+                      .resize((width, height), Image.BILINEAR), dtype=np.float32)
+           for c in range(chans.shape[-1])]
+    res = np.stack(out, axis=-1)
+    return res[..., 0] if x.ndim == 2 else res
+
+
 def _is_image_source(sample: Any) -> bool:
     if isinstance(sample, (str, os.PathLike, bytes, bytearray, memoryview)):
         return True
@@ -189,7 +211,7 @@ class Preprocessor:
             if x.ndim != 3:
                 raise InputError(f"cannot resize a sample of shape {x.shape}; expected an HxW or HxWxC image",
                                  input_name="sample", expected="HW or HWC", got=x.shape)
-            x = resize_bilinear(x, *s["resize"])
+            x = resize(x, *s["resize"])
         x = x.astype(np.float32, copy=False)
         if "scale" in s:
             x = x * np.float32(s["scale"])

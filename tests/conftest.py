@@ -132,3 +132,100 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: fl
     if check and proc.returncode != 0:
         raise AssertionError(f"edgeship {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    # Debian keeps the server binaries off PATH, under /usr/lib/postgresql/<ver>/bin.
+    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (d / name).exists():
+            return str(d / name)
+    return None
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on 127.0.0.1:<free port>, initdb'd in a temp dir.
+
+    initdb refuses to run as root, so as root the server runs as the
+    `postgres` system user (created by Debian's package) via runuser.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.initdb, self.pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+        if not (self.initdb and self.pg_ctl):
+            pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install -y postgresql")
+        self.workdir = Path(workdir)
+        self.data = self.workdir / "data"
+        self.port = free_port()
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            runuser = shutil.which("runuser")
+            if runuser is None:
+                pytest.skip("running as root without runuser: cannot start PostgreSQL")
+            import pwd
+
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            os.chown(self.workdir, pw.pw_uid, pw.pw_gid)
+            # The server user must be able to reach its data dir through pytest's tmp dirs.
+            p = self.workdir
+            while p != p.parent:
+                p = p.parent
+                try:
+                    os.chmod(p, os.stat(p).st_mode | 0o011)
+                except OSError:
+                    break
+            self.prefix = [runuser, "-u", "postgres", "--"]
+        self.user = "postgres" if self.prefix else (os.environ.get("USER") or "postgres")
+
+    def _run(self, *args: str, timeout: float = 60) -> None:
+        proc = subprocess.run([*self.prefix, *args], capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed: {proc.stderr[-1000:]}")
+
+    def start(self) -> "PostgresCluster":
+        self._run(self.initdb, "-D", str(self.data), "-A", "trust", "-U", self.user, "--no-sync", "-E", "UTF8")
+        opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.workdir} -c fsync=off"
+        self._run(self.pg_ctl, "-D", str(self.data), "-o", opts, "-l", str(self.workdir / "log"), "-w", "start")
+        return self
+
+    def url(self, db: str = "postgres") -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{db}"
+
+    def create_db(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        try:
+            self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        except (RuntimeError, subprocess.TimeoutExpired):
+            pass
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg: pip install 'edgeship[fleet]'")
+    cluster = PostgresCluster(tmp_path_factory.mktemp("pg"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fleet_db_url(request, tmp_path):
+    """A fresh, empty fleet DB URL on each backend (PostgreSQL skipped where not installed)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "fleet.sqlite")
+    cluster = request.getfixturevalue("postgres")
+    import uuid
+
+    return cluster.create_db(f"fleet_{uuid.uuid4().hex[:12]}")

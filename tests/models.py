@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["mlp_weights", "mlp_reference", "make_mlp_onnx", "make_image_mlp_onnx", "make_multi_io_onnx", "make_stateful_onnx",
-           "stateful_reference", "make_mlp_tflite", "make_mlp_int8_tflite", "quant_params"]
+__all__ = ["mlp_weights", "mlp_reference", "make_mlp_onnx", "make_image_mlp_onnx", "make_multi_io_onnx",
+           "make_stateful_onnx", "stateful_reference", "make_mlp_tflite", "make_mlp_int8_tflite", "quant_params"]
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime accepts this whatever onnx's newest IR is

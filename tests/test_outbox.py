@@ -226,6 +226,8 @@ def test_sigkill_with_messages_in_outbox_delivered_after_restart_once(mosquitto,
 @pytest.mark.mqtt
 def test_outage_cap_keeps_feedback_drops_oldest_telemetry_reports_count(mosquitto_private, tmp_path):
     url = mosquitto_private.url
+    db = FleetDB.open(tmp_path / "fleet.sqlite")
+    col = collector(db, url, "col-cap")  # its persistent session holds what arrives while it reconnects
     mosquitto_private.stop()  # the outage: the device starts with no broker
     ob = Outbox(tmp_path / "outbox.sqlite", max_bytes=40_000)
     link = MqttLink(url, FAST, client_id="dev-cap").start()
@@ -244,16 +246,19 @@ def test_outage_cap_keeps_feedback_drops_oldest_telemetry_reports_count(mosquitt
     assert dropped > 0
     report = tel.flush()  # the next telemetry window carries the drop count
     assert report["counts"]["outbox_dropped"] == dropped
+    # Storing that window made room by dropping one more old telemetry: reported in the window after.
+    dropped_more = ob.stats()["dropped_unreported"]
+    pending = len(ob)
     mosquitto_private.start()
-    db = FleetDB.open(tmp_path / "fleet.sqlite")
-    col = collector(db, url, "col-cap")
     try:
         assert fw.drain(30)
-        total = len(fb_ids) + (len(tel_ids) - dropped) + 1
-        assert wait_until(lambda: len(db.message_ids()) >= total, 20)
+        assert pending == len(fb_ids) + (len(tel_ids) - dropped - dropped_more) + 1
+        assert wait_until(lambda: len(db.message_ids()) >= pending, 20)
         got = {m for _, m in db.message_ids()}
+        assert len(got) == pending
         assert set(fb_ids) <= got, "every feedback message arrived"
-        assert set(tel_ids[dropped:]) <= got and not set(tel_ids[:dropped]) & got, "oldest telemetry dropped"
+        gone = dropped + dropped_more
+        assert set(tel_ids[gone:]) <= got and not set(tel_ids[:gone]) & got, "the oldest telemetry was dropped"
         rows = [r for r in db.telemetry() if r["msg_id"] == report["msg_id"]]
         assert rows and rows[0]["outbox_dropped"] == dropped
     finally:

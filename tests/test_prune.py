@@ -101,7 +101,7 @@ def test_prune_end_to_end_onnx_runs_and_gate(tmp_path):
     m = _cnn().train()
     P.finetune(m, train["input"], train["labels"], epochs=4, lr=3e-3)
     res = P.prune(m, train, ratio=0.5, eval=evald, teacher=True, finetune_epochs=3, out=tmp_path, max_drop=5.0,
-                  repeats=5, quiet=True)
+                  repeats=5, exporter="torchscript", quiet=True)
     assert res.params_after < 0.5 * res.params_before and res.drop <= 5.0
     assert res.checkpoint.is_file() and res.plot.is_file() and res.report_md.is_file()
     sess = ort.InferenceSession(str(res.onnx), providers=["CPUExecutionProvider"])
@@ -113,5 +113,5 @@ def test_prune_end_to_end_onnx_runs_and_gate(tmp_path):
     # the gate: a budget of zero points against a model pruned to the bone, without fine-tuning
     with pytest.raises(AccuracyBudgetError, match="points"):
         P.prune(m, train, ratio=0.9, eval=evald, finetune_epochs=0, max_drop=0.0, out=tmp_path / "bad", repeats=3,
-                quiet=True)
+                exporter="torchscript", quiet=True)
     assert not (tmp_path / "bad" / "pruned.onnx").exists() and (tmp_path / "bad" / "prune.report.md").is_file()

@@ -66,3 +66,33 @@ def bench(package: str, as_json: bool, threads: int | None, backend: str | None,
 
     result = run_bench(package, threads=threads, backend=backend, seconds=seconds, quiet=as_json)
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
+
+
+@agent.command("feedback")
+@click.argument("prediction_id")
+@click.option("--correct", "kind", flag_value="correct", help="The prediction was right.")
+@click.option("--incorrect", "kind", flag_value="incorrect", help="The prediction was wrong.")
+@click.option("--label", default=None, help="The correct label.")
+@click.option("--rating", type=float, default=None, help="A numeric rating.")
+@click.option("--comment", default=None, help="Free text.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The agent's TOML config: its [api] address is used.")
+@click.option("--api", default=None, envvar="EDGESHIP_AGENT_API",
+              help="The agent's local API: http://127.0.0.1:8765 (default) or unix:/path/to/socket.")
+def feedback_cmd(prediction_id, kind, label, rating, comment, config_path, api) -> None:
+    """Tell the running agent whether a prediction was right (sent to the fleet via the outbox)."""
+    from ..agent.feedback import send_feedback
+    from ..errors import InputError
+
+    given = [(k, v) for k, v in (("label", label), ("rating", rating), ("comment", comment)) if v is not None]
+    if kind:
+        given.insert(0, (kind, None))
+    if len(given) != 1:
+        raise InputError("give exactly one of --correct, --incorrect, --label L, --rating N, --comment TEXT")
+    if api is None and config_path:
+        from ..agent.config import load_config
+
+        a = load_config(config_path).api
+        api = f"unix:{a.unix_socket}" if a.unix_socket else f"http://{a.host}:{a.port}"
+    out = send_feedback(api or "http://127.0.0.1:8765", prediction_id, *given[0])
+    click.echo(f"feedback stored (msg_id {out.get('msg_id')})")

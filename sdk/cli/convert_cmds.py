@@ -18,6 +18,23 @@ def convert() -> None:
     """Convert models on the workstation: quantize to int8, distill, prune, run recipes."""
 
 
+def _json_arg(value: str | None, flag: str):
+    """JSON given inline or as a path to a .json file."""
+    import json
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    if value is None:
+        return None
+    text = Path(value).read_text(encoding="utf-8") if value.endswith(".json") and Path(value).is_file() else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag}: not valid JSON ({exc.msg} at char {exc.pos}); give JSON text or a .json file") \
+            from exc
+
+
 @convert.command("quantize")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--calib", required=True, type=click.Path(exists=True),
@@ -37,9 +54,11 @@ def convert() -> None:
 @click.option("--batch", type=int, default=32, show_default=True, help="Batch size for eval and batch latency.")
 @click.option("--name", default=None, help="Package name (default: from the model).")
 @click.option("--version", "version", default=None, help="Package version (default: 1.0.0 or the package's).")
+@click.option("--preprocess", default=None,
+              help="Manifest preprocess as JSON text or a .json file (decodes image folders; default: the package's).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def quantize_cmd(model, calib, eval_, max_drop, metric, method, target, out, allow_fp32, key, batch, name, version,
-                 quiet) -> None:
+                 preprocess, quiet) -> None:
     """Quantize MODEL (.onnx, float .tflite or .edgepkg) to int8, gated on accuracy and measured speed.
 
     Exits non-zero, writing no package, when no int8 candidate stays within
@@ -48,7 +67,8 @@ def quantize_cmd(model, calib, eval_, max_drop, metric, method, target, out, all
     from edgeship.converters.quantize import quantize
 
     result = quantize(model, calib, eval_, max_drop=max_drop, metric=metric, method=method, target=target, out=out,
-                      allow_fp32=allow_fp32, batch=batch, signing_key=key, name=name, version=version, quiet=quiet)
+                      allow_fp32=allow_fp32, batch=batch, signing_key=key, name=name, version=version, quiet=quiet,
+                      preprocess=_json_arg(preprocess, "--preprocess"))
     click.echo(result.summary())
 
 
@@ -104,3 +124,45 @@ def run_cmd(recipe, dry_run, quiet) -> None:
     from edgeship.converters.recipe import run_recipe
 
     click.echo(run_recipe(recipe, dry_run=dry_run, quiet=quiet).summary())
+
+
+@convert.command("prune")
+@click.option("--model", "model", required=True,
+              help="The model: path/to/file.py:Factory (an nn.Sequential) with --weights.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="State dict or distill/prune checkpoint (.pt) for the model.")
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="Fine-tuning data: .npz (input + 'labels'), .npy or an image folder.")
+@click.option("--eval", "eval_", type=click.Path(exists=True), default=None,
+              help="Held-out data for the accuracy gate (default: --data).")
+@click.option("--ratio", type=float, default=None, help="Fraction of the channels to remove in each prunable layer.")
+@click.option("--target-params", type=float, default=None, help="Fraction of the parameters to remove (0..1).")
+@click.option("--target-latency", type=float, default=None,
+              help="Fraction of the batch-1 latency to remove (0..1), measured with onnxruntime.")
+@click.option("--distill/--no-distill", default=True, show_default=True,
+              help="Fine-tune with distillation from the unpruned model.")
+@click.option("--finetune-epochs", type=int, default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--max-drop", type=float, default=1.0, show_default=True,
+              help="Largest accepted metric drop vs the unpruned model, in points.")
+@click.option("--metric", type=click.Choice(["top1", "agreement", "mse", "cosine"]), default=None)
+@click.option("--sweep", default="", help="Extra ratios for the trade-off plot, e.g. 0.25,0.5,0.75.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for pruned.pt, pruned.onnx, prune_tradeoff.png and prune.report.md.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def prune_cmd(model, weights, data, eval_, ratio, target_params, target_latency, distill, finetune_epochs, lr,
+              max_drop, metric, sweep, out_dir, quiet) -> None:
+    """Prune whole channels by magnitude, fine-tune, and gate on accuracy (exits non-zero over --max-drop)."""
+    from edgeship.converters.distill import load_student
+    from edgeship.converters.prune import prune
+    from edgeship.errors import ConfigError
+
+    try:
+        ratios = [float(r) for r in sweep.split(",") if r.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--sweep: give ratios separated by commas, e.g. 0.25,0.5 (got {sweep!r})") from exc
+    result = prune(load_student(model, weights), data, ratio=ratio, target_params=target_params,
+                   target_latency=target_latency, teacher=True if distill else None, eval=eval_,
+                   finetune_epochs=finetune_epochs, lr=lr, max_drop=max_drop, metric=metric, sweep=ratios,
+                   out=out_dir, quiet=quiet)
+    click.echo(result.summary())

@@ -1,8 +1,8 @@
 """The fleet database: the ONLY module with SQL.
 
 ``FleetDB.open(url_or_path)`` opens SQLite (a path or ``sqlite:///path``; WAL
-mode) — ``postgresql://`` is reserved for later and refused with a clear
-error today. The SQL is kept portable so PostgreSQL can follow:
+mode) or PostgreSQL (``postgresql://user@host:port/db``, through psycopg 3).
+The same SQL and the same numbered migrations serve both:
 
 * statements are written with ``?`` placeholders; :meth:`FleetDB._q` turns
   them into the driver's style (``%s`` for psycopg) in one place;
@@ -139,7 +139,7 @@ class FleetDB:
     def open(cls, url_or_path: str | Path) -> "FleetDB":
         s = str(url_or_path)
         if s.startswith(("postgresql://", "postgres://")):
-            raise FleetDBError("PostgreSQL is not supported yet; use a SQLite path (e.g. --db fleet.sqlite)")
+            return cls._open_postgresql(s)
         if s.startswith("sqlite:///"):
             s = urllib.parse.unquote(s[len("sqlite:///") - 1:]) if s.startswith("sqlite:////") else s[len("sqlite:///"):]
         elif "://" in s:
@@ -157,6 +157,24 @@ class FleetDB:
         except sqlite3.Error as exc:
             raise FleetDBError(f"cannot open fleet DB {s}: {exc}") from exc
         db = cls(conn, "sqlite", s)
+        db.migrate()
+        return db
+
+    @classmethod
+    def _open_postgresql(cls, url: str) -> "FleetDB":
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise FleetDBError("a postgresql:// fleet DB needs psycopg: pip install 'edgeship[fleet]'") from exc
+        parts = urllib.parse.urlparse(url)
+        # Never echo a password into logs or error lines.
+        safe = parts._replace(netloc=f"{parts.hostname or ''}{':%d' % parts.port if parts.port else ''}").geturl()
+        try:
+            # autocommit: transactions are explicit (BEGIN/COMMIT in _tx), as with SQLite.
+            conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise FleetDBError(f"cannot open fleet DB {safe}: {' '.join(str(exc).split())}") from exc
+        db = cls(conn, "postgresql", safe)
         db.migrate()
         return db
 
@@ -182,6 +200,11 @@ class FleetDB:
             return self._conn.execute(self._q(sql), params)
         except sqlite3.Error as exc:
             raise FleetDBError(f"fleet DB {self.where}: {exc}") from exc
+        except Exception as exc:
+            # psycopg is imported only for postgresql:// URLs; map its errors here too.
+            if type(exc).__module__.startswith("psycopg"):
+                raise FleetDBError(f"fleet DB {self.where}: {' '.join(str(exc).split())}") from exc
+            raise
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict]:
         with self._lock:

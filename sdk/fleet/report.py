@@ -440,8 +440,7 @@ def export_feedback(db: Any, out: str | Path, *, model_version: str | None = Non
         if keyset != names:
             skipped += 1
             continue
-        # A stored input is one sample, possibly with a leading batch axis of 1.
-        sample = {k: (a[0] if a.ndim >= 1 and a.shape[0] == 1 else a) for k, a in arrays.items()}
+        sample = arrays  # one sample each (the agent attaches a row, without the batch axis)
         if any(shapes.setdefault(k, a.shape) != a.shape for k, a in sample.items()):
             skipped += 1
             continue

@@ -57,10 +57,8 @@ def _make(runtime: str, model, *, backend, threads, optimization, **kwargs) -> R
         return OnnxRunner(model, threads=threads, optimization=optimization, **kwargs)
     from .tflite_runner import TFLiteRunner
 
-    if optimization not in OPTIMIZATION_LEVELS:
-        raise ConfigError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, got {optimization!r}")
     tfl_backend = None if backend in (None, "tflite", "auto") else backend
-    return TFLiteRunner(model, backend=tfl_backend, threads=threads, **kwargs)
+    return TFLiteRunner(model, backend=tfl_backend, threads=threads, optimization=optimization, **kwargs)
 
 
 def load(path_or_package: Any, *, variant: str | None = None, backend: str | None = None,
@@ -78,7 +76,8 @@ def load(path_or_package: Any, *, variant: str | None = None, backend: str | Non
     ``backend``: ``onnxruntime``, ``tflite`` or a TFLite module
     (``ai_edge_litert``, ``tflite_runtime``, ``tensorflow``).
     ``threads``: intra-op threads (default: cores). ``optimization``: the
-    onnxruntime graph optimisation level (disable|basic|extended|all).
+    onnxruntime graph optimisation level (disable|basic|extended|all); for
+    TFLite, ``disable`` turns the default XNNPACK delegate off.
     """
     from .. import package as pkgmod
 

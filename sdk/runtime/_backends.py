@@ -67,10 +67,20 @@ def resolve_tflite(backend: str | None = None):
 
 
 def open_tflite(model: str | os.PathLike | bytes, *, backend: str | None = None, threads: int | None = None,
-                what: str = "model"):
-    """An allocated interpreter for ``model`` (a path or the file's bytes) and the backend string."""
+                optimization: str = "all", what: str = "model"):
+    """An allocated interpreter for ``model`` (a path or the file's bytes) and the backend string.
+
+    ``optimization="disable"`` turns off the default delegate (XNNPACK), TFLite's
+    graph-level optimisation; every other level keeps it.
+    """
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ConfigError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, got {optimization!r}")
     cls, name = resolve_tflite(backend)
     kwargs: dict[str, Any] = {"num_threads": threads or default_threads()}
+    if optimization == "disable":
+        resolver = getattr(importlib.import_module(cls.__module__), "OpResolverType", None)
+        if resolver is not None:
+            kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     if isinstance(model, (bytes, bytearray)):
         kwargs["model_content"] = bytes(model)
     else:

@@ -28,13 +28,15 @@ class TFLiteRunner(Runner):
     thread_safe = False  # serialised internally; see the module docstring
 
     def __init__(self, model: str | os.PathLike | bytes, *, backend: str | None = None, threads: int | None = None,
-                 source: str = "", **kwargs) -> None:
+                 optimization: str = "all", source: str = "", **kwargs) -> None:
         what = source or (str(model) if not isinstance(model, (bytes, bytearray)) else "model bytes")
         # Keep the bytes alive for as long as the interpreter: some backends do not copy model_content.
         self._model_bytes = bytes(model) if isinstance(model, (bytes, bytearray)) else None
         self._interp, name = _backends.open_tflite(self._model_bytes if self._model_bytes is not None else model,
-                                                   backend=backend, threads=threads, what=what)
+                                                   backend=backend, threads=threads, optimization=optimization,
+                                                   what=what)
         self.threads = int(threads or _backends.default_threads())
+        self.optimization = optimization
         ins, outs = _backends.tflite_specs(self._interp)
         kwargs.pop("model_input_specs", None)
         kwargs.pop("model_output_specs", None)

@@ -284,16 +284,23 @@ class ConsoleData:
         return [self._rollout_summary(r) for r in rows]
 
     def _rollout_summary(self, r: Any) -> dict:
-        return dict(r)
+        return shape_rollout(_as_dict(r), self.clock(), summary=True)
 
     def rollout(self, rollout_id: str) -> dict | None:
         if len(rollout_id) > 128:
             return None
         try:
-            st = self.controller.status(rollout_id) if self.controller is not None else self.db.rollout_status(rollout_id)
+            if self.controller is not None:
+                st = self.controller.status(rollout_id)
+            elif hasattr(self.db, "rollout_status"):
+                st = self.db.rollout_status(rollout_id)
+            else:
+                return None
         except RolloutError:
             return None
-        return st
+        if st is None:
+            return None
+        return shape_rollout(_as_dict(st), self.clock())
 
     def rollout_action(self, rollout_id: str, action: str, who: str) -> dict:
         if self.controller is None:
@@ -435,3 +442,91 @@ def shape_feedback(rows: list[dict], latest: list[dict], bucket_s: float | None,
     kinds = [k for k in FEEDBACK_KINDS if any(k in e["counts"] for e in versions)] or ["correct", "incorrect"]
     return {"model": model, "bucket_s": bucket, "days": FEEDBACK_DAYS, "kinds": kinds, "versions": versions,
             "rate_series": rate_series, "count_series": count_series, "samples": samples}
+
+
+def _as_dict(obj: Any) -> dict:
+    if isinstance(obj, dict):
+        return obj
+    for attr in ("as_dict", "to_dict"):
+        if hasattr(obj, attr):
+            return getattr(obj, attr)()
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    return dict(vars(obj))
+
+
+def _first(d: dict, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if k in d and d[k] is not None:
+            return d[k]
+    return default
+
+
+ACTIVE_STATES = ("running", "paused")
+
+
+def shape_rollout(st: dict, now: float, summary: bool = False) -> dict:
+    """A controller status as the rollout pages show it (pure).
+
+    Field names follow :meth:`RolloutController.status`; the page needs the
+    stage timeline, devices per state, gates with canary/control/threshold,
+    the soak time left and which actions apply in the current state.
+    """
+    pkg = st.get("package") if isinstance(st.get("package"), dict) else {}
+    state = str(_first(st, "state", "status", default="unknown"))
+    stages_raw = _first(st, "stages", default=[]) or []
+    current = _first(st, "stage_index", "stage", "current_stage")
+    current = int(current) if isinstance(current, (int, float)) and not isinstance(current, bool) else None
+    stage_started = _num(_first(st, "stage_started", "stage_started_at"))
+    stages = stage_timeline(stages_raw, current, state, stage_started)
+    soak_default = _num(_first(st, "soak_s"))
+    for s in stages:
+        if s["soak_s"] is None:
+            s["soak_s"] = soak_default
+    out = {
+        "rollout_id": str(_first(st, "rollout_id", "id", default="")),
+        "package_name": _first(st, "package_name", default=pkg.get("name")),
+        "package_version": _first(st, "package_version", "version", default=pkg.get("version")),
+        "package_sha256": _first(st, "package_sha256", default=pkg.get("sha256")),
+        "state": state,
+        "stage_number": (current + 1) if current is not None else None,
+        "stage_count": len(stages),
+        "stage_percent": stages[current]["percent"] if current is not None and 0 <= current < len(stages) else None,
+        "created": _num(_first(st, "created", "created_at", "started", "started_at")),
+        "updated": _num(_first(st, "updated", "updated_at")),
+        "reason": _first(st, "reason", "abort_reason", default="") or "",
+    }
+    per_state = _first(st, "devices_per_state", "device_states", "states", default=None)
+    if not isinstance(per_state, dict):
+        devs = st.get("devices")
+        per_state = devs if isinstance(devs, dict) else {}
+    per_state = {str(k): int(v) for k, v in per_state.items() if isinstance(v, (int, float))}
+    out["devices"] = sum(per_state.values())
+    if summary:
+        return out
+    soak_left = _num(_first(st, "soak_left_s", "soak_remaining_s"))
+    if soak_left is None and stage_started is not None and current is not None and 0 <= current < len(stages):
+        soak = stages[current]["soak_s"]
+        soak_left = max(0.0, stage_started + soak - now) if soak is not None else None
+    if state not in ACTIVE_STATES:
+        soak_left = None
+    gates_raw = _first(st, "gates", default=[]) or []
+    if isinstance(gates_raw, dict):
+        gates_raw = [{"name": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in gates_raw.items()]
+    order = ["assigned", "downloading", "prefetched", "verified", "active", "healthy", "failed", "rolled_back"]
+    keys = sorted(per_state, key=lambda k: (order.index(k) if k in order else len(order), k))
+    events = _first(st, "events", "history", "timeline", default=[]) or []
+    out.update({
+        "stages": stages, "soak_left_s": soak_left,
+        "devices_per_state": {k: per_state[k] for k in keys},
+        "state_bars": [{"label": k, "value": per_state[k], "cls": "st-" + k} for k in keys],
+        "gates": [shape_gate(g) for g in gates_raw if isinstance(g, dict)],
+        "events": [{"ts": _num(_first(e, "ts", "time")), "kind": str(_first(e, "kind", "event", "type", default="")),
+                    "detail": _first(e, "detail", "message", "reason", default="") or ""}
+                   for e in events if isinstance(e, dict)][-50:][::-1],
+        "can": {"pause": state == "running", "resume": state == "paused",
+                "abort": state in ACTIVE_STATES, "promote": state in ACTIVE_STATES},
+    })
+    return out

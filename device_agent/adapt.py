@@ -1,0 +1,530 @@
+"""Adapting to the device: run the most accurate package variant that meets a latency budget.
+
+A package may hold several variants of one model (an int8 student, an fp32
+student, a larger fp32 model, ...) with their measured accuracy. Given
+``[adapt] latency_budget_ms``, :class:`AdaptController` (an agent component):
+
+1. at start-up measures every variant on *this* device (load, warm, time
+   batch-1 model calls for ``measure_s``; p95), and switches to the most
+   accurate variant whose p95 meets the budget (:func:`choose_variant`);
+2. then checks the p95 of the model calls every ``check_s`` seconds and asks
+   the pure :class:`AdaptPolicy` whether to move: p95 over budget for
+   ``sustain_s`` → step down to the most accurate faster variant expected to
+   fit; enough headroom for the next more accurate variant for
+   ``headroom_s`` (and the SoC not hot) → step up one rung. After a switch
+   nothing moves for ``cooldown_s`` (the hysteresis that stops flapping);
+3. switches through the agent's zero-drop swap (``load_candidate`` +
+   ``switch_to``: the new variant is loaded and warmed beside the running
+   one and takes over between two batches), and reports every change and
+   its reason in the telemetry window's ``adapt`` field and in ``health()``.
+
+The budget applies to the model-call time (what the start-up measurement
+times, and ``agent.metrics.inference_ms`` at run time), not to queueing in
+front of the batcher. A Raspberry Pi slows down when hot: the SoC
+temperature (``/sys/class/thermal``, where present) is read at each check,
+reported, named in the reasons, and blocks stepping up while at or above
+``hot_c``.
+
+Threads and batch delay are measured too, when the config leaves them open:
+``[runtime] threads`` unset → the variant is timed with 1..min(4, cores)
+threads and :func:`choose_threads` keeps the fewest within 5 % of the best;
+``[batcher] max_delay_ms`` not in the config file → :func:`choose_batch_delay`
+picks it from the measured batch-1 and full-batch call times.
+
+Pure parts (no threads, no clocks — time is passed in): :func:`choose_variant`,
+:class:`AdaptPolicy`, :func:`choose_threads`, :func:`choose_batch_delay`,
+:func:`variant_accuracy`.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import EdgeshipError
+from ..metrics import Histogram
+
+__all__ = ["Rung", "Decision", "AdaptPolicy", "choose_variant", "choose_threads", "choose_batch_delay",
+           "variant_accuracy", "read_thermal", "measure_call_ms", "AdaptController"]
+
+log = logging.getLogger("edgeship.agent.adapt")
+
+_PRECISION_RANK = {"fp64": 4, "fp32": 3, "float32": 3, "fp16": 2, "float16": 2, "int8": 1, "uint8": 1}
+_METRIC_KEYS = ("points", "top1", "agreement", "cosine", "accuracy")
+
+
+# --------------------------------------------------------------------------- pure choices
+
+def variant_accuracy(variant: Mapping) -> tuple:
+    """A sort key, higher = more accurate: measured points/metric first, then precision, then file size."""
+    m = variant.get("metrics") or {}
+    acc = next((float(m[k]) for k in _METRIC_KEYS if isinstance(m.get(k), (int, float))), None)
+    if acc is not None and "points" not in m and acc <= 1.0:
+        acc *= 100.0  # a 0..1 metric on the points scale, so variants with either compare
+    return (acc if acc is not None else float("-inf"), _PRECISION_RANK.get(str(variant.get("precision")), 0),
+            float(m.get("size") or 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rung:
+    """One variant on the ladder: its id, accuracy key and start-up p95 (ms) on this device."""
+
+    id: str
+    accuracy: tuple
+    p95_ms: float
+    p50_ms: float | None = None
+
+
+def choose_variant(rungs: Sequence[Rung], budget_ms: float | None) -> tuple[Rung, str]:
+    """The most accurate rung whose p95 meets the budget, else the fastest; with the reason."""
+    if not rungs:
+        raise ValueError("no variant to choose from")
+    ordered = sorted(rungs, key=lambda r: r.accuracy, reverse=True)
+    if budget_ms is None:
+        return ordered[0], "no latency budget: the most accurate variant"
+    fits = [r for r in ordered if r.p95_ms <= budget_ms]
+    if fits:
+        r = fits[0]
+        slower = [o.id for o in ordered[:ordered.index(r)]]
+        extra = f"; more accurate {', '.join(slower)} over budget" if slower else ""
+        return r, f"most accurate variant within {budget_ms:g} ms (p95 {r.p95_ms:.3f} ms){extra}"
+    r = min(ordered, key=lambda o: o.p95_ms)
+    return r, f"no variant meets {budget_ms:g} ms; the fastest (p95 {r.p95_ms:.3f} ms)"
+
+
+def choose_threads(p95_by_threads: Mapping[int, float], tolerance: float = 0.05) -> int:
+    """The fewest threads whose p95 is within ``tolerance`` of the best (more threads cost CPU others need)."""
+    if not p95_by_threads:
+        raise ValueError("no thread measurement")
+    best = min(p95_by_threads.values())
+    return min(t for t, v in p95_by_threads.items() if v <= best * (1.0 + tolerance))
+
+
+def choose_batch_delay(call_ms_b1: float, call_ms_bn: float, max_batch: int, budget_ms: float | None = None,
+                       min_gain: float = 0.2) -> float:
+    """Batcher ``max_delay_ms`` from measured call times at batch 1 and at ``max_batch``.
+
+    When a full batch saves less than ``min_gain`` of the per-sample time,
+    waiting buys nothing: 0 (answer at once). Otherwise wait about one
+    full-batch call (a batch fills while the previous one runs), and never so
+    long that waiting plus that call exceeds the budget.
+    """
+    if max_batch <= 1 or call_ms_b1 <= 0:
+        return 0.0
+    gain = 1.0 - (call_ms_bn / max_batch) / call_ms_b1
+    if gain < min_gain:
+        return 0.0
+    delay = call_ms_bn
+    if budget_ms is not None:
+        delay = min(delay, max(0.0, budget_ms - call_ms_bn))
+    return round(float(delay), 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """A move on the ladder: ``action`` is "down" or "up"."""
+
+    action: str
+    from_id: str
+    to_id: str
+    reason: str
+    at: float
+    p95_ms: float | None
+    temp_c: float | None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class AdaptPolicy:
+    """When to change variant, with hysteresis. Pure: ``observe`` gets the time and the figures.
+
+    ``rungs``: the measured variants (any order); ``current``: the id running.
+    The observed p95 over the current variant's start-up p95 is the device's
+    *slowdown* right now (load, heat); a rung's expected p95 is its start-up
+    p95 times that slowdown.
+    """
+
+    def __init__(self, rungs: Sequence[Rung], budget_ms: float, current: str, *, sustain_s: float = 10.0,
+                 headroom_s: float = 30.0, headroom: float = 0.8, cooldown_s: float | None = None,
+                 min_samples: int = 20, hot_c: float = 80.0) -> None:
+        if budget_ms <= 0:
+            raise ValueError("budget_ms must be > 0")
+        self.ladder = sorted(rungs, key=lambda r: r.accuracy, reverse=True)  # most accurate first
+        ids = [r.id for r in self.ladder]
+        if current not in ids:
+            raise ValueError(f"current variant {current!r} is not on the ladder {ids}")
+        self.budget_ms = float(budget_ms)
+        self.current = current
+        self.sustain_s = float(sustain_s)
+        self.headroom_s = float(headroom_s)
+        self.headroom = float(headroom)
+        self.cooldown_s = float(sustain_s if cooldown_s is None else cooldown_s)
+        self.min_samples = int(min_samples)
+        self.hot_c = float(hot_c)
+        self._over_since: float | None = None
+        self._room_since: float | None = None
+        self._quiet_until = float("-inf")
+
+    def _index(self, vid: str) -> int:
+        return next(i for i, r in enumerate(self.ladder) if r.id == vid)
+
+    def switched(self, to_id: str, now: float) -> None:
+        """Record a switch made (by this policy or anyone else): timers restart, cooldown begins."""
+        self.current = to_id
+        self._over_since = self._room_since = None
+        self._quiet_until = now + self.cooldown_s
+
+    def observe(self, now: float, p95_ms: float | None, samples: int, temp_c: float | None = None) -> Decision | None:
+        if now < self._quiet_until:
+            return None
+        if p95_ms is None or samples < self.min_samples:
+            # Not enough calls to judge: "sustained" means continuously observed, so start over.
+            self._over_since = self._room_since = None
+            return None
+        i = self._index(self.current)
+        cur = self.ladder[i]
+        slowdown = p95_ms / cur.p95_ms if cur.p95_ms > 0 else 1.0
+        hot = temp_c is not None and temp_c >= self.hot_c
+        temp_txt = f", SoC {temp_c:.0f} °C" if temp_c is not None else ""
+        if p95_ms > self.budget_ms:
+            self._room_since = None
+            if self._over_since is None:
+                self._over_since = now
+            if now - self._over_since < self.sustain_s or i == len(self.ladder) - 1:
+                return None
+            faster = [r for r in self.ladder[i + 1:] if r.p95_ms < cur.p95_ms] or self.ladder[i + 1:]
+            fit = next((r for r in faster if r.p95_ms * slowdown <= self.budget_ms), None)
+            to = fit or min(faster, key=lambda r: r.p95_ms)
+            d = Decision("down", cur.id, to.id,
+                         f"p95 {p95_ms:.3f} ms over the {self.budget_ms:g} ms budget for "
+                         f"{now - self._over_since:.0f} s (x{slowdown:.2f} slower than at start-up{temp_txt}); "
+                         f"{to.id} expected at {to.p95_ms * slowdown:.3f} ms", now, p95_ms, temp_c)
+            self.switched(to.id, now)
+            return d
+        self._over_since = None
+        if i == 0 or hot:
+            self._room_since = None
+            return None
+        up = self.ladder[i - 1]
+        expected = up.p95_ms * slowdown
+        if expected > self.budget_ms * self.headroom:
+            self._room_since = None
+            return None
+        if self._room_since is None:
+            self._room_since = now
+        if now - self._room_since < self.headroom_s:
+            return None
+        d = Decision("up", cur.id, up.id,
+                     f"headroom for {now - self._room_since:.0f} s: {up.id} expected at {expected:.3f} ms "
+                     f"<= {self.headroom:.0%} of the {self.budget_ms:g} ms budget (now p95 {p95_ms:.3f} ms"
+                     f"{temp_txt})", now, p95_ms, temp_c)
+        self.switched(up.id, now)
+        return d
+
+
+# --------------------------------------------------------------------------- device readings
+
+def read_thermal(root: str | os.PathLike = "/sys/class/thermal") -> dict | None:
+    """SoC temperatures in °C: ``{"max_c", "zones": {type: c}}``, or None where the kernel has no thermal zones."""
+    base = Path(root)
+    zones: dict[str, float] = {}
+    try:
+        entries = sorted(base.glob("thermal_zone*"))
+    except OSError:
+        return None
+    for z in entries:
+        try:
+            milli = int((z / "temp").read_text().strip())
+        except (OSError, ValueError):
+            continue
+        try:
+            kind = (z / "type").read_text().strip() or z.name
+        except OSError:
+            kind = z.name
+        zones[f"{kind}" if kind not in zones else f"{kind}:{z.name}"] = round(milli / 1000.0, 1)
+    if not zones:
+        return None
+    return {"max_c": max(zones.values()), "zones": zones}
+
+
+def measure_call_ms(run, feed: list[np.ndarray], *, seconds: float = 1.0, min_runs: int = 20,
+                    max_runs: int = 2000) -> dict:
+    """Time ``run(feed)`` repeatedly (after 3 warm-up calls) for about ``seconds``: ``{"p50", "p95", "runs"}``."""
+    for _ in range(3):
+        run(feed)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        run(feed)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    arr = np.asarray(times)
+    return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "runs": len(times)}
+
+
+def _explicit(config: Any, section: str, key: str) -> bool:
+    """Whether the agent's config *file* sets ``[section] key`` (defaults cannot tell "unset" from "set")."""
+    path = getattr(config, "source_path", None)
+    if not path:
+        return True  # a programmatic config: treat every value as chosen
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return key in (data.get(section) or {})
+
+
+# --------------------------------------------------------------------------- the component
+
+class AdaptController:
+    """Agent component: variant choice at start-up, then the policy loop on its own thread.
+
+    ``agent`` is the running :class:`~edgeship.agent.Agent` (its ``store``,
+    ``handle``, ``metrics``, ``load_candidate``, ``switch_to``). Settings come
+    from ``[adapt]``; keyword arguments override them (tests, benchmarks).
+    ``thermal_root`` and ``clock`` exist for tests.
+    """
+
+    def __init__(self, agent: Any, *, budget_ms: float | None = None, check_s: float | None = None,
+                 sustain_s: float | None = None, headroom_s: float | None = None, headroom: float | None = None,
+                 cooldown_s: float | None = None, min_samples: int | None = None, hot_c: float | None = None,
+                 measure_s: float | None = None, tune: bool | None = None,
+                 thermal_root: str | os.PathLike = "/sys/class/thermal", clock=time.monotonic) -> None:
+        self.agent = agent
+        cfg = getattr(getattr(agent, "config", None), "adapt", None)
+
+        def pick(value, name, default):
+            if value is not None:
+                return value
+            v = getattr(cfg, name, None) if cfg is not None else None
+            return default if v is None else v
+
+        self.budget_ms = pick(budget_ms, "latency_budget_ms", None)
+        self.check_s = float(pick(check_s, "check_s", 1.0))
+        self.sustain_s = float(pick(sustain_s, "sustain_s", 10.0))
+        self.headroom_s = float(pick(headroom_s, "headroom_s", 30.0))
+        self.headroom = float(pick(headroom, "headroom", 0.8))
+        self.cooldown_s = pick(cooldown_s, "cooldown_s", None)
+        self.min_samples = int(pick(min_samples, "min_samples", 20))
+        self.hot_c = float(pick(hot_c, "hot_c", 80.0))
+        self.measure_s = float(pick(measure_s, "measure_s", 1.0))
+        self.tune = bool(pick(tune, "tune", True))
+        self.thermal_root = thermal_root
+        self.clock = clock
+        self.policy: AdaptPolicy | None = None
+        self.rungs: list[Rung] = []
+        self.measurements: dict[str, dict] = {}
+        self.choice_reason: str | None = None
+        self.threads: int | None = None
+        self.thread_p95: dict[int, float] = {}
+        self.max_delay_ms: float | None = None
+        self.last: dict = {}
+        self._sha: str | None = None
+        self._events: collections.deque = collections.deque(maxlen=50)   # all recent changes (health)
+        self._unsent: collections.deque = collections.deque(maxlen=50)   # changes not yet in a telemetry window
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._prev_hist: dict | None = None
+        self.ready = threading.Event()
+
+    # -- start-up measurement -------------------------------------------------
+    def _example(self, handle: Any) -> list[np.ndarray]:
+        ex = None
+        pkg = getattr(handle.runner, "package", None)
+        try:
+            ex = pkg.example_input() if pkg is not None else None
+        except EdgeshipError:
+            ex = None
+        feed = []
+        for i, (name, shape, dtype) in enumerate(zip(handle.input_names, handle.sample_shapes, handle.dtypes)):
+            arr = None
+            if isinstance(ex, Mapping):
+                arr = ex.get(name)
+            elif ex is not None and i == 0:
+                arr = ex
+            arr = np.zeros((1, *shape), dtype) if arr is None else np.asarray(arr, dtype=dtype).reshape(-1, *shape)[:1]
+            feed.append(np.ascontiguousarray(arr))
+        return feed
+
+    def _time(self, handle: Any, batch: int = 1) -> dict:
+        feed = self._example(handle)
+        if batch > 1:
+            feed = [np.ascontiguousarray(np.repeat(f, batch, axis=0)) for f in feed]
+        packer_run = handle.run_fn()
+        return measure_call_ms(packer_run, feed, seconds=self.measure_s)
+
+    def _with_threads(self, threads: int | None) -> None:
+        # The measured thread count becomes the agent's runtime setting, so later loads (rollouts) use it too.
+        self.agent.config = self.agent.config.replace(runtime={"threads": threads})
+
+    def _select(self) -> None:
+        """Measure the active package's variants (and threads, batch delay) and switch to the best one."""
+        agent = self.agent
+        handle = agent.handle
+        sha = handle.sha256
+        manifest = handle.manifest
+        variants = [v for v in manifest.get("variants") or [] if v.get("id")]
+        backend = agent.config.runtime.backend
+        if backend:
+            variants = [v for v in variants if v.get("runtime") == backend] or variants
+        t0 = time.monotonic()
+        if self.tune and agent.config.runtime.threads is None:
+            ncpu = max(1, min(4, os.cpu_count() or 1))
+            for t in range(1, ncpu + 1):
+                self._with_threads(t)
+                h = agent.load_candidate(sha, variant=handle.variant)
+                try:
+                    self.thread_p95[t] = self._time(h)["p95"]
+                finally:
+                    h.close()
+            self.threads = choose_threads(self.thread_p95)
+            self._with_threads(self.threads)
+        rungs, loaded = [], {}
+        for v in variants:
+            try:
+                h = agent.load_candidate(sha, variant=v["id"])
+            except EdgeshipError as exc:  # a variant this device cannot run (e.g. no TFLite runtime) is skipped
+                self.measurements[v["id"]] = {"error": str(exc)}
+                continue
+            m = self._time(h)
+            self.measurements[v["id"]] = m
+            rungs.append(Rung(v["id"], variant_accuracy(v), m["p95"], m["p50"]))
+            loaded[v["id"]] = h
+        if not rungs:
+            log.warning("adapt: no variant could be measured; keeping %s", handle.variant)
+            return
+        best, reason = choose_variant(rungs, self.budget_ms)
+        self.rungs = rungs
+        self.choice_reason = reason
+        for vid, h in loaded.items():
+            if vid != best.id:
+                h.close()
+        previous = handle.variant
+        agent.switch_to(loaded[best.id])
+        self._sha = sha
+        now = self.clock()
+        if self.budget_ms is not None:
+            self.policy = AdaptPolicy(rungs, self.budget_ms, best.id, sustain_s=self.sustain_s,
+                                      headroom_s=self.headroom_s, headroom=self.headroom, cooldown_s=self.cooldown_s,
+                                      min_samples=self.min_samples, hot_c=self.hot_c)
+            self.policy.switched(best.id, now)
+        if self.tune and not _explicit(agent.config, "batcher", "max_delay_ms") and agent.batcher is not None:
+            mb = agent.config.batcher.max_batch
+            b1 = self.measurements[best.id]["p50"]
+            bn = self._time(agent.handle, batch=mb)["p50"] if mb > 1 else b1
+            self.max_delay_ms = choose_batch_delay(b1, bn, mb, self.budget_ms)
+            agent.batcher.policy.max_delay_s = self.max_delay_ms / 1000.0
+        self._record({"action": "start", "from_id": previous, "to_id": best.id, "reason": reason, "at": time.time(),
+                      "p95_ms": best.p95_ms, "temp_c": (read_thermal(self.thermal_root) or {}).get("max_c"),
+                      "measure_s": round(time.monotonic() - t0, 2)})
+        self._prev_hist = agent.metrics.snapshot().get("inference_ms")
+
+    def _record(self, event: dict) -> None:
+        with self._lock:
+            self._events.append(event)
+            self._unsent.append(event)
+        log.info("adapt: %s %s -> %s: %s", event["action"], event.get("from_id"), event["to_id"], event["reason"])
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self) -> "AdaptController":
+        """Measure and choose (blocking, bounded by ``measure_s`` per variant), then start the check loop."""
+        if self._thread is not None:
+            return self
+        if self.agent.handle is not None:
+            try:
+                self._select()
+            except EdgeshipError as exc:  # adapting is an optimisation: serve the configured variant instead
+                log.warning("adapt: start-up selection failed, keeping the configured variant: %s", exc)
+        self.ready.set()
+        if self.policy is not None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="edgeship-adapt", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.check_s):
+            try:
+                self.check()
+            except Exception as exc:  # noqa: BLE001 - one failed check (e.g. a load error) must not end adapting
+                log.warning("adapt check failed: %s", exc)
+
+    def check(self) -> Decision | None:
+        """One check: window p95 of model calls since the last check → policy → maybe switch."""
+        from .telemetry import hist_delta
+
+        agent = self.agent
+        handle = agent.handle
+        if handle is None or self.policy is None:
+            return None
+        if handle.sha256 != self._sha:  # a rollout installed another package: measure its variants
+            self._select()
+            return None
+        if handle.variant != self.policy.current and handle.variant in {r.id for r in self.rungs}:
+            self.policy.switched(handle.variant, self.clock())  # someone else switched: follow
+        now_hist = agent.metrics.snapshot().get("inference_ms")
+        window = hist_delta(now_hist, self._prev_hist)
+        self._prev_hist = now_hist
+        h = Histogram.from_dict(window) if window else None
+        p95 = h.percentile(95) if h is not None and h.count else None
+        samples = h.count if h is not None else 0
+        thermal = read_thermal(self.thermal_root)
+        temp = thermal["max_c"] if thermal else None
+        self.last = {"p95_ms": p95, "calls": samples, "temp_c": temp, "variant": self.policy.current}
+        d = self.policy.observe(self.clock(), p95, samples, temp)
+        if d is None:
+            return None
+        try:
+            new = agent.load_candidate(handle.sha256, variant=d.to_id)
+            agent.switch_to(new)
+        except EdgeshipError as exc:
+            log.warning("adapt: switching to %s failed, staying on %s: %s", d.to_id, d.from_id, exc)
+            self.policy.switched(d.from_id, self.clock())
+            return None
+        self._prev_hist = agent.metrics.snapshot().get("inference_ms")  # judge the new variant on its own calls
+        self._record({**d.to_dict(), "at": time.time()})
+        return d
+
+    # -- reporting ------------------------------------------------------------
+    def telemetry_fields(self) -> dict:
+        """The ``adapt`` field of one telemetry window: current variant, budget, last p95, temperature, changes."""
+        with self._lock:
+            events = list(self._unsent)
+            self._unsent.clear()
+        return {"adapt": {"variant": getattr(self.agent.handle, "variant", None), "budget_ms": self.budget_ms,
+                          "p95_ms": self.last.get("p95_ms"), "temp_c": self.last.get("temp_c"),
+                          "threads": self.threads, "max_delay_ms": self.max_delay_ms,
+                          "measured_p95_ms": {k: round(v["p95"], 4) for k, v in self.measurements.items()
+                                              if "p95" in v},
+                          "changes": events}}
+
+    def health(self) -> dict:
+        with self._lock:
+            events = list(self._events)[-5:]
+        return {"adapt": {"variant": getattr(self.agent.handle, "variant", None), "budget_ms": self.budget_ms,
+                          "choice": self.choice_reason, "last": dict(self.last), "threads": self.threads,
+                          "thread_p95_ms": dict(self.thread_p95), "max_delay_ms": self.max_delay_ms,
+                          "measurements": dict(self.measurements), "recent_changes": events}}
+
+
+def rungs_from(measurements: Mapping[str, Mapping], variants: Iterable[Mapping]) -> list[Rung]:
+    """Rungs from ``{variant id: {"p95", "p50"}}`` and the manifest's variants (for tools that measure elsewhere)."""
+    by_id = {v.get("id"): v for v in variants}
+    return [Rung(vid, variant_accuracy(by_id.get(vid, {})), float(m["p95"]), m.get("p50"))
+            for vid, m in measurements.items() if "p95" in m]

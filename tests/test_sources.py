@@ -1,0 +1,159 @@
+"""Input sources on real files, FIFOs and a fake camera (no agent needed)."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgeship.agent.sources import (CameraSource, CsvSource, FakeCapture, FolderSource, JsonLinesSource,
+                                    StreamSource, SyntheticSource, make_source, source_class)
+from edgeship.errors import ConfigError
+
+
+def read_all(src, max_n=100, timeout=0.2, limit=5.0):
+    src.open()
+    blocks = []
+    deadline = time.monotonic() + limit
+    while not src.exhausted and time.monotonic() < deadline:
+        b = src.read(max_n, timeout)
+        if b is not None:
+            blocks.append(b)
+    src.close()
+    return blocks
+
+
+def test_csv_header_block_parse_and_bad_rows(tmp_path):
+    p = tmp_path / "s.csv"
+    rows = np.arange(30, dtype=np.float32).reshape(10, 3)
+    lines = ["a,b,c"] + [",".join(map(str, r)) for r in rows]
+    lines.insert(4, "1,oops,3")
+    p.write_text("\n".join(lines))  # no trailing newline: the last line still counts
+    blocks = read_all(CsvSource("c", path=str(p)), max_n=4)
+    data = np.concatenate([b.data for b in blocks if len(b)])
+    errors = [e for b in blocks for e in b.errors]
+    np.testing.assert_array_equal(data, rows)
+    assert len(errors) == 1 and errors[0][0] == "s.csv:5" and "numbers" in errors[0][1]
+
+
+def test_jsonl_arrays_fast_path_and_objects_with_ts(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text("[1, 2]\n[3, 4.5]\n")
+    (b,) = read_all(JsonLinesSource("j", path=str(p)))
+    np.testing.assert_array_equal(b.data, [[1, 2], [3, 4.5]])
+    q = tmp_path / "o.jsonl"
+    q.write_text('{"x": [1, 2], "ts": 5.0}\n{"x": [3, 4], "ts": 6.0}\n{"y": 1}\n[1,2,3]\n')
+    (b,) = read_all(JsonLinesSource("j", path=str(q)))
+    np.testing.assert_array_equal(b.data, [[1, 2], [3, 4]])
+    assert list(b.ts) == [5.0, 6.0] and len(b.errors) == 2
+
+
+def test_follow_reads_a_growing_file(tmp_path):
+    p = tmp_path / "grow.jsonl"
+    p.write_text("[1]\n")
+    src = JsonLinesSource("g", path=str(p), follow=True)
+    src.open()
+    assert src.read(10, 0.1).data.tolist() == [[1.0]]
+    assert src.read(10, 0.05) is None and not src.exhausted
+    with open(p, "a") as f:
+        f.write("[2]\n[3")
+    assert src.read(10, 0.5).data.tolist() == [[2.0]]  # the partial "[3" waits for its newline
+    with open(p, "a") as f:
+        f.write("]\n")
+    assert src.read(10, 0.5).data.tolist() == [[3.0]]
+    src.close()
+
+
+def test_stream_source_on_a_fifo(tmp_path):
+    fifo = tmp_path / "sensor.fifo"
+    os.mkfifo(fifo)
+    src = StreamSource("serial", path=str(fifo), format="csv")
+    src.open()
+    assert src.read(10, 0.05) is None and not src.exhausted  # no writer yet: wait, do not end
+
+    def writer():
+        with open(fifo, "w") as f:
+            for i in range(50):
+                f.write(f"{i},{i + 1}\n")
+                f.flush()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    got = []
+    deadline = time.monotonic() + 10
+    while not src.exhausted and time.monotonic() < deadline:
+        b = src.read(16, 0.2)
+        if b is not None:
+            got.append(b.data)
+    t.join(5)
+    src.close()
+    data = np.concatenate(got)
+    assert data.shape == (50, 2) and data[:, 0].tolist() == list(range(50))
+
+
+def test_synthetic_count_distinct_nan_and_rate():
+    blocks = read_all(SyntheticSource("s", shape=[4], count=25, distinct=3, nan_every=10), max_n=10)
+    data = np.concatenate([b.data for b in blocks])
+    assert data.shape == (25, 4)
+    assert np.isnan(data).any(axis=1).sum() == 2
+    finite = data[~np.isnan(data).any(axis=1)]
+    assert len(np.unique(finite, axis=0)) == 3
+    src = SyntheticSource("r", shape=[1], rate_hz=200)
+    src.open()
+    t0 = time.monotonic()
+    n = 0
+    while time.monotonic() - t0 < 0.25:
+        b = src.read(100, 0.05)
+        n += len(b) if b is not None else 0
+    src.close()
+    assert 20 <= n <= 70  # ~50 at 200 Hz; loose bounds on a shared machine
+
+
+def test_folder_lists_in_order_and_watch_picks_up_new_files(tmp_path):
+    for name in ("b.npy", "a.npy"):
+        np.save(tmp_path / name, np.zeros(3))
+    (tmp_path / "notes.txt").write_text("ignored")
+    src = FolderSource("f", path=str(tmp_path), watch=True, poll_s=0.05)
+    src.open()
+    b = src.read(10, 0.1)
+    assert b.refs == ["a.npy", "b.npy"]
+    assert src.decode(b.items[0]).shape == (3,)
+    np.save(tmp_path / "c.npy", np.ones(2))
+    got = []
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        nb = src.read(10, 0.1)
+        if nb is not None:
+            got = nb.refs
+    src.close()
+    assert got == ["c.npy"]
+    glob_src = FolderSource("g", path=str(tmp_path / "*.npy"))
+    assert [r for blk in read_all(glob_src) for r in blk.refs] == ["a.npy", "b.npy", "c.npy"]
+
+
+def test_fake_camera_frames_and_unplug():
+    cam = CameraSource("cam", capture=FakeCapture(width=8, height=6, fail_after=3), color="L")
+    cam.open()
+    frames = [cam.decode(cam.read(1, 0.1).items[0]) for _ in range(3)]
+    assert frames[0].shape == (6, 8) and frames[0].dtype == np.uint8 and not np.array_equal(frames[0], frames[1])
+    with pytest.raises(OSError, match="no frame"):
+        cam.read(1, 0.1)
+    cam.close()
+    fake = make_source("camera", "c2", device="fake", width=4, height=4)
+    fake.open()
+    assert fake.decode(fake.read(1, 0.1).items[0]).shape == (4, 4, 3)
+    fake.close()
+
+
+def test_registry_and_option_errors():
+    assert source_class("folder") is FolderSource and source_class("synthetic") is SyntheticSource
+    with pytest.raises(ConfigError, match="unknown source type 'nope'"):
+        source_class("nope")
+    with pytest.raises(ConfigError, match="shape"):
+        make_source("synthetic", "s")
+    with pytest.raises(ConfigError, match="colour: unknown option"):
+        make_source("jsonl", "j", path="x", colour=1)
+    with pytest.raises(ConfigError, match="does not exist"):
+        JsonLinesSource("j", path="/nonexistent/x.jsonl").open()
