@@ -69,7 +69,7 @@ def top1(model_or_path, x, y) -> float:
     return float(np.mean(out.argmax(1) == y))
 
 
-def one_seed(data: Path, teacher: Path, seed: int, alpha: float, epochs: int, work: Path) -> dict:
+def one_seed(data: Path, train: Path, teacher: Path, seed: int, alpha: float, epochs: int, work: Path) -> dict:
     import torch
 
     import model as digits
@@ -81,15 +81,17 @@ def one_seed(data: Path, teacher: Path, seed: int, alpha: float, epochs: int, wo
     x, y = z["input"].astype(np.float32), z["labels"]
     torch.manual_seed(seed)
     student = digits.Student()
-    res = distill(str(teacher), student, data / "train.npz", val=data / "calib.npz", alpha=alpha, temperature=4.0,
+    res = distill(str(teacher), student, train, val=data / "calib.npz", alpha=alpha, temperature=4.0,
                   epochs=epochs, lr=3e-3, batch_size=64, seed=seed, early_stopping=None,
                   cache_dir=work / "cache", quiet=True)
-    onnx_path = work / f"student-a{alpha}-s{seed}.onnx"
+    tag = f"{train.stem}-a{alpha}-s{seed}"
+    onnx_path = work / f"student-{tag}.onnx"
     export_onnx(student, x[:2], onnx_path)
     q = quantize(onnx_path, data / "calib.npz", data / "eval.npz", max_drop=100.0, method="static",
                  calibrations=("minmax", "percentile"), recovery_steps=0, repeats=5, quiet=True,
-                 work_dir=work / f"q-a{alpha}-s{seed}")
-    return {"seed": seed, "alpha": alpha, "fp32_top1": top1(student, x, y), "int8_top1": top1(q.artifacts["onnx"], x, y),
+                 work_dir=work / f"q-{tag}")
+    return {"seed": seed, "alpha": alpha, "fp32_top1": top1(student, x, y),
+            "int8_top1": top1(q.artifacts["onnx"], x, y),
             "best_epoch": res.best_epoch, "seconds": res.seconds}
 
 
@@ -101,6 +103,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--low-data", type=int, default=100,
+                    help="also compare on the first N training samples only (0 = skip)")
     ap.add_argument("--skip-example", action="store_true", help="reuse benchmarks/out/digits-example if present")
     args = ap.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -122,15 +126,24 @@ def main(argv=None) -> None:
     work = OUT / "distill-work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    z = np.load(data / "train.npz")
+    regimes = [("all 1,200 training samples", data / "train.npz")]
+    if args.low_data:
+        low = work / f"train{args.low_data}.npz"
+        np.savez(low, input=z["input"][:args.low_data], labels=z["labels"][:args.low_data])
+        regimes.append((f"first {args.low_data} training samples", low))
     runs = []
-    for alpha in (0.7, 0.0):
-        for seed in range(args.seeds):
-            print(f"alpha {alpha} seed {seed} ...", file=sys.stderr)
-            runs.append(one_seed(data, data / "teacher.onnx", seed, alpha, args.epochs, work))
+    for regime, train in regimes:
+        for alpha in (0.7, 0.0):
+            for seed in range(args.seeds):
+                print(f"{regime}: alpha {alpha} seed {seed} ...", file=sys.stderr)
+                runs.append({"regime": regime, **one_seed(data, train, data / "teacher.onnx", seed, alpha,
+                                                          args.epochs, work)})
     summary = {}
-    for alpha, label in ((0.7, "distilled (alpha 0.7, T 4)"), (0.0, "no distillation (cross-entropy only)")):
-        rs = [r for r in runs if r["alpha"] == alpha]
-        summary[label] = {k: mean_std([100 * r[k] for r in rs]) for k in ("fp32_top1", "int8_top1")}
+    for regime, _ in regimes:
+        for alpha, label in ((0.7, "distilled (alpha 0.7, T 4)"), (0.0, "no distillation (cross-entropy only)")):
+            rs = [r for r in runs if r["alpha"] == alpha and r["regime"] == regime]
+            summary[f"{regime}: {label}"] = {k: mean_std([100 * r[k] for r in rs]) for k in ("fp32_top1", "int8_top1")}
 
     int8_onnx = 100 * rows["student_int8_onnx"]["value"]
     int8_tfl = 100 * rows["student_int8_tflite"]["value"] if "student_int8_tflite" in rows else None
@@ -148,13 +161,15 @@ def main(argv=None) -> None:
         print(f"{'recipe student int8 TFLite':<42} {int8_tfl:>16.2f}   (teacher - {t - int8_tfl:.2f} pt; "
               f"target <= 1.5: {'met' if t - int8_tfl <= 1.5 else 'MISSED'})")
     print(f"\n{args.seeds} seeds, {args.epochs} epochs each, same loop and best-epoch selection:")
-    print(f"{'student':<42} {'fp32 top-1 (%)':>16} {'int8 top-1 (%)':>16}")
+    print(f"{'student':<72} {'fp32 top-1 (%)':>16} {'int8 top-1 (%)':>16}")
     for label, s in summary.items():
-        print(f"{label:<42} {s['fp32_top1'][0]:>9.2f} ± {s['fp32_top1'][1]:<4.2f} "
+        print(f"{label:<72} {s['fp32_top1'][0]:>9.2f} ± {s['fp32_top1'][1]:<4.2f} "
               f"{s['int8_top1'][0]:>9.2f} ± {s['int8_top1'][1]:<4.2f}")
-    d, p = list(summary.values())
-    print(f"distillation buys {d['int8_top1'][0] - p['int8_top1'][0]:+.2f} pt int8 top-1 "
-          f"({d['fp32_top1'][0] - p['fp32_top1'][0]:+.2f} pt fp32)")
+    vals = list(summary.values())
+    for i, (regime, _) in enumerate(regimes):
+        d, p = vals[2 * i], vals[2 * i + 1]
+        print(f"{regime}: distillation buys {d['int8_top1'][0] - p['int8_top1'][0]:+.2f} pt int8 top-1 "
+              f"({d['fp32_top1'][0] - p['fp32_top1'][0]:+.2f} pt fp32)")
     if example.get("wall_seconds") is not None:
         print(f"\nexample from nothing (`python examples/digits/run.py`): {example['wall_seconds']:.0f} s wall "
               f"(target < 600 s on 2 cores); steps: {example['step_seconds']}")

@@ -134,14 +134,17 @@ def bench_mlp(work: Path, d: dict) -> dict:
                            for c in res.candidates]}
 
 
-def bench_transformer(work: Path, d: dict, quick: bool) -> dict:
+def bench_transformer(work: Path, d: dict) -> dict:
     """Digits as 8 tokens of 8 pixels -> pre-norm encoder (4 layers, d=256) -> 10 classes.
 
     Trained transformers grow a few "massive activation" channels in the
     residual stream (LLM.int8 outlier features; Sun et al. 2024). A fixed
     offset on two residual channels gives this small model the same
     property, which is what makes static (per-tensor activation) int8 lose
-    accuracy where dynamic (runtime ranges, int8 weights) does not.
+    fidelity where dynamic (runtime ranges, int8 weights) does not. The
+    weights are the seeded initialisation (no training: the result is
+    deterministic, and the gate is on output fidelity — cosine similarity of
+    the logits to fp32, budget 0.1 pt = 0.999 — which needs no trained task).
     """
     import torch
 
@@ -153,7 +156,7 @@ def bench_transformer(work: Path, d: dict, quick: bool) -> dict:
             self.embed = nn.Linear(8, 256)
             self.pos = nn.Parameter(torch.randn(1, 8, 256) * 0.02)
             sink = torch.zeros(1, 1, 256)
-            sink[..., :2] = 40.0
+            sink[..., :2] = 80.0
             self.register_buffer("sink", sink)
             layer = nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True, activation="gelu",
                                                norm_first=True)
@@ -165,27 +168,21 @@ def bench_transformer(work: Path, d: dict, quick: bool) -> dict:
             h = self.embed(x.reshape(x.shape[0], 8, 8)) + self.pos + self.sink
             return self.head(self.norm(self.encoder(h)).mean(dim=1))
 
-    model = Encoder()
+    torch.manual_seed(0)
+    model = Encoder().eval()
     params = count_params(model)
-    t0 = time.monotonic()
-    model = train_classifier(model, d["x_train"], d["y_train"], epochs=2 if quick else 4, lr=1e-3)
-    train_s = time.monotonic() - t0
     x_eval = (d["x_eval"] / 16).astype(np.float32)
     path = export_onnx(model, x_eval[:1], work / "encoder.onnx")
-    # Budget on output fidelity: cosine similarity of the logits to fp32, 0.1 pt = 0.999.
     t0 = time.monotonic()
     res = quantize(path, {"input": (d["x_calib"] / 16).astype(np.float32)}, {"input": x_eval}, max_drop=0.1,
-                   metric="cosine", method="auto", quiet=True, work_dir=work / "q-encoder", repeats=10,
-                   threads=2, calibrations=("minmax", "percentile"), recovery_steps=2)
+                   metric="cosine", method="auto", quiet=True, work_dir=work / "q-encoder", repeats=10, threads=2,
+                   calibrations=("minmax", "percentile"), recovery_steps=2)
     q_s = time.monotonic() - t0
     dec = res.decisions["onnx"]
     cands = {c.name: c for c in res.candidates}
     plain_static = [c for c in res.candidates if c.method == "static" and not c.excluded_nodes and c.drop is not None]
     static_best = min(plain_static, key=lambda c: c.drop, default=None)
-    ds = load_data({"input": x_eval, "labels": d["y_eval"]}, input_names=["input"])
-    top1 = ev.top1(ev.predict(path, ds), ds.labels)
-    return {"params": params, "train_s": round(train_s, 1), "quantize_s": round(q_s, 1), "chosen": dec.chosen,
-            "reason": dec.reason, "top1_fp32": top1,
+    return {"params": params, "quantize_s": round(q_s, 1), "chosen": dec.chosen, "reason": dec.reason,
             "static_best_drop": None if static_best is None else static_best.drop,
             "dynamic_drop": cands["dynamic"].drop if "dynamic" in cands else None,
             "static_met_budget": any(c.meets_budget for c in plain_static),
@@ -207,7 +204,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         digits = bench_digits(work, d, args.quick)
         mlp = bench_mlp(work, d)
-        enc = bench_transformer(work, d, args.quick)
+        enc = bench_transformer(work, d)
     o, t = digits["onnx"], digits["tflite"]
     rows = [
         ("digits Teacher params", f"{digits['params']:,}", "~0.5-1M", True),
@@ -232,7 +229,7 @@ def main(argv=None) -> int:
         print(f"{name.ljust(width)} | {val} | {target} | {'yes' if ok else 'NO'}")
     print(f"\ndigits choice: {digits['chosen']} — {digits['reason']}")
     print(f"tiny MLP: {mlp['reason']}")
-    print(f"encoder ({enc['params']:,} params, fp32 top-1 {100 * enc['top1_fp32']:.1f}%): {enc['reason']}"
+    print(f"encoder ({enc['params']:,} params): {enc['reason']}"
           + (" [plain static met the budget: scenario not reached]" if enc["static_met_budget"] else "")
           + (" [a recovered static candidate (nodes kept in float) met the budget but was slower]"
              if enc["recovered_static_met_budget"] and enc["chosen"].startswith("dynamic") else ""))

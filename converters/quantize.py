@@ -643,7 +643,9 @@ def _export_torch(src: _Source, calib, target: str, work: Path, quiet: bool) -> 
 
     data = load_data(calib, preprocess=src.preprocess)
     names = data.names
-    sample = tuple(np.ascontiguousarray(np.asarray(data.inputs[n][:1])) for n in names)
+    # Trace with float32 (numpy's default float64 would fix a double-precision graph).
+    sample = tuple(np.ascontiguousarray(a.astype(np.float32) if a.dtype.kind == "f" else a)
+                   for a in (np.asarray(data.inputs[n][:1]) for n in names))
     if target == "onnx":
         out = work / "source.onnx"
         try:
@@ -670,6 +672,12 @@ def _load_sets(calib, evald, specs: list[InputSpec], preprocess) -> tuple[Datase
     e = check_against(load_data(evald, input_names=names, preprocess=preprocess), specs,
                       min_samples=MIN_EVAL_SAMPLES, what="eval data")
     return c, e
+
+
+def _fixes(row: Mapping, quantizable: Mapping[str, str], excluded: Sequence[str]) -> list[str]:
+    """Nodes to keep in float to remove the error of one per-node row (its group and their consumers)."""
+    return [n for n in dict.fromkeys(list(row["nodes"]) + list(row["consumers"]))
+            if n in quantizable and n not in excluded]
 
 
 def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None, method: str, batch: int,
@@ -740,14 +748,12 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
                 recovery_log.append({"from": current.name, "step": step, "error": _one_line(exc)})
                 break
             node_tables[current.name] = rows
-            def fix(r):
-                return [n for n in dict.fromkeys(r["nodes"] + r["consumers"]) if n in quantizable and n not in excluded]
-
-            ranked = [r for r in sorted(rows, key=lambda r: -r["added_db"]) if fix(r) and r["added_db"] > 0]
+            ranked = [r for r in sorted(rows, key=lambda r: -r["added_db"])
+                      if r["added_db"] > 0 and _fixes(r, quantizable, excluded)]
             if not ranked:
                 recovery_log.append({"from": current.name, "step": step, "note": "no node adds measurable error"})
                 break
-            worst = list(dict.fromkeys(n for r in ranked[:per_step] for n in fix(r)))
+            worst = list(dict.fromkeys(n for r in ranked[:per_step] for n in _fixes(r, quantizable, excluded)))
             excluded = excluded + worst
             name = f"{start.name}+float{len(excluded)}"
             c = Candidate(name=name, target="onnx", method=fam, calibration=start.calibration,

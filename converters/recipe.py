@@ -439,11 +439,14 @@ def _evaluate_run(ctx: Ctx) -> tuple[dict, dict]:
                                   f"{budget:g}; no package written — raise [quantize] max_drop or set "
                                   "[tflite] enabled = false")
     plots = {}
+    short = {"teacher": "teacher", "student_fp32": "fp32", "student_int8_onnx": "int8 ONNX",
+             "student_int8_tflite": "int8 TFLite"}
     plots["accuracy_latency"] = rp.plot_scatter(
         ctx.work / "accuracy_latency.png",
-        [{"name": t["model"], "latency": t["latency_ms_b1"], "points": t["points"]} for t in table],
+        [{"name": short.get(t["id"], t["id"]), "latency": t["latency_ms_b1"], "points": t["points"]} for t in table],
         x="latency", y="points", title=f"{r.name}: {metric} vs batch-1 latency (1 thread)",
-        xlabel="median latency, batch 1 (ms)", ylabel=f"{metric} (points)", highlight=table[-1]["model"])
+        xlabel="median latency, batch 1 (ms)", ylabel=f"{metric} (points)",
+        highlight=short.get(table[-1]["id"], table[-1]["id"]))
     plots["size"] = rp.plot_bars(ctx.work / "size.png", [t["model"] for t in table],
                                  [t["size"] / 1024 for t in table], title="file size", ylabel="KiB",
                                  highlight=[table[-1]["model"]])
@@ -518,19 +521,11 @@ def _package_run(ctx: Ctx) -> tuple[dict, dict]:
     report = {"kind": "recipe", "model": r.name, "version": r.version, "metric": ctx.infos["evaluate"]["metric"],
               "table": ctx.infos["evaluate"]["table"], "machine": ctx.infos["evaluate"]["machine"],
               "distill": {k: v for k, v in d.items() if k != "history"}, "quantize": q["report"]}
-    from ..drift import reference_stats
+    from .refstats import compute_reference_stats
 
-    # What the model was built for, for on-device drift monitoring: calibration + eval inputs and the
-    # fp32 student's outputs on them.
-    calib = load_data(r["data"]["calib"])
-    ref_in = {s.name: np.concatenate([np.asarray(next(iter(calib.inputs.values())), np.float32),
-                                      np.asarray(next(iter(evald.inputs.values())), np.float32)])
-              for s in fp32.inputs[:1]} if len(fp32.inputs) == 1 else None
-    stats = None
-    if ref_in is not None:
-        ref_out = ev.predict(ctx.artifacts["onnx_fp32"], load_data(ref_in))
-        stats = reference_stats(ref_in, {fp32.outputs[0].name: ref_out}, labels=labels,
-                                layout=(r[""]["preprocess"] or {}).get("layout"))
+    # What the model was built for, for on-device drift monitoring (fp32 student on calib + eval).
+    stats = compute_reference_stats(ctx.artifacts["onnx_fp32"], [r["data"]["calib"], r["data"]["eval"]],
+                                    labels=labels, preprocess=r[""]["preprocess"])
     out = ctx.work / f"{r.name}-{r.version}.edgepkg"
     pkgmod.build(out, files, name=r.name, version=r.version, inputs=[_spec(s) for s in fp32.inputs],
                  outputs=[_spec(s) for s in fp32.outputs], preprocess=r[""]["preprocess"],
@@ -576,7 +571,7 @@ STEPS: tuple[Step, ...] = (
          options=lambda r: {"top": {k: v for k, v in r[""].items() if k != "out_dir"},
                             "teacher": r["teacher"]["factory"] and r["teacher"]["factory"].rpartition(":")[2]},
          files=lambda r: [r["package"]["signing_key"], *_teacher_files(r), r["data"]["eval"], r["data"]["calib"]],
-         run=_package_run, uses_info=True),
+         run=_package_run, uses_info=True, version=2),
 )
 
 #: Inserted after ``distill`` only when the recipe's ``[prune]`` asks for it (see :func:`_with_optional`),

@@ -49,28 +49,32 @@ def _litert_progress(show: bool):
             os.environ[key] = old
 
 
-def _as_args(sample_input) -> tuple:
+def _tensor(a):
+    """A torch tensor; numpy floats become float32 (float64 would trace a double-precision graph)."""
     import torch
 
+    if isinstance(a, torch.Tensor):
+        return a
+    a = np.ascontiguousarray(np.asarray(a))
+    return torch.from_numpy(a.astype(np.float32) if a.dtype.kind == "f" else a)
+
+
+def _as_args(sample_input) -> tuple:
     if isinstance(sample_input, (tuple, list)):
-        return tuple(torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a for a in sample_input)
-    if isinstance(sample_input, torch.Tensor):
-        return (sample_input,)
-    return (torch.as_tensor(np.asarray(sample_input)),)
+        return tuple(_tensor(a) for a in sample_input)
+    return (_tensor(sample_input),)
 
 
 def _calib_batches(calib_data, batch: int = 1):
     """Yield tuples of torch tensors from an array, a tuple of arrays, or a Dataset."""
-    import torch
-
     if isinstance(calib_data, Dataset):
         for feed in calib_data.batches(batch):
-            yield tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feed.values())
+            yield tuple(_tensor(v) for v in feed.values())
         return
     arrays = calib_data if isinstance(calib_data, (tuple, list)) else (calib_data,)
     arrays = [np.asarray(a) for a in arrays]
     for i in range(0, len(arrays[0]), batch):
-        yield tuple(torch.from_numpy(np.ascontiguousarray(a[i:i + batch])) for a in arrays)
+        yield tuple(_tensor(a[i:i + batch]) for a in arrays)
 
 
 def _write(out_path, edge_model, quiet: bool = True) -> Path:

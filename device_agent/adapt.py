@@ -8,11 +8,12 @@ student, a larger fp32 model, ...) with their measured accuracy. Given
    batch-1 model calls for ``measure_s``; p95), and switches to the most
    accurate variant whose p95 meets the budget (:func:`choose_variant`);
 2. then checks the p95 of the model calls every ``check_s`` seconds and asks
-   the pure :class:`AdaptPolicy` whether to move: p95 over budget for
-   ``sustain_s`` → step down to the most accurate faster variant expected to
-   fit; enough headroom for the next more accurate variant for
-   ``headroom_s`` (and the SoC not hot) → step up one rung. After a switch
-   nothing moves for ``cooldown_s`` (the hysteresis that stops flapping);
+   the pure :class:`AdaptPolicy` whether to move: p95 over budget in most
+   checks of the last ``sustain_s`` → step down to the most accurate faster
+   variant expected to fit; headroom for the next more accurate variant in
+   nearly every check of the last ``headroom_s`` (and the SoC not hot) →
+   step up one rung. After a switch nothing moves for ``cooldown_s`` (with
+   the asymmetric windows, the hysteresis that stops flapping);
 3. switches through the agent's zero-drop swap (``load_candidate`` +
    ``switch_to``: the new variant is loaded and warmed beside the running
    one and takes over between two batches), and reports every change and
@@ -151,11 +152,23 @@ class AdaptPolicy:
     The observed p95 over the current variant's start-up p95 is the device's
     *slowdown* right now (load, heat); a rung's expected p95 is its start-up
     p95 times that slowdown.
+
+    Each check is classified ``over`` (p95 above the budget), ``room`` (the
+    next more accurate variant is expected within ``headroom`` x budget and
+    the SoC is below ``hot_c``), ``ok`` or not judged (fewer than
+    ``min_samples`` calls). One check's p95 is noisy on a busy device, so a
+    move needs a window of checks: **down** when at least ``over_fraction``
+    of the judged checks of the last ``sustain_s`` were over budget; **up**
+    (one rung) when at least ``room_fraction`` of those of the last
+    ``headroom_s`` had room. Quick to step down, slow and strict to step up,
+    and nothing moves for ``cooldown_s`` after a switch: that asymmetry is
+    the hysteresis that keeps a device hovering near its budget from flapping.
     """
 
     def __init__(self, rungs: Sequence[Rung], budget_ms: float, current: str, *, sustain_s: float = 10.0,
                  headroom_s: float = 30.0, headroom: float = 0.8, cooldown_s: float | None = None,
-                 min_samples: int = 20, hot_c: float = 80.0) -> None:
+                 min_samples: int = 20, hot_c: float = 80.0, over_fraction: float = 0.6,
+                 room_fraction: float = 0.9, min_checks: int = 3) -> None:
         if budget_ms <= 0:
             raise ValueError("budget_ms must be > 0")
         self.ladder = sorted(rungs, key=lambda r: r.accuracy, reverse=True)  # most accurate first
@@ -170,63 +183,83 @@ class AdaptPolicy:
         self.cooldown_s = float(sustain_s if cooldown_s is None else cooldown_s)
         self.min_samples = int(min_samples)
         self.hot_c = float(hot_c)
-        self._over_since: float | None = None
-        self._room_since: float | None = None
+        self.over_fraction = float(over_fraction)
+        self.room_fraction = float(room_fraction)
+        self.min_checks = int(min_checks)
+        # (time, state, p95): bounded, and pruned to the longest window at every check
+        self._obs: collections.deque = collections.deque(maxlen=4096)
+        self._first: float | None = None   # first check since the last switch
         self._quiet_until = float("-inf")
 
     def _index(self, vid: str) -> int:
         return next(i for i, r in enumerate(self.ladder) if r.id == vid)
 
     def switched(self, to_id: str, now: float) -> None:
-        """Record a switch made (by this policy or anyone else): timers restart, cooldown begins."""
+        """Record a switch made (by this policy or anyone else): evidence restarts, cooldown begins."""
         self.current = to_id
-        self._over_since = self._room_since = None
+        self._obs.clear()
+        self._first = None
         self._quiet_until = now + self.cooldown_s
+
+    def _window(self, now: float, span: float) -> list[tuple] | None:
+        """Judged checks of the last ``span`` seconds, or None when not observed that long yet."""
+        if self._first is None or now - self._first < span:
+            return None
+        judged = [o for o in self._obs if o[0] >= now - span and o[1] != "none"]
+        return judged if len(judged) >= self.min_checks else None
 
     def observe(self, now: float, p95_ms: float | None, samples: int, temp_c: float | None = None) -> Decision | None:
         if now < self._quiet_until:
             return None
-        if p95_ms is None or samples < self.min_samples:
-            # Not enough calls to judge: "sustained" means continuously observed, so start over.
-            self._over_since = self._room_since = None
-            return None
         i = self._index(self.current)
         cur = self.ladder[i]
-        slowdown = p95_ms / cur.p95_ms if cur.p95_ms > 0 else 1.0
         hot = temp_c is not None and temp_c >= self.hot_c
+        if p95_ms is None or samples < self.min_samples:
+            state = "none"
+        elif p95_ms > self.budget_ms:
+            state = "over"
+        elif i > 0 and not hot and self.ladder[i - 1].p95_ms * (p95_ms / cur.p95_ms if cur.p95_ms > 0 else 1.0) \
+                <= self.budget_ms * self.headroom:
+            state = "room"
+        else:
+            state = "ok"
+        if self._first is None:
+            self._first = now
+        self._obs.append((now, state, p95_ms))
+        horizon = now - max(self.sustain_s, self.headroom_s)
+        while self._obs and self._obs[0][0] < horizon:
+            self._obs.popleft()
         temp_txt = f", SoC {temp_c:.0f} °C" if temp_c is not None else ""
-        if p95_ms > self.budget_ms:
-            self._room_since = None
-            if self._over_since is None:
-                self._over_since = now
-            if now - self._over_since < self.sustain_s or i == len(self.ladder) - 1:
-                return None
-            faster = [r for r in self.ladder[i + 1:] if r.p95_ms < cur.p95_ms] or self.ladder[i + 1:]
-            fit = next((r for r in faster if r.p95_ms * slowdown <= self.budget_ms), None)
-            to = fit or min(faster, key=lambda r: r.p95_ms)
-            d = Decision("down", cur.id, to.id,
-                         f"p95 {p95_ms:.3f} ms over the {self.budget_ms:g} ms budget for "
-                         f"{now - self._over_since:.0f} s (x{slowdown:.2f} slower than at start-up{temp_txt}); "
-                         f"{to.id} expected at {to.p95_ms * slowdown:.3f} ms", now, p95_ms, temp_c)
-            self.switched(to.id, now)
-            return d
-        self._over_since = None
+        win = self._window(now, self.sustain_s)
+        if i < len(self.ladder) - 1 and win is not None:
+            over = [o for o in win if o[1] == "over"]
+            if len(over) >= self.over_fraction * len(win):
+                p95 = float(np.median([o[2] for o in over]))
+                slowdown = p95 / cur.p95_ms if cur.p95_ms > 0 else 1.0
+                faster = [r for r in self.ladder[i + 1:] if r.p95_ms < cur.p95_ms] or self.ladder[i + 1:]
+                fit = next((r for r in faster if r.p95_ms * slowdown <= self.budget_ms), None)
+                to = fit or min(faster, key=lambda r: r.p95_ms)
+                d = Decision("down", cur.id, to.id,
+                             f"p95 over the {self.budget_ms:g} ms budget in {len(over)} of {len(win)} checks over "
+                             f"{self.sustain_s:g} s (median {p95:.3f} ms, x{slowdown:.2f} slower than at start-up"
+                             f"{temp_txt}); {to.id} expected at {to.p95_ms * slowdown:.3f} ms", now, p95, temp_c)
+                self.switched(to.id, now)
+                return d
         if i == 0 or hot:
-            self._room_since = None
+            return None
+        win = self._window(now, self.headroom_s)
+        if win is None:
+            return None
+        room = [o for o in win if o[1] == "room"]
+        if len(room) < self.room_fraction * len(win):
             return None
         up = self.ladder[i - 1]
-        expected = up.p95_ms * slowdown
-        if expected > self.budget_ms * self.headroom:
-            self._room_since = None
-            return None
-        if self._room_since is None:
-            self._room_since = now
-        if now - self._room_since < self.headroom_s:
-            return None
+        p95 = float(np.median([o[2] for o in room]))
+        expected = up.p95_ms * (p95 / cur.p95_ms if cur.p95_ms > 0 else 1.0)
         d = Decision("up", cur.id, up.id,
-                     f"headroom for {now - self._room_since:.0f} s: {up.id} expected at {expected:.3f} ms "
-                     f"<= {self.headroom:.0%} of the {self.budget_ms:g} ms budget (now p95 {p95_ms:.3f} ms"
-                     f"{temp_txt})", now, p95_ms, temp_c)
+                     f"headroom in {len(room)} of {len(win)} checks over {self.headroom_s:g} s: {up.id} expected at "
+                     f"{expected:.3f} ms <= {self.headroom:.0%} of the {self.budget_ms:g} ms budget (median p95 "
+                     f"{p95:.3f} ms{temp_txt})", now, p95, temp_c)
         self.switched(up.id, now)
         return d
 
@@ -257,18 +290,27 @@ def read_thermal(root: str | os.PathLike = "/sys/class/thermal") -> dict | None:
 
 
 def measure_call_ms(run, feed: list[np.ndarray], *, seconds: float = 1.0, min_runs: int = 20,
-                    max_runs: int = 2000) -> dict:
-    """Time ``run(feed)`` repeatedly (after 3 warm-up calls) for about ``seconds``: ``{"p50", "p95", "runs"}``."""
+                    max_runs: int = 5000, chunks: int = 5) -> dict:
+    """Time ``run(feed)`` for about ``seconds`` (after 3 warm-up calls): ``{"p50", "p95", "runs"}``.
+
+    The time is split into ``chunks``; ``p95`` is the median of the chunks'
+    p95s, so one burst of load from another process during the measurement
+    does not decide which variant a device runs.
+    """
     for _ in range(3):
         run(feed)
-    times = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() < deadline):
-        t0 = time.perf_counter()
-        run(feed)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    arr = np.asarray(times)
-    return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "runs": len(times)}
+    per_chunk = []
+    all_times: list[float] = []
+    for _c in range(max(1, chunks)):
+        times = []
+        deadline = time.perf_counter() + seconds / max(1, chunks)
+        while len(times) < max_runs // max(1, chunks) and (len(times) < min_runs or time.perf_counter() < deadline):
+            t0 = time.perf_counter()
+            run(feed)
+            times.append((time.perf_counter() - t0) * 1000.0)
+        per_chunk.append(float(np.percentile(times, 95)))
+        all_times += times
+    return {"p50": float(np.percentile(all_times, 50)), "p95": float(np.median(per_chunk)), "runs": len(all_times)}
 
 
 def _explicit(config: Any, section: str, key: str) -> bool:
@@ -297,7 +339,7 @@ class AdaptController:
     def __init__(self, agent: Any, *, budget_ms: float | None = None, check_s: float | None = None,
                  sustain_s: float | None = None, headroom_s: float | None = None, headroom: float | None = None,
                  cooldown_s: float | None = None, min_samples: int | None = None, hot_c: float | None = None,
-                 measure_s: float | None = None, tune: bool | None = None,
+                 measure_s: float | None = None, tune: bool | None = None, min_checks: int = 3,
                  thermal_root: str | os.PathLike = "/sys/class/thermal", clock=time.monotonic) -> None:
         self.agent = agent
         cfg = getattr(getattr(agent, "config", None), "adapt", None)
@@ -318,6 +360,7 @@ class AdaptController:
         self.hot_c = float(pick(hot_c, "hot_c", 80.0))
         self.measure_s = float(pick(measure_s, "measure_s", 1.0))
         self.tune = bool(pick(tune, "tune", True))
+        self.min_checks = int(min_checks)
         self.thermal_root = thermal_root
         self.clock = clock
         self.policy: AdaptPolicy | None = None
@@ -416,7 +459,7 @@ class AdaptController:
         if self.budget_ms is not None:
             self.policy = AdaptPolicy(rungs, self.budget_ms, best.id, sustain_s=self.sustain_s,
                                       headroom_s=self.headroom_s, headroom=self.headroom, cooldown_s=self.cooldown_s,
-                                      min_samples=self.min_samples, hot_c=self.hot_c)
+                                      min_samples=self.min_samples, hot_c=self.hot_c, min_checks=self.min_checks)
             self.policy.switched(best.id, now)
         if self.tune and not _explicit(agent.config, "batcher", "max_delay_ms") and agent.batcher is not None:
             mb = agent.config.batcher.max_batch

@@ -34,8 +34,12 @@ anything with ``start()`` and ``stop(timeout)``, and optionally:
 * ``on_batch(batch: ResultBatch)`` — called once per batch (fast path;
   ``batch.results()`` materialises per-sample results), or
   ``on_result(result: Result)`` — called per sample (simple, slower);
-* ``wants_inputs = True`` — per-sample results carry ``result.inputs``
-  (the preprocessed input), e.g. for feedback capture;
+* ``on_batch_inputs(batch, inputs)`` — called on the batcher thread with
+  the packed input rows of the batch (one array per model input, row i =
+  ``batch`` row i); valid only during the call (the buffers are reused);
+* ``wants_inputs = True`` — per-sample results given to ``on_result``
+  carry ``result.inputs`` (a copy of the preprocessed input), e.g. for
+  feedback capture;
 * ``health() -> dict`` — merged into ``agent.health()["components"]``;
 * ``feedback(prediction_id, kind, value=None)`` — the first component
   with this method receives ``agent.feedback(...)`` and ``POST
@@ -73,7 +77,7 @@ from ..errors import EdgeshipError, InputError, ModelError, OverloadError, Store
 from ..metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Counters, Histogram
 from .batcher import BatchPolicy, MicroBatcher, Packer, Segment, Work
 from .cache import ResultCache, input_key, row_keys
-from .config import AgentConfig, AgentSection, load_config, parse_config
+from .config import AgentConfig, load_config, parse_config
 from .preprocessing import BlockPreprocessor
 from .results import Result, ResultBatch, classify, _top
 from .sinks import Sink, make_sink
@@ -750,11 +754,17 @@ class Agent:
         lat_counts = []
         missed = 0
         futures = []
+        spans: list | None = []
         cache = self.cache
         for seg in segments:
             w, c = seg.work, seg.count
             lat = (t_done - w.t_in) * 1000.0
             lat_counts.append((lat, c))
+            if spans is not None:
+                if isinstance(w.ts, np.ndarray):
+                    spans = None
+                else:
+                    spans.append((c, w.source, w.ts, lat))
             if w.deadline is not None and t_done > w.deadline:
                 missed += c
             sources += [w.source] * c
@@ -773,17 +783,19 @@ class Agent:
                 for i in range(c):
                     cache.put(w.keys[seg.start + i], tuple(o[seg.pos + i] for o in outs))
         cls = classify(outs[0]) if len(outs) == 1 else None
-        batch = ResultBatch(model=handle.model, output_names=handle.output_names, outputs=outs, n=n,
-                            id_prefix=self._id_prefix, id_base=base, source=sources, ts=ts, latency_ms=lats,
-                            labels=handle.labels, refs=refs, model_json=handle.model_json, cls=cls)
         m = self.metrics
         m.counters.inc("inferences", n)
         m.counters.inc("batches")
         if missed:
             m.counters.inc("deadline_missed", missed)
         m.record_batch(n, (t_done - t0) * 1000.0, lat_counts)
-        want_inputs = self._input_hooks or self._wants_inputs
-        self._deliver(batch, [b[:n] for b in packer.buffers] if want_inputs else None)
+        if self.sinks or self._batch_hooks or self._result_hooks or self._input_hooks:
+            batch = ResultBatch(model=handle.model, output_names=handle.output_names, outputs=outs, n=n,
+                                id_prefix=self._id_prefix, id_base=base, source=sources, ts=ts, latency_ms=lats,
+                                labels=handle.labels, refs=refs, model_json=handle.model_json, cls=cls,
+                                spans=spans)
+            want_inputs = self._input_hooks or self._wants_inputs
+            self._deliver(batch, [b[:n] for b in packer.buffers] if want_inputs else None)
         # Futures last: waking a caller can preempt this thread (same core, GIL
         # handover), so everything else of the batch is done before.
         for seg in futures:

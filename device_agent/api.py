@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import socket
 import socketserver
 import threading
 import urllib.parse
@@ -230,6 +229,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"ok": True, "msg_id": msg_id})
 
 
+class _UnixHandler(_Handler):
+    disable_nagle_algorithm = False  # TCP_NODELAY does not exist on Unix sockets
+
+
 def _array(v: Any, what: str) -> np.ndarray:
     try:
         a = np.asarray(v)
@@ -274,7 +277,7 @@ class ApiServer:
         cfg = self.cfg
         try:
             if cfg.unix_socket:
-                srv = _UnixServer(cfg.unix_socket, _Handler)
+                srv = _UnixServer(cfg.unix_socket, _UnixHandler)
             else:
                 srv = _TcpServer((cfg.host, cfg.port), _Handler)
         except OSError as exc:

@@ -81,9 +81,21 @@ class PredictionRing:
             while len(self._d) > self.size:
                 self._d.popitem(last=False)
 
+    def add_many(self, ids: list[str], labels: list, model: Any, ts: float) -> None:
+        """One batch under one lock; records are small tuples turned into dicts on lookup."""
+        with self._lock:
+            d = self._d
+            for pid, lab in zip(ids, labels):
+                d[pid] = (lab, model, ts)
+            while len(d) > self.size:
+                d.popitem(last=False)
+
     def get(self, prediction_id: str) -> dict | None:
         with self._lock:
-            return self._d.get(prediction_id)
+            rec = self._d.get(prediction_id)
+        if isinstance(rec, tuple):
+            return {"label": rec[0], "model": rec[1], "ts": rec[2]}
+        return rec
 
     def __len__(self) -> int:
         return len(self._d)
@@ -230,12 +242,12 @@ class FeedbackManager:
 
     def on_batch(self, batch: Any) -> None:
         """Agent fast path: remember every prediction of one ResultBatch."""
+        if self.ring.size == 0:
+            return
         ids = batch.prediction_ids()
         labels = batch.label_names() or [None] * len(ids)
         ts = float(batch.ts) if isinstance(batch.ts, (int, float)) else time.time()
-        rec_model = batch.model
-        for pid, lab in zip(ids, labels):
-            self.ring.add(pid, {"label": lab, "model": rec_model, "ts": ts})
+        self.ring.add_many(ids, labels, batch.model, ts)
 
     def on_batch_inputs(self, batch: Any, inputs: list) -> None:
         """Agent hook (only wired with keep_inputs): hand this batch's input rows to the disk writer."""

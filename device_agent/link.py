@@ -124,6 +124,15 @@ class FleetLink:
         self.feedback_manager.on_result(result)
         self.state.on_result(result)
 
+    def send(self, kind: str, body: Mapping[str, Any]) -> dict:
+        """Queue one v1 message of ``kind`` (e.g. a rollout report) from this device; returns it."""
+        from .. import protocol
+
+        msg = protocol.make_message(kind, self.device, dict(body))
+        self.outbox.put(kind, protocol.device_topic(self.fleet, self.device, kind), protocol.encode(msg),
+                        retain=protocol.RETAINED.get(kind, False))
+        return msg
+
     def feedback(self, prediction_id: str, kind: str, value: Any = None) -> dict:
         return self.feedback_manager.feedback(prediction_id, kind, value)
 

@@ -383,7 +383,9 @@ class Forwarder:
                     rid, h = inflight.popleft()
                     self.last_error = f"publish of outbox row {rid} refused: {h.error}"
                     inflight.clear()
-                    cursor = 0  # try again from the oldest
+                    cursor = 0  # try again from the oldest, after a pause (paho's queue may be full)
+                    self._stop.wait(0.2)
+                    continue
                 now = time.monotonic()
                 if acked and (len(acked) >= 256 or now - last_flush >= self.ack_flush_s):
                     self._flush(acked)

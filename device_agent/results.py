@@ -14,6 +14,7 @@ Prediction ids are ``<run id>-<n>``: the run id is random per agent start,
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -63,6 +64,18 @@ def classify(out: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """
     if out.ndim != 2 or out.shape[1] < 2 or not np.issubdtype(out.dtype, np.floating):
         return None
+    if out.shape[0] <= 4 and out.shape[1] <= 64:
+        # A few rows (API requests at low load): plain Python beats a dozen small numpy calls.
+        idx_l, sc_l = [], []
+        for row in out.tolist():
+            k = max(range(len(row)), key=row.__getitem__)
+            top = row[k]
+            if min(row) >= 0 and abs(sum(row) - 1.0) <= 1e-3:
+                sc_l.append(top)
+            else:
+                sc_l.append(1.0 / sum(math.exp(v - top) for v in row))
+            idx_l.append(k)
+        return np.asarray(idx_l, dtype=np.int64), np.asarray(sc_l, dtype=np.float64)
     idx = out.argmax(axis=1)
     if out.size and out.min() >= 0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
         score = out[np.arange(len(out)), idx]
@@ -80,12 +93,12 @@ class ResultBatch:
     """
 
     __slots__ = ("model", "output_names", "outputs", "n", "id_prefix", "id_base", "source", "ts", "refs",
-                 "latency_ms", "labels", "top_idx", "scores", "cached", "_model_json")
+                 "latency_ms", "labels", "top_idx", "scores", "cached", "_model_json", "spans")
 
     def __init__(self, *, model: dict, output_names: Sequence[str], outputs: Sequence[np.ndarray], n: int,
                  id_prefix: str, id_base: int, source: str, ts, latency_ms, labels: Sequence[str] | None = None,
                  refs: Sequence[str] | None = None, cached: bool = False, model_json: str | None = None,
-                 cls: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 cls: tuple[np.ndarray, np.ndarray] | None = None, spans: list | None = None) -> None:
         self.model = model
         self.output_names = list(output_names)
         self.outputs = list(outputs)
@@ -99,6 +112,9 @@ class ResultBatch:
         self.refs = refs
         self.cached = cached
         self._model_json = model_json
+        # Optional ((count, source, ts, latency_ms), ...) runs of rows sharing those values (one per
+        # request or source block): lets to_json_lines format only the per-row fields per row.
+        self.spans = spans
         if cls is None and len(self.outputs) == 1:
             cls = classify(self.outputs[0])
         self.top_idx, self.scores = cls if cls is not None else (None, None)
@@ -156,10 +172,13 @@ class ResultBatch:
             return ""
         model_json = self._model_json or json.dumps({"name": self.model.get("name"), "version": self.model.get("version")},
                                                     separators=(",", ":"))
+        names = self.label_names()
+        if (self.spans is not None and names is not None and not outputs and self.refs is None
+                and self.cached is False):
+            return self._json_by_span(names, model_json)
         ts = self._col(self.ts, n)
         lat = self._col(self.latency_ms, n)
         ids = range(self.id_base, self.id_base + n)
-        names = self.label_names()
         # Per-row parts vary; the constant parts are baked into the template once per batch.
         cols: list = [ids]
         head = '{"prediction_id":"' + self.id_prefix.replace("%", "%%") + '%d","source":'
@@ -198,12 +217,34 @@ class ResultBatch:
         return "".join([tmpl % row for row in zip(*cols)])
 
 
+    def _json_by_span(self, names: list[str], model_json: str) -> str:
+        """Fast path: per row only id, label and score vary; the rest is baked in per span."""
+        enc = {lab: json.dumps(lab) for lab in set(names)}
+        jl = [enc[x] for x in names]
+        scores = self.scores.tolist()
+        prefix = self.id_prefix.replace("%", "%%")
+        tail = model_json.replace("%", "%%") + "}\n"
+        parts = []
+        i = 0
+        base = self.id_base
+        for count, source, ts, lat in self.spans:
+            tmpl = ('{"prediction_id":"' + prefix + '%d","source":' + json.dumps(source).replace("%", "%%") +
+                    ',"ts":' + f"{ts:.6f}" + ',"label":%s,"score":%.5f,"latency_ms":' + f"{lat:.3f}" +
+                    ',"model":' + tail)
+            j = i + count
+            parts.append("".join([tmpl % row for row in zip(range(base + i, base + j), jl[i:j], scores[i:j])]))
+            i = j
+        return "".join(parts)
+
+
 def _top(row: np.ndarray, labels: Sequence[str] | None, k: int = 5) -> list[tuple[str, float]]:
-    row = np.asarray(row, dtype=np.float64).ravel()
-    if row.min() >= 0 and abs(row.sum() - 1.0) < 1e-3:
-        p = row
+    vals = np.asarray(row, dtype=np.float64).ravel().tolist()
+    if min(vals) >= 0 and abs(sum(vals) - 1.0) < 1e-3:
+        p = vals
     else:
-        e = np.exp(row - row.max())
-        p = e / e.sum()
-    idx = np.argsort(-p)[:k]
-    return [((labels[i] if labels and i < len(labels) else str(i)), float(p[i])) for i in idx]
+        m = max(vals)
+        e = [math.exp(v - m) for v in vals]
+        total = sum(e)
+        p = [v / total for v in e]
+    idx = sorted(range(len(p)), key=p.__getitem__, reverse=True)[:k]
+    return [((labels[i] if labels and i < len(labels) else str(i)), p[i]) for i in idx]

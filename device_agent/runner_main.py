@@ -26,7 +26,28 @@ def wire_components(agent: Agent, cfg: AgentConfig) -> None:
         # through outbox.sqlite in the state dir; the network never touches the inference path.
         from .link import FleetLink  # noqa: PLC0415 - only agents with a broker pay for it
 
-        FleetLink.from_config(cfg).attach(agent)
+        fleet_link = FleetLink.from_config(cfg).attach(agent)
+    else:
+        fleet_link = None
+    if fleet_link is not None and fleet_link.link is not None and cfg.rollout.enabled:
+        # Staged rollouts (issue 8): signed plans in over the same link, reports out through the outbox.
+        from .rollout_client import RolloutClient  # noqa: PLC0415
+
+        agent.add_component(RolloutClient.from_config(agent, fleet_link, cfg))
+    # Drift (issue 10): window statistics of inputs/predictions against the package's reference_stats,
+    # sent as the "drift" field of each telemetry window; no raw data leaves the device.
+    from .drift import DriftMonitor  # noqa: PLC0415
+
+    monitor = agent.add_component(DriftMonitor(agent))
+    if fleet_link is not None:
+        fleet_link.telemetry.add_fields(monitor.telemetry_fields)
+    if cfg.adapt.latency_budget_ms is not None:
+        # Variants under a latency budget (issue 10): measured at start-up, re-checked with hysteresis.
+        from .adapt import AdaptController  # noqa: PLC0415
+
+        adapt = agent.add_component(AdaptController(agent))
+        if fleet_link is not None:
+            fleet_link.telemetry.add_fields(adapt.telemetry_fields)
     return None
 
 

@@ -80,8 +80,16 @@ class WindowAggregator:
                 w.model = dict(model)
 
     def record_batch(self, n: int, latency_ms: Any, labels: list | None = None,
-                     model: Mapping | None = None) -> None:
-        """One batch of ``n`` results; ``latency_ms`` is one value for all or one per row."""
+                     model: Mapping | None = None, class_counts: Mapping[str, int] | None = None) -> None:
+        """One batch of ``n`` results; ``latency_ms`` is one value for all or one per row.
+
+        Classes come either as one label per row (``labels``) or already counted (``class_counts``).
+        """
+        if labels and class_counts is None:
+            counted: dict[str, int] = {}
+            for lab in labels:
+                counted[str(lab)] = counted.get(str(lab), 0) + 1
+            class_counts = counted
         with self._lock:
             w = self._w
             w.inferences += n
@@ -89,12 +97,11 @@ class WindowAggregator:
                 w.latency.add_repeated(latency_ms, n)
             elif latency_ms is not None:
                 w.latency.add_many(latency_ms)
-            if labels:
-                for lab in labels:
-                    key = str(lab)[:64]
-                    if key not in w.classes and len(w.classes) >= self.max_classes:
-                        key = "_other"
-                    w.classes[key] = w.classes.get(key, 0) + 1
+            for lab, c in (class_counts or {}).items():
+                key = lab[:64]
+                if key not in w.classes and len(w.classes) >= self.max_classes:
+                    key = "_other"
+                w.classes[key] = w.classes.get(key, 0) + c
             if model is not None:
                 w.model = model  # the agent's model dict is fixed per loaded model: no copy per batch
 
@@ -261,7 +268,17 @@ class Telemetry:
 
     # agent component hooks
     def on_batch(self, batch: Any) -> None:
-        self.agg.record_batch(batch.n, batch.latency_ms, batch.label_names(), batch.model)
+        counts = None
+        idx = getattr(batch, "top_idx", None)
+        if idx is not None:
+            # One bincount per batch instead of a Python loop per row (this runs on the batcher thread).
+            import numpy as np
+
+            bc = np.bincount(np.asarray(idx), minlength=0)
+            labels = batch.labels
+            counts = {(labels[i] if labels and i < len(labels) else str(i)): int(c)
+                      for i, c in enumerate(bc.tolist()) if c}
+        self.agg.record_batch(batch.n, batch.latency_ms, None, batch.model, class_counts=counts)
 
     def on_result(self, result: Any) -> None:
         self.agg.record(getattr(result, "latency_ms", None), getattr(result, "label", None),

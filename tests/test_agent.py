@@ -48,11 +48,11 @@ def pkgs(tmp_path_factory):
             "fixed1": build_mlp_package(d, "1.0.0-b1", seed=0, dynamic_batch=False)}
 
 
-def make_agent(tmp_path, pkg, **sections) -> Agent:
+def make_agent(tmp_path, pkg, sink_objects=(), **sections) -> Agent:
     data = {"agent": {"package": str(pkg), "state_dir": str(tmp_path / "state")}}
     for k, v in sections.items():
         data[k] = v
-    return Agent(parse_config(data))
+    return Agent(parse_config(data), sinks=sink_objects)
 
 
 def ref(x, seed=0):
@@ -263,8 +263,18 @@ def _flood(agent, n):
 def test_request_flood_applies_policy_with_exact_counts(tmp_path, pkgs, policy):
     import tracemalloc
 
-    agent = make_agent(tmp_path, pkgs["v1"], batcher={"max_batch": 1, "max_delay_ms": 0, "queue_size": 32,
-                                                        "overload": policy, "block_timeout_ms": 1})
+    pause = threading.Event()
+
+    class SlowSink:  # ~1 ms per batch: the producer below is always faster, so the queue fills
+        def write(self, batch):
+            pause.wait(0.001)
+
+        def close(self):
+            pass
+
+    agent = make_agent(tmp_path, pkgs["v1"], [SlowSink()],
+                       batcher={"max_batch": 1, "max_delay_ms": 0, "queue_size": 32, "overload": policy,
+                                "block_timeout_ms": 1})
     with agent:
         tracemalloc.start()
         futs, refused = _flood(agent, 3000)
@@ -293,20 +303,24 @@ def test_request_flood_applies_policy_with_exact_counts(tmp_path, pkgs, policy):
 def test_result_cache_hits_skip_inference(tmp_path, pkgs):
     out = tmp_path / "out.jsonl"
     agent = make_agent(tmp_path, pkgs["v1"], cache={"enabled": True, "max_entries": 16},
-                       sources=[{"type": "synthetic", "id": "rep", "shape": [64], "count": 400, "distinct": 4,
-                                 "block_size": 50}],
                        sinks=[{"type": "jsonl", "path": str(out)}])
     with agent:
+        # the 4 distinct samples once (all misses), then 400 repeats of them (all hits)
+        agent.add_source(SyntheticSource("warm", shape=[64], count=4, distinct=4, seed=7))
+        assert agent.wait_idle(20)
+        agent.add_source(SyntheticSource("rep", shape=[64], count=400, distinct=4, seed=7), block_size=50)
         assert agent.wait_idle(20)
         x = np.ones(64, np.float32)
         first, second = agent.infer(x), agent.infer(x)
         c = agent.metrics.counters.snapshot()
+        stats = agent.cache.stats()
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 402
-    # blocks prepared before the first batch ran miss; everything after hits
-    assert c["cache_hits"] > 200 and c["inferences"] < 200 and c["inferences"] + c["cache_hits"] == 402
+    assert len(rows) == 406
+    assert c["inferences"] == 5 and c["cache_hits"] == 401 and c["cache_misses"] == 5
+    assert stats["hits"] == 401 and stats["entries"] == 5
     assert second.cached and np.allclose(first.outputs["logits"], second.outputs["logits"])
-    assert sum(1 for r in rows if r.get("cached")) == c["cache_hits"]
+    cached_rows = [r for r in rows if r.get("cached")]
+    assert len(cached_rows) == 401 and all(r["source"] in ("rep", "api") for r in cached_rows)
 
 
 # -- sinks and components ---------------------------------------------------------------------
@@ -516,3 +530,18 @@ def test_import_is_light():
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "", out.stderr
+
+
+def test_bench_cli_reports_every_figure(pkgs):
+    from conftest import run_cli
+
+    out = json.loads(run_cli("bench", str(pkgs["v1"]), "--json", "--seconds", "0.1").stdout)
+    assert out["backend"].startswith("onnxruntime") and out["load_s"] > 0 and out["warmup_s"] >= 0
+    assert set(out["raw_throughput"]) == set(out["agent_throughput"]) == {"1", "8", "32"}
+    assert all(v > 0 for v in [*out["raw_throughput"].values(), *out["agent_throughput"].values()])
+    for key in ("raw_latency_ms_b1", "agent_latency_ms_b1"):
+        s = out[key]
+        assert 0 < s["p50"] <= s["p95"] <= s["p99"]
+    assert out["rss_mb_agent"] > 10
+    text = run_cli("bench", str(pkgs["v1"]), "--seconds", "0.05").stdout
+    assert "p50" in text and "through the agent" in text and "RSS" in text

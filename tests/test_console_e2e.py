@@ -5,8 +5,8 @@ storing into a real SQLite fleet DB, the console under uvicorn on 127.0.0.1,
 and a simulated fleet that speaks the v1 MQTT protocol (state, telemetry,
 feedback with attached inputs, rollout reports) through that broker.
 
-Screenshots go to the test's tmp dir (``<tmp>/screens/*.png``); the devices
-and rollout pages are also copied to ``docs/console.png`` when
+Screenshots go to the test's tmp dir (``<tmp>/screens/*.png``); the rollout
+page at stage 2 is also copied to ``docs/console.png`` when
 ``EDGESHIP_UPDATE_DOCS=1``.
 """
 from __future__ import annotations
@@ -235,3 +235,120 @@ def test_console_shows_a_live_fleet(fleet_console, browser_page):
     page.wait_for_function(f"() => document.querySelector('#n-offline').textContent.trim() === '{N_DEVICES}'",
                            timeout=20000)
     assert page.js_errors == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A rollout driven from the browser, on a fleet of real agents (tests/rollout_fleet.py).
+
+N_AGENTS = 8
+
+
+@pytest.fixture()
+def rollout_console(mosquitto, tmp_path, signing_keys):
+    from edgeship.fleet.collector import Collector
+    from edgeship.fleet.controller import RolloutController
+
+    from rollout_fleet import Device, Users, wait_for
+    from test_agent import build_mlp_package
+
+    priv, pub = signing_keys
+    fleet = f"ui{os.getpid() % 10000}"
+    v1 = build_mlp_package(tmp_path / "v1", "1.0.0", seed=0, signing_key=priv)
+    served = tmp_path / "packages"
+    v2 = build_mlp_package(served, "2.0.0", seed=1, signing_key=priv)
+    for extra in served.glob("*.onnx"):
+        extra.unlink()  # only packages in the served directory
+    db = FleetDB.open(tmp_path / "fleet.sqlite")
+    collector = Collector(db, mosquitto.url, fleet, client_id=f"col-{fleet}").start()
+    assert collector.wait_ready(10)
+    controller = RolloutController(db, mosquitto.url, fleet, signing_key=priv, tick_s=0.3).start()
+    token = auth.new_token()
+    cfg = ConsoleConfig(password_hash=auth.hash_password(PASSWORD), token_sha256=auth.token_digest(token))
+    data = ConsoleData(db, controller=controller, packages_dir=served, export_dir=tmp_path / "exports")
+    server = ConsoleServer(create_app(cfg, data), cfg, port=0).start()
+    devices: list = []
+    users = None
+    try:
+        devices = [Device(tmp_path / "devices", f"d{i:02d}", fleet, mosquitto.url, v1, pub).start()
+                   for i in range(N_AGENTS)]
+        # Simulated users: steady requests, no field complaints, so only soak time gates a stage.
+        users = Users(devices, {}, default_bad=0.0, period_s=0.1)
+        users.start()
+        yield {"url": server.url, "db": db, "devices": devices, "controller": controller, "v2": v2,
+               "wait_for": wait_for, "tmp": tmp_path}
+    finally:
+        if users is not None:
+            users.stop()
+        for d in devices:
+            d.stop()
+        server.stop()
+        controller.stop(2)
+        collector.stop(2)
+        db.close()
+
+
+def test_rollout_from_the_browser_advances_and_aborts(rollout_console, browser_page):
+    page, url, tmp = browser_page, rollout_console["url"], rollout_console["tmp"]
+    devices, wait_for = rollout_console["devices"], rollout_console["wait_for"]
+    login(page, url)
+    # The agents appear on the live devices page, all on 1.0.0.
+    page.wait_for_function(f"() => document.querySelector('#n-online').textContent.trim() === '{N_AGENTS}'",
+                           timeout=30000)
+    page.wait_for_function("() => [...document.querySelectorAll('#devices-table td.model')]"
+                           f".filter(td => td.textContent.trim() === '1.0.0').length === {N_AGENTS}")
+    # Start a rollout of 2.0.0: 50 % soaking 3 s, then 100 % soaking an hour (so abort comes first).
+    page.click("nav a[href='/rollouts']")
+    page.select_option("#start-package", label=f"sensor 2.0.0 ({rollout_console['v2'].name})")
+    page.fill("#start-stages", "50,100")
+    page.fill("#start-soak", "3,3600")
+    page.click("#start-button")
+    page.wait_for_selector("#confirm-dialog[open]")
+    assert "Start this rollout" in page.inner_text("#confirm-text")
+    page.click("#confirm-ok")
+    page.wait_for_selector("#rollout-state")
+    assert page.inner_text("#rollout-state") == "running"
+    assert "1 of 2" in page.inner_text("#rollout-stage")
+    rid = page.url.split("?")[0].rsplit("/", 1)[1]
+    shot(page, tmp, "rollout-stage1")
+    # The controller promotes after the soak; the live page shows stage 2 without a reload.
+    page.wait_for_function("() => document.querySelector('#rollout-stage').textContent.includes('2 of 2')",
+                           timeout=30000)
+    assert page.get_attribute("#stage-timeline li[data-stage='1']", "class") == "done"
+    assert page.get_attribute("#stage-timeline li[data-stage='2']", "class") == "current"
+    wait_for(lambda: sum(d.version == "2.0.0" for d in devices) == N_AGENTS, 45, step=0.2,
+             what="every agent on 2.0.0")
+    page.wait_for_function("() => { const r = document.querySelector(\"#device-states tr[data-state='healthy']\");"
+                           f" return r && r.querySelector('td.num').textContent.trim() === '{N_AGENTS}'; }}",
+                           timeout=30000)
+    page.wait_for_function("() => document.querySelectorAll('#gates-table tr[data-gate]').length >= 4")
+    docs_shot = shot(page, tmp, "rollout-stage2")
+    # Abort, with the confirmation; cancelling first must do nothing.
+    page.click("#btn-abort")
+    page.wait_for_selector("#confirm-dialog[open]")
+    page.click("#confirm-cancel")
+    assert page.inner_text("#rollout-state") == "running"
+    page.click("#btn-abort")
+    page.wait_for_selector("#confirm-dialog[open]")
+    assert "rolls back" in page.inner_text("#confirm-text")
+    page.click("#confirm-ok")
+    page.wait_for_function("() => document.querySelector('#rollout-state').textContent.trim() === 'aborted'")
+    # Every agent rolls back to 1.0.0 and says so; the page shows it live.
+    wait_for(lambda: all(d.version == "1.0.0" for d in devices), 45, step=0.2, what="every agent back on 1.0.0")
+    page.wait_for_function("() => { const r = document.querySelector(\"#device-states tr[data-state='rolled_back']\");"
+                           f" return r && r.querySelector('td.num').textContent.trim() === '{N_AGENTS}'; }}",
+                           timeout=30000)
+    assert page.is_disabled("#btn-abort") and page.is_disabled("#btn-pause")
+    shot(page, tmp, "rollout-aborted")
+    # Audited with who and when: the start and the abort by the controller for "admin".
+    page.click("nav a[href='/audit']")
+    page.wait_for_selector("#audit-table")
+    rows = page.locator("#audit-table tbody tr").all_inner_texts()
+    assert any("admin" in r and "rollout.abort" in r and rid in r for r in rows), rows
+    assert any("admin" in r and "rollout.start" in r and rid in r for r in rows), rows
+    # Devices page: all back on 1.0.0.
+    page.click("nav a[href='/devices']")
+    page.wait_for_function("() => [...document.querySelectorAll('#devices-table td.model')]"
+                           f".filter(td => td.textContent.trim() === '1.0.0').length === {N_AGENTS}")
+    assert page.js_errors == []
+    if os.environ.get("EDGESHIP_UPDATE_DOCS") == "1":
+        shutil.copyfile(docs_shot, ROOT / "docs" / "console.png")

@@ -108,10 +108,16 @@ def test_parse_stages():
 
 
 def test_shape_gate_and_timeline():
-    g = shape_gate({"name": "p95_latency_ratio", "canary": 2.4, "control": 2.0, "threshold": 1.2, "ok": False})
-    assert g["verdict"] == "fail" and g["threshold_line"] == pytest.approx(2.4) and g["unit"] == "ratio"
-    g = shape_gate({"name": "error_rate", "canary": 0.01, "control": None, "threshold": 0.02, "ok": None})
-    assert g["verdict"] == "waiting" and g["canary_text"] == "1.00 %"
+    g = shape_gate({"name": "latency_p95", "canary": 2.4, "control": 2.0, "threshold": 1.2, "verdict": "fail",
+                    "unit": "ratio", "slack": 0.0})
+    assert g["verdict"] == "fail" and g["threshold_line"] == pytest.approx(2.4) and g["canary_text"] == "2.40 ms"
+    g = shape_gate({"name": "error_rate", "canary": 0.01, "control": 0.004, "threshold": 0.02,
+                    "verdict": "insufficient", "unit": "rate"})
+    assert g["verdict_text"] == "waiting for samples" and g["canary_text"] == "1.00 %"
+    assert g["threshold_line"] == pytest.approx(0.024)  # control + allowed increase
+    g = shape_gate({"name": "failures", "canary": 0.1, "control": None, "threshold": 0.05, "verdict": "hold",
+                    "unit": "rate", "canary_n": 10, "control_n": 0})
+    assert g["threshold_line"] == pytest.approx(0.05) and g["control_n"] is None
     tl = stage_timeline([1, 10, 50, 100], 1, "aborted")
     assert [s["status"] for s in tl] == ["done", "aborted", "pending", "pending"]
     tl = stage_timeline([1, 100], 1, "completed")
@@ -157,3 +163,13 @@ def test_drift_flag_follows_the_agent_verdict():
     assert drift_flagged({"drift": {"inputs": {"x": {"psi": 0.3, "z": 0.1}}}})  # no verdict: same rule
     assert not drift_flagged({"drift": {"inputs": {"x": {"psi": 0.05, "z": 0.1}}}})
     assert not drift_flagged({}) and not drift_flagged(None)
+
+
+def test_parse_soak():
+    from edgeship.fleet.console.data import parse_soak
+
+    assert parse_soak("", 4) == 1800.0 and parse_soak("60", 4) == 60.0
+    assert parse_soak("5, 600", 2) == [5.0, 600.0]
+    for bad, n in (("x", 2), ("-1", 2), ("1,2,3", 2), ("1e12", 1)):
+        with pytest.raises(QueryError, match="soak_s"):
+            parse_soak(bad, n)

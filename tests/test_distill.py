@@ -235,3 +235,20 @@ def test_load_factory(tmp_path):
         load_factory(f"{f}:Nope")
     with pytest.raises(ConversionError, match="no such Python file"):
         load_factory(f"{tmp_path}/missing.py:Student")
+
+
+def test_cli_distill(teacher_onnx, digits_data, tmp_path):
+    from conftest import run_cli
+
+    student = f"{ROOT / 'examples' / 'digits' / 'model.py'}:Student"
+    proc = run_cli("convert", "distill", "--teacher", str(teacher_onnx), "--student", student,
+                   "--data", str(digits_data["train"]), "--val", str(digits_data["val"]), "--out", str(tmp_path / "o"),
+                   "--epochs", "2", "--quiet")
+    assert "held-out top1" in proc.stdout
+    assert torch.load(tmp_path / "o" / "student.pt", weights_only=True)["epoch"] in (1, 2)
+    assert (tmp_path / "o" / "learning_curve.png").is_file()
+    proc = run_cli("convert", "distill", "--teacher", str(teacher_onnx), "--student", student,
+                   "--data", str(digits_data["train_nolabels"]), "--out", str(tmp_path / "o2"), check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no labels" in lines[0]

@@ -167,3 +167,45 @@ def test_merge_equals_one_window():
     both.update(x[:100], logits[:100])
     both.update(x[100:250], logits[100:250])
     assert a.merge(b).report() == both.report()
+
+
+# -- the agent component, with a real agent, package and telemetry outbox ---------------
+
+def test_agent_drift_monitor_reports_clean_and_shifted_windows(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import make_mlp_onnx, mlp_reference
+
+    from edgeship import package
+    from edgeship.agent import Agent
+    from edgeship.agent.config import parse_config
+    from edgeship.agent.drift import DriftMonitor
+    from edgeship.agent.outbox import Outbox
+    from edgeship.agent.telemetry import Telemetry
+
+    rng = np.random.default_rng(0)
+    ref_x = rng.normal(size=(2000, 64)).astype(np.float32)
+    ref = drift.reference_stats(ref_x, mlp_reference(ref_x), labels=[f"c{i}" for i in range(10)])
+    onnx_path = make_mlp_onnx(tmp_path / "mlp.onnx")
+    pkg = package.build(tmp_path / "m.edgepkg", onnx_path, name="m", version="1.0.0",
+                        labels=[f"c{i}" for i in range(10)], reference_stats=ref)
+    agent = Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(tmp_path / "state")}}))
+    outbox = Outbox(tmp_path / "outbox.sqlite", 10_000_000)
+    tel = Telemetry(outbox, "f", "dev1", window_s=3600, metrics_snapshot=agent.metrics.snapshot)
+    with agent:
+        monitor = agent.add_component(DriftMonitor(agent))
+        tel.add_fields(monitor.telemetry_fields)
+        futs = [agent.submit(x) for x in rng.normal(size=(300, 64)).astype(np.float32)]
+        [f.result(10) for f in futs]
+        clean = tel.flush()["drift"]
+        futs = [agent.submit(x) for x in (rng.normal(size=(300, 64)) * 0.2 + 1.5).astype(np.float32)]
+        [f.result(10) for f in futs]
+        shifted = tel.flush()["drift"]
+    outbox.close()
+    assert clean["samples"] == 300 and clean["alarm"] is False, clean
+    assert clean["model"]["name"] == "m" and clean["model"]["version"] == "1.0.0"
+    assert shifted["samples"] == 300 and shifted["alarm"] is True
+    assert "input:input" in shifted["alarms"] and shifted["inputs"]["input"]["z"] > drift.Z_ALARM
+    assert sum(shifted["predictions"]["confidence_hist"]["counts"]) == 300

@@ -1,6 +1,7 @@
 """Feedback: pure checks, and the whole loop through a real agent, Mosquitto, collector and export."""
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -109,6 +110,9 @@ def test_agent_feedback_loop_to_fleet_db_and_export(mosquitto, tmp_path):
         assert fb[results[0].prediction_id]["has_input"] == 1 and fb[results[2].prediction_id]["kind"] == "incorrect"
         tel = db.telemetry()
         assert sum(t["inferences"] for t in tel) == 20 and tel[0]["model_version"] == "1.0.0"
+        body = json.loads(tel[0]["body"])  # the agent's own metrics ride along in the window
+        assert body["batch_size"]["hist"]["count"] >= 1 and body["queue_depth"] == 0
+        assert sum(body["classes"].values()) == 20 and body["latency_ms"]["p99"] > 0
         dev = db.devices()[0]
         assert dev["device"] == "pi-7" and dev["online"] == 0 and dev["model_version"] == "1.0.0"
     finally:

@@ -201,3 +201,73 @@ def test_username_password(tmp_path):
             bad.stop()
     finally:
         b.stop()
+
+
+def _tls_files(d):
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key, path):
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("edgeship test CA")).issuer_name(name("edgeship test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    out = {"ca": d / "ca.pem"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for who, san in (("server", x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])),
+                     ("client", None)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (x509.CertificateBuilder().subject_name(name(who)).issuer_name(ca.subject).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1)))
+        if san is not None:
+            b = b.add_extension(san, critical=False)
+        cert = b.sign(ca_key, hashes.SHA256())
+        (d / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        write_key(key, d / f"{who}.key")
+        out[who] = (d / f"{who}.pem", d / f"{who}.key")
+    return out
+
+
+def test_tls_with_ca_and_client_certificate(tmp_path):
+    from conftest import MosquittoBroker
+
+    files = _tls_files(tmp_path)
+    b = MosquittoBroker(tmp_path / "tls")
+    b.conf.write_text(b.conf.read_text() + f"cafile {files['ca']}\ncertfile {files['server'][0]}\n"
+                      f"keyfile {files['server'][1]}\nrequire_certificate true\n")
+    b.start()
+    url = f"mqtts://127.0.0.1:{b.port}"
+    try:
+        good = MqttLink(url, client_id="tls-good", ca_file=str(files["ca"]), cert_file=str(files["client"][0]),
+                        key_file=str(files["client"][1])).start()
+        nocert = MqttLink(url, client_id="tls-nocert", ca_file=str(files["ca"]), backoff_base=0.1,
+                          backoff_cap=0.2).start()
+        try:
+            assert good.wait_connected(10)
+            assert good.publish("t/tls", b"secret").wait(10)
+            assert not nocert.wait_connected(1.5)  # the broker requires a client certificate
+            assert nocert.health()["last_error"]
+        finally:
+            good.stop()
+            nocert.stop()
+        with pytest.raises(ConfigError, match="TLS files"):
+            MqttLink(url, ca_file=str(tmp_path / "missing.pem")).start()
+    finally:
+        b.stop()

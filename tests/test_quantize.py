@@ -488,6 +488,18 @@ def test_cli_bad_input_prints_one_error_line(digits, tmp_path):
     assert not out.exists()
 
 
+def test_cli_impossible_budget_exits_nonzero_without_package(mlp, tmp_path):
+    out = tmp_path / "never.edgepkg"
+    args = ("convert", "quantize", str(mlp["onnx"]), "--calib", str(mlp["calib"]), "--eval", str(mlp["eval"]),
+            "--out", str(out), "--max-drop", "0", "--metric", "cosine", "--method", "dynamic", "-q")
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 1 and not out.exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no int8 candidate met the accuracy budget" in lines[0]
+    ok = run_cli(*args, "--allow-fp32")     # the same run, told fp32 is acceptable, ships it and exits 0
+    assert out.is_file() and "fp32 kept (--allow-fp32)" in ok.stdout
+
+
 @pytest.mark.slow
 def test_cli_quantize_writes_package(digits, tmp_path):
     out = tmp_path / "cli.edgepkg"

@@ -96,3 +96,48 @@ def feedback_cmd(prediction_id, kind, label, rating, comment, config_path, api) 
         api = f"unix:{a.unix_socket}" if a.unix_socket else f"http://{a.host}:{a.port}"
     out = send_feedback(api or "http://127.0.0.1:8765", prediction_id, *given[0])
     click.echo(f"feedback stored (msg_id {out.get('msg_id')})")
+
+
+@agent.command("doctor")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Read state_dir, [mqtt] broker, trusted_keys and [rollout] server_url from this config.")
+@click.option("--state-dir", default=None, help="The agent's state directory (disk checks).")
+@click.option("--broker", default=None, help="MQTT broker URL to try (mqtt://host:port).")
+@click.option("--server", default=None, help="Fleet HTTP server to compare the clock with.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, help="A trusted .pub key (repeatable).")
+def doctor_cmd(config_path, state_dir, broker, server, trusted_keys) -> None:
+    """Check what this device needs (runtimes, CPU, disk, memory, broker, keys, clock) and say what to fix."""
+    from ..agent import doctor
+
+    keys = list(trusted_keys)
+    if config_path:
+        from ..agent.config import load_config
+
+        cfg = load_config(config_path)
+        state_dir = state_dir or cfg.agent.state_dir
+        broker = broker or cfg.mqtt.broker
+        server = server or cfg.rollout.server_url
+        keys = keys or list(cfg.agent.trusted_keys)
+    checks = doctor.run_checks(state_dir=state_dir or ".", broker_url=broker, trusted_keys=keys, server_url=server)
+    click.echo(doctor.format_checks(checks))
+    if doctor.summarize(checks)[2]:
+        sys.exit(1)
+
+
+@agent.command("install-service")
+@click.option("--config", "config_path", required=True, help="The agent's TOML config the unit will run.")
+@click.option("--user", default="edgeship", show_default=True, help="The service user.")
+@click.option("--group", default=None, help="The service group (default: the user).")
+@click.option("--state-dir", default="/var/lib/edgeship", show_default=True, help="The agent's state directory.")
+@click.option("--executable", default=None, help="The edgeship script to run (default: found on PATH).")
+@click.option("--watchdog-s", type=int, default=30, show_default=True, help="systemd WatchdogSec.")
+@click.option("--output", default=None, help="Write the unit here instead of /etc/systemd/system/.")
+@click.option("--enable", is_flag=True, help="Reload systemd and enable + start the unit.")
+def install_service_cmd(config_path, user, group, state_dir, executable, watchdog_s, output, enable) -> None:
+    """Write the systemd unit (Type=notify, watchdog, restart) that runs `edgeship agent run`."""
+    from ..agent.service import DEFAULT_UNIT_PATH, ServiceSpec, install_service
+
+    spec = ServiceSpec(config=config_path, user=user, group=group, state_dir=state_dir, executable=executable,
+                       watchdog_s=watchdog_s)
+    path = install_service(spec, path=output or DEFAULT_UNIT_PATH, enable=enable)
+    click.echo(f"wrote {path}")

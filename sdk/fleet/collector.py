@@ -48,6 +48,12 @@ def classify_error(exc: protocol.MessageError) -> str:
     return "invalid"
 
 
+def _transient(exc: BaseException) -> bool:
+    """A DB error worth retrying (locked, disk, connection) rather than a message the DB refuses."""
+    cause = exc.__cause__
+    return cause is None or any(c.__name__ in ("OperationalError", "InterfaceError") for c in type(cause).__mro__)
+
+
 class Collector:
     """``start()`` / ``stop(timeout)``; ``stats()`` for counters."""
 
@@ -127,11 +133,27 @@ class Collector:
                 good.append(msg)
             except protocol.MessageError as exc:
                 self._reject(classify_error(exc), it.topic, exc)
-        if good:
-            res = self.db.store_messages(good)
-            with self._lock:
-                self.counters["stored"] += res.stored
-                self.counters["duplicates"] += res.duplicates
+        if not good:
+            return
+        try:
+            self._count(self.db.store_messages(good))
+        except FleetDBError as exc:
+            if _transient(exc):
+                raise  # the DB is unavailable: the caller retries the batch, nothing is acked
+            # One message the DB refuses (e.g. a NUL character PostgreSQL will not store) must not
+            # block its batch forever: store one by one and reject only what fails alone.
+            for m in good:
+                try:
+                    self._count(self.db.store_messages([m]))
+                except FleetDBError as one:
+                    if _transient(one):
+                        raise
+                    self._reject("unstorable", protocol.device_topic(m.fleet, m.device, m.kind), one)
+
+    def _count(self, res: Any) -> None:
+        with self._lock:
+            self.counters["stored"] += res.stored
+            self.counters["duplicates"] += res.duplicates
 
     def _reject(self, reason: str, topic_name: str, exc: Exception) -> None:
         with self._lock:

@@ -97,6 +97,26 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "CREATE INDEX feedback_device_ts ON feedback(device, ts)",
         "CREATE INDEX rollout_reports_device_ts ON rollout_reports(device, ts)",
     ]),
+    (3, "rollout controller: rollouts, their events and gate evaluations", [
+        # One row per rollout; `seq` grows with every transition (compare-and-set), and
+        # `published_seq` records what was last published, so a restarted controller
+        # republishes exactly what is missing and never re-runs a finished step.
+        """CREATE TABLE rollouts (
+            rollout_id {text} PRIMARY KEY, fleet {text} NOT NULL,
+            package_name {text} NOT NULL, package_version {text} NOT NULL, package_sha256 {text} NOT NULL,
+            package_path {text}, state {text} NOT NULL, stage_index {int} NOT NULL, percent {real} NOT NULL,
+            seq {int} NOT NULL, published_seq {int} NOT NULL DEFAULT 0,
+            stage_opened {real}, stage_started {real}, ramp_from {real} NOT NULL DEFAULT 0,
+            created {real} NOT NULL, updated {real} NOT NULL, reason {text} NOT NULL DEFAULT '',
+            plan {text} NOT NULL, signed {text}, status {text})""",
+        """CREATE TABLE rollout_events (
+            rollout_id {text} NOT NULL, seq {int} NOT NULL, ts {real} NOT NULL, kind {text} NOT NULL,
+            stage_index {int} NOT NULL, who {text} NOT NULL DEFAULT '', detail {text} NOT NULL DEFAULT '',
+            PRIMARY KEY (rollout_id, seq))""",
+        """CREATE TABLE rollout_gate_evals (
+            rollout_id {text} NOT NULL, ts {real} NOT NULL, stage_index {int} NOT NULL, results {text} NOT NULL)""",
+        "CREATE INDEX rollout_gate_evals_rollout ON rollout_gate_evals(rollout_id, ts)",
+    ]),
 ]
 
 
@@ -266,8 +286,12 @@ class FleetDB:
         """
         res = StoreResult()
         now = time.time() if received is None else received
+        # Stable sort by device: each device's messages keep their order, and
+        # every writer locks device rows in the same order, so two collectors
+        # sharing one PostgreSQL DB cannot deadlock on the devices upsert.
+        batch = sorted(messages, key=lambda m: m.device or "")
         with self._tx():
-            for m in messages:
+            for m in batch:
                 b = m.body
                 cur = self._exec("INSERT INTO messages(device, msg_id, kind, ts, received) VALUES (?,?,?,?,?) "
                                  "ON CONFLICT (device, msg_id) DO NOTHING", (m.device, b["msg_id"], m.kind, b["ts"], now))
@@ -296,18 +320,18 @@ class FleetDB:
         if session == cur_session and not b.get("will") and b["ts"] < cur_ts:
             return
         name, version, sha = _model_fields(b)
-        keep_model = b.get("model") is None
-        self._exec(
-            "UPDATE devices SET online = ?, session = ?, state_ts = ?, "
-            "model_name = CASE WHEN ? THEN model_name ELSE ? END, "
-            "model_version = CASE WHEN ? THEN model_version ELSE ? END, "
-            "model_sha256 = CASE WHEN ? THEN model_sha256 ELSE ? END, "
-            "agent_version = COALESCE(?, agent_version), started_at = COALESCE(?, started_at), state = ? "
-            "WHERE device = ?",
-            (int(bool(b["online"])), session, b["ts"], int(keep_model), name, int(keep_model), version,
-             int(keep_model), sha, b.get("agent_version") if isinstance(b.get("agent_version"), str) else None,
-             b.get("started_at") if isinstance(b.get("started_at"), (int, float)) else None,
-             json.dumps(b, separators=(",", ":")), m.device))
+        sets = ["online = ?", "session = ?", "state_ts = ?", "state = ?"]
+        params: list[Any] = [int(bool(b["online"])), session, b["ts"], json.dumps(b, separators=(",", ":"))]
+        if b.get("model") is not None:  # a state without a model (e.g. a will) keeps the known one
+            sets += ["model_name = ?", "model_version = ?", "model_sha256 = ?"]
+            params += [name, version, sha]
+        if isinstance(b.get("agent_version"), str):
+            sets.append("agent_version = ?")
+            params.append(b["agent_version"][:64])
+        if isinstance(b.get("started_at"), (int, float)) and not isinstance(b.get("started_at"), bool):
+            sets.append("started_at = ?")
+            params.append(b["started_at"])
+        self._exec(f"UPDATE devices SET {', '.join(sets)} WHERE device = ?", (*params, m.device))
 
     def _store_telemetry(self, m: Any, now: float) -> None:
         b = m.body
@@ -512,3 +536,97 @@ class FleetDB:
             sql += " AND model_version = ?"
             params.append(model_version)
         return self._rows(sql + " ORDER BY ts DESC LIMIT ?", params + [int(limit)])
+
+    # ------------------------------------------------------------ rollouts (controller)
+    _ROLLOUT_COLS = ("rollout_id, fleet, package_name, package_version, package_sha256, package_path, state, "
+                     "stage_index, percent, seq, published_seq, stage_opened, stage_started, ramp_from, created, "
+                     "updated, reason, plan, signed, status")
+
+    def rollout_create(self, row: dict, event: dict) -> None:
+        """Insert a new rollout and its first event in one transaction; FleetDBError if the id exists."""
+        cols = [c.strip() for c in self._ROLLOUT_COLS.split(",")]
+        with self._tx():
+            if self._exec("SELECT 1 FROM rollouts WHERE rollout_id = ?", (row["rollout_id"],)).fetchone():
+                raise FleetDBError(f"rollout {row['rollout_id']} already exists; pick another id")
+            self._exec(f"INSERT INTO rollouts({self._ROLLOUT_COLS}) VALUES ({','.join('?' * len(cols))})",
+                       tuple(row.get(c) for c in cols))
+            self._rollout_event(row["rollout_id"], row["seq"], row["created"], row["stage_index"], event)
+
+    def _rollout_event(self, rollout_id: str, seq: int, ts: float, stage_index: int, event: dict) -> None:
+        self._exec("INSERT INTO rollout_events(rollout_id, seq, ts, kind, stage_index, who, detail) "
+                   "VALUES (?,?,?,?,?,?,?) ON CONFLICT (rollout_id, seq) DO NOTHING",
+                   (rollout_id, seq, ts, event["kind"], stage_index, event.get("who", ""), event.get("detail", "")))
+
+    def rollout_get(self, rollout_id: str) -> dict | None:
+        rows = self._rows(f"SELECT {self._ROLLOUT_COLS} FROM rollouts WHERE rollout_id = ?", (rollout_id,))
+        return rows[0] if rows else None
+
+    def rollouts_all(self, states: Sequence[str] | None = None) -> list[dict]:
+        sql = f"SELECT {self._ROLLOUT_COLS} FROM rollouts"
+        params: tuple = ()
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            params = tuple(states)
+        return self._rows(sql + " ORDER BY created DESC", params)
+
+    def rollout_transition(self, rollout_id: str, expect_seq: int, changes: dict, event: dict | None) -> bool:
+        """Compare-and-set: apply ``changes`` only if the rollout is still at ``expect_seq``.
+
+        Returns False when another writer (or an earlier run of this controller)
+        already moved it on: the caller re-reads instead of repeating the step.
+        ``changes`` must include the new ``seq`` when ``event`` is given.
+        """
+        allowed = {"state", "stage_index", "percent", "seq", "stage_opened", "stage_started", "ramp_from",
+                   "updated", "reason", "plan", "signed"}
+        bad = set(changes) - allowed
+        if bad:
+            raise FleetDBError(f"rollout_transition: cannot change {', '.join(sorted(bad))}")
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        with self._tx():
+            cur = self._exec(f"UPDATE rollouts SET {sets} WHERE rollout_id = ? AND seq = ?",
+                             (*changes.values(), rollout_id, expect_seq))
+            if cur.rowcount != 1:
+                return False
+            if event is not None:
+                self._rollout_event(rollout_id, changes.get("seq", expect_seq), changes.get("updated", time.time()),
+                                    changes.get("stage_index", event.get("stage_index", 0)), event)
+        return True
+
+    def rollout_mark_published(self, rollout_id: str, seq: int) -> None:
+        with self._lock:
+            self._exec("UPDATE rollouts SET published_seq = ? WHERE rollout_id = ? AND published_seq < ?",
+                       (seq, rollout_id, seq))
+
+    def rollout_save_status(self, rollout_id: str, status: dict) -> None:
+        with self._lock:
+            self._exec("UPDATE rollouts SET status = ? WHERE rollout_id = ?",
+                       (json.dumps(status, separators=(",", ":"), default=str), rollout_id))
+
+    def rollout_status(self, rollout_id: str) -> dict | None:
+        """The status the controller computed last (read-only views without a controller)."""
+        rows = self._rows("SELECT status FROM rollouts WHERE rollout_id = ?", (rollout_id,))
+        return json.loads(rows[0]["status"]) if rows and rows[0]["status"] else None
+
+    def rollouts_list(self) -> list[dict]:
+        return [json.loads(r["status"]) if r["status"] else
+                {"rollout_id": r["rollout_id"], "state": r["state"], "stage_index": r["stage_index"],
+                 "package": {"name": r["package_name"], "version": r["package_version"], "sha256": r["package_sha256"]},
+                 "created": r["created"], "updated": r["updated"]}
+                for r in self._rows("SELECT rollout_id, state, stage_index, package_name, package_version, "
+                                    "package_sha256, created, updated, status FROM rollouts ORDER BY created DESC")]
+
+    def rollout_events(self, rollout_id: str) -> list[dict]:
+        return self._rows("SELECT seq, ts, kind, stage_index, who, detail FROM rollout_events WHERE rollout_id = ? "
+                          "ORDER BY seq", (rollout_id,))
+
+    def rollout_add_gate_eval(self, rollout_id: str, ts: float, stage_index: int, results: list[dict]) -> None:
+        with self._lock:
+            self._exec("INSERT INTO rollout_gate_evals(rollout_id, ts, stage_index, results) VALUES (?,?,?,?)",
+                       (rollout_id, ts, stage_index, json.dumps(results, separators=(",", ":"))))
+
+    def rollout_gate_evals(self, rollout_id: str) -> list[dict]:
+        rows = self._rows("SELECT ts, stage_index, results FROM rollout_gate_evals WHERE rollout_id = ? ORDER BY ts",
+                          (rollout_id,))
+        for r in rows:
+            r["results"] = json.loads(r["results"])
+        return rows

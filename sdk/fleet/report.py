@@ -225,13 +225,15 @@ def plot_versions(summary: dict, out_dir: Path) -> list[Path]:
         return datetime.fromtimestamp(t, tz=timezone.utc)
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for v in vs:
+    for i, v in enumerate(vs):
         pts = sorted((t, s["hist"]) for t, s in v.series.items() if s["hist"] is not None and s["hist"].count)
         if not pts:
             continue
         xs = [when(t) for t, _ in pts]
-        ax.plot(xs, [h.percentile(50) for _, h in pts], marker=".", label=f"{v.version} p50")
-        ax.plot(xs, [h.percentile(95) for _, h in pts], marker=".", linestyle="--", label=f"{v.version} p95")
+        color = f"C{i % 10}"  # one colour per version: solid p50, dashed p95
+        ax.plot(xs, [h.percentile(50) for _, h in pts], marker=".", color=color, label=f"{v.version} p50")
+        ax.plot(xs, [h.percentile(95) for _, h in pts], marker=".", color=color, linestyle="--",
+                label=f"{v.version} p95")
     ax.set_title("Latency per model version (ms)")
     ax.set_ylabel("ms")
     ax.set_xlabel("time (UTC)")

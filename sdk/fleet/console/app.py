@@ -578,7 +578,8 @@ def create_app(config: ConsoleConfig, data: ConsoleData, *, clock: Callable[[], 
         except (RolloutError, EdgeshipError) as exc:
             data.audit(who=p.who, action=action, target=target, outcome=f"refused: {exc}", remote=remote(request))
             return action_reply(request, {"error": str(exc)}, 409, redirect)
-        data.audit(who=p.who, action=action, target=target, outcome="ok", remote=remote(request))
+        # The controller writes the audit entry of a command it carried out (who, what, when),
+        # the same entry `edgeship fleet rollout ...` leaves; the console adds only refusals.
         return action_reply(request, {"message": f"{action}: done", "rollout": result}, 200, redirect)
 
     @guarded("action")
@@ -611,8 +612,7 @@ def create_app(config: ConsoleConfig, data: ConsoleData, *, clock: Callable[[], 
         except EdgeshipError as exc:
             data.audit(who=p.who, action="start", target=target, outcome=f"refused: {exc}", remote=remote(request))
             return action_reply(request, {"error": str(exc)}, 409, "/rollouts")
-        rid = result.get("rollout_id", "")
-        data.audit(who=p.who, action="start", target=f"rollout/{rid}", outcome="ok", remote=remote(request))
+        rid = result.get("rollout_id", "")  # audited by the controller, as for the CLI
         return action_reply(request, {"message": "started", "rollout": result}, 200,
                             f"/rollouts/{urllib.parse.quote(rid)}")
 

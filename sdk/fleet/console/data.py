@@ -22,7 +22,7 @@ from ...errors import EdgeshipError, RolloutError
 from . import auth
 
 __all__ = ["ConsoleData", "QueryError", "parse_device_query", "filter_sort_devices", "DEVICE_SORT_KEYS",
-           "parse_int", "parse_stages", "shape_gate", "stage_timeline"]
+           "parse_int", "parse_stages", "parse_soak", "shape_gate", "stage_timeline"]
 
 DEVICE_SORT_KEYS = ("device", "online", "model", "last_seen", "p95_ms", "error_rate", "negative_rate", "drift")
 # The feedback page covers this many days (totals and series).
@@ -101,6 +101,24 @@ def parse_stages(text: str) -> list[float] | None:
     return stages
 
 
+def parse_soak(text: Any, n_stages: int | None) -> float | list[float]:
+    """Soak seconds: one number for every stage, or one per stage ("5,600,600")."""
+    text = str(text or "").strip()
+    if not text:
+        return 1800.0
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as exc:
+        raise QueryError(f"soak_s {text[:60]!r}: give seconds, one number or one per stage") from exc
+    if not values or any(not (0 <= v <= 30 * 86400) or v != v for v in values):
+        raise QueryError(f"soak_s {text[:60]!r}: seconds between 0 and 2592000")
+    if len(values) == 1:
+        return values[0]
+    if n_stages is not None and len(values) != n_stages:
+        raise QueryError(f"soak_s {text[:60]!r}: {len(values)} values for {n_stages} stages")
+    return values
+
+
 def _num(v: Any) -> float | None:
     if v is None or isinstance(v, bool):
         return None
@@ -123,34 +141,48 @@ def _fmt_figure(v: float | None, unit: str) -> str:
     return f"{v:.4g}"
 
 
+# Verdicts of edgeship.rollout.evaluate_gate, as the page words them.
+VERDICT_TEXT = {"pass": "pass", "hold": "hold (not yet passing)", "fail": "fail",
+                "insufficient": "waiting for samples"}
+
+
 def shape_gate(g: dict) -> dict:
-    """One gate as the page shows it: figures, threshold, verdict pass/fail/waiting."""
-    name = str(g.get("name") or g.get("gate") or "gate")
-    canary = _num(g.get("canary", g.get("canary_value")))
-    control = _num(g.get("control", g.get("control_value")))
-    threshold = _num(g.get("threshold"))
-    unit = g.get("unit") or ("ms" if "latency" in name and "ratio" not in name else
-                             "ratio" if "ratio" in name else "rate")
-    ok = g.get("ok", g.get("passed", g.get("holds")))
+    """One :class:`edgeship.rollout.GateResult` as the page shows it.
+
+    Rate gates compare the canary's rate with the control's plus ``threshold``
+    (an allowed absolute increase; ``failures`` is canary-only: the rate
+    itself against ``threshold``); ``latency_p95`` and ``metric:`` gates
+    compare the canary with control × ``threshold``. ``threshold_line`` is
+    that limit in the units of the canary/control figures, for the chart.
+    """
+    name = str(g.get("name") or "gate")
+    canary, control, threshold = _num(g.get("canary")), _num(g.get("control")), _num(g.get("threshold"))
+    unit = g.get("unit") or ("ratio" if name == "latency_p95" or name.startswith("metric:") else "rate")
     verdict = g.get("verdict")
-    if verdict not in ("pass", "fail", "waiting"):
-        if ok is None or g.get("enough_samples") is False:
-            verdict = "waiting"
-        else:
-            verdict = "pass" if ok else "fail"
-    # The line drawn on the chart is in the units of the bars: for a ratio gate
-    # (canary / control <= t) that is control * t.
-    line = threshold
-    if unit == "ratio" and threshold is not None and control is not None:
-        line = control * threshold
+    if verdict not in VERDICT_TEXT:
+        ok = g.get("ok")
+        verdict = "insufficient" if ok is None else ("pass" if ok else "fail")
+    canary_only = name == "failures"
+    if threshold is None:
+        line, thr_text = None, "—"
+    elif unit == "ratio":
+        line = control * threshold + float(g.get("slack") or 0.0) if control is not None else None
+        thr_text = f"≤ {threshold:.2f}× control"
+    elif canary_only:
+        line, thr_text = threshold, f"≤ {100 * threshold:.2f} %"
+    else:
+        line = control + threshold if control is not None else None
+        thr_text = f"≤ control + {100 * threshold:.2f} pp"
+    fig_unit = "ms" if name == "latency_p95" else ("num" if unit == "ratio" else "rate")
     return {
         "name": name, "canary": canary, "control": control, "threshold": threshold, "unit": unit,
-        "canary_text": _fmt_figure(canary, "ms" if unit == "ratio" else unit),
-        "control_text": _fmt_figure(control, "ms" if unit == "ratio" else unit),
-        "threshold_text": _fmt_figure(threshold, unit) if threshold is not None else "—",
-        "threshold_line": line, "verdict": verdict,
-        "canary_n": g.get("canary_n", g.get("canary_samples")), "control_n": g.get("control_n", g.get("control_samples")),
-        "min_samples": g.get("min_samples"), "detail": g.get("detail") or g.get("reason") or "",
+        "percent": fig_unit == "rate",
+        "canary_text": _fmt_figure(canary, fig_unit),
+        "control_text": "—" if canary_only else _fmt_figure(control, fig_unit),
+        "threshold_text": thr_text, "threshold_line": line, "verdict": verdict,
+        "verdict_text": VERDICT_TEXT[verdict],
+        "canary_n": g.get("canary_n"), "control_n": None if canary_only else g.get("control_n"),
+        "min_samples": g.get("min_samples"), "detail": g.get("detail") or "",
         "history": g.get("history"),
     }
 
@@ -265,51 +297,58 @@ class ConsoleData:
         return self.controller is not None and self.packages_dir is not None
 
     def packages(self) -> list[dict]:
+        """The ``.edgepkg`` files of the served directory (manifest name/version; unreadable ones skipped)."""
         if self.packages_dir is None or not self.packages_dir.is_dir():
             return []
-        from ..package import read_manifest_summary  # noqa: F401  (resolved lazily; see _package_info)
+        from ...package import open_package
 
-        return [info for info in (self._package_info(p) for p in sorted(self.packages_dir.glob("*.edgepkg"))) if info]
-
-    def _package_info(self, path: Path) -> dict | None:
-        return {"file": path.name, "name": path.stem, "version": "", "size": path.stat().st_size}
+        out = []
+        for path in sorted(self.packages_dir.glob("*.edgepkg"))[:500]:
+            try:
+                pkg = open_package(path)
+            except EdgeshipError:
+                continue
+            out.append({"file": path.name, "name": pkg.name, "version": pkg.version,
+                        "signed": pkg.signature is not None, "size": path.stat().st_size})
+        return out
 
     def rollouts(self) -> list[dict]:
-        if self.controller is not None:
-            rows = self.controller.list()
-        elif hasattr(self.db, "rollouts_list"):
+        # The status the controller stores every tick (its own list() as fallback):
+        # the list must stay cheap however much telemetry the fleet DB holds.
+        if hasattr(self.db, "rollouts_list"):
             rows = self.db.rollouts_list()
+        elif self.controller is not None:
+            rows = self.controller.list()
         else:
             rows = []
-        return [self._rollout_summary(r) for r in rows]
-
-    def _rollout_summary(self, r: Any) -> dict:
-        return shape_rollout(_as_dict(r), self.clock(), summary=True)
+        return [shape_rollout(_as_dict(r), self.clock(), summary=True) for r in rows]
 
     def rollout(self, rollout_id: str) -> dict | None:
         if len(rollout_id) > 128:
             return None
+        st = None
         try:
             if self.controller is not None:
                 st = self.controller.status(rollout_id)
             elif hasattr(self.db, "rollout_status"):
                 st = self.db.rollout_status(rollout_id)
-            else:
-                return None
         except RolloutError:
             return None
         if st is None:
             return None
-        return shape_rollout(_as_dict(st), self.clock())
+        out = shape_rollout(_as_dict(st), self.clock())
+        if hasattr(self.db, "rollout_gate_evals"):
+            attach_gate_history(out, self.db.rollout_gate_evals(rollout_id))
+        return out
 
     def rollout_action(self, rollout_id: str, action: str, who: str) -> dict:
         if self.controller is None:
             raise RolloutError("this console runs without a rollout controller; start it with --broker to act on rollouts")
         if action == "promote":
-            self.controller.promote(rollout_id, force=True, who=who)
+            st = self.controller.promote(rollout_id, force=True, who=who)
         else:
-            getattr(self.controller, action)(rollout_id, who=who)
-        return self.rollout(rollout_id) or {}
+            st = getattr(self.controller, action)(rollout_id, who=who)
+        return shape_rollout(_as_dict(st), self.clock(), summary=True)
 
     def start_rollout(self, package: str, *, stages: str = "", soak_s: str = "", who: str = "") -> dict:
         if self.controller is None or self.packages_dir is None:
@@ -318,8 +357,9 @@ class ConsoleData:
         if package not in names:
             raise QueryError(f"package {package[:80]!r} is not in the served package directory")
         st = parse_stages(stages)
-        soak = parse_int("soak_s", soak_s, 1800, 0, 30 * 86400)
-        return self.controller.start(self.packages_dir / package, stages=st, soak_s=soak, who=who)
+        soak = parse_soak(soak_s, len(st) if st else None)
+        status = self.controller.start_rollout(self.packages_dir / package, stages=st, soak_s=soak, who=who)
+        return shape_rollout(_as_dict(status), self.clock(), summary=True)
 
     # -------------------------------------------------------- feedback
     def feedback(self, model: str = "", bucket: Any = "", samples: int = 24) -> dict:
@@ -497,6 +537,7 @@ def shape_rollout(st: dict, now: float, summary: bool = False) -> dict:
         "created": _num(_first(st, "created", "created_at", "started", "started_at")),
         "updated": _num(_first(st, "updated", "updated_at")),
         "reason": _first(st, "reason", "abort_reason", default="") or "",
+        "percent": _num(st.get("percent")),
     }
     per_state = _first(st, "devices_per_state", "device_states", "states", default=None)
     if not isinstance(per_state, dict):
@@ -526,7 +567,24 @@ def shape_rollout(st: dict, now: float, summary: bool = False) -> dict:
         "events": [{"ts": _num(_first(e, "ts", "time")), "kind": str(_first(e, "kind", "event", "type", default="")),
                     "detail": _first(e, "detail", "message", "reason", default="") or ""}
                    for e in events if isinstance(e, dict)][-50:][::-1],
+        "decision": st.get("decision") if isinstance(st.get("decision"), dict) else None,
         "can": {"pause": state == "running", "resume": state == "paused",
                 "abort": state in ACTIVE_STATES, "promote": state in ACTIVE_STATES},
     })
     return out
+
+
+def attach_gate_history(rollout: dict, evals: list[dict], max_points: int = 200) -> None:
+    """Add each gate's canary/control figures over time (from the controller's stored evaluations)."""
+    series: dict[str, dict[str, list]] = {}
+    for ev in evals[-max_points:]:
+        for g in ev.get("results") or []:
+            if not isinstance(g, dict) or "name" not in g:
+                continue
+            h = series.setdefault(g["name"], {"canary": [], "control": []})
+            h["canary"].append([ev["ts"], _num(g.get("canary"))])
+            h["control"].append([ev["ts"], _num(g.get("control"))])
+    for g in rollout.get("gates", []):
+        h = series.get(g["name"])
+        if h and len(h["canary"]) > 1:
+            g["history"] = h

@@ -102,7 +102,7 @@ class FleetConsole:
             log.warning("console: no rollout controller in this install; rollouts are read-only")
             return None
         ctl = RolloutController(self.db, self.broker, self.fleet, signing_key=self.signing_key,
-                                package_base_url=package_url)
+                                package_base_url=package_url, serve_host=self.host or self.config.host)
         ctl.start()
         self._parts.append(ctl)
         return ctl

@@ -74,16 +74,17 @@
         d += (pen ? "L" : "M") + sx(p[0]).toFixed(1) + "," + sy(p[1]).toFixed(1);
         pen = true;
       });
-      var path = el("path", {d: d, "class": "series s" + (k % 6)}, svg);
+      var cls = s.cls || ("s" + (k % 6));
+      var path = el("path", {d: d, "class": "series " + cls}, svg);
       var t = document.createElementNS(NS, "title"); t.textContent = s.name; path.appendChild(t);
       (s.points || []).forEach(function (p) {
         if (p[1] === null) return;
-        var c = el("circle", {cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 2.2, "class": "pt s" + (k % 6)}, svg);
+        var c = el("circle", {cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 2.2, "class": "pt " + cls}, svg);
         var tt = document.createElementNS(NS, "title"); tt.textContent = s.name + " " + clock(p[0]) + ": " + fmt(p[1], spec.percent); c.appendChild(tt);
       });
     });
     host.appendChild(svg);
-    if ((spec.series || []).length > 1) legend(host, spec.series.map(function (s, k) { return {label: s.name, cls: "s" + (k % 6)}; }));
+    if ((spec.series || []).length > 1) legend(host, spec.series.map(function (s, k) { return {label: s.name, cls: s.cls || ("s" + (k % 6))}; }));
   }
 
   function bars(host, spec) {

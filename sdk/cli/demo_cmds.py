@@ -1,0 +1,40 @@
+"""``edgeship demo``: the whole loop on this machine (a thin shell over :func:`edgeship.demo.run_demo`)."""
+from __future__ import annotations
+
+import logging
+
+import click
+
+__all__ = ["demo"]
+
+
+@click.command("demo")
+@click.option("--fast", is_flag=True, help="A sub-minute run: few devices, tiny training, short soaks.")
+@click.option("--keep", is_flag=True, help="Leave the broker, servers and devices running until Ctrl-C.")
+@click.option("--broker", "broker_url", default=None, metavar="URL",
+              help="Use this MQTT broker (mqtt://host:port) instead of starting an embedded one.")
+@click.option("--devices", type=click.IntRange(min=2), default=None,
+              help="Number of simulated devices (default 24, or 10 with --fast).")
+@click.option("--workdir", type=click.Path(file_okay=False), default="edgeship-demo", show_default=True,
+              help="Where the fleet DB, device states, served packages and the report go (replaced each run).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where built models are kept and reused (default: $EDGESHIP_CACHE_DIR or ~/.cache/edgeship/demo).")
+@click.option("--quiet", "-q", is_flag=True, help="No narration and no progress bars.")
+@click.option("--verbose", "-v", is_flag=True, help="Also show the parts' own warnings (agents, collector, controller).")
+def demo(fast, keep, broker_url, devices, workdir, cache_dir, quiet, verbose) -> None:
+    """Walk the whole loop: teacher → distilled int8 packages → simulated fleet → staged rollouts → report.
+
+    Builds (or reuses) the digits teacher and three signed packages — v1, a
+    better v2 and a deliberately degraded v3 — starts an MQTT broker, the
+    package server, the collector, the rollout controller and N simulated
+    devices with users giving feedback, then rolls out v1, promotes v2 to
+    100 % and watches v3 get aborted and rolled back on the feedback gate.
+    Ends with the fleet report (table, PNGs, HTML).
+    """
+    from ..demo import run_demo
+
+    # The parts log every rollback and reconnect as a warning; the demo narrates those itself.
+    logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    run_demo(workdir=workdir, devices=devices, fast=fast, broker_url=broker_url, keep=keep, quiet=quiet,
+             cache_dir=cache_dir, echo=click.echo)

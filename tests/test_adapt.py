@@ -1,0 +1,210 @@
+"""Adapting to the device: pure choices and the hysteresis policy, then a real agent choosing a variant."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeship.agent.adapt import (AdaptController, AdaptPolicy, Rung, choose_batch_delay, choose_threads,
+                                  choose_variant, read_thermal, variant_accuracy)
+
+A = Rung("fp32-big", (99.0, 3, 0.0), 10.0)
+B = Rung("fp32-student", (98.0, 3, 0.0), 4.0)
+C = Rung("int8-student", (97.0, 1, 0.0), 1.0)
+
+
+def test_choose_variant_most_accurate_within_budget():
+    assert choose_variant([C, A, B], 5.0)[0] is B
+    assert choose_variant([C, A, B], 50.0)[0] is A
+    r, reason = choose_variant([C, A, B], 0.5)
+    assert r is C and "no variant meets" in reason
+    assert choose_variant([C, A, B], None)[0] is A
+
+
+def test_variant_accuracy_orders_metrics_precision_size():
+    fp32 = {"precision": "fp32", "metrics": {"top1": 0.98}}
+    int8 = {"precision": "int8", "metrics": {"points": 97.5}}
+    assert variant_accuracy(fp32) > variant_accuracy(int8)  # 0..1 metrics are compared on the points scale
+    assert variant_accuracy({"precision": "fp32"}) > variant_accuracy({"precision": "int8"})  # no metrics: precision
+
+
+def policy(current="fp32-student", **kw):
+    args = dict(sustain_s=10, headroom_s=30, headroom=0.9, cooldown_s=10, min_samples=20, hot_c=80)
+    args.update(kw)
+    return AdaptPolicy([A, B, C], 5.0, current, **args)
+
+
+def feed(p, t0, t1, p95, samples=50, temp=None, step=1.0):
+    """Observe one check per second from t0 to t1 (exclusive); the decisions made."""
+    out, t = [], t0
+    while t < t1:
+        d = p.observe(t, p95(t) if callable(p95) else p95, samples, temp)
+        if d:
+            out.append((t, d))
+        t += step
+    return out
+
+
+def test_sustained_overload_steps_down_once_then_cools_down():
+    p = policy()
+    moves = feed(p, 0, 30, 6.0)
+    assert len(moves) == 1
+    t, d = moves[0]
+    assert t == 10.0  # observed for sustain_s, not before
+    assert (d.action, d.from_id, d.to_id) == ("down", "fp32-student", "int8-student")
+    assert "over the 5 ms budget" in d.reason and p.current == "int8-student"
+    assert p.observe(10.5, 9.0, 50) is None          # cooldown: nothing moves right after a switch
+
+
+def test_a_short_overload_does_not_move():
+    p = policy()
+    assert feed(p, 0, 5, 6.0) == []
+    assert feed(p, 5, 60, 3.0) == []                 # back within budget (no room for fp32-big either)
+
+
+def test_noisy_overload_still_steps_down_by_majority():
+    p = policy()
+    moves = feed(p, 0, 30, lambda t: 4.0 if int(t) % 4 == 0 else 6.0)  # 3 of 4 checks over budget
+    assert [d.action for _, d in moves] == ["down"]
+
+
+def test_too_few_samples_is_no_evidence():
+    p = policy()
+    assert feed(p, 0, 60, 6.0, samples=5) == []      # a quiet device never moves
+
+
+def test_step_down_skips_to_the_most_accurate_that_fits():
+    p = policy(current="fp32-big")
+    (_, d), = feed(p, 0, 11, 20.0)                   # 2x slower than at start-up
+    assert d.to_id == "int8-student"                 # fp32-student would be ~8 ms: over budget
+
+
+def test_headroom_steps_up_one_rung_after_a_while_and_not_when_hot():
+    p = policy(current="int8-student")
+    moves = feed(p, 0, 40, 1.0)                      # fp32-student expected 4.0 <= 0.9 * 5
+    assert len(moves) == 1
+    t, d = moves[0]
+    assert t == 30.0 and (d.action, d.to_id) == ("up", "fp32-student") and "headroom" in d.reason
+    assert feed(policy(current="int8-student"), 0, 100, 1.0, temp=85.0) == []
+    assert feed(policy(current="int8-student"), 0, 100, 1.3) == []  # 1.3x slower: fp32-student ~5.2 ms, no room
+    # one slow check in ten is tolerated; one in five is not
+    assert len(feed(policy(current="int8-student"), 0, 40, lambda t: 1.3 if int(t) % 10 == 5 else 1.0)) == 1
+    assert feed(policy(current="int8-student"), 0, 60, lambda t: 1.3 if int(t) % 5 == 2 else 1.0) == []
+
+
+def test_no_flapping_between_two_rungs():
+    p = policy(current="fp32-student", headroom=0.8)
+    assert feed(p, 0, 300, lambda t: 4.9 if int(t) % 2 else 5.1) == []  # hovering around the budget
+    q = policy(current="fp32-student")               # overloaded, then light: one move each way, no more
+    moves = feed(q, 0, 200, lambda t: 6.0 if t < 50 else (1.0 if q.current == "int8-student" else 4.0))
+    assert [d.action for _, d in moves] == ["down", "up"]
+
+
+def test_threads_and_batch_delay_choices():
+    assert choose_threads({1: 10.0, 2: 9.8, 4: 5.0}) == 4
+    assert choose_threads({1: 10.0, 2: 10.2, 3: 9.9}) == 1
+    assert choose_batch_delay(1.0, 30.0, 32) == 0.0   # batching saves ~6 %: do not wait
+    assert choose_batch_delay(1.0, 4.0, 32) == 4.0    # wait about one full-batch call
+    assert choose_batch_delay(1.0, 4.0, 32, budget_ms=6.0) == 2.0
+    assert choose_batch_delay(1.0, 4.0, 1) == 0.0
+
+
+def test_read_thermal(tmp_path):
+    z0, z1 = tmp_path / "thermal_zone0", tmp_path / "thermal_zone1"
+    z0.mkdir()
+    z1.mkdir()
+    (z0 / "temp").write_text("45123\n")
+    (z0 / "type").write_text("cpu-thermal\n")
+    (z1 / "temp").write_text("not a number\n")
+    assert read_thermal(tmp_path) == {"max_c": 45.1, "zones": {"cpu-thermal": 45.1}}
+    assert read_thermal(tmp_path / "missing") is None
+
+
+# -- a real agent -------------------------------------------------------------------
+
+def _package(tmp_path: Path) -> Path:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import make_mlp_onnx
+
+    from edgeship import package
+
+    big = make_mlp_onnx(tmp_path / "big.onnx", hidden=1024, seed=0)
+    small = make_mlp_onnx(tmp_path / "small.onnx", hidden=8, seed=1)
+    return package.build(tmp_path / "two.edgepkg", {"big.onnx": big, "small.onnx": small}, name="two",
+                         version="1.0.0", example_input=np.zeros((1, 64), np.float32),
+                         variants=[{"id": "big", "file": "big.onnx", "precision": "fp32", "metrics": {"points": 99.0}},
+                                   {"id": "small", "file": "small.onnx", "precision": "fp32",
+                                    "metrics": {"points": 90.0}}])
+
+
+def _agent(tmp_path, pkg):
+    from edgeship.agent import Agent
+    from edgeship.agent.config import parse_config
+
+    return Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(tmp_path / "state")},
+                               "runtime": {"threads": 1}}))
+
+
+@pytest.mark.parametrize("budget, expect", [(1000.0, "big"), (1e-6, "small")])
+def test_agent_picks_the_variant_for_its_budget(tmp_path, budget, expect):
+    from models import mlp_reference
+
+    pkg = _package(tmp_path)
+    with _agent(tmp_path, pkg) as agent:
+        ctl = AdaptController(agent, budget_ms=budget, measure_s=0.1, check_s=3600, tune=False)
+        agent.add_component(ctl)
+        assert ctl.ready.wait(30)
+        assert agent.handle.variant == expect
+        assert set(ctl.measurements) == {"big", "small"}
+        assert ctl.measurements["small"]["p95"] < ctl.measurements["big"]["p95"]
+        x = np.random.default_rng(0).normal(size=64).astype(np.float32)
+        out = agent.infer(x).outputs["logits"]
+        hidden, seed = (1024, 0) if expect == "big" else (8, 1)
+        np.testing.assert_allclose(out, mlp_reference(x[None], hidden=hidden, seed=seed)[0], rtol=1e-4, atol=1e-4)
+        tel = ctl.telemetry_fields()["adapt"]
+        assert tel["variant"] == expect and tel["changes"][0]["action"] == "start"
+
+
+def test_agent_steps_down_and_up_through_the_zero_drop_swap(tmp_path):
+    pkg = _package(tmp_path)
+    with _agent(tmp_path, pkg) as agent:
+        ctl = AdaptController(agent, budget_ms=1000.0, measure_s=0.1, check_s=3600, tune=False, sustain_s=0,
+                              headroom_s=0, cooldown_s=0, min_samples=5, min_checks=1)
+        agent.add_component(ctl)
+        assert ctl.ready.wait(30) and agent.handle.variant == "big"
+        x = np.zeros((64,), np.float32)
+        ctl.policy.budget_ms = 1e-6          # the device got slow: nothing meets the budget now
+        for _ in range(10):
+            agent.infer(x)
+        d = ctl.check()
+        assert d is not None and d.action == "down" and agent.handle.variant == "small"
+        futures = [agent.submit(x) for _ in range(50)]   # requests in flight across the next swap
+        ctl.policy.budget_ms = 1000.0        # the load went away: room for the big model again
+        for _ in range(10):
+            agent.infer(x)
+        d = ctl.check()
+        assert d is not None and d.action == "up" and agent.handle.variant == "big"
+        assert all(f.result(10).outputs["logits"].shape == (10,) for f in futures)  # nothing dropped
+        changes = [c["action"] for c in ctl.telemetry_fields()["adapt"]["changes"]]
+        assert changes == ["start", "down", "up"]
+        assert agent.metrics.counters["switches"] >= 2
+
+
+def test_threads_and_batch_delay_are_measured_when_the_config_leaves_them_open(tmp_path):
+    from edgeship.agent import Agent
+    from edgeship.agent.config import load_config
+
+    pkg = _package(tmp_path)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[agent]\npackage = "{pkg}"\nstate_dir = "{tmp_path / "state"}"\n'
+                   '[batcher]\nmax_batch = 8\n[adapt]\nlatency_budget_ms = 1000\nmeasure_s = 0.05\ncheck_s = 3600\n')
+    with Agent(load_config(cfg)) as agent:
+        ctl = agent.add_component(AdaptController(agent))
+        assert ctl.ready.wait(30)
+        assert ctl.threads in ctl.thread_p95 and agent.config.runtime.threads == ctl.threads
+        assert ctl.threads == choose_threads(ctl.thread_p95)
+        assert ctl.max_delay_ms is not None
+        assert agent.batcher.policy.max_delay_s == pytest.approx(ctl.max_delay_ms / 1000.0)

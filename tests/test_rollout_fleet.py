@@ -1,0 +1,282 @@
+"""Rollout acceptance: a simulated fleet of real agents, real Mosquitto, HTTP and SQLite.
+
+Choice (see tests/rollout_fleet.py): every device is a real Agent with its
+own state dir, store, outbox and MQTT client running a tiny ONNX MLP under
+onnxruntime, all in this one test process (50 processes with onnxruntime
+would not fit the time budget on 2 cores).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+
+import pytest
+
+from edgeship import rollout as ro
+from edgeship.fleet.collector import Collector
+from edgeship.fleet.controller import RolloutController
+from edgeship.fleet.db import FleetDB
+
+from rollout_fleet import Device, Users, wait_for
+from test_agent import build_mlp_package
+
+pytestmark = pytest.mark.mqtt
+
+GATES = ["negative_feedback:0.1:40", "error_rate:0.02:200", "latency_p95:3:200:0.95:25", "failures:0.05:1"]
+
+
+@pytest.fixture(scope="module")
+def pkgs(tmp_path_factory, signing_keys):
+    from edgeship import signing
+
+    priv, _ = signing_keys
+    d = tmp_path_factory.mktemp("rollout-pkgs")
+    other, _ = signing.keygen(d / "keys" / "unknown.key")
+    return {"v1": build_mlp_package(d, "1.0.0", seed=0, signing_key=priv),
+            "v2": build_mlp_package(d, "2.0.0", seed=1, signing_key=priv),
+            "v3": build_mlp_package(d, "3.0.0", seed=2, signing_key=priv),
+            "unknown_key": build_mlp_package(d / "u", "2.6.0", seed=3, signing_key=other),
+            "unknown_pub": d / "keys" / "unknown.pub"}
+
+
+class Fleet:
+    def __init__(self, root, broker, pkgs, keys, n: int, fleet: str) -> None:
+        self.root, self.fleet = root, fleet
+        self.priv, self.pub = keys
+        self.db = FleetDB.open(root / "fleet.sqlite")
+        self.collector = Collector(self.db, broker.url, fleet, client_id=f"col-{fleet}").start()
+        self.devices = [Device(root / "devices", f"d{i:03d}", fleet, broker.url, pkgs["v1"], self.pub)
+                        for i in range(n)]
+        for d in self.devices:
+            d.start()
+        self.broker = broker
+        self.controller: RolloutController | None = None
+        self.users: Users | None = None
+        wait_for(lambda: len(self.db.devices(fleet)) == n, 30, what="every device seen by the collector")
+
+    def controller_start(self, **kw) -> RolloutController:
+        self.controller = RolloutController(self.db, self.broker.url, self.fleet, signing_key=self.priv, tick_s=0.3,
+                                            **kw).start()
+        return self.controller
+
+    def users_start(self, bad: dict) -> Users:
+        self.users = Users(self.devices, bad)
+        self.users.start()
+        return self.users
+
+    def close(self) -> None:
+        if self.users is not None:
+            self.users.stop()
+        if self.controller is not None:
+            self.controller.stop(2)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as ex:  # each stop drains its outbox: in parallel
+            list(ex.map(lambda d: d.stop(), self.devices))
+        self.collector.stop(2)
+        self.db.close()
+
+
+@pytest.fixture()
+def make_fleet(tmp_path, mosquitto, pkgs, signing_keys):
+    made = []
+
+    def make(n: int, name: str) -> Fleet:
+        f = Fleet(tmp_path / name, mosquitto, pkgs, signing_keys, n, name)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def _sha(path) -> str:
+    from edgeship.agent.store import file_sha256
+
+    return file_sha256(path)
+
+
+def test_good_model_promoted_through_every_stage(make_fleet, pkgs):
+    f = make_fleet(50, "good")
+    users = f.users_start({"2.0.0": 0.1, "1.0.0": 0.1})
+    ctl = f.controller_start()
+    st = ctl.start_rollout(pkgs["v2"], stages="1,10,50,100", soak_s=1.5, gates=GATES, salt="good-salt")
+    rid = st["rollout_id"]
+    wait_for(lambda: ctl.status(rid)["state"] != "running", 90, step=0.5, what="the rollout to finish")
+    s = ctl.status(rid)
+    assert s["state"] == "completed", (s["reason"], s["gates"])
+    kinds = [(e["kind"], e["stage_index"]) for e in s["events"]]
+    assert [k for k in kinds if k[0] in ("promote", "complete")] == [("promote", 1), ("promote", 2), ("promote", 3),
+                                                                     ("complete", 3)]
+    wait_for(lambda: all(d.version == "2.0.0" for d in f.devices), 30, what="every device on 2.0.0")
+    wait_for(lambda: ctl.status(rid)["devices_per_state"].get("healthy") == 50, 30, step=0.5,
+             what="50 healthy reports")
+    users.stop()
+    assert users.failed == 0 and users.ok > 1000, users.errors[:3]
+
+
+def test_worse_model_aborted_at_first_stage_with_enough_feedback(make_fleet, pkgs):
+    f = make_fleet(50, "bad")
+    users = f.users_start({"3.0.0": 0.6, "1.0.0": 0.1})
+    ctl = f.controller_start()
+    rid = ctl.start_rollout(pkgs["v3"], stages="1,10,50,100", soak_s=1.5, gates=GATES, salt="bad-salt")["rollout_id"]
+    wait_for(lambda: ctl.status(rid)["state"] != "running", 90, step=0.5, what="the rollout to stop")
+    s = ctl.status(rid)
+    assert s["state"] == "aborted" and "negative_feedback" in s["reason"], s["reason"]
+    abort_pct = s["percent"]
+    assert abort_pct < 100
+    # Every stage promoted before the abort had too few feedback samples to judge the new model.
+    for e in f.db.rollout_events(rid):
+        if e["kind"] == "promote":
+            gates = {g["name"]: g for g in json.loads(e["detail"])["gates"]}
+            assert gates["negative_feedback"]["verdict"] == "insufficient", gates["negative_feedback"]
+    gate = next(g for g in s["gates"] if g["name"] == "negative_feedback")
+    assert gate["verdict"] == "fail" and gate["canary_n"] >= 40
+    sha = _sha(pkgs["v3"])
+    wait_for(lambda: all(d.version == "1.0.0" for d in f.devices), 30, what="every device back on 1.0.0")
+    switched = [d for d in f.devices if d.activated(sha)]
+    assert switched, "some devices ran the new model before the abort"
+    for d in f.devices:
+        b = ro.bucket(d.device, "bad-salt")
+        if not ro.in_stage(b, abort_pct):
+            assert not d.activated(sha), f"{d.device} (bucket {b:.2f}) activated it outside the stage"
+    wait_for(lambda: ctl.status(rid)["devices_per_state"].get("rolled_back", 0) == len(switched), 30, step=0.5,
+             what="rolled_back reports from every switched device")
+    users.stop()
+    assert users.failed == 0, users.errors[:3]
+
+
+@pytest.mark.parametrize("case", ["corrupt", "unknown_key"])
+def test_bad_package_is_refused_never_activated_and_counted(make_fleet, pkgs, tmp_path, case, request):
+    f = make_fleet(8, f"refuse-{case.replace('_', '-')}")
+    if case == "corrupt":
+        from edgeship.fleet.server import PackageServer
+
+        (tmp_path / "www").mkdir()
+        pkg = tmp_path / "www" / "served.edgepkg"
+        shutil.copy(pkgs["v2"], pkg)
+        srv = PackageServer(tmp_path / "www").start()
+        request.addfinalizer(srv.stop)
+        ctl = f.controller_start()
+        rid = ctl.start_rollout(pkg, stages="50,100", soak_s=30, gates=GATES, salt="s",
+                                url=f"{srv.url}/packages/served.edgepkg")["rollout_id"]
+        data = bytearray(pkg.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # the file on the server is altered after the plan was signed
+        pkg.write_bytes(bytes(data))
+        sha = ctl.status(rid)["package"]["sha256"]
+    else:
+        # The controller trusts the key (a misconfigured controller); the devices do not.
+        ctl = f.controller_start(trusted_keys=[str(pkgs["unknown_pub"])])
+        rid = ctl.start_rollout(pkgs["unknown_key"], stages="50,100", soak_s=30, gates=GATES, salt="s")["rollout_id"]
+        sha = _sha(pkgs["unknown_key"])
+    wait_for(lambda: ctl.status(rid)["state"] == "aborted", 60, step=0.5, what="the abort")
+    s = ctl.status(rid)
+    assert "failures" in s["reason"] and s["failures"]["total"] >= 1, s
+    reasons = " ".join(s["failures"]["by_reason"])
+    assert ("IntegrityError" in reasons) if case == "corrupt" else ("SignatureError" in reasons), reasons
+    assert all(d.version == "1.0.0" and not d.activated(sha) and not d.agent.store.has(sha) for d in f.devices)
+
+
+def test_download_cut_halfway_resumes_and_activates(make_fleet, pkgs):
+    f = make_fleet(6, "cut")
+    ctl = f.controller_start()
+    size = pkgs["v2"].stat().st_size
+    rid = ctl.start_rollout(pkgs["v2"], stages="100", soak_s=0.5, gates=GATES, salt="s")["rollout_id"]
+    ctl.server.cut_next(size // 2, responses=6)  # the first downloads all break halfway
+    wait_for(lambda: all(d.version == "2.0.0" for d in f.devices), 60, what="every device on 2.0.0")
+    assert not ctl.server._cuts  # noqa: SLF001 - every planned cut happened
+    wait_for(lambda: ctl.status(rid)["state"] == "completed", 30, step=0.5, what="completion")
+    assert ctl.status(rid)["failures"]["total"] == 0
+
+
+def test_controller_killed_mid_stage_resumes_without_double_promotion(make_fleet, pkgs):
+    f = make_fleet(10, "restart")
+    f.users_start({})
+    ctl = f.controller_start()
+    rid = ctl.start_rollout(pkgs["v2"], stages="20,60,100", soak_s=2.0, gates=GATES, salt="r")["rollout_id"]
+    wait_for(lambda: ctl.status(rid)["stage_index"] == 1, 60, step=0.2, what="stage 2")
+    ctl.stop(2)  # gone mid-stage, soak half done
+    before = f.db.rollout_get(rid)
+    # Two controllers come back at once (a restarted one and a stray one): still one promotion per stage.
+    c1 = f.controller_start()
+    c2 = RolloutController(f.db, f.broker.url, f.fleet, signing_key=f.priv, tick_s=0.3).start()
+    try:
+        wait_for(lambda: c1.status(rid)["state"] == "completed", 60, step=0.5, what="completion after restart")
+    finally:
+        c2.stop(2)
+    ev = [e["kind"] for e in f.db.rollout_events(rid)]
+    assert ev.count("promote") == 2 and ev.count("complete") == 1, ev
+    assert f.db.rollout_get(rid)["stage_started"] != before["stage_started"]  # the next stage opened afresh
+    wait_for(lambda: all(d.version == "2.0.0" for d in f.devices), 30, what="every device on 2.0.0")
+
+
+def test_pinned_device_is_respected_and_reported(make_fleet, pkgs):
+    f = make_fleet(4, "pin")
+    f.devices[0].agent.store.pin("1.0.0")
+    ctl = f.controller_start()
+    rid = ctl.start_rollout(pkgs["v2"], stages="100", soak_s=0.5, gates=GATES, salt="p")["rollout_id"]
+    wait_for(lambda: all(d.version == "2.0.0" for d in f.devices[1:]), 60, what="unpinned devices on 2.0.0")
+    wait_for(lambda: ctl.status(rid)["pinned"] == ["d000"], 30, step=0.5, what="the pin reported")
+    assert f.devices[0].version == "1.0.0" and not f.devices[0].agent.store.has(_sha(pkgs["v2"]))
+
+
+@pytest.mark.parametrize("instant", ["after_activate", "before_activate", "second_crash_in_window"])
+def test_device_killed_mid_switch_resumes(make_fleet, pkgs, instant):
+    """The files a kill leaves at each instant of a switch; the restarted agent must resume right."""
+    f = make_fleet(1, f"kill-{instant.replace('_', '-')}")
+    dev = f.devices[0]
+    ctl = f.controller_start()
+    # A long health window: the device stays "active" (in its window) while we kill it.
+    rid = ctl.start_rollout(pkgs["v2"], stages="100", soak_s=60, gates=GATES, salt="k",
+                            health={"window_s": 30})["rollout_id"]
+    sha2 = _sha(pkgs["v2"])
+    wait_for(lambda: dev.version == "2.0.0", 30, what="the switch")
+    wait_for(lambda: (dev.client.state.get("phase") or {}).get("step") == "active", 10, what="phase active")
+    dev.stop()
+    st_path = dev.state_dir / "rollout.json"
+    state = json.loads(st_path.read_text())
+    state["clean_stop"] = False  # what SIGKILL leaves: stop() never ran
+    if instant == "after_activate":
+        state["phase"]["step"] = "switching"  # state.json already names the new package
+    elif instant == "before_activate":
+        state["phase"]["step"] = "switching"
+        dev.agent.store.rollback()  # state.json still names the old package
+    else:
+        state["phase"]["unclean"] = 1  # it already died once inside this health window
+    st_path.write_text(json.dumps(state))
+    # Shorter window for the restarted agent's judgement (the plan's window is 30 s): a new plan.
+    ctl.pause(rid)
+    ctl.resume(rid)
+    again = Device(f.root / "devices", dev.device, f.fleet, f.broker.url, pkgs["v1"], f.pub)
+    f.devices[0] = again
+    again.start()
+    if instant == "second_crash_in_window":
+        wait_for(lambda: again.version == "1.0.0", 30, what="the rollback after a crash loop")
+        wait_for(lambda: ctl.status(rid)["devices_per_state"].get("failed") == 1, 30, step=0.3, what="failed report")
+        assert "restarted uncleanly" in " ".join(ctl.status(rid)["failures"]["by_reason"]) or \
+            "crashed" in json.dumps(f.db.rollout_reports(rid))
+    else:
+        assert again.agent.store.has(sha2)
+        wait_for(lambda: again.version == "2.0.0", 30, what="the switch to resume")
+        wait_for(lambda: (again.client.state["phase"] or {}).get("step") == "active", 10, what="phase active again")
+        reports = [r["state"] for r in f.db.rollout_reports(rid) if r["device"] == dev.device]
+        assert "failed" not in reports
+        assert json.loads((again.state_dir / "state.json").read_text())["active"] == sha2
+
+
+def test_zero_drop_switch_under_steady_flow(tmp_path):
+    """Requests keep flowing through repeated swaps: none lost, none failed, none answered by the old model late."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from switch import run
+
+    res = run(rate=300, switches=4, between_s=0.25, workdir=tmp_path)
+    assert res["submitted"] > 300
+    assert res["failed"] == 0 and res["lost"] == 0 and res["old_after_new"] == 0, res
+    assert len(res["gaps_ms"]) == 4
