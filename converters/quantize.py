@@ -828,7 +828,7 @@ def _run_tflite(src: _Source, calib, evald, *, max_drop: float, metric: str | No
                           for s, v in zip(specs, calib_d.inputs.values())]
                 export_tflite_int8(src.torch_module, tuple(a[:1] for a in arrays), tuple(arrays), out, quiet=quiet)
             else:
-                quantize_tflite(fp32_path, calib_d, out, mode=meth)
+                quantize_tflite(fp32_path, calib_d, out, mode=meth, quiet=quiet)
             _measure(c, out, eval_d, metric=metric, reference=reference, fp32_points=base.points, batch=batch,
                      threads_batch=threads_batch, repeats=repeats, max_drop=max_drop)
         except EdgeshipError as exc:
@@ -984,7 +984,7 @@ def _package(out: Path, runs: list[dict], rep: dict, src: _Source, *, signing_ke
                   "quantization": {
                       r["target"]: {"method": r["chosen"].method, "calibration": r["chosen"].calibration,
                                     "candidate": r["chosen"].name, "calibration_samples": len(r["calib"]),
-                                    "per_channel": r["chosen"].method == "static" and r["target"] == "onnx",
+                                    "per_channel": (r["chosen"].method == "static") if r["target"] == "onnx" else None,
                                     "format": "QDQ" if r["target"] == "onnx" and r["chosen"].method == "static"
                                     else None,
                                     "excluded_nodes": r["chosen"].excluded_nodes, "metric": r["metric"],

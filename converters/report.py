@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["machine_info", "markdown_table", "write_markdown", "write_json", "plot_scatter", "plot_bars",
-           "plot_lines", "fmt"]
+           "plot_lines", "fmt", "pyplot", "save_figure"]
 
 
 def machine_info() -> dict:
@@ -110,6 +110,11 @@ def _save(fig, path) -> Path:
     _plt().close(fig)
     os.replace(tmp, path)
     return path
+
+
+# Public names for custom plots (distill and prune draw their own figures with these).
+pyplot = _plt
+save_figure = _save
 
 
 def plot_scatter(path, points: Sequence[Mapping], *, x: str, y: str, label: str = "name", title: str = "",

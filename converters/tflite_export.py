@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -234,7 +235,7 @@ def _to_int8_io(path: Path) -> None:
             tmp.unlink()
 
 
-def quantize_tflite(float_path, calib: Dataset, out_path, *, mode: str = "static") -> Path:
+def quantize_tflite(float_path, calib: Dataset, out_path, *, mode: str = "static", quiet: bool = True) -> Path:
     """Quantize a float ``.tflite`` with ai-edge-quantizer (``static`` a8w8 or ``dynamic`` w8)."""
     from ai_edge_quantizer import quantizer as aeq
     from ai_edge_quantizer import recipe
@@ -252,20 +253,8 @@ def quantize_tflite(float_path, calib: Dataset, out_path, *, mode: str = "static
     sig_key, sig = next(iter(sigs.items()))
     sig_inputs = list(sig["inputs"])
     try:
-        qt = aeq.Quantizer(str(float_path))
-        if mode == "static":
-            qt.load_quantization_recipe(recipe.static_wi8_ai8())
-            names = list(calib.inputs)
-            # Signature inputs carry the export's argument names; pair them in order with ours.
-            samples = [{s: np.asarray(calib.inputs[names[j]][i:i + 1]) for j, s in enumerate(sig_inputs)}
-                       for i in range(len(calib))]
-            calibration = qt.calibrate({sig_key: samples})
-            result = qt.quantize(calibration, enable_progress_report=False)
-        elif mode == "dynamic":
-            qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
-            result = qt.quantize(enable_progress_report=False)
-        else:
-            raise ConversionError(f"unknown TFLite quantization mode {mode!r}; use static or dynamic")
+        with _quiet_quantizer(quiet):
+            result = _aeq_quantize(aeq, recipe, float_path, calib, mode, sig_key, sig_inputs)
     except ConversionError:
         raise
     except Exception as exc:  # ai-edge-quantizer raises ValueError/RuntimeError/KeyError
@@ -279,3 +268,30 @@ def quantize_tflite(float_path, calib: Dataset, out_path, *, mode: str = "static
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+@contextlib.contextmanager
+def _quiet_quantizer(quiet: bool):
+    """ai-edge-quantizer's calibrator opens its interpreter in a debug mode that warns, and draws
+    its own progress bar on stderr; neither is news to our user."""
+    import warnings
+
+    with warnings.catch_warnings(), open(os.devnull, "w") as devnull, \
+            contextlib.redirect_stderr(devnull if quiet else sys.stderr):
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors.*", category=UserWarning)
+        yield
+
+
+def _aeq_quantize(aeq, recipe, float_path: Path, calib: Dataset, mode: str, sig_key: str, sig_inputs: list):
+    qt = aeq.Quantizer(str(float_path))
+    if mode == "static":
+        qt.load_quantization_recipe(recipe.static_wi8_ai8())
+        names = list(calib.inputs)
+        # Signature inputs carry the export's argument names; pair them in order with ours.
+        samples = [{s: np.asarray(calib.inputs[names[j]][i:i + 1]) for j, s in enumerate(sig_inputs)}
+                   for i in range(len(calib))]
+        return qt.quantize(qt.calibrate({sig_key: samples}), enable_progress_report=False)
+    if mode == "dynamic":
+        qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+        return qt.quantize(enable_progress_report=False)
+    raise ConversionError(f"unknown TFLite quantization mode {mode!r}; use static or dynamic")

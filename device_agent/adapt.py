@@ -54,7 +54,7 @@ from ..errors import EdgeshipError
 from ..metrics import Histogram
 
 __all__ = ["Rung", "Decision", "AdaptPolicy", "choose_variant", "choose_threads", "choose_batch_delay",
-           "variant_accuracy", "read_thermal", "measure_call_ms", "AdaptController"]
+           "variant_accuracy", "read_thermal", "measure_call_ms", "measure_interleaved", "AdaptController"]
 
 log = logging.getLogger("edgeship.agent.adapt")
 
@@ -150,8 +150,10 @@ class AdaptPolicy:
 
     ``rungs``: the measured variants (any order); ``current``: the id running.
     The observed p95 over the current variant's start-up p95 is the device's
-    *slowdown* right now (load, heat); a rung's expected p95 is its start-up
-    p95 times that slowdown.
+    *slowdown* right now (load, heat): stepping down picks the most accurate
+    faster rung whose start-up p95 times that slowdown fits; stepping up
+    expects the better rung at its start-up p95 plus the time the device adds
+    now (observed minus the current rung's start-up p95).
 
     Each check is classified ``over`` (p95 above the budget), ``room`` (the
     next more accurate variant is expected within ``headroom`` x budget and
@@ -163,7 +165,11 @@ class AdaptPolicy:
     ``headroom_s`` had room. Quick to step down, slow and strict to step up,
     and nothing moves for ``cooldown_s`` after a switch: that asymmetry is
     the hysteresis that keeps a device hovering near its budget from flapping.
+    A rung left again soon after stepping up to it needs twice the headroom
+    time next time (at most :attr:`MAX_BACKOFF` x), forgiven once it holds.
     """
+
+    MAX_BACKOFF = 8.0
 
     def __init__(self, rungs: Sequence[Rung], budget_ms: float, current: str, *, sustain_s: float = 10.0,
                  headroom_s: float = 30.0, headroom: float = 0.8, cooldown_s: float | None = None,
@@ -190,6 +196,11 @@ class AdaptPolicy:
         self._obs: collections.deque = collections.deque(maxlen=4096)
         self._first: float | None = None   # first check since the last switch
         self._quiet_until = float("-inf")
+        # Back-off: leaving a rung soon after stepping up to it doubles the headroom time that rung needs
+        # next time (up to MAX_BACKOFF x): a load the start-up figures cannot predict is learnt by trying.
+        self._backoff: dict[str, float] = {}
+        self._last_up: tuple[str, float] | None = None
+        self._since = float("-inf")         # when the current rung became active
 
     def _index(self, vid: str) -> int:
         return next(i for i, r in enumerate(self.ladder) if r.id == vid)
@@ -200,6 +211,14 @@ class AdaptPolicy:
         self._obs.clear()
         self._first = None
         self._quiet_until = now + self.cooldown_s
+        self._since = now
+
+    def _expected_up(self, i: int, p95_ms: float) -> float:
+        # Stepping up: the time the device adds right now (observed minus start-up p95 of the current
+        # variant) is added to the better variant's start-up p95. Stepping down scales by the ratio
+        # instead, which is the more pessimistic model: quick to find a variant that surely fits,
+        # careful (headroom, room_fraction) before trying a slower one.
+        return self.ladder[i - 1].p95_ms + max(0.0, p95_ms - self.ladder[i].p95_ms)
 
     def _window(self, now: float, span: float) -> list[tuple] | None:
         """Judged checks of the last ``span`` seconds, or None when not observed that long yet."""
@@ -218,15 +237,16 @@ class AdaptPolicy:
             state = "none"
         elif p95_ms > self.budget_ms:
             state = "over"
-        elif i > 0 and not hot and self.ladder[i - 1].p95_ms * (p95_ms / cur.p95_ms if cur.p95_ms > 0 else 1.0) \
-                <= self.budget_ms * self.headroom:
+        elif i > 0 and not hot and self._expected_up(i, p95_ms) <= self.budget_ms * self.headroom:
             state = "room"
         else:
             state = "ok"
         if self._first is None:
             self._first = now
         self._obs.append((now, state, p95_ms))
-        horizon = now - max(self.sustain_s, self.headroom_s)
+        if now - self._since > 4 * self.headroom_s * self._backoff.get(self.current, 1.0):
+            self._backoff.pop(self.current, None)  # stayed up long enough: forgive
+        horizon = now - max(self.sustain_s, self.headroom_s * self.MAX_BACKOFF)
         while self._obs and self._obs[0][0] < horizon:
             self._obs.popleft()
         temp_txt = f", SoC {temp_c:.0f} °C" if temp_c is not None else ""
@@ -239,6 +259,9 @@ class AdaptPolicy:
                 faster = [r for r in self.ladder[i + 1:] if r.p95_ms < cur.p95_ms] or self.ladder[i + 1:]
                 fit = next((r for r in faster if r.p95_ms * slowdown <= self.budget_ms), None)
                 to = fit or min(faster, key=lambda r: r.p95_ms)
+                if self._last_up is not None and self._last_up[0] == cur.id and \
+                        now - self._last_up[1] < 4 * self.headroom_s * self._backoff.get(cur.id, 1.0):
+                    self._backoff[cur.id] = min(self.MAX_BACKOFF, 2.0 * self._backoff.get(cur.id, 1.0))
                 d = Decision("down", cur.id, to.id,
                              f"p95 over the {self.budget_ms:g} ms budget in {len(over)} of {len(win)} checks over "
                              f"{self.sustain_s:g} s (median {p95:.3f} ms, x{slowdown:.2f} slower than at start-up"
@@ -247,20 +270,22 @@ class AdaptPolicy:
                 return d
         if i == 0 or hot:
             return None
-        win = self._window(now, self.headroom_s)
+        up = self.ladder[i - 1]
+        span = self.headroom_s * self._backoff.get(up.id, 1.0)
+        win = self._window(now, span)
         if win is None:
             return None
         room = [o for o in win if o[1] == "room"]
         if len(room) < self.room_fraction * len(win):
             return None
-        up = self.ladder[i - 1]
         p95 = float(np.median([o[2] for o in room]))
-        expected = up.p95_ms * (p95 / cur.p95_ms if cur.p95_ms > 0 else 1.0)
+        expected = self._expected_up(i, p95)
         d = Decision("up", cur.id, up.id,
-                     f"headroom in {len(room)} of {len(win)} checks over {self.headroom_s:g} s: {up.id} expected at "
+                     f"headroom in {len(room)} of {len(win)} checks over {span:g} s: {up.id} expected at "
                      f"{expected:.3f} ms <= {self.headroom:.0%} of the {self.budget_ms:g} ms budget (median p95 "
                      f"{p95:.3f} ms{temp_txt})", now, p95, temp_c)
         self.switched(up.id, now)
+        self._last_up = (up.id, now)
         return d
 
 
@@ -289,28 +314,45 @@ def read_thermal(root: str | os.PathLike = "/sys/class/thermal") -> dict | None:
     return {"max_c": max(zones.values()), "zones": zones}
 
 
+def measure_interleaved(runs: Mapping[str, Any], feeds: Mapping[str, list], *, seconds: float = 1.0,
+                        min_runs: int = 20, max_runs: int = 5000, chunks: int = 5) -> dict[str, dict]:
+    """Time several models round-robin (one call each per round) for about ``seconds`` in total.
+
+    Interleaving is on purpose: each call then finds the caches as cold as
+    serving leaves them (a tight loop of one model reads optimistic figures,
+    2-3x for tiny models), and a burst of load from another process hits
+    every variant alike instead of deciding the choice. The time is split
+    into ``chunks``; ``p95`` is the median of the chunks' p95s.
+    Returns ``{id: {"p50", "p95", "runs"}}`` in ms.
+    """
+    ids = list(runs)
+    for vid in ids:
+        for _ in range(3):
+            runs[vid](feeds[vid])
+    chunk_p95: dict[str, list[float]] = {v: [] for v in ids}
+    all_t: dict[str, list[float]] = {v: [] for v in ids}
+    for _c in range(max(1, chunks)):
+        times: dict[str, list[float]] = {v: [] for v in ids}
+        deadline = time.perf_counter() + seconds / max(1, chunks)
+        n = 0
+        while n < max_runs // max(1, chunks) and (n < min_runs or time.perf_counter() < deadline):
+            for vid in ids:
+                t0 = time.perf_counter()
+                runs[vid](feeds[vid])
+                times[vid].append((time.perf_counter() - t0) * 1000.0)
+            n += 1
+        for vid in ids:
+            chunk_p95[vid].append(float(np.percentile(times[vid], 95)))
+            all_t[vid] += times[vid]
+    return {v: {"p50": float(np.percentile(all_t[v], 50)), "p95": float(np.median(chunk_p95[v])),
+                "runs": len(all_t[v])} for v in ids}
+
+
 def measure_call_ms(run, feed: list[np.ndarray], *, seconds: float = 1.0, min_runs: int = 20,
                     max_runs: int = 5000, chunks: int = 5) -> dict:
-    """Time ``run(feed)`` for about ``seconds`` (after 3 warm-up calls): ``{"p50", "p95", "runs"}``.
-
-    The time is split into ``chunks``; ``p95`` is the median of the chunks'
-    p95s, so one burst of load from another process during the measurement
-    does not decide which variant a device runs.
-    """
-    for _ in range(3):
-        run(feed)
-    per_chunk = []
-    all_times: list[float] = []
-    for _c in range(max(1, chunks)):
-        times = []
-        deadline = time.perf_counter() + seconds / max(1, chunks)
-        while len(times) < max_runs // max(1, chunks) and (len(times) < min_runs or time.perf_counter() < deadline):
-            t0 = time.perf_counter()
-            run(feed)
-            times.append((time.perf_counter() - t0) * 1000.0)
-        per_chunk.append(float(np.percentile(times, 95)))
-        all_times += times
-    return {"p50": float(np.percentile(all_times, 50)), "p95": float(np.median(per_chunk)), "runs": len(all_times)}
+    """Time one ``run(feed)`` alone (see :func:`measure_interleaved`): ``{"p50", "p95", "runs"}``."""
+    return measure_interleaved({"m": run}, {"m": feed}, seconds=seconds, min_runs=min_runs, max_runs=max_runs,
+                               chunks=chunks)["m"]
 
 
 def _explicit(config: Any, section: str, key: str) -> bool:
@@ -435,14 +477,18 @@ class AdaptController:
         rungs, loaded = [], {}
         for v in variants:
             try:
-                h = agent.load_candidate(sha, variant=v["id"])
+                loaded[v["id"]] = agent.load_candidate(sha, variant=v["id"])
             except EdgeshipError as exc:  # a variant this device cannot run (e.g. no TFLite runtime) is skipped
                 self.measurements[v["id"]] = {"error": str(exc)}
-                continue
-            m = self._time(h)
-            self.measurements[v["id"]] = m
-            rungs.append(Rung(v["id"], variant_accuracy(v), m["p95"], m["p50"]))
-            loaded[v["id"]] = h
+        if loaded:
+            measured = measure_interleaved({vid: h.run_fn() for vid, h in loaded.items()},
+                                           {vid: self._example(h) for vid, h in loaded.items()},
+                                           seconds=self.measure_s * len(loaded))
+            for v in variants:
+                m = measured.get(v["id"])
+                if m is not None:
+                    self.measurements[v["id"]] = m
+                    rungs.append(Rung(v["id"], variant_accuracy(v), m["p95"], m["p50"]))
         if not rungs:
             log.warning("adapt: no variant could be measured; keeping %s", handle.variant)
             return
@@ -523,13 +569,17 @@ class AdaptController:
             self.policy.switched(handle.variant, self.clock())  # someone else switched: follow
         now_hist = agent.metrics.snapshot().get("inference_ms")
         window = hist_delta(now_hist, self._prev_hist)
-        self._prev_hist = now_hist
         h = Histogram.from_dict(window) if window else None
         p95 = h.percentile(95) if h is not None and h.count else None
         samples = h.count if h is not None else 0
         thermal = read_thermal(self.thermal_root)
         temp = thermal["max_c"] if thermal else None
         self.last = {"p95_ms": p95, "calls": samples, "temp_c": temp, "variant": self.policy.current}
+        if samples < self.min_samples:
+            # Too few calls to judge (idle, or starved by load): keep accumulating into the next check
+            # instead of judging a p95 of three calls.
+            return None
+        self._prev_hist = now_hist
         d = self.policy.observe(self.clock(), p95, samples, temp)
         if d is None:
             return None

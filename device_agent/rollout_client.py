@@ -427,13 +427,18 @@ class RolloutClient:
         sha = plan.package.sha256
         self._dl_stop.set()  # an aborted package is not worth the bandwidth
         done = self.state["reported"].get(plan.rollout_id, [])
-        if cur == sha:
+        ph = self.state.get("phase") or {}
+        if cur == sha and not (ph.get("rollout_id") == plan.rollout_id and ph.get("step") == "failed"):
             try:
                 self.agent.rollback()
                 self.counters["rollbacks"] += 1
             except EdgeshipError as exc:
+                # Nothing to go back to (e.g. the previous package was removed): say so once, stay up.
                 self.last_error = f"rollback after abort failed: {exc}"
                 log.error("%s", self.last_error)
+                self.state["phase"] = {"rollout_id": plan.rollout_id, "sha256": sha, "step": "failed",
+                                       "reason": self.last_error}
+                self._report(plan, "failed", self.last_error)
                 return
             self.state["phase"] = {"rollout_id": plan.rollout_id, "sha256": sha, "step": "rolled_back"}
             self._save()

@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from .. import protocol
-from ..metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Histogram
+from ..metrics import LATENCY_BOUNDS_MS, Histogram
 from ..mqtt import Will
 
 __all__ = ["WindowAggregator", "WindowData", "build_telemetry_body", "counter_delta", "hist_delta",

@@ -52,8 +52,9 @@ import numpy as np
 from .agent.sources import RawBlock, Source
 from .errors import ConfigError, EdgeshipError, RolloutError
 
-__all__ = ["run_demo", "DemoResult", "DemoSettings", "demo_settings", "degrade_labels", "DigitsStream",
-           "SimulatedUser", "build_packages", "default_cache_dir", "DEGRADED_CLASSES"]
+__all__ = ["run_demo", "DemoResult", "DemoSettings", "demo_settings", "demo_gates", "demo_health", "degrade_labels",
+           "judge", "DigitsStream", "SimulatedUser", "SimDevice", "BuiltModels", "build_packages",
+           "default_cache_dir", "DEGRADED_CLASSES", "VERSIONS"]
 
 log = logging.getLogger("edgeship.demo")
 
@@ -80,6 +81,8 @@ class DemoSettings:
     v3_epochs: int
     max_drop: float              # the recipes' int8 accuracy budget (points)
     calibrations: tuple[str, ...]
+    # The devices run the packages' default ONNX int8 variant. The TFLite export (examples/digits builds it)
+    # adds ~20 s per package and litert-torch prints its own progress lines, so the demo leaves it out.
     tflite: bool
     rate_hz: float               # digits per second per device
     feedback_share: float        # share of predictions the simulated user gives feedback on
@@ -89,27 +92,40 @@ class DemoSettings:
     stages_v1: tuple[int, ...]
     stages_v2: tuple[int, ...]
     stages_v3: tuple[int, ...]
-    soak_s: float                # per stage
-    min_samples: int             # per cohort, for the controller's gates
+    soak_s: float                # per stage; longer for bigger fleets, whose switches take longer here
+    # Per cohort, for the controller's gates. Small is safe: a gate fails only when the canary is worse with
+    # 95 % confidence, and an inconclusive difference holds the stage instead of promoting it.
+    min_samples: int
     rollout_timeout_s: float     # give up waiting for one rollout after this long
+
+
+#: All simulated devices share one process, one broker and this machine's cores: the fleet's total
+#: inference and feedback rates stay under these, so bigger fleets get slower streams, not a jammed broker
+#: (the embedded amqtt broker starts timing out QoS 1 acknowledgements at a few hundred messages/s here).
+FLEET_INFERENCE_HZ = 300.0
+FLEET_FEEDBACK_HZ = 80.0
 
 
 def demo_settings(fast: bool = False, devices: int | None = None) -> DemoSettings:
     """The demo's numbers: a few minutes by default, under a minute with ``fast``."""
     if devices is not None and devices < 2:
         raise ConfigError(f"--devices must be at least 2 (a canary and a control), got {devices}")
+    n = devices or (10 if fast else 24)
+    rate_hz = min(20.0, FLEET_INFERENCE_HZ / n)
+    share = min(0.5 if fast else 0.3, FLEET_FEEDBACK_HZ / (n * rate_hz))
+    window_s = max(1.0 if fast else 2.0, n / 20.0)  # telemetry messages/s stay near 20 for the fleet
     if fast:
         return DemoSettings(
-            fast=True, devices=devices or 10, teacher_epochs=2, v0_epochs=1, v1_epochs=3, v2_epochs=6, v3_epochs=4,
-            max_drop=3.0, calibrations=("minmax",), tflite=False, rate_hz=20.0, feedback_share=0.5,
-            window_s=1.0, health_window_s=2.0, jitter_s=0.3, stages_v1=(100,), stages_v2=(30, 100),
-            stages_v3=(50, 100), soak_s=3.0, min_samples=40, rollout_timeout_s=60.0)
+            fast=True, devices=n, teacher_epochs=2, v0_epochs=1, v1_epochs=3, v2_epochs=6, v3_epochs=4,
+            max_drop=3.0, calibrations=("minmax",), tflite=False, rate_hz=rate_hz, feedback_share=share,
+            window_s=window_s, health_window_s=2.0, jitter_s=0.3, stages_v1=(100,), stages_v2=(30, 100),
+            stages_v3=(50, 100), soak_s=3.0 + n / 10.0, min_samples=20, rollout_timeout_s=60.0 + n)
     return DemoSettings(
-        fast=False, devices=devices or 24, teacher_epochs=30, v0_epochs=2, v1_epochs=8, v2_epochs=40, v3_epochs=20,
-        max_drop=1.5, calibrations=("minmax", "percentile", "entropy"), tflite=True, rate_hz=20.0,
-        feedback_share=0.3, window_s=2.0, health_window_s=5.0, jitter_s=2.0, stages_v1=(100,),
-        stages_v2=(10, 50, 100), stages_v3=(10, 50, 100), soak_s=15.0, min_samples=100,
-        rollout_timeout_s=300.0)
+        fast=False, devices=n, teacher_epochs=30, v0_epochs=2, v1_epochs=8, v2_epochs=40, v3_epochs=20,
+        max_drop=1.5, calibrations=("minmax", "percentile", "entropy"), tflite=False, rate_hz=rate_hz,
+        feedback_share=share, window_s=window_s, health_window_s=5.0, jitter_s=2.0, stages_v1=(100,),
+        stages_v2=(10, 50, 100), stages_v3=(10, 50, 100), soak_s=max(15.0, 3 * window_s), min_samples=60,
+        rollout_timeout_s=300.0 + 2 * n)
 
 
 def degrade_labels(labels: np.ndarray, classes: Sequence[int] = DEGRADED_CLASSES) -> np.ndarray:
@@ -655,10 +671,13 @@ def run_demo(*, workdir: str | os.PathLike = "edgeship-demo", devices: int | Non
             rollouts=outcomes, devices={d.device_id: (d.model or {}).get("version") for d in fleet.devices},
             broker_url=fleet.broker_url, report_text=rep.text(), seconds=round(time.monotonic() - t0, 1))
         (workdir / "demo.json").write_text(json.dumps(result.to_dict(), indent=2))
-        if not quiet:
-            for line in rep.text().splitlines():
-                n.say("      " + line if line else "")
-        n.say(f"done in {result.seconds:.0f} s. Report: {rep.html_path}")
+        # The short version on the terminal: the per-version table and one line per rollout; the
+        # rollouts' timelines, gate figures and plots are in the HTML report.
+        for line in rep.table.splitlines() + [""] + rep.sections[0].text.splitlines():
+            n.say("      " + line if line else "")
+        n.say(f"done in {result.seconds:.0f} s. Report (table, PNG plots, rollout timelines): {rep.html_path}")
+        n.say(f"      the same from the CLI: edgeship fleet report --db {fleet.db_path} --out DIR "
+              f"[--rollout {outcomes['v3']['rollout_id']}]")
         _check_outcome(result)
         if keep:
             fleet.keep_running()
@@ -756,7 +775,6 @@ class _DemoFleet:
 
     def stop(self) -> None:
         _stop_all(self.devices, 3.0)
-        self.devices_stopped = True
         while self._parts:
             _stop_quietly(self._parts.pop(), 5.0)
         if self.db is not None:
@@ -873,7 +891,9 @@ class _DemoFleet:
         # Let the last telemetry windows and feedback reach the DB before reading it.
         self._settle(2 * self.s.window_s + 1.0)
         sections = _report_sections(self)
-        return build_report(self.db, out_dir=self.workdir / "report", sections=sections)
+        # Buckets of a few telemetry windows: the whole run lasts minutes, not the days `fleet report` expects.
+        return build_report(self.db, out_dir=self.workdir / "report", sections=sections,
+                            bucket_s=max(2.0, 3 * self.s.window_s))
 
     def _settle(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -902,10 +922,12 @@ def demo_gates(settings: DemoSettings) -> list[str]:
     """The gates every demo rollout uses (``NAME:THRESHOLD:MIN_SAMPLES[:CONFIDENCE[:SLACK]]``).
 
     Sample counts are scaled to the demo's short soaks; the latency gate gets
-    a generous slack because all devices share this machine's two cores.
+    a generous ratio and slack because all devices share this machine's two
+    cores. The negative-feedback gate is the one the demo is about.
     """
     m = settings.min_samples
-    return ["failures:0.05:1", f"error_rate:0.01:{5 * m}", f"latency_p95:2.0:{5 * m}:0.95:25",
+    # failures at 10 %: one device in ten may trip its local health check on this shared machine.
+    return ["failures:0.1:1", f"error_rate:0.01:{5 * m}", f"latency_p95:3.0:{5 * m}:0.95:50",
             f"negative_feedback:0.05:{m}"]
 
 
@@ -925,16 +947,40 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def _gate_text(g: Mapping) -> str:
+    """One gate's end state for the report: verdict, canary vs control, samples."""
+    fmt = (lambda v: "n/a" if v is None else f"{v:.1f} ms") if g["name"] == "latency_p95" else _pct
+    return (f"{g['name']}: {g['verdict']}, canary {fmt(g['canary'])} vs control {fmt(g['control'])} "
+            f"({g['canary_n']} vs {g['control_n']} samples)")
+
+
 def _report_sections(fleet) -> list:
     from .fleet.report import Section
 
     def rollouts(db, summary, out):
-        lines = []
-        for tag, o in fleet.outcomes.items():
-            lines.append(f"{tag} {o['version']} ({o['rollout_id']}): {o['state']} at stage "
-                         f"{o['stage']}/{len(o['stages'])} ({o['percent']:g}%) after {o['seconds']:.0f} s; "
-                         f"devices: {', '.join(f'{k} {v}' for k, v in sorted(o['devices_per_state'].items()))}"
-                         + (f"; {o['reason']}" if o.get("reason") else ""))
-        return Section("Demo rollouts", text="\n".join(lines), data={"rollouts": fleet.outcomes})
+        import html
 
-    return [rollouts]
+        lines, rows = [], []
+        for tag, o in fleet.outcomes.items():
+            stage = f"{o['stage']}/{len(o['stages'])} ({o['percent']:g}%)"
+            per = ", ".join(f"{k} {v}" for k, v in sorted(o["devices_per_state"].items()))
+            lines.append(f"{tag} {o['version']} ({o['rollout_id']}): {o['state']} at stage {stage} after "
+                         f"{o['seconds']:.0f} s; devices: {per}" + (f"; {o['reason']}" if o.get("reason") else ""))
+            gates = "<br>".join(html.escape(_gate_text(g)) for g in o["gates"])
+            rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in (
+                html.escape(f"{tag} {o['version']}"), html.escape(o["state"]), html.escape(stage),
+                f"{o['seconds']:.0f} s", html.escape(per), gates, html.escape(o.get("reason") or ""))) + "</tr>")
+        head = "".join(f"<th>{h}</th>" for h in ("rollout", "outcome", "stage reached", "took", "devices",
+                                                  "gates at the end", "reason"))
+        frag = ("<p>Stages, gates and outcomes of the demo's rollouts (the controller's status at the end).</p>"
+                f"<table><tr>{head}</tr>{''.join(rows)}</table>")
+        return Section("Demo rollouts", text="\n".join(lines), html=frag, data={"rollouts": fleet.outcomes})
+
+    def per_rollout(tag: str, rollout_id: str):
+        from .fleet.report import rollout_section
+
+        inner = rollout_section(rollout_id)
+        # Its plots have fixed names: one folder per rollout keeps the three apart.
+        return lambda db, summary, out: inner(db, summary, None if out is None else out / f"rollout-{tag}")
+
+    return [rollouts] + [per_rollout(tag, o["rollout_id"]) for tag, o in fleet.outcomes.items()]

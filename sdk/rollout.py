@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .errors import RolloutError, SignatureError
 
 __all__ = [
-    "PLAN_FORMAT", "PLAN_STATES", "ACTIVE_STATES", "GATE_VERDICTS", "DEFAULT_STAGES", "DEFAULT_GATES",
+    "PLAN_FORMAT", "PLAN_STATES", "ACTIVE_STATES", "GATE_VERDICTS", "DEFAULT_STAGES", "DEFAULT_GATES", "DRIFT_GATE",
     "PackageRef", "Stage", "GateSpec", "HealthPolicy", "Plan", "GateResult", "Decision",
     "RateFigures", "LatencyFigures", "MeanFigures", "CohortFigures",
     "bucket", "in_stage", "will_reach", "canonical_json", "sign_plan", "verify_plan_message",
@@ -108,6 +108,8 @@ class GateSpec:
 
     @property
     def unit(self) -> str:
+        if self.name == "drift":
+            return "psi"
         return "ratio" if self.name == "latency_p95" or self.name.startswith("metric:") else "rate"
 
 
@@ -132,6 +134,9 @@ def default_gates() -> tuple[GateSpec, ...]:
 
 
 DEFAULT_GATES = default_gates()
+#: The optional prediction-drift gate (issue 10): PSI of the canary's predicted-class distribution against the
+#: control's must stay within ``threshold`` (edgeship.drift.PSI_ALARM), with ``min_samples`` predictions a side.
+DRIFT_GATE = GateSpec("drift", threshold=0.2, min_samples=200)
 
 
 @dataclass(frozen=True)
@@ -256,7 +261,7 @@ def parse_stages(text: str | Sequence[float], soak: str | float | Sequence = 180
 
 def parse_gate(text: str) -> GateSpec:
     """``NAME:THRESHOLD[:MIN_SAMPLES[:CONFIDENCE[:SLACK]]]``, e.g. ``negative_feedback:0.05:100``."""
-    base = {g.name: g for g in DEFAULT_GATES}
+    base = {g.name: g for g in (*DEFAULT_GATES, DRIFT_GATE)}
     parts = text.split(":")
     name = parts.pop(0)
     if name == "metric" and parts:
@@ -422,6 +427,7 @@ class CohortFigures:
     negative: RateFigures | None = None
     latency: LatencyFigures | None = None
     metrics: Mapping[str, MeanFigures] = field(default_factory=dict)
+    classes: Mapping[str, float] = field(default_factory=dict)  # predicted label -> count (drift gate)
 
 
 @dataclass(frozen=True)
@@ -531,6 +537,26 @@ def _metric_gate(spec: GateSpec, c: MeanFigures | None, k: MeanFigures | None) -
     return GateResult(verdict=v, lower=lo, upper=hi, detail=why, **base)
 
 
+def _drift_gate(spec: GateSpec, c: Mapping[str, float], k: Mapping[str, float]) -> GateResult:
+    """Prediction drift, canary vs control: PSI of the predicted-class distributions (issue 10)."""
+    from .drift import psi_from_counts  # noqa: PLC0415 - numpy, only for plans that use this gate
+
+    cn, kn = int(sum(c.values())), int(sum(k.values()))
+    base = dict(name=spec.name, canary_n=cn, control_n=kn, threshold=spec.threshold, min_samples=spec.min_samples,
+                unit=spec.unit)
+    if cn < spec.min_samples or kn < spec.min_samples:
+        return GateResult(verdict="insufficient", canary=None, control=0.0,
+                          detail=f"needs {spec.min_samples} predictions a side (canary {cn}, control {kn})", **base)
+    value = psi_from_counts(k, c)
+    top = sorted(set(c) | set(k), key=lambda lbl: -abs(c.get(lbl, 0) / cn - k.get(lbl, 0) / kn))[:3]
+    moved = ", ".join(f"{lbl} {100 * k.get(lbl, 0) / kn:.1f}%->{100 * c.get(lbl, 0) / cn:.1f}%" for lbl in top)
+    if value is not None and value > spec.threshold:
+        return GateResult(verdict="fail", canary=value, control=0.0,
+                          detail=f"predicted classes drift: PSI {value:.3f} > {spec.threshold:g} ({moved})", **base)
+    return GateResult(verdict="pass", canary=value, control=0.0,
+                      detail=f"PSI {value:.3f} within {spec.threshold:g} ({moved})", **base)
+
+
 GateHook = Callable[[GateSpec, CohortFigures, CohortFigures], GateResult]
 
 
@@ -550,6 +576,8 @@ def evaluate_gate(spec: GateSpec, canary: CohortFigures, control: CohortFigures,
     if spec.name.startswith("metric:"):
         key = spec.name[len("metric:"):]
         return _metric_gate(spec, canary.metrics.get(key), control.metrics.get(key))
+    if spec.name == "drift":
+        return _drift_gate(spec, canary.classes, control.classes)
     return GateResult(spec.name, "insufficient", None, None, 0, 0, spec.threshold, spec.min_samples, spec.unit,
                       detail="no evaluator for this gate in this controller")
 

@@ -170,16 +170,14 @@ class PostgresCluster:
                 pw = pwd.getpwnam("postgres")
             except KeyError:
                 pytest.skip("running as root and there is no 'postgres' user to run PostgreSQL as")
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            # pytest's tmp dirs are private to root (0700), so the cluster gets a
+            # directory of its own that the postgres user owns and can reach.
+            import tempfile
+
+            self.workdir = Path(tempfile.mkdtemp(prefix="edgeship-pg-"))
+            os.chmod(self.workdir, 0o755)
             os.chown(self.workdir, pw.pw_uid, pw.pw_gid)
-            # The server user must be able to reach its data dir through pytest's tmp dirs.
-            p = self.workdir
-            while p != p.parent:
-                p = p.parent
-                try:
-                    os.chmod(p, os.stat(p).st_mode | 0o011)
-                except OSError:
-                    break
+            self.data = self.workdir / "data"
             self.prefix = [runuser, "-u", "postgres", "--"]
         self.user = "postgres" if self.prefix else (os.environ.get("USER") or "postgres")
 
@@ -209,6 +207,8 @@ class PostgresCluster:
             self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
         except (RuntimeError, subprocess.TimeoutExpired):
             pass
+        if self.prefix:  # our own mkdtemp dir (see __init__), not pytest's
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

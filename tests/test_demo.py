@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +48,18 @@ def test_settings_fast_is_small_and_devices_are_checked():
     assert demo.demo_settings(True, devices=4).devices == 4
     with pytest.raises(demo.ConfigError, match="at least 2"):
         demo.demo_settings(True, devices=1)
+
+
+def test_demo_gates_and_health_are_valid_for_the_rollout_logic():
+    from edgeship import rollout as ro
+
+    for fast in (True, False):
+        s = demo.demo_settings(fast)
+        gates = {g.name: g for g in map(ro.parse_gate, demo.demo_gates(s))}
+        assert gates["negative_feedback"].min_samples == s.min_samples
+        assert gates["negative_feedback"].threshold <= 0.05
+        policy = ro.HealthPolicy(**demo.demo_health(s))
+        assert policy.window_s == s.health_window_s
 
 
 def test_digits_stream_rows_carry_their_true_label():

@@ -209,3 +209,67 @@ def test_agent_drift_monitor_reports_clean_and_shifted_windows(tmp_path):
     assert shifted["samples"] == 300 and shifted["alarm"] is True
     assert "input:input" in shifted["alarms"] and shifted["inputs"]["input"]["z"] > drift.Z_ALARM
     assert sum(shifted["predictions"]["confidence_hist"]["counts"]) == 300
+
+
+# -- the fleet side: report section and the rollout gate ------------------------------
+
+def _telemetry_msg(device, ts, drift_field, version="1.0.0"):
+    from edgeship import protocol
+    from edgeship.agent.telemetry import WindowData, build_telemetry_body
+
+    w = WindowData(ts - 60)
+    w.model = {"name": "m", "version": version, "sha256": "ab" * 32}
+    body = build_telemetry_body(w, now=ts, extra={"drift": drift_field})
+    msg = protocol.make_message("telemetry", device, body, ts=ts)
+    return protocol.parse_message(protocol.device_topic("lab", device, "telemetry"), protocol.encode(msg))
+
+
+def test_fleet_report_plots_drift_and_flags_devices_whose_inputs_drift(tmp_path):
+    from edgeship.fleet.db import FleetDB
+    from edgeship.fleet.report import build_report, drift_section
+
+    rng = np.random.default_rng(7)
+    x, logits = _classifier_data(3000, rng)
+    ref = drift.reference_stats(x, logits)
+
+    def window(shift=0.0, flat=False):
+        w = drift.WindowStats(ref)
+        xb, lb = _classifier_data(200, rng, shift=shift)
+        if flat:
+            lb = np.zeros_like(lb)
+        w.update(xb, lb)
+        return w.report()
+
+    msgs = []
+    t0 = 1_700_000_000.0
+    for i in range(8):
+        t = t0 + 60 * i
+        msgs.append(_telemetry_msg("cam-ok", t, window()))
+        msgs.append(_telemetry_msg("cam-knocked", t, window(shift=0.4 if i >= 3 else 0.0)))
+        msgs.append(_telemetry_msg("new-world", t, window(flat=i >= 3)))  # predictions change, inputs do not
+    with FleetDB.open(tmp_path / "fleet.sqlite") as db:
+        db.store_messages(msgs)
+        rows = db.drift_windows()
+        assert len(rows) == 24 and {r["device"] for r in rows} == {"cam-ok", "cam-knocked", "new-world"}
+        rep = build_report(db, out_dir=tmp_path / "report", sections=[drift_section()])
+    sec = next(s for s in rep.sections if s.title == "drift")
+    assert sec.data["flagged"] == ["cam-knocked"]
+    assert sec.data["devices"]["new-world"]["prediction_alarms"] >= 3
+    assert "cam-knocked" in sec.text and (tmp_path / "report" / "drift.png").stat().st_size > 1000
+    assert "drift" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_rollout_prediction_drift_gate_canary_vs_control():
+    from edgeship import rollout as ro
+
+    spec = ro.parse_gate("drift")
+    assert (spec.threshold, spec.min_samples) == (drift.PSI_ALARM, 200)
+    control = ro.CohortFigures(classes={"cat": 500, "dog": 480, "bird": 20})
+    same = ro.CohortFigures(classes={"cat": 260, "dog": 230, "bird": 10})
+    skewed = ro.CohortFigures(classes={"cat": 450, "dog": 40, "bird": 10})  # the new model calls every dog a cat
+    assert ro.evaluate_gate(spec, same, control).verdict == "pass"
+    r = ro.evaluate_gate(spec, skewed, control)
+    assert r.verdict == "fail" and r.canary > drift.PSI_ALARM and "dog" in r.detail
+    assert ro.evaluate_gate(spec, ro.CohortFigures(classes={"cat": 50}), control).verdict == "insufficient"
+    plan_gates = (*ro.DEFAULT_GATES, spec)  # optional: only plans that list it are gated on it
+    assert [g.name for g in plan_gates][-1] == "drift"

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from edgeship.errors import ConfigError
-from edgeship.mqtt import LinkOptions, MqttLink, Will, backoff_delay, parse_broker_url
+from edgeship.mqtt import MqttLink, Will, backoff_delay, parse_broker_url
 
 pytestmark = pytest.mark.mqtt
 

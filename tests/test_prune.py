@@ -115,3 +115,30 @@ def test_prune_end_to_end_onnx_runs_and_gate(tmp_path):
         P.prune(m, train, ratio=0.9, eval=evald, finetune_epochs=0, max_drop=0.0, out=tmp_path / "bad", repeats=3,
                 exporter="torchscript", quiet=True)
     assert not (tmp_path / "bad" / "pruned.onnx").exists() and (tmp_path / "bad" / "prune.report.md").is_file()
+
+
+def test_recipe_plans_a_prune_step_only_when_asked(tmp_path, signing_keys):
+    from edgeship.converters.recipe import STEPS, run_recipe
+
+    rng = np.random.default_rng(0)
+    for part in ("train", "calib", "eval"):
+        np.savez(tmp_path / f"{part}.npz", input=rng.random((8, 1, 8, 8), dtype=np.float32),
+                 labels=rng.integers(0, 3, 8))
+    (tmp_path / "nets.py").write_text("import torch.nn as nn\n"
+                                      "def Net():\n"
+                                      "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3))\n")
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3)).state_dict(),
+               tmp_path / "teacher.pt")
+    base = (f'name = "p"\nout_dir = "{tmp_path}/build"\n[data]\ntrain = "train.npz"\ncalib = "calib.npz"\n'
+            f'eval = "eval.npz"\n[teacher]\nfactory = "nets.py:Net"\nweights = "teacher.pt"\n'
+            f'[student]\nfactory = "nets.py:Net"\n[package]\nsigning_key = "{signing_keys[0]}"\n')
+    (tmp_path / "plain.toml").write_text(base)
+    (tmp_path / "pruned.toml").write_text(base + "[prune]\nratio = 0.5\nfinetune_epochs = 2\n")
+    plain = run_recipe(tmp_path / "plain.toml", dry_run=True)
+    assert [s.name for s in plain.steps] == [s.name for s in STEPS]
+    pruned = run_recipe(tmp_path / "pruned.toml", dry_run=True)
+    names = [s.name for s in pruned.steps]
+    assert names[:3] == ["distill", "prune", "export_onnx"]
+    # pruning changes what every later step reads: their keys differ from the plain recipe's
+    key = {s.name: s.key for s in plain.steps}
+    assert all(s.key != key[s.name] for s in pruned.steps if s.name not in ("distill", "prune"))

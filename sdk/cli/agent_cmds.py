@@ -141,3 +141,31 @@ def install_service_cmd(config_path, user, group, state_dir, executable, watchdo
                        watchdog_s=watchdog_s)
     path = install_service(spec, path=output or DEFAULT_UNIT_PATH, enable=enable)
     click.echo(f"wrote {path}")
+
+
+@agent.command("pin")
+@click.argument("version", required=False)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The agent's TOML config: its [agent] state_dir is used.")
+@click.option("--state-dir", default=None, type=click.Path(file_okay=False), help="The agent's state directory.")
+@click.option("--clear", is_flag=True, help="Unpin: rollouts may switch this device again.")
+def pin_cmd(version, config_path, state_dir, clear) -> None:
+    """Hold this device on VERSION (rollouts skip it and report it as pinned), or --clear the pin."""
+    from ..agent.store import ModelStore
+    from ..errors import ConfigError
+
+    if state_dir is None:
+        if config_path is None:
+            raise ConfigError("give --config agent.toml or --state-dir DIR")
+        from ..agent.config import load_config
+
+        state_dir = load_config(config_path).agent.state_dir
+    if clear == bool(version):
+        raise ConfigError("give a VERSION to pin, or --clear (not both)")
+    store = ModelStore(state_dir)
+    sha = store.pin(None if clear else version)
+    if clear:
+        click.echo("unpinned: rollouts may switch this device again")
+    else:
+        click.echo(f"pinned to {version} ({sha[:12]}); a running agent keeps its model until restarted "
+                   "and no rollout switches it")

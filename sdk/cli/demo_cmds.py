@@ -24,8 +24,9 @@ __all__ = ["demo"]
 def demo(fast, keep, broker_url, devices, workdir, cache_dir, quiet, verbose) -> None:
     """Walk the whole loop: teacher → distilled int8 packages → simulated fleet → staged rollouts → report.
 
-    Builds (or reuses) the digits teacher and three signed packages — v1, a
-    better v2 and a deliberately degraded v3 — starts an MQTT broker, the
+    Builds (or reuses) the digits teacher and four signed packages — v0 that
+    the devices boot with, v1, a better v2 and a deliberately degraded v3 —
+    starts an MQTT broker, the
     package server, the collector, the rollout controller and N simulated
     devices with users giving feedback, then rolls out v1, promotes v2 to
     100 % and watches v3 get aborted and rolled back on the feedback gate.
@@ -33,8 +34,15 @@ def demo(fast, keep, broker_url, devices, workdir, cache_dir, quiet, verbose) ->
     """
     from ..demo import run_demo
 
-    # The parts log every rollback and reconnect as a warning; the demo narrates those itself.
-    logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
+    # The parts log every rollback and reconnect as a warning; the demo narrates those itself. The level
+    # sits on the handler too: the embedded broker sets amqtt's own logger to WARNING.
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING if verbose else logging.ERROR)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        # amqtt logs its own QoS 1 retries and timeouts (with tracebacks) when many local clients are busy;
+        # the outbox resends and the collector de-duplicates, so they are noise here.
+        handler.addFilter(lambda record: not record.name.startswith(("amqtt", "transitions")))
+    logging.basicConfig(level=handler.level, handlers=[handler])
     run_demo(workdir=workdir, devices=devices, fast=fast, broker_url=broker_url, keep=keep, quiet=quiet,
              cache_dir=cache_dir, echo=click.echo)

@@ -133,13 +133,17 @@ def _ago(s: float) -> str:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write PNG plots, summary.json and report.html here.")
 @click.option("--bucket", "bucket_s", type=float, default=None, help="Time bucket in seconds for the plots (default: automatic).")
-def report(db_url, since, out_dir, bucket_s) -> None:
+@click.option("--rollout", "rollout_id", default=None,
+              help="Add a rollout's timeline, per-cohort figures and gate decisions (with plots).")
+def report(db_url, since, out_dir, bucket_s, rollout_id) -> None:
     """Per model version: inferences, error rate, latency p50/p95 over time, feedback."""
     from ..fleet.db import FleetDB
-    from ..fleet.report import build_report, parse_since
+    from ..fleet.report import build_report, drift_section, parse_since, rollout_section
 
+    sections = [rollout_section(rollout_id)] if rollout_id else []
+    sections.append(drift_section())  # drift and confidence per version / group, drifting devices (issue 10)
     with FleetDB.open(db_url) as db:
-        rep = build_report(db, since=parse_since(since), out_dir=out_dir, bucket_s=bucket_s)
+        rep = build_report(db, since=parse_since(since), out_dir=out_dir, bucket_s=bucket_s, sections=sections)
     click.echo(rep.text())
 
 
@@ -169,3 +173,9 @@ def export_feedback_cmd(db_url, out_path, model_version, since, labels_file) -> 
 from .console_cmds import console as _console  # noqa: E402
 
 fleet.add_command(_console)
+
+# `edgeship fleet rollout ...` and `edgeship fleet serve` live in their own module (issue 8).
+from .rollout_cmds import rollout as _rollout, serve as _serve  # noqa: E402
+
+fleet.add_command(_rollout)
+fleet.add_command(_serve)

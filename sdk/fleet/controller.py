@@ -103,8 +103,14 @@ class RolloutController:
         if self._own_link:
             self.link.start()
         for row in self.db.rollouts_all(("running", "paused")):
-            if row.get("package_path") and not self._external_url(row):
-                self._serve(Path(row["package_path"]))
+            if row.get("package_path") and not self._external_url(row) and row["fleet"] == self.fleet:
+                url = self._serve(Path(row["package_path"]))
+                plan = self._plan(row)
+                if plan.package.url != url:
+                    # This process serves on another port than the one before the restart: re-point
+                    # devices (a download in progress resumes from its .part, same sha256).
+                    self._transition(row, plan, {"package_url": url},
+                                     {"kind": "url", "detail": json.dumps({"url": url})})
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name=f"rollout-controller-{self.fleet}", daemon=True)
         self._thread.start()
@@ -173,6 +179,8 @@ class RolloutController:
         gate_specs = tuple(g if isinstance(g, ro.GateSpec) else ro.parse_gate(str(g)) for g in gates) \
             if gates is not None else ro.DEFAULT_GATES
         rid = rollout_id or f"{pkg.name}-{pkg.version}-{secrets.token_hex(3)}"
+        if self.db.rollout_get(rid) is not None:
+            raise RolloutError(f"rollout {rid} already exists; pick another --id")
         served = url is None and self.package_base_url is None
         if url is None:
             url = (f"{self.package_base_url}/packages/sha256/{pkg.sha256}" if self.package_base_url
@@ -287,6 +295,8 @@ class RolloutController:
         """Store one change of the plan (compare-and-set on seq); publishing follows separately."""
         now = self.clock()
         plan_changes = {k: v for k, v in changes.items() if k in ("state", "stage_index", "percent", "reason")}
+        if "package_url" in changes:
+            plan_changes["package"] = replace(plan.package, url=changes["package_url"])
         new = plan.evolve(seq=plan.seq + 1, updated=now, **plan_changes)
         d = new.to_dict()
         d["_served"] = json.loads(row["plan"]).get("_served", False)
@@ -447,7 +457,7 @@ class RolloutController:
                     # "phase: ErrorType" (e.g. "download: IntegrityError"): counts by kind, not by message
                     reason = ":".join((r.get("reason") or "unknown").split(":")[:2]).strip()[:80]
                     failures[reason] = failures.get(reason, 0) + 1
-            if plan.state == "running" and info.get("online") and (r is None or r["state"] not in _DONE_DEVICE_STATES):
+            if info.get("online") and (r is None or r["state"] not in _DONE_DEVICE_STATES):
                 b = ro.bucket(dev, plan.salt)
                 if ro.in_stage(b, plan.percent):
                     since = next((ts for ts, p in incl if b < p), None)
@@ -494,7 +504,9 @@ class RolloutController:
 
         since = plan.created
         ver = plan.package.version
-        acc = {k: {"inf": 0, "err": 0, "neg": 0, "fb": 0, "hist": None, "metrics": {}} for k in ("canary", "control")}
+        acc = {k: {"inf": 0, "err": 0, "neg": 0, "fb": 0, "hist": None, "metrics": {}, "classes": {}}
+               for k in ("canary", "control")}
+        want_classes = any(g.name == "drift" for g in plan.gates)  # the prediction-drift gate (issue 10)
         metric_keys = [g.name[len("metric:"):] for g in plan.gates if g.name.startswith("metric:")]
         for r in self.db.telemetry(since=since):
             if r["device"] not in fleet_devices:
@@ -516,6 +528,10 @@ class RolloutController:
                         a["hist"].merge(h)
                 except (KeyError, ValueError, TypeError):
                     pass
+            if want_classes and isinstance(body.get("classes"), dict):
+                for lbl, n in body["classes"].items():
+                    if isinstance(n, (int, float)) and not isinstance(n, bool):
+                        a["classes"][lbl] = a["classes"].get(lbl, 0) + n
             for k in metric_keys:
                 v = _dotted(body, k)
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -541,7 +557,8 @@ class RolloutController:
                 var = sum((v - m) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
                 metrics[key] = ro.MeanFigures(len(vals), m, var)
             out.append(ro.CohortFigures(errors=ro.RateFigures(a["err"], a["inf"]),
-                                        negative=ro.RateFigures(a["neg"], a["fb"]), latency=lat, metrics=metrics))
+                                        negative=ro.RateFigures(a["neg"], a["fb"]), latency=lat, metrics=metrics,
+                                        classes=a["classes"]))
         return out[0], out[1]
 
 

@@ -421,6 +421,31 @@ class FleetDB:
             params.append(device)
         return self._rows(sql + " ORDER BY ts, device", params)
 
+    def drift_windows(self, since: float = 0.0, until: float | None = None) -> list[dict]:
+        """Telemetry windows that carry a ``drift`` field (issue 10), in time order, with the device's fleet.
+
+        Each row: device, fleet, ts, model_name, model_version, drift (the parsed field), adapt (or None).
+        """
+        sql = ("SELECT t.device, d.fleet, t.ts, t.model_name, t.model_version, t.body FROM telemetry t "
+               "LEFT JOIN devices d ON d.device = t.device WHERE t.ts >= ?")
+        params: list[Any] = [since]
+        if until is not None:
+            sql += " AND t.ts < ?"
+            params.append(until)
+        out = []
+        for r in self._rows(sql + " ORDER BY t.ts, t.device", params):
+            try:
+                body = json.loads(r["body"]) if isinstance(r["body"], str) else (r["body"] or {})
+            except ValueError:
+                continue
+            drift = body.get("drift")
+            if not isinstance(drift, dict) or not drift.get("samples"):
+                continue
+            out.append({"device": r["device"], "fleet": r["fleet"], "ts": r["ts"], "model_name": r["model_name"],
+                        "model_version": r["model_version"], "drift": drift,
+                        "adapt": body.get("adapt") if isinstance(body.get("adapt"), dict) else None})
+        return out
+
     # ------------------------------------------------------------ feedback
     def feedback(self, since: float = 0.0, model_version: str | None = None) -> list[dict]:
         """Feedback rows, oldest first; ``value`` is decoded JSON, ``predicted`` the label the model gave."""

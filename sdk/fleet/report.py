@@ -32,7 +32,7 @@ from ..errors import DataError, EdgeshipError
 from ..metrics import Histogram
 
 __all__ = ["parse_since", "is_negative", "summarize", "render_table", "plot_versions", "build_report",
-           "Section", "Report", "export_feedback", "pick_bucket"]
+           "Section", "Report", "export_feedback", "pick_bucket", "rollout_section"]
 
 
 # ----------------------------------------------------------------- pure helpers
@@ -460,3 +460,299 @@ def export_feedback(db: Any, out: str | Path, *, model_version: str | None = Non
     np.savez(tmp, **arrays_out)
     tmp.replace(out)
     return out, len(ys)
+
+
+# ----------------------------------------------------------------- rollout section (issue 8)
+
+def rollout_section(rollout_id: str) -> SectionFn:
+    """A :class:`Section` for ``edgeship fleet report --rollout ID``: timeline, cohort figures, gate decisions.
+
+    Reads what the rollout controller stored (rollout row, events, gate
+    evaluations) and the devices' rollout reports; with an output folder it
+    draws ``rollout_timeline.png`` (published percent and devices per state
+    over time) and ``rollout_gates.png`` (each gate's canary vs control over
+    time, with its threshold and the decisions).
+    """
+
+    def section(db: Any, summary: dict, out: Path | None) -> Section:
+        row = db.rollout_get(rollout_id)
+        if row is None:
+            raise DataError(f"no rollout {rollout_id!r} in the fleet DB (edgeship fleet rollout list)")
+        events = db.rollout_events(rollout_id)
+        evals = db.rollout_gate_evals(rollout_id)
+        reports = db.rollout_reports(rollout_id)
+        status = db.rollout_status(rollout_id) or {}
+        t0 = row["created"]
+
+        def rel(t: float) -> str:
+            return f"+{t - t0:7.1f}s"
+
+        lines = [f"{row['package_name']} {row['package_version']} ({row['package_sha256'][:12]}) to fleet "
+                 f"{row['fleet']}: {row['state']}" + (f" — {row['reason']}" if row["reason"] else ""), "", "timeline:"]
+        for e in events:
+            detail = e["detail"]
+            try:
+                d = json.loads(detail) if detail.startswith("{") else {}
+            except ValueError:
+                d = {}
+            text = d.get("reason") or (f"{d['percent']:g}% published" if "percent" in d else detail)
+            lines.append(f"  {rel(e['ts'])}  {e['kind']:<14} stage {e['stage_index'] + 1}  {text}"
+                         + (f"  [{e['who']}]" if e["who"] and e["who"] != "controller" else ""))
+        latest: dict[str, dict] = {}
+        for r in reports:
+            latest[r["device"]] = r
+        per: dict[str, int] = {}
+        for r in latest.values():
+            per[r["state"]] = per.get(r["state"], 0) + 1
+        lines += ["", "devices: " + (", ".join(f"{k} {v}" for k, v in sorted(per.items())) or "none reported")]
+        gates = status.get("gates") or (evals[-1]["results"] if evals else [])
+        if gates:
+            lines += ["", "gates (canary vs control, last evaluation):"]
+            for g in gates:
+                def fig(v: Any) -> str:
+                    if v is None:
+                        return "-"
+                    if g["unit"] == "rate":
+                        return f"{100 * v:.2f}%"
+                    return f"{v:.2f} ms" if g["name"] == "latency_p95" else f"{v:.3g}"
+                lines.append(f"  {g['name']:<18} {g['verdict']:<12} canary {fig(g['canary'])} (n={g['canary_n']}) "
+                             f"control {fig(g['control'])} (n={g['control_n']})  {g.get('detail', '')}")
+        decisions = [e for e in events if e["kind"] in ("promote", "complete", "abort", "pause", "force_promote",
+                                                        "force_complete")]
+        plots: list[Path] = []
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            plots = _plot_rollout(out, t0, events, reports, evals)
+        return Section(title=f"rollout {rollout_id}", text="\n".join(lines), plots=plots,
+                       html="<pre>" + html.escape("\n".join(lines)) + "</pre>",
+                       data={"rollout": {k: row[k] for k in ("rollout_id", "state", "stage_index", "percent",
+                                                             "reason", "created", "updated")},
+                             "events": events, "devices": per, "gates": gates,
+                             "decisions": [{"ts": e["ts"], "kind": e["kind"], "stage_index": e["stage_index"]}
+                                           for e in decisions]})
+
+    return section
+
+
+def _plot_rollout(out: Path, t0: float, events: list, reports: list, evals: list) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 4))
+    pts = []
+    for e in events:
+        try:
+            d = json.loads(e["detail"]) if e["detail"].startswith("{") else {}
+        except ValueError:
+            d = {}
+        if "percent" in d:
+            pts.append((e["ts"] - t0, float(d["percent"])))
+    if pts:
+        xs, ys = zip(*pts)
+        ax.step(xs, ys, where="post", label="published %", color="black")
+    ax.set_ylabel("published % of the fleet")
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("seconds since start")
+    ax2 = ax.twinx()
+    states: dict[str, str] = {}
+    series: dict[str, list[tuple[float, int]]] = {}
+    for r in reports:
+        states[r["device"]] = r["state"]
+        counts: dict[str, int] = {}
+        for s in states.values():
+            counts[s] = counts.get(s, 0) + 1
+        for s in ("verified", "active", "healthy", "failed", "rolled_back"):
+            series.setdefault(s, []).append((r["ts"] - t0, counts.get(s, 0)))
+    for s, p in series.items():
+        if any(v for _, v in p):
+            ax2.plot([x for x, _ in p], [v for _, v in p], label=s, drawstyle="steps-post")
+    ax2.set_ylabel("devices")
+    for e in events:
+        if e["kind"] in ("promote", "complete", "abort", "pause", "force_promote"):
+            ax.axvline(e["ts"] - t0, color="red" if e["kind"] == "abort" else "grey", ls=":", lw=1)
+    ax.legend(loc="upper left", fontsize=8)
+    ax2.legend(loc="center right", fontsize=8)
+    ax.set_title("rollout timeline")
+    fig.tight_layout()
+    p = out / "rollout_timeline.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(p)
+    names = sorted({g["name"] for ev in evals for g in ev["results"]})
+    if names:
+        fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.2 * len(names)), squeeze=False)
+        for ax, name in zip(axes[:, 0], names):
+            xs, can, ctl, fails = [], [], [], []
+            thr = None
+            for ev in evals:
+                for g in ev["results"]:
+                    if g["name"] != name:
+                        continue
+                    xs.append(ev["ts"] - t0)
+                    can.append(g["canary"] if g["canary"] is not None else math.nan)
+                    ctl.append(g["control"] if g["control"] is not None else math.nan)
+                    thr = g["threshold"]
+                    if g["verdict"] == "fail":
+                        fails.append((ev["ts"] - t0, g["canary"]))
+            ax.plot(xs, can, label="canary", marker=".")
+            ax.plot(xs, ctl, label="control", marker=".")
+            if fails:
+                ax.scatter([x for x, _ in fails], [y for _, y in fails], color="red", zorder=3, label="fail")
+            ax.set_title(f"{name} (allowed {'+' if name != 'latency_p95' else 'x'}{thr:g})", fontsize=9)
+            ax.legend(fontsize=7)
+        axes[-1, 0].set_xlabel("seconds since start")
+        fig.tight_layout()
+        p = out / "rollout_gates.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+# ----------------------------------------------------------------- drift section (issue 10)
+
+#: A device is flagged when its inputs alarmed in at least this share of its recent judged windows ...
+DRIFT_FLAG_SHARE = 0.5
+#: ... counting this many most recent judged windows (and at least two of them alarmed).
+DRIFT_FLAG_WINDOWS = 6
+
+
+def summarize_drift(rows: Iterable[dict], *, bucket_s: float | None = None) -> dict:
+    """Pure: drift and confidence per (model version, device group) over time, and the drifting devices.
+
+    ``rows``: :meth:`FleetDB.drift_windows` rows. The device group is the
+    device's fleet. A device is *drifting* when its *inputs* alarmed (PSI or
+    mean shift over the thresholds in :mod:`edgeship.drift`) in at least
+    :data:`DRIFT_FLAG_SHARE` of its last :data:`DRIFT_FLAG_WINDOWS` judged
+    windows — a camera knocked sideways, a failing sensor; prediction-only
+    alarms are counted but do not flag (the world may have changed, not the
+    device).
+    """
+    rows = list(rows)
+    if not rows:
+        return {"series": {}, "devices": {}, "flagged": [], "bucket_s": bucket_s, "windows": 0}
+    t_lo, t_hi = min(r["ts"] for r in rows), max(r["ts"] for r in rows)
+    bucket = bucket_s or pick_bucket(max(1.0, t_hi - t_lo))
+    series: dict[str, dict[float, dict]] = {}
+    per_dev: dict[str, list[dict]] = {}
+    for r in rows:
+        d = r["drift"]
+        key = f"{r.get('model_version') or '?'} / {r.get('fleet') or '?'}"
+        b = math.floor(r["ts"] / bucket) * bucket
+        cell = series.setdefault(key, {}).setdefault(b, {"scores": [], "conf": [], "windows": 0, "alarms": 0})
+        if d.get("score") is not None:
+            cell["scores"].append(float(d["score"]))
+        conf = (d.get("predictions") or {}).get("mean_confidence")
+        if conf is not None:
+            cell["conf"].append(float(conf))
+        cell["windows"] += 1
+        cell["alarms"] += 1 if d.get("alarm") else 0
+        per_dev.setdefault(r["device"], []).append(r)
+    out_series = {}
+    for key, cells in series.items():
+        pts = []
+        for b in sorted(cells):
+            c = cells[b]
+            sc = sorted(c["scores"])
+            pts.append({"t": b, "score_median": sc[len(sc) // 2] if sc else None, "score_max": sc[-1] if sc else None,
+                        "confidence": sum(c["conf"]) / len(c["conf"]) if c["conf"] else None,
+                        "windows": c["windows"], "alarms": c["alarms"]})
+        out_series[key] = pts
+    devices, flagged = {}, []
+    for dev, rs in per_dev.items():
+        judged = [r for r in rs if r["drift"].get("alarm") is not None][-DRIFT_FLAG_WINDOWS:]
+        input_alarms = [r for r in judged if any(a.startswith("input:") for a in r["drift"].get("alarms") or [])]
+        pred_alarms = [r for r in judged if "predictions" in (r["drift"].get("alarms") or [])]
+        last = rs[-1]
+        worst: dict[str, float] = {}
+        for r in input_alarms:
+            for name, s in (r["drift"].get("inputs") or {}).items():
+                if s.get("psi") is not None:
+                    worst[name] = max(worst.get(name, 0.0), float(s["psi"]))
+        info = {"fleet": last.get("fleet"), "model_version": last.get("model_version"), "judged": len(judged),
+                "input_alarms": len(input_alarms), "prediction_alarms": len(pred_alarms),
+                "last_score": last["drift"].get("score"), "worst_input_psi": worst,
+                "variant": (last.get("adapt") or {}).get("variant")}
+        devices[dev] = info
+        if judged and len(input_alarms) >= 2 and len(input_alarms) >= DRIFT_FLAG_SHARE * len(judged):
+            flagged.append(dev)
+    return {"series": out_series, "devices": devices, "flagged": sorted(flagged), "bucket_s": bucket,
+            "windows": len(rows)}
+
+
+def _plot_drift(out: Path, ds: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..drift import PSI_ALARM
+
+    def when(t: float) -> datetime:
+        return datetime.fromtimestamp(t, tz=timezone.utc)
+
+    paths = []
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for key, pts in sorted(ds["series"].items()):
+        xs = [when(p["t"]) for p in pts]
+        a1.plot(xs, [p["score_median"] if p["score_median"] is not None else math.nan for p in pts], marker="o",
+                markersize=3, label=f"{key} (median)")
+        a1.plot(xs, [p["score_max"] if p["score_max"] is not None else math.nan for p in pts], linestyle=":",
+                linewidth=1)
+        a2.plot(xs, [p["confidence"] if p["confidence"] is not None else math.nan for p in pts], marker="o",
+                markersize=3, label=key)
+    a1.axhline(PSI_ALARM, color="tab:red", linestyle="--", linewidth=1, label=f"alarm (PSI {PSI_ALARM})")
+    a1.set_yscale("symlog", linthresh=0.01)
+    a1.set_ylabel("drift score (max PSI)")
+    a1.set_title("drift per model version / device group (dotted: worst device)")
+    a1.legend(fontsize=7)
+    a2.set_ylabel("mean top-1 confidence")
+    a2.set_xlabel("time (UTC)")
+    for ax in (a1, a2):
+        ax.grid(True, alpha=0.3)
+    fig.autofmt_xdate()
+    p = out / "drift.png"
+    fig.savefig(p, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def drift_section() -> SectionFn:
+    """A :class:`Section` for ``edgeship fleet report``: drift and confidence over time, drifting devices."""
+
+    def section(db: Any, summary: dict, out: Path | None) -> Section:
+        rows = db.drift_windows()
+        ds = summarize_drift(rows, bucket_s=summary.get("bucket_s"))
+        if not rows:
+            return Section(title="drift", text="no telemetry window carries drift statistics yet "
+                                               "(packages need reference_stats; agents send them per window)",
+                           data=ds)
+        lines = [f"{ds['windows']} windows with drift statistics from {len(ds['devices'])} devices"]
+        for key, pts in sorted(ds["series"].items()):
+            last = pts[-1]
+            alarms = sum(p["alarms"] for p in pts)
+            windows = sum(p["windows"] for p in pts)
+            conf = f"{last['confidence']:.3f}" if last["confidence"] is not None else "-"
+            score = f"{last['score_median']:.3f}" if last["score_median"] is not None else "-"
+            lines.append(f"  {key:<28} last score {score}  confidence {conf}  alarmed {alarms}/{windows} windows")
+        if ds["flagged"]:
+            lines += ["", "devices whose inputs drift:"]
+            for dev in ds["flagged"]:
+                info = ds["devices"][dev]
+                worst = ", ".join(f"{k} PSI {v:.2f}" for k, v in info["worst_input_psi"].items()) or "-"
+                lines.append(f"  {dev:<20} {info['input_alarms']}/{info['judged']} recent windows alarmed  "
+                             f"(model {info['model_version']}, {worst})")
+        else:
+            lines += ["", "no device's inputs drift"]
+        plots: list[Path] = []
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            plots = _plot_drift(out, ds)
+        text = "\n".join(lines)
+        return Section(title="drift", text=text, plots=plots, html="<pre>" + html.escape(text) + "</pre>", data=ds)
+
+    return section

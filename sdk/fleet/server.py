@@ -155,6 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
                             {"Content-Range": f"bytes */{size}", "ETag": etag})
                 return
             first, last = rng if rng is not None else (0, size - 1)
+            self.server.owner._count("partial" if rng is not None else "full")  # type: ignore[attr-defined]
             length = max(0, last - first + 1)
             self.send_response(HTTPStatus.PARTIAL_CONTENT if rng is not None else HTTPStatus.OK)
             self.send_header("Content-Type", "application/octet-stream")
@@ -169,7 +170,8 @@ class _Handler(BaseHTTPRequestHandler):
             f.seek(first)
             left = length
             limit = self.server.limit_bps  # type: ignore[attr-defined]
-            cut = self.server.owner._take_cut()  # type: ignore[attr-defined]
+            # Fault injection cuts fresh downloads only, so the resumed ones can complete.
+            cut = self.server.owner._take_cut() if first == 0 else None  # type: ignore[attr-defined]
             sent = 0
             stop = self.server.stopping  # type: ignore[attr-defined]
             try:
@@ -178,6 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
                     if not chunk:
                         break
                     if cut is not None and sent + len(chunk) > cut:
+                        self.server.owner._count("cut")  # type: ignore[attr-defined]
                         # Test hook: drop the connection mid-body, as a flaky link would.
                         self.wfile.write(chunk[: max(0, cut - sent)])
                         self.wfile.flush()
@@ -205,6 +208,7 @@ class PackageServer:
         self.limit_bps = limit_bps
         self._cuts: list[int] = []  # tests: cut the next responses after so many body bytes
         self._cut_lock = threading.Lock()
+        self.counters: dict[str, int] = {"full": 0, "partial": 0, "cut": 0}  # bodies sent (GET and HEAD)
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -224,8 +228,12 @@ class PackageServer:
     def url_for(self, path: str | os.PathLike) -> str:
         return f"{self.url}/packages/sha256/{self.index.sha256(Path(path))}"
 
+    def _count(self, key: str) -> None:
+        with self._cut_lock:
+            self.counters[key] = self.counters.get(key, 0) + 1
+
     def cut_next(self, after_bytes: int, responses: int = 1) -> None:
-        """Fault injection: the next ``responses`` bodies stop after ``after_bytes`` (connection closed)."""
+        """Fault injection: the next ``responses`` bodies from byte 0 stop after ``after_bytes`` (connection closed)."""
         with self._cut_lock:
             self._cuts.extend([int(after_bytes)] * responses)
 

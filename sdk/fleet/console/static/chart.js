@@ -52,7 +52,8 @@
     if (!xs.length) { text(svg, W / 2, H / 2, "no data yet", "empty", "middle"); host.appendChild(svg); return; }
     var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs);
     if (x1 === x0) { x0 -= 1; x1 += 1; }
-    var ymax = niceMax(Math.max.apply(null, ys.concat([0])));
+    var ymax = niceMax(Math.max.apply(null, ys.concat([0])))
+    if (spec.percent && !(Math.max.apply(null, ys.concat([0])) > 0)) ymax = 0.01;  // all zero: 0-1 %, not 0-100 %
     var sx = function (x) { return L + (x - x0) / (x1 - x0) * (W - L - R); };
     var sy = function (y) { return H - B - y / ymax * (H - T - B); };
     for (var i = 0; i <= 4; i++) {
@@ -95,6 +96,7 @@
     if (spec.threshold !== null && spec.threshold !== undefined) vals.push(spec.threshold);
     if (!items.length) { text(svg, W / 2, H / 2, "no data yet", "empty", "middle"); host.appendChild(svg); return; }
     var ymax = niceMax(Math.max.apply(null, vals.concat([0])));
+    if (spec.percent && !(Math.max.apply(null, vals.concat([0])) > 0)) ymax = 0.01;
     var sy = function (y) { return H - B - y / ymax * (H - T - B); };
     for (var i = 0; i <= 4; i++) {
       var yv = ymax * i / 4, yy = sy(yv);
