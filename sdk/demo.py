@@ -559,20 +559,14 @@ class SimDevice:
 
 
 def _ensure_rollout_client(agent: Any, config: Any) -> Any:
-    """The agent's rollout client: the one ``wire_components`` attached, else one built the same way here."""
-    from .agent.link import FleetLink
+    """The rollout client ``wire_components`` attached (it does so when ``[mqtt] broker`` is set)."""
     from .agent.rollout_client import RolloutClient
 
     for c in agent.components:
         if isinstance(c, RolloutClient):
             return c
-    link = next((c for c in agent.components if isinstance(c, FleetLink)), None)
-    if link is None or link.link is None:
-        raise ConfigError("the demo's devices need an MQTT link for rollouts; [mqtt] broker is not set")
-    a, r = config.agent, config.rollout
-    return agent.add_component(RolloutClient(agent, link.link, link.outbox, fleet=a.fleet, device=a.device_id,
-                                             trusted_keys=a.trusted_keys, state_dir=a.state_dir,
-                                             jitter_s=r.jitter_s, bandwidth_kbps=r.bandwidth_limit_kbps))
+    raise ConfigError(f"device {config.agent.device_id}: no rollout client was wired; the demo's devices need "
+                      "[mqtt] broker and [rollout] enabled = true")
 
 
 def _stop_all(parts: Sequence[Any], timeout: float) -> None:
@@ -936,11 +930,13 @@ def demo_health(settings: DemoSettings) -> dict:
 
     All simulated devices share this machine's two cores, so while several
     of them load a new model at once every device's latency jumps for a
-    moment; the slack keeps that shared-machine hiccup from counting as a
-    slow model (a real device switches alone).
+    moment (p95 spikes of a few hundred ms were seen with 24 devices); the
+    slack keeps that shared-machine hiccup from counting as a slow model (a
+    real device switches alone). Every demo model has the same architecture,
+    so latency is not what the demo tests; the error-rate check stays.
     """
-    return {"window_s": settings.health_window_s, "min_inferences": 10, "max_latency_ratio": 5.0,
-            "latency_slack_ms": 250.0}
+    return {"window_s": settings.health_window_s, "min_inferences": 10, "max_latency_ratio": 10.0,
+            "latency_slack_ms": 1000.0}
 
 
 def _pct(v) -> str:

@@ -54,7 +54,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from statistics import NormalDist
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -184,7 +184,9 @@ class Plan:
         try:
             if int(d.get("format", 1)) > PLAN_FORMAT:
                 raise RolloutError(f"rollout plan format {d.get('format')} is newer than this edgeship; upgrade")
-            kw = dict(d)
+            # Unknown keys (added by a newer controller within format 1) are ignored, not fatal.
+            names = {f.name for f in fields(cls)}
+            kw = {k: v for k, v in d.items() if k in names}
             kw["package"] = PackageRef(**d["package"])
             kw["stages"] = tuple(Stage(float(s["percent"]), float(s["soak_s"])) for s in d["stages"])
             kw["gates"] = tuple(GateSpec(**g) for g in d.get("gates", ()))
