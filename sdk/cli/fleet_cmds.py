@@ -26,7 +26,7 @@ DEFAULT_DB = "edgeship-fleet.sqlite"
 
 def db_option(f):
     return click.option("--db", "db_url", default=DEFAULT_DB, show_default=True, envvar="EDGESHIP_FLEET_DB",
-                        help="Fleet DB: a SQLite path or sqlite:///path.")(f)
+                        help="Fleet DB: a SQLite path, sqlite:///path or postgresql://user@host:port/db.")(f)
 
 
 def broker_option(f):
@@ -179,3 +179,33 @@ from .rollout_cmds import rollout as _rollout, serve as _serve  # noqa: E402
 
 fleet.add_command(_rollout)
 fleet.add_command(_serve)
+
+
+@fleet.group("db", cls=EdgeshipGroup)
+def db_group() -> None:
+    """The fleet DB schema: the same numbered migrations on SQLite and PostgreSQL."""
+
+
+@db_group.command("status")
+@db_option
+def db_status(db_url) -> None:
+    """Show the schema version and the migrations not yet applied."""
+    from ..fleet.db import FleetDB
+
+    with FleetDB.open(db_url, migrate=False) as db:
+        pending = db.pending_migrations()
+        click.echo(f"{db.where} ({db.dialect}): schema version {db.schema_version()}, {len(pending)} pending")
+        for version, desc in pending:
+            click.echo(f"  pending {version}: {desc}")
+
+
+@db_group.command("migrate")
+@db_option
+def db_migrate(db_url) -> None:
+    """Apply pending migrations (the fleet commands also do this when they open the DB)."""
+    from ..fleet.db import FleetDB
+
+    with FleetDB.open(db_url, migrate=False) as db:
+        before = db.schema_version()
+        after = db.migrate()
+        click.echo(f"{db.where} ({db.dialect}): schema version {before} -> {after}")

@@ -156,10 +156,11 @@ class FleetDB:
 
     # ------------------------------------------------------------ open / migrate
     @classmethod
-    def open(cls, url_or_path: str | Path) -> "FleetDB":
+    def open(cls, url_or_path: str | Path, *, migrate: bool = True) -> "FleetDB":
+        """Open (and by default migrate) the fleet DB; ``migrate=False`` only reads the schema version."""
         s = str(url_or_path)
         if s.startswith(("postgresql://", "postgres://")):
-            return cls._open_postgresql(s)
+            return cls._open_postgresql(s, migrate=migrate)
         if s.startswith("sqlite:///"):
             s = urllib.parse.unquote(s[len("sqlite:///") - 1:]) if s.startswith("sqlite:////") else s[len("sqlite:///"):]
         elif "://" in s:
@@ -177,11 +178,12 @@ class FleetDB:
         except sqlite3.Error as exc:
             raise FleetDBError(f"cannot open fleet DB {s}: {exc}") from exc
         db = cls(conn, "sqlite", s)
-        db.migrate()
+        if migrate:
+            db.migrate()
         return db
 
     @classmethod
-    def _open_postgresql(cls, url: str) -> "FleetDB":
+    def _open_postgresql(cls, url: str, *, migrate: bool = True) -> "FleetDB":
         try:
             import psycopg
         except ImportError as exc:
@@ -195,7 +197,8 @@ class FleetDB:
         except psycopg.Error as exc:
             raise FleetDBError(f"cannot open fleet DB {safe}: {' '.join(str(exc).split())}") from exc
         db = cls(conn, "postgresql", safe)
-        db.migrate()
+        if migrate:
+            db.migrate()
         return db
 
     def close(self) -> None:
@@ -263,6 +266,11 @@ class FleetDB:
             self._exec("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = self._exec("SELECT MAX(version) FROM schema_version").fetchone()
             return int(row[0] or 0)
+
+    def pending_migrations(self) -> list[tuple[int, str]]:
+        """(version, description) of every migration not yet applied, in order."""
+        current = self.schema_version()
+        return [(v, d) for v, d, _ in sorted(MIGRATIONS, key=lambda m: m[0]) if v > current]
 
     def migrate(self) -> int:
         """Apply pending :data:`MIGRATIONS` in order, each in its own transaction."""
