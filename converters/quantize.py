@@ -327,8 +327,12 @@ def _prepare_onnx(src: Path, work: Path, *, quiet: bool) -> tuple[Path, dict]:
     errors = []
     for label, kwargs in attempts:
         try:
-            with _quiet_ort_logging():
-                quant_pre_process(str(named), str(prepped), **kwargs)
+            # When symbolic shape inference fails, onnxruntime saves a debug copy
+            # "sym_shape_infer_temp.onnx" into the *current directory*; run it from
+            # the work dir so a user's folder (or our repo) never gets that litter.
+            src, dst = str(Path(named).resolve()), str(Path(prepped).resolve())  # before the chdir
+            with _quiet_ort_logging(), contextlib.chdir(work):
+                quant_pre_process(src, dst, **kwargs)
             notes["pre_process"] = label
             break
         except Exception as exc:  # symbolic shape inference raises anything from AssertionError to KeyError
