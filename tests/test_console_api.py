@@ -408,3 +408,48 @@ def test_cli_console_init_and_serve(tmp_path, mosquitto):
     bad = run_cli("fleet", "console", "--config", str(tmp_path / "missing.toml"), "--db", str(tmp_path / "x.sqlite"),
                   "--broker", mosquitto.url, check=False)
     assert bad.returncode == 1 and "console init" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.mqtt
+def test_fleet_console_process_serves_packages_and_starts_rollouts(tmp_path, mosquitto, signing_keys):
+    """One process: collector, controller, package server and console (what `edgeship fleet console` runs)."""
+    from edgeship.fleet.console import FleetConsole
+
+    from test_agent import build_mlp_package
+
+    priv, _ = signing_keys
+    served = tmp_path / "packages"
+    pkg = build_mlp_package(served, "2.0.0", seed=1, signing_key=priv)
+    cfg = ConsoleConfig(token_sha256=auth.token_digest(TOKEN))
+    with FleetConsole.open(config=cfg, db=tmp_path / "fleet.sqlite", broker=mosquitto.url, fleet="proc",
+                           port=0, packages_dir=served, signing_key=priv) as fc:
+        c = Client(fc.server)
+        items = c.json(c.request("GET", "/api/v1/packages", token=TOKEN))["items"]
+        assert [(p["file"], p["name"], p["version"], p["signed"]) for p in items] == [(pkg.name, "sensor", "2.0.0", True)]
+        r = c.request("POST", "/api/v1/rollouts", body={"package": pkg.name, "stages": "10,100", "soak_s": "60"},
+                      token=TOKEN)
+        assert r.status == 200, r.body
+        rid = c.json(r)["rollout"]["rollout_id"]
+        st = c.json(c.request("GET", f"/api/v1/rollouts/{rid}", token=TOKEN))
+        assert st["state"] == "running" and st["stage_count"] == 2 and st["package_version"] == "2.0.0"
+        # The plan points devices at this process's package server.
+        url = fc.controller.status(rid)["package"]["url"]
+        assert url.startswith(fc.package_server.url)
+        u = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        try:
+            conn.request("GET", u.path, headers={"Range": "bytes=0-9"})
+            resp = conn.getresponse()
+            assert resp.status == 206 and len(resp.read()) == 10
+        finally:
+            conn.close()
+        r = c.request("POST", f"/api/v1/rollouts/{rid}/abort", body={}, token=TOKEN)
+        assert r.status == 200 and c.json(r)["rollout"]["state"] == "aborted"
+        r = c.request("POST", f"/api/v1/rollouts/{rid}/abort", body={}, token=TOKEN)
+        assert r.status == 409 and "aborted" in c.json(r)["error"]
+        r = c.request("POST", "/api/v1/rollouts", body={"package": "nope.edgepkg"}, token=TOKEN)
+        assert r.status == 400 and "not in the served package directory" in c.json(r)["error"]
+        audit = [(e["who"], e["action"], e["outcome"]) for e in c.json(c.request("GET", "/api/v1/audit", token=TOKEN))["items"]]
+        assert ("admin (api token)", "rollout.start", "sensor 2.0.0 to proc") in audit
+        assert any(a == "rollout.abort" and w == "admin (api token)" for w, a, o in audit)
+        assert any(a == "abort" and o.startswith("refused:") for w, a, o in audit)

@@ -211,7 +211,9 @@ def test_console_shows_a_live_fleet(fleet_console, browser_page):
         shot(page, tmp, "devices")
         # Sort by p95 descending: pi-11 has the highest latency in the simulation.
         page.click("a.sort:has-text('p95 ms')")
+        page.wait_for_url("**sort=p95_ms&order=asc")
         page.click("a.sort:has-text('p95 ms')")
+        page.wait_for_url("**sort=p95_ms&order=desc")
         page.wait_for_function("() => document.querySelector('#devices-table tbody tr').dataset.device === 'pi-11'")
         # Filter.
         page.fill("#filter-q", "pi-0")

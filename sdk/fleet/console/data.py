@@ -313,12 +313,12 @@ class ConsoleData:
         return out
 
     def rollouts(self) -> list[dict]:
-        # The status the controller stores every tick (its own list() as fallback):
-        # the list must stay cheap however much telemetry the fleet DB holds.
-        if hasattr(self.db, "rollouts_list"):
-            rows = self.db.rollouts_list()
-        elif self.controller is not None:
+        # The controller's list() (what `edgeship fleet rollout list` shows) reads only
+        # the rollouts table; without a controller, the statuses it last stored.
+        if self.controller is not None:
             rows = self.controller.list()
+        elif hasattr(self.db, "rollouts_list"):
+            rows = self.db.rollouts_list()
         else:
             rows = []
         return [shape_rollout(_as_dict(r), self.clock(), summary=True) for r in rows]
@@ -328,10 +328,20 @@ class ConsoleData:
             return None
         st = None
         try:
-            if self.controller is not None:
+            # The status the running controller stores every tick: computing it
+            # reads all telemetry since the rollout began, which a page load must
+            # not repeat. Until the first tick has stored one, ask the controller.
+            # Stored status is used only while it matches the rollout's current seq:
+            # a command (pause, abort, ...) moves the seq on at once.
+            if hasattr(self.db, "rollout_status") and hasattr(self.db, "rollout_get"):
+                row = self.db.rollout_get(rollout_id)
+                saved = self.db.rollout_status(rollout_id) if row is not None else None
+                if saved is not None and saved.get("seq") == row.get("seq") and saved.get("state") == row.get("state"):
+                    st = saved
+                elif self.controller is None:
+                    st = saved
+            if st is None and self.controller is not None:
                 st = self.controller.status(rollout_id)
-            elif hasattr(self.db, "rollout_status"):
-                st = self.db.rollout_status(rollout_id)
         except RolloutError:
             return None
         if st is None:
