@@ -120,6 +120,7 @@ class LinkOptions:
     will_factory: Callable[[], Will] | None = None
     subscriptions: tuple[tuple[str, int], ...] = ()
     inbound_max: int = 10000
+    inbound_block_s: float = 5.0     # manual_ack only: how long a full inbound queue may hold the network thread
     manual_ack: bool = False
     max_inflight: int = 100
     max_queued: int = 10000          # paho's own outgoing queue while disconnected
@@ -413,13 +414,22 @@ class MqttLink:
         self.counters["received"] += 1
         item = Inbound(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), msg.mid)
         try:
-            self._inbound.put_nowait(item)
+            if self.options.manual_ack:
+                # Backpressure instead of loss: the consumer acks after it has
+                # stored, so pausing the network thread here (bounded, well under
+                # the keepalive) just leaves the rest in the broker and the socket.
+                self._inbound.put(item, timeout=self.options.inbound_block_s)
+            else:
+                self._inbound.put_nowait(item)
         except queue.Full:
-            # With manual_ack the message stays unacknowledged, so the broker
-            # redelivers it after the next reconnect; without it, it is lost
-            # and counted. The broker's in-flight window (e.g. Mosquitto's
-            # max_inflight_messages) keeps this rare when inbound_max exceeds it.
             self.counters["inbound_dropped"] += 1
+            if self.options.manual_ack:
+                # The message stays unacknowledged. Each one holds a slot of the
+                # broker's in-flight window until the session is resumed, so a few
+                # of them would stall delivery for good: reconnect now so the
+                # broker redelivers them (disconnect is safe inside a callback;
+                # the loop reconnects with backoff).
+                client.disconnect()
 
     def _spawn(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.options.client_id or 'link'}",
