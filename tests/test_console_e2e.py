@@ -199,7 +199,7 @@ def test_console_shows_a_live_fleet(fleet_console, browser_page):
     try:
         # No reload: the page's live refresh must bring the devices in.
         page.wait_for_function(f"() => document.querySelector('#n-online') && "
-                               f"document.querySelector('#n-online').textContent.trim() === '{N_DEVICES}'",
+                               f"document.querySelector('#n-online')?.textContent?.trim() === '{N_DEVICES}'",
                                timeout=20000)
         page.wait_for_function("() => document.querySelectorAll('#devices-table tbody tr[data-device]').length === "
                                f"{N_DEVICES}")
@@ -234,7 +234,7 @@ def test_console_shows_a_live_fleet(fleet_console, browser_page):
         sim.stop()
     # Devices go offline when the fleet stops; the live page shows it.
     page.goto(url + "/devices")
-    page.wait_for_function(f"() => document.querySelector('#n-offline').textContent.trim() === '{N_DEVICES}'",
+    page.wait_for_function(f"() => document.querySelector('#n-offline')?.textContent?.trim() === '{N_DEVICES}'",
                            timeout=20000)
     assert page.js_errors == []
 
@@ -294,7 +294,7 @@ def test_rollout_from_the_browser_advances_and_aborts(rollout_console, browser_p
     devices, wait_for = rollout_console["devices"], rollout_console["wait_for"]
     login(page, url)
     # The agents appear on the live devices page, all on 1.0.0.
-    page.wait_for_function(f"() => document.querySelector('#n-online').textContent.trim() === '{N_AGENTS}'",
+    page.wait_for_function(f"() => document.querySelector('#n-online')?.textContent?.trim() === '{N_AGENTS}'",
                            timeout=30000)
     page.wait_for_function("() => [...document.querySelectorAll('#devices-table td.model')]"
                            f".filter(td => td.textContent.trim() === '1.0.0').length === {N_AGENTS}")
@@ -313,14 +313,14 @@ def test_rollout_from_the_browser_advances_and_aborts(rollout_console, browser_p
     rid = page.url.split("?")[0].rsplit("/", 1)[1]
     shot(page, tmp, "rollout-stage1")
     # The controller promotes after the soak; the live page shows stage 2 without a reload.
-    page.wait_for_function("() => document.querySelector('#rollout-stage').textContent.includes('2 of 2')",
+    page.wait_for_function("() => (document.querySelector('#rollout-stage')?.textContent ?? '').includes('2 of 2')",
                            timeout=30000)
     assert page.get_attribute("#stage-timeline li[data-stage='1']", "class") == "done"
     assert page.get_attribute("#stage-timeline li[data-stage='2']", "class") == "current"
     wait_for(lambda: sum(d.version == "2.0.0" for d in devices) == N_AGENTS, 45, step=0.2,
              what="every agent on 2.0.0")
     page.wait_for_function("() => { const r = document.querySelector(\"#device-states tr[data-state='healthy']\");"
-                           f" return r && r.querySelector('td.num').textContent.trim() === '{N_AGENTS}'; }}",
+                           f" return r?.querySelector('td.num')?.textContent?.trim() === '{N_AGENTS}'; }}",
                            timeout=30000)
     page.wait_for_function("() => document.querySelectorAll('#gates-table tr[data-gate]').length >= 4")
     docs_shot = shot(page, tmp, "rollout-stage2")
@@ -333,11 +333,11 @@ def test_rollout_from_the_browser_advances_and_aborts(rollout_console, browser_p
     page.wait_for_selector("#confirm-dialog[open]")
     assert "rolls back" in page.inner_text("#confirm-text")
     page.click("#confirm-ok")
-    page.wait_for_function("() => document.querySelector('#rollout-state').textContent.trim() === 'aborted'")
+    page.wait_for_function("() => document.querySelector('#rollout-state')?.textContent?.trim() === 'aborted'")
     # Every agent rolls back to 1.0.0 and says so; the page shows it live.
     wait_for(lambda: all(d.version == "1.0.0" for d in devices), 45, step=0.2, what="every agent back on 1.0.0")
     page.wait_for_function("() => { const r = document.querySelector(\"#device-states tr[data-state='rolled_back']\");"
-                           f" return r && r.querySelector('td.num').textContent.trim() === '{N_AGENTS}'; }}",
+                           f" return r?.querySelector('td.num')?.textContent?.trim() === '{N_AGENTS}'; }}",
                            timeout=30000)
     assert page.is_disabled("#btn-abort") and page.is_disabled("#btn-pause")
     shot(page, tmp, "rollout-aborted")
