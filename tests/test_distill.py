@@ -40,7 +40,7 @@ def digits_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(digits_data):
     """The example's Teacher, trained briefly on 800 samples (~95% on held-out digits)."""
-    t = digits.train_classifier(digits.Teacher(), digits_data["x"][:800] * 16, digits_data["y"][:800], epochs=6)
+    t = digits.train_classifier(digits.Teacher(), digits_data["x"][:800] * 16, digits_data["y"][:800], epochs=4)
     return t.eval()
 
 
