@@ -375,15 +375,9 @@ class SyntheticSource(Source):
                 self.exhausted = True
                 return None
         if self.rate_hz > 0:
-            due = int((time.monotonic() - self._t0) * self.rate_hz) - self._made
-            if due <= 0:
-                wait = (self._made + 1) / self.rate_hz - (time.monotonic() - self._t0)
-                if self._stop.wait(min(max(wait, 0.0), timeout)):
-                    return None
-                due = int((time.monotonic() - self._t0) * self.rate_hz) - self._made
-                if due <= 0:
-                    return None
-            n = min(n, due)
+            n = paced(n, made=self._made, t0=self._t0, rate_hz=self.rate_hz, stop=self._stop, timeout=timeout)
+            if n is None:
+                return None
         if self._pool is not None:
             idx = (np.arange(self._made, self._made + n)) % self.distinct
             data = self._pool[idx]
@@ -638,3 +632,20 @@ def make_source(kind: str, source_id: str, **options: Any) -> Source:
         return source_class(kind)(source_id, **options)
     except TypeError as exc:
         raise ConfigError(f"[[sources]] {source_id}: bad options for a {kind} source: {exc}") from exc
+
+
+def paced(n: int, *, made: int, t0: float, rate_hz: float, stop: threading.Event, timeout: float) -> int | None:
+    """How many of ``n`` samples a source running at ``rate_hz`` since ``t0`` may emit now.
+
+    Waits (at most ``timeout``, or until ``stop``) for the next one when none
+    is due yet; returns None when still none is due or the source is stopping.
+    """
+    due = int((time.monotonic() - t0) * rate_hz) - made
+    if due <= 0:
+        wait = (made + 1) / rate_hz - (time.monotonic() - t0)
+        if stop.wait(min(max(wait, 0.0), timeout)):
+            return None
+        due = int((time.monotonic() - t0) * rate_hz) - made
+        if due <= 0:
+            return None
+    return min(n, due)

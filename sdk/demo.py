@@ -415,15 +415,11 @@ class DigitsStream(Source):
     def read(self, max_n: int, timeout: float):
         n = max_n
         if self.rate_hz > 0:
-            due = int((time.monotonic() - self._t0) * self.rate_hz) - self._made
-            if due <= 0:
-                wait = (self._made + 1) / self.rate_hz - (time.monotonic() - self._t0)
-                if self._stop.wait(min(max(wait, 0.0), timeout)):
-                    return None
-                due = int((time.monotonic() - self._t0) * self.rate_hz) - self._made
-                if due <= 0:
-                    return None
-            n = min(n, due)
+            from .agent.sources import paced
+
+            n = paced(n, made=self._made, t0=self._t0, rate_hz=self.rate_hz, stop=self._stop, timeout=timeout)
+            if n is None:
+                return None
         idx = self._rng.integers(0, len(self.images), size=n)
         self._made += n
         return RawBlock(data=self.images[idx], ts=time.time(),
