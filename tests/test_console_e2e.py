@@ -235,7 +235,7 @@ def test_console_shows_a_live_fleet(fleet_console, browser_page):
     # Devices go offline when the fleet stops; the live page shows it.
     page.goto(url + "/devices")
     page.wait_for_function(f"() => document.querySelector('#n-offline')?.textContent?.trim() === '{N_DEVICES}'",
-                           timeout=60000)  # last wills under a loaded CI run can take longer than 20 s
+                           timeout=20000)
     assert page.js_errors == []
 
 
