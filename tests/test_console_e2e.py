@@ -76,16 +76,17 @@ class SimFleet:
         self._lock = threading.Lock()
         self._n = 0
 
-    def publish(self, kind: str, device: str, body: dict, retain: bool = False) -> None:
+    def publish(self, kind: str, device: str, body: dict, retain: bool = False):
         msg = protocol.make_message(kind, device, body)
-        self.link.publish(protocol.device_topic(FLEET, device, kind), protocol.encode(msg), qos=1, retain=retain)
+        return self.link.publish(protocol.device_topic(FLEET, device, kind), protocol.encode(msg), qos=1,
+                                 retain=retain)
 
     def model(self, device: str) -> dict:
         return {"name": "digits", "version": self.version[device]}
 
-    def state(self, device: str, online: bool = True) -> None:
-        self.publish("state", device, {"online": online, "model": self.model(device), "agent_version": "sim"},
-                     retain=True)
+    def state(self, device: str, online: bool = True):
+        return self.publish("state", device, {"online": online, "model": self.model(device),
+                                              "agent_version": "sim"}, retain=True)
 
     def switch(self, device: str, version: str) -> None:
         with self._lock:
@@ -127,8 +128,12 @@ class SimFleet:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        for d in self.devices:
-            self.state(d, online=False)
+        # Like the agent's outbox drain: the last "offline" states must reach the
+        # broker before DISCONNECT, or a fast stop loses some of them (seen in CI).
+        handles = [self.state(d, online=False) for d in self.devices]
+        deadline = time.monotonic() + timeout
+        for h in handles:
+            h.wait(max(0.0, deadline - time.monotonic()))
         self.link.stop(timeout)
 
 
