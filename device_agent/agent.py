@@ -603,7 +603,9 @@ class Agent:
         w = Work([x_[None] for x_ in xs], 1, t_in=now, deadline=None if deadline is None else now + deadline,
                  source=source, future=fut, keys=keys)
         try:
-            self.batcher.put(w, timeout=timeout)
+            # inline: with the runner free and the batch due now, this thread runs it
+            # (no hand-off to the batcher thread and back; see batcher.py).
+            self.batcher.put(w, timeout=timeout, inline=True)
         except OverloadError:
             self.metrics.counters.inc("overload_rejected")
             raise

@@ -26,6 +26,15 @@ Three layers, so the decisions can be tested without threads or models:
   takes a batch and calls ``process(segments)``. ``process`` is where the
   agent reads its *current* runner, so a model swap happens between batches.
 
+  One batch runs at a time, whoever runs it: the "runner" token (``busy``)
+  is taken under the lock. A request put with ``inline=True`` (the API path)
+  that finds the runner free and a batch due *now* (``next_flush == 0``)
+  runs that batch on the caller's own thread (leader/follower). That saves
+  the two thread hand-offs (wake the batcher, wake the caller), which cost
+  more than the model call itself for a small model on a Pi-class CPU. When
+  the runner is busy the request queues as usual and the batcher thread
+  takes it after the running batch (the inline runner wakes it).
+
 A unit of work is a :class:`Work`: one API request (n = 1) or one block of
 samples read by a source (n up to the source's block size), sharing a
 timestamp, a source id and an optional deadline. Blocks keep the sensor path
@@ -322,8 +331,10 @@ class MicroBatcher:
         self._accepting = False
         self._running = False
         self._drain_deadline: float | None = None
-        self.busy = False  # a batch is being processed right now
+        self._busy = False  # the runner token: a batch is being processed (any thread); under _lock
+        self._idle = threading.Condition(self._lock)
         self.last_batch_at = 0.0
+        self.inline_batches = 0  # batches run on a caller's thread (see the module docstring)
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> "MicroBatcher":
@@ -348,6 +359,11 @@ class MicroBatcher:
         if t is not None:
             t.join(timeout + 1.0)
         with self._lock:
+            # A caller may still be running an inline batch: let it finish (bounded),
+            # so the runner is not closed under it.
+            limit = time.monotonic() + max(0.0, timeout) + 1.0
+            while self._busy and time.monotonic() < limit:
+                self._idle.wait(0.05)
             self._running = False
             left = self.policy.drain_all()
             self._not_empty.notify_all()
@@ -368,15 +384,37 @@ class MicroBatcher:
     def pending(self) -> int:
         return self.policy.pending
 
+    @property
+    def busy(self) -> bool:
+        """A batch is being processed right now (on the batcher thread or a caller's)."""
+        return self._busy
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no batch is running; True when idle within ``timeout``."""
+        limit = time.monotonic() + timeout
+        with self._lock:
+            while self._busy:
+                left = limit - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
     # -- producers ------------------------------------------------------------
-    def put(self, work: Work, timeout: float | None = None, stop: threading.Event | None = None) -> None:
+    def put(self, work: Work, timeout: float | None = None, stop: threading.Event | None = None,
+            inline: bool = False) -> None:
         """Queue ``work``; raises :class:`OverloadError` when the overload policy refuses it.
 
         Under ``block`` the caller waits for room at most ``timeout`` (default
         ``block_timeout_s``); with ``stop`` (a source's prefetcher) it waits
         until there is room or ``stop`` is set: back-pressure, not loss.
+        ``inline``: when the runner is free and a batch is due now, run it on
+        this thread before returning (the work's future is then resolved).
+        Sources leave it off: their reader thread keeps reading while the
+        model runs.
         """
         evicted: tuple = ()
+        segments: list[Segment] = []
         with self._lock:
             if not self._accepting:
                 raise OverloadError("the agent is stopping and accepts no new requests")
@@ -399,10 +437,18 @@ class MicroBatcher:
                 raise OverloadError(f"{offer.reason}: request rejected (overload policy "
                                     f"'{policy.overload}'); slow down, or raise [batcher] queue_size")
             evicted = offer.evicted
+            now = time.monotonic()
+            if inline and not self._busy and self._running and policy.next_flush(now) == 0.0:
+                segments = policy.take(now)
+                self._busy = True
+                self._not_full.notify_all()
             # Wake the thread only when the flush time may have moved earlier:
             # first pending work, a full batch, or a deadline.
-            if policy.pending == work.remaining or policy.pending >= policy.max_batch or work.deadline is not None:
+            elif policy.pending == work.remaining or policy.pending >= policy.max_batch or work.deadline is not None:
                 self._not_empty.notify()
+        if segments:
+            self.inline_batches += 1
+            self._run_batch(segments)
         for w, k in evicted:
             if self.on_evicted is not None:
                 self.on_evicted(w, k)
@@ -429,6 +475,9 @@ class MicroBatcher:
                     now = time.monotonic()
                     if now >= next_tick and self.on_tick is not None:
                         break
+                    if self._busy:  # a caller runs a batch inline; it notifies when done
+                        self._not_empty.wait(self.tick_s)
+                        continue
                     wait = policy.next_flush(now)
                     if not self._accepting:
                         if wait is None or (self._drain_deadline is not None and now >= self._drain_deadline):
@@ -441,6 +490,7 @@ class MicroBatcher:
                         self._not_empty.wait(min(wait, self.tick_s))
                         continue
                     segments = policy.take(now, None if self._accepting else "flush_drain")
+                    self._busy = True
                     self._not_full.notify_all()
                     break
                 else:  # pragma: no cover - loop exits by break/return
@@ -454,24 +504,30 @@ class MicroBatcher:
                 continue
             if not segments:
                 continue
-            self.busy = True
-            t0 = time.monotonic()
-            try:
-                self.process(segments)
-            except Exception as exc:
-                if not isinstance(exc, InputError):
-                    log.exception("batch of %d failed", sum(s.count for s in segments))
-                if self.on_error is not None:
-                    try:
-                        self.on_error(segments, exc)
-                    except Exception:
-                        log.exception("batch error hook failed")
-                for s in segments:
-                    if s.work.future is not None:
-                        self._fail(s.work, exc)
-            finally:
-                self.busy = False
+            self._run_batch(segments)
+
+    def _run_batch(self, segments: list[Segment]) -> None:
+        """Process one taken batch (the caller holds the runner token), then free the runner."""
+        t0 = time.monotonic()
+        try:
+            self.process(segments)
+        except Exception as exc:
+            if not isinstance(exc, InputError):
+                log.exception("batch of %d failed", sum(s.count for s in segments))
+            if self.on_error is not None:
+                try:
+                    self.on_error(segments, exc)
+                except Exception:
+                    log.exception("batch error hook failed")
+            for s in segments:
+                if s.work.future is not None:
+                    self._fail(s.work, exc)
+        finally:
             t1 = time.monotonic()
             self.last_batch_at = t1
             with self._lock:
-                policy.observe_run(t1 - t0)
+                self._busy = False
+                self.policy.observe_run(t1 - t0)
+                self._idle.notify_all()
+                if self.policy.pending:
+                    self._not_empty.notify()  # work queued behind this batch: the thread takes it

@@ -249,14 +249,29 @@ def test_unreadable_images_are_rejected_others_answered(tmp_path):
 
 # -- overload ----------------------------------------------------------------------------
 
-def _flood(agent, n):
-    ok, refused, futs = 0, 0, []
-    for i in range(n):
-        try:
-            futs.append(agent.submit(np.full(64, i % 7, np.float32)))
-        except OverloadError:
-            refused += 1
-    return futs, refused
+def _flood(agent, n, threads=4):
+    # Several producers: one alone never overflows the queue, because a submit
+    # that finds the runner free runs its batch on the caller's thread.
+    lock = threading.Lock()
+    refused, futs = [0], []
+
+    def produce(k):
+        mine, bad = [], 0
+        for i in range(k, n, threads):
+            try:
+                mine.append(agent.submit(np.full(64, i % 7, np.float32)))
+            except OverloadError:
+                bad += 1
+        with lock:
+            futs.extend(mine)
+            refused[0] += bad
+
+    ts = [threading.Thread(target=produce, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    return futs, refused[0]
 
 
 @pytest.mark.parametrize("policy", ["reject", "drop_oldest", "block"])

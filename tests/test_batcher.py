@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -201,6 +202,119 @@ def test_microbatcher_block_policy_times_out_and_counts():
     assert mb.policy.counts["rejected"] == 1
     gate.set()
     mb.stop(2.0)
+
+
+def _fut_work(n=1, t=None):
+    import concurrent.futures
+
+    return Work([np.zeros((n, 2), np.float32)], n, t_in=time.monotonic() if t is None else t,
+                future=concurrent.futures.Future())
+
+
+def test_inline_put_runs_on_the_callers_thread_when_the_runner_is_free():
+    threads = []
+
+    def process(segs):
+        threads.append(threading.get_ident())
+        for s in segs:
+            s.work.future.set_result(s.count)
+
+    mb = MicroBatcher(BatchPolicy(max_batch=8, max_delay_s=0.0), process).start()
+    try:
+        work = _fut_work()
+        mb.put(work, inline=True)
+        assert work.future.done() and work.future.result() == 1  # resolved before put returned
+        assert threads == [threading.get_ident()] and mb.inline_batches == 1
+        # Without inline (a source's reader) the batcher thread runs it.
+        other = _fut_work()
+        mb.put(other)
+        assert other.future.result(5) == 1 and threads[-1] != threading.get_ident()
+    finally:
+        mb.stop(2.0)
+
+
+def test_inline_put_waits_for_a_fuller_batch_when_max_delay_is_set():
+    ran = threading.Event()
+    sizes = []
+
+    def process(segs):
+        sizes.append(sum(s.count for s in segs))
+        for s in segs:
+            s.work.future.set_result(True)
+        ran.set()
+
+    mb = MicroBatcher(BatchPolicy(max_batch=8, max_delay_s=0.05), process).start()
+    try:
+        works = [_fut_work() for _ in range(3)]
+        for x in works:
+            mb.put(x, inline=True)
+        assert not any(x.future.done() for x in works)  # nothing due yet: queued, not run inline
+        assert all(x.future.result(5) for x in works) and sizes == [3] and mb.inline_batches == 0
+    finally:
+        mb.stop(2.0)
+
+
+def test_one_batch_at_a_time_across_inline_callers_and_the_thread():
+    lock = threading.Lock()
+    state = {"running": 0, "max": 0, "rows": 0}
+
+    def process(segs):
+        with lock:
+            state["running"] += 1
+            state["max"] = max(state["max"], state["running"])
+        time.sleep(0.0005)  # a model call: long enough for the other producers to pile up
+        with lock:
+            state["running"] -= 1
+            state["rows"] += sum(s.count for s in segs)
+        for s in segs:
+            s.work.future.set_result(True)
+
+    mb = MicroBatcher(BatchPolicy(max_batch=4, max_delay_s=0.0, queue_size=10_000), process).start()
+    works: list = []
+
+    def producer():
+        mine = [_fut_work() for _ in range(300)]
+        for x in mine:
+            mb.put(x, inline=True)
+        works.extend(mine)
+
+    try:
+        ts = [threading.Thread(target=producer) for _ in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert all(x.future.result(10) for x in works)
+    finally:
+        mb.stop(2.0)
+    assert state["max"] == 1 and state["rows"] == 1200 == mb.policy.counts["taken"]
+    # Both paths were used: callers ran batches and queued work went to the thread.
+    assert 0 < mb.inline_batches < mb.policy.counts["batches"]
+
+
+def test_stop_waits_for_an_inline_batch_to_finish():
+    entered, release = threading.Event(), threading.Event()
+    finished = []
+
+    def process(segs):
+        entered.set()
+        release.wait(5)
+        finished.append(True)
+        for s in segs:
+            s.work.future.set_result(True)
+
+    mb = MicroBatcher(BatchPolicy(max_batch=1, max_delay_s=0.0), process).start()
+    t = threading.Thread(target=mb.put, args=(_fut_work(),), kwargs={"inline": True})
+    t.start()
+    assert entered.wait(5) and mb.busy
+    stopper = threading.Thread(target=mb.stop, args=(2.0,))
+    stopper.start()
+    stopper.join(0.2)
+    assert stopper.is_alive()  # still waiting for the caller's batch
+    release.set()
+    stopper.join(5)
+    t.join(5)
+    assert finished == [True] and not mb.busy
 
 
 # -- metrics ------------------------------------------------------------------------

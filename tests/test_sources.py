@@ -50,6 +50,23 @@ def test_jsonl_arrays_fast_path_and_objects_with_ts(tmp_path):
     assert list(b.ts) == [5.0, 6.0] and len(b.errors) == 2
 
 
+def test_jsonl_fast_path_never_mistakes_nested_ragged_or_blank_lines(tmp_path):
+    # Block-level checks decide the fast path: each case below must fall back to
+    # the per-line path and name exactly the bad lines, never reshape silently.
+    p = tmp_path / "n.jsonl"
+    p.write_text("[1, 2]\n\n   \n[[3, 4]]\n[5, 6]\n  [7, 8]\n[9]\n")
+    (b,) = read_all(JsonLinesSource("j", path=str(p)))
+    np.testing.assert_array_equal(b.data, [[1, 2], [5, 6], [7, 8]])
+    reasons = [e[1] for e in b.errors]
+    assert len(b.errors) == 2 and all("shape" in r for r in reasons)
+    # Two lines whose brackets balance overall ("[1, 2" + "3]") are not two arrays.
+    q = tmp_path / "b.jsonl"
+    q.write_text("[1, 2\n3]\n[4, 5]\n")
+    (b,) = read_all(JsonLinesSource("j", path=str(q)))
+    np.testing.assert_array_equal(b.data, [[4, 5]])
+    assert len(b.errors) == 2
+
+
 def test_follow_reads_a_growing_file(tmp_path):
     p = tmp_path / "grow.jsonl"
     p.write_text("[1]\n")
