@@ -439,7 +439,7 @@ class Agent:
         self.batcher.start()
         for c in self.components:
             c.start()
-        sources = [(make_source(s.type, s.id, **s.options), s) for s in cfg.sources]
+        sources = [(self._make_source(s), s) for s in cfg.sources]
         sources += [(src, None) for src in self._extra_sources]
         for src, scfg in sources:
             self._start_source(src, scfg)
@@ -447,6 +447,14 @@ class Agent:
             from .api import ApiServer  # noqa: PLC0415
 
             self.api = ApiServer(self, cfg.api).start()
+
+    @staticmethod
+    def _make_source(scfg) -> Source:
+        if scfg.reader == "process":
+            from .procsource import ProcessSource  # noqa: PLC0415 - only for this option
+
+            return ProcessSource(scfg.type, scfg.id, scfg.options, block_size=scfg.block_size)
+        return make_source(scfg.type, scfg.id, **scfg.options)
 
     def _start_source(self, src: Source, scfg) -> Prefetcher:
         kw = {}

@@ -105,6 +105,8 @@ class SourceConfig:
     block_size: int = _opt(256, _at_least(1))
     restart: bool = True
     max_restarts: int = _opt(10, _at_least(0))
+    # "process": read and parse in a child process (numeric line sources; see procsource.py)
+    reader: str = _opt("thread", _one_of("thread", "process"))
     options: dict = field(default_factory=dict)  # every other key, passed to the source
 
 
@@ -170,12 +172,13 @@ class RolloutSection:
 class AdaptSection:
     latency_budget_ms: float | None = field(default=None, metadata={"check": lambda v: None if v is None or v > 0 else f"must be > 0 (got {v})"})
     # edgeship.agent.adapt: how the p95 is watched and when the variant changes (hysteresis)
-    check_s: float = _opt(1.0, _positive)           # how often the p95 of model calls is checked
+    check_s: float = _opt(1.0, _positive)           # how often the request p95 (+ CPU wait) is checked
     sustain_s: float = _opt(10.0, _at_least(0))     # over budget this long -> step down
     headroom_s: float = _opt(30.0, _at_least(0))    # room for a more accurate variant this long -> step up
     headroom: float = _opt(0.8, _positive)          # ... its expected p95 must fit in this fraction of the budget
     cooldown_s: float | None = None                 # no change this long after one (default: sustain_s)
-    min_samples: int = _opt(20, _at_least(1))       # a check with fewer model calls is not judged
+    min_samples: int = _opt(20, _at_least(1))       # a check with fewer requests is not judged
+    probe_ms: float = _opt(10.0, _positive)         # CPU-wait probe: sleep this long, record how late it wakes
     hot_c: float = _opt(80.0, _positive)            # no step up at or above this SoC temperature
     measure_s: float = _opt(1.0, _positive)         # start-up timing per variant
     tune: bool = True                               # measure threads / batch delay when the config leaves them open
@@ -391,6 +394,8 @@ path = "/run/sensors/imu.jsonl"   # a file, a FIFO, or "-" for stdin
 follow = false                    # keep reading as the file grows
 deadline_ms = 50                  # optional per-sample deadline
 read_ahead = 1024                 # samples read and preprocessed ahead of the batcher
+# reader = "process"              # parse in a child process: frees the agent's GIL for fast
+                                  # streams on a multi-core board (costs ~30 MB and one process)
 
 # [[sources]]
 # type = "folder"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import chain
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -77,11 +78,12 @@ def classify(out: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
             idx_l.append(k)
         return np.asarray(idx_l, dtype=np.int64), np.asarray(sc_l, dtype=np.float64)
     idx = out.argmax(axis=1)
+    top = out.max(axis=1)
     if out.size and out.min() >= 0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
-        score = out[np.arange(len(out)), idx]
+        score = top
     else:
         # softmax at the argmax is 1 / sum(exp(x - max)): no full softmax needed.
-        score = 1.0 / np.exp(out - out[np.arange(len(out)), idx][:, None]).sum(axis=1)
+        score = 1.0 / np.exp(out - top[:, None]).sum(axis=1)
     return idx, score.astype(np.float64)
 
 
@@ -232,7 +234,9 @@ class ResultBatch:
                     ',"ts":' + f"{ts:.6f}" + ',"label":%s,"score":%.5f,"latency_ms":' + f"{lat:.3f}" +
                     ',"model":' + tail)
             j = i + count
-            parts.append("".join([tmpl % row for row in zip(range(base + i, base + j), jl[i:j], scores[i:j])]))
+            # One formatting call for the whole span (the template repeated), not one per row.
+            parts.append((tmpl * count) % tuple(chain.from_iterable(zip(range(base + i, base + j), jl[i:j],
+                                                                        scores[i:j]))))
             i = j
         return "".join(parts)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgeship.agent.adapt import (AdaptController, AdaptPolicy, Rung, choose_batch_delay, choose_threads,
-                                  choose_variant, read_thermal, variant_accuracy)
+                                  choose_variant, read_thermal, request_estimate, variant_accuracy)
 
 A = Rung("fp32-big", (99.0, 3, 0.0), 10.0)
 B = Rung("fp32-student", (98.0, 3, 0.0), 4.0)
@@ -141,12 +141,12 @@ def _package(tmp_path: Path) -> Path:
                                     "metrics": {"points": 90.0}}])
 
 
-def _agent(tmp_path, pkg):
+def _agent(tmp_path, pkg, **sections):
     from edgeship.agent import Agent
     from edgeship.agent.config import parse_config
 
     return Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(tmp_path / "state")},
-                               "runtime": {"threads": 1}}))
+                               "runtime": {"threads": 1}, **sections}))
 
 
 @pytest.mark.parametrize("budget, expect", [(1000.0, "big"), (1e-6, "small")])
@@ -223,3 +223,89 @@ def test_stepping_up_into_an_overload_backs_off():
         t += 1.0
     gaps = [b - a for a, b in zip(ups, ups[1:])]
     assert len(ups) >= 3 and gaps == sorted(gaps) and gaps[-1] > 2 * gaps[0]  # ever longer between tries
+
+
+def test_the_estimate_adds_the_cpu_wait_to_the_request_p95():
+    assert request_estimate(0.4, 3.0) == pytest.approx(3.4)
+    assert request_estimate(0.4, None) == pytest.approx(0.4)
+    assert request_estimate(None, 3.0) is None        # no requests: nothing to judge
+
+
+def test_start_up_choice_counts_the_base_every_request_pays():
+    assert choose_variant([C, A, B], 5.0)[0] is B
+    r, reason = choose_variant([C, A, B], 5.0, base_ms=1.5)   # 4 + 1.5 > 5: the int8 student
+    assert r is C and "1.500 ms CPU wait" in reason
+
+
+def test_cpu_wait_steps_down_though_the_model_call_did_not_move_and_back_up_after():
+    # The device's CPU is taken: model calls as fast as at start-up, but requests wait ~4 ms for a CPU.
+    p = policy(current="fp32-student", base_ms=0.2, sustain_s=3, headroom_s=5, cooldown_s=3)
+    wait = lambda t: 4.0 if 10 <= t < 30 else 0.1  # noqa: E731
+    moves = []
+    t = 0.0
+    while t < 60:
+        model = next(r for r in p.ladder if r.id == p.current).p95_ms
+        d = p.observe(t, request_estimate(model + 0.1, wait(t)), 50, cpu_wait_ms=wait(t))
+        if d:
+            moves.append((t, d))
+        t += 0.5
+    assert [(d.action, d.to_id) for _, d in moves] == [("down", "int8-student"), ("up", "fp32-student")]
+    (t_down, down), (t_up, up) = moves
+    assert 10 < t_down <= 10 + 3 + 0.5                 # within sustain_s (+ a check) of the load
+    assert "CPU wait 4.000 ms" in down.reason and down.cpu_wait_ms == pytest.approx(4.0)
+    assert 30 < t_up <= 30 + 5 + 0.5                   # within headroom_s (+ a check) of its end
+
+
+def test_agent_steps_down_under_real_cpu_load_and_back_up_after(tmp_path):
+    """Busy-loop processes (3 per core) take the CPU; a steady client keeps sending. No mocks."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    pkg = _package(tmp_path)
+    failures: list[str] = []
+    served = [0]
+    stop = threading.Event()
+    with _agent(tmp_path, pkg, batcher={"max_delay_ms": 0.0}) as agent:  # answer at once: no batch delay
+        ctl = AdaptController(agent, budget_ms=1.5, measure_s=0.2, check_s=0.25, tune=False, sustain_s=1.0,
+                              headroom_s=1.5, cooldown_s=0.5, min_samples=10, probe_ms=5.0)
+        agent.add_component(ctl)
+        assert ctl.ready.wait(30) and agent.handle.variant == "big"
+        x = np.zeros((64,), np.float32)
+
+        def client():  # 200 requests/s on a schedule, like a sensor or a camera
+            n, t0 = 0, time.monotonic()
+            while not stop.wait(max(0.0, t0 + n / 200.0 - time.monotonic())):
+                n += 1
+                try:
+                    agent.infer(x, timeout=10)
+                    served[0] += 1
+                except Exception as exc:  # noqa: BLE001 - every failure is reported by the assert below
+                    failures.append(repr(exc))
+
+        th = threading.Thread(target=client, daemon=True)
+        th.start()
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3 * (os.cpu_count() or 1))]
+        try:
+            deadline = time.monotonic() + 10
+            while agent.handle.variant != "small" and time.monotonic() < deadline:
+                stop.wait(0.05)
+            under_load = agent.handle.variant
+        finally:
+            for h in hogs:
+                h.kill()
+            for h in hogs:
+                h.wait(5)
+        deadline = time.monotonic() + 10
+        while agent.handle.variant != "big" and time.monotonic() < deadline:
+            stop.wait(0.05)
+        after = agent.handle.variant
+        stop.set()
+        th.join(10)
+        changes = [(c["action"], c["to_id"]) for c in ctl.health()["adapt"]["recent_changes"]]
+    assert under_load == "small", f"no step down under load: {ctl.last}"
+    assert after == "big", f"no step up after the load: {ctl.last}"
+    assert changes[-2:] == [("down", "small"), ("up", "big")]
+    assert failures == [] and served[0] > 100

@@ -115,7 +115,8 @@ def test_bad_api_input_is_rejected_counted_and_agent_keeps_serving(tmp_path, pkg
 
 # -- bad input and faults from sources ----------------------------------------------------
 
-def test_bad_rows_from_a_source_are_rejected_with_reasons(tmp_path, pkgs, caplog):
+@pytest.mark.parametrize("reader", ["thread", "process"])
+def test_bad_rows_from_a_source_are_rejected_with_reasons(tmp_path, pkgs, caplog, reader):
     good = np.random.default_rng(4).standard_normal((20, 64)).round(3)
     lines = ["[" + ",".join(map(str, r)) + "]" for r in good]
     lines.insert(3, "[" + ",".join(["1.0"] * 63) + "]")         # wrong width
@@ -124,7 +125,8 @@ def test_bad_rows_from_a_source_are_rejected_with_reasons(tmp_path, pkgs, caplog
     src = tmp_path / "s.jsonl"
     src.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
-    agent = make_agent(tmp_path, pkgs["v1"], sources=[{"type": "jsonl", "id": "imu", "path": str(src)}],
+    agent = make_agent(tmp_path, pkgs["v1"],
+                       sources=[{"type": "jsonl", "id": "imu", "path": str(src), "reader": reader}],
                        sinks=[{"type": "jsonl", "path": str(out), "outputs": True}])
     with caplog.at_level(logging.WARNING, "edgeship.agent"), agent:
         assert agent.wait_idle(20)

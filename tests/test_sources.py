@@ -110,6 +110,83 @@ def test_stream_source_on_a_fifo(tmp_path):
     assert data.shape == (50, 2) and data[:, 0].tolist() == list(range(50))
 
 
+def test_a_pipe_hands_over_what_it_has_without_waiting_for_a_full_block(tmp_path):
+    fifo = tmp_path / "slow.fifo"
+    os.mkfifo(fifo)
+    src = JsonLinesSource("slow", path=str(fifo))
+    src.open()
+    w = os.open(fifo, os.O_WRONLY)
+    try:
+        os.write(w, b"[1, 2]\n")
+        t0 = time.monotonic()
+        b = src.read(256, 5.0)  # a slow sensor: one sample, far from a block of 256
+        waited = time.monotonic() - t0
+        assert b is not None and b.data.tolist() == [[1.0, 2.0]]
+        # It returned on the sample, not on the 5 s read timeout.
+        assert waited < 2.5
+    finally:
+        os.close(w)
+        src.close()
+
+
+def _process_source(path, **kw):
+    from edgeship.agent.procsource import ProcessSource
+
+    return ProcessSource("jsonl", "proc", {"path": str(path), **kw}, block_size=64)
+
+
+def test_process_reader_gives_the_same_rows_errors_and_end(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 8)).astype(np.float32)
+    lines = ["[" + ",".join(f"{v:.4f}" for v in r) + "]" for r in x]
+    lines[1500] = '{"oops": 1}'
+    p = tmp_path / "s.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    src = _process_source(p)
+    blocks = read_all(src, max_n=64, timeout=1.0, limit=30)
+    assert src.exhausted and src.pid is None  # closed: the child is gone
+    assert all(len(b) <= 64 for b in blocks)  # the child's bigger blocks are split to what was asked
+    data = np.concatenate([b.data for b in blocks if b.data is not None and len(b.data)])
+    errors = [e for b in blocks for e in b.errors]
+    assert data.shape == (2999, 8)
+    np.testing.assert_allclose(data, np.delete(x, 1500, axis=0), atol=1e-4)
+    assert [e[0] for e in errors] == ["s.jsonl:1501"]
+    # Exactly what the same source gives in the agent's own process.
+    same = np.concatenate([b.data for b in read_all(JsonLinesSource("t", path=str(p)), max_n=64)
+                           if b.data is not None and len(b.data)])
+    np.testing.assert_array_equal(data, same)
+
+
+def test_process_reader_reports_a_failing_child_and_refuses_what_it_cannot_do(tmp_path):
+    from edgeship.agent.procsource import ProcessSource, SourceProcessError
+
+    src = _process_source(tmp_path / "missing.jsonl")
+    src.open()
+    with pytest.raises(SourceProcessError, match="does not exist"):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            src.read(64, 0.5)
+    src.close()
+    with pytest.raises(ConfigError, match="numeric sources"):
+        ProcessSource("folder", "cam", {"path": str(tmp_path)})
+    with pytest.raises(ConfigError, match="stdin"):
+        ProcessSource("jsonl", "in", {"path": "-"})
+    with pytest.raises(ConfigError, match="unknown option"):
+        ProcessSource("jsonl", "x", {"path": str(tmp_path / "a"), "bogus": 1})
+
+
+def test_process_reader_child_stops_when_closed_mid_stream(tmp_path):
+    fifo = tmp_path / "never.fifo"
+    os.mkfifo(fifo)
+    src = _process_source(fifo)
+    src.open()
+    pid = src.pid
+    assert src.read(64, 0.3) is None and not src.exhausted  # no writer: nothing yet, not the end
+    src.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped by close()
+
+
 def test_synthetic_count_distinct_nan_and_rate():
     blocks = read_all(SyntheticSource("s", shape=[4], count=25, distinct=3, nan_every=10), max_n=10)
     data = np.concatenate([b.data for b in blocks])
