@@ -792,14 +792,17 @@ class Agent:
             if cache is not None and w.keys is not None:
                 for i in range(c):
                     cache.put(w.keys[seg.start + i], tuple(o[seg.pos + i] for o in outs))
-        cls = classify(outs[0]) if len(outs) == 1 else None
+        deliver = self.sinks or self._batch_hooks or self._result_hooks or self._input_hooks
+        # Labels and scores for the whole batch only when a sink or hook reads them;
+        # API callers get theirs computed on first read, in their own thread.
+        cls = classify(outs[0]) if deliver and len(outs) == 1 else None
         m = self.metrics
         m.counters.inc("inferences", n)
         m.counters.inc("batches")
         if missed:
             m.counters.inc("deadline_missed", missed)
         m.record_batch(n, (t_done - t0) * 1000.0, lat_counts)
-        if self.sinks or self._batch_hooks or self._result_hooks or self._input_hooks:
+        if deliver:
             batch = ResultBatch(model=handle.model, output_names=handle.output_names, outputs=outs, n=n,
                                 id_prefix=self._id_prefix, id_base=base, source=sources, ts=ts, latency_ms=lats,
                                 labels=handle.labels, refs=refs, model_json=handle.model_json, cls=cls,
@@ -808,17 +811,19 @@ class Agent:
             self._deliver(batch, [b[:n] for b in packer.buffers] if want_inputs else None)
         # Futures last: waking a caller can preempt this thread (same core, GIL
         # handover), so everything else of the batch is done before.
+        labels = handle.labels
         for seg in futures:
             w = seg.work
             p = seg.pos
-            label = score = top = None
+            outputs = {name: o[p] for name, o in zip(handle.output_names, outs)}
             if cls is not None:
                 idx = int(cls[0][p])
-                label = handle.labels[idx] if handle.labels and idx < len(handle.labels) else str(idx)
-                score = float(cls[1][p])
-                top = _top(outs[0][p], handle.labels)
-            r = Result(f"{self._id_prefix}{base + p}", {name: o[p] for name, o in zip(handle.output_names, outs)},
-                       handle.model, lats[p], w.source, ts[p], label, score, top)
+                label = labels[idx] if labels and idx < len(labels) else str(idx)
+                r = Result(f"{self._id_prefix}{base + p}", outputs, handle.model, lats[p], w.source, ts[p], label,
+                           float(cls[1][p]), _top(outs[0][p], labels))
+            else:
+                r = Result(f"{self._id_prefix}{base + p}", outputs, handle.model, lats[p], w.source, ts[p],
+                           labels=labels)
             w.future.set_result(r)
 
     def _deliver(self, batch: ResultBatch, inputs: list[np.ndarray] | None) -> None:

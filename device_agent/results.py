@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 from itertools import chain
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,22 +23,85 @@ import numpy as np
 __all__ = ["Result", "ResultBatch", "classify"]
 
 
-@dataclass(slots=True)
-class Result:
-    """What the agent answers for one sample."""
+_UNSET = object()
 
-    prediction_id: str
-    outputs: dict[str, np.ndarray]
-    model: dict
-    latency_ms: float
-    source: str
-    ts: float
-    label: str | None = None
-    score: float | None = None
-    top: list[tuple[str, float]] | None = None
-    ref: str | None = None
-    cached: bool = False
-    inputs: dict | None = None  # the preprocessed input, only when a component asks (wants_inputs)
+
+class Result:
+    """What the agent answers for one sample.
+
+    ``label``, ``score`` and ``top`` of a classifier output may be left to be
+    computed on first read (``labels=`` given, those three not): the batch
+    runner then hands over the raw output row and the caller's own thread
+    does the softmax, off the path of the next model call.
+    """
+
+    __slots__ = ("prediction_id", "outputs", "model", "latency_ms", "source", "ts", "_label", "_score", "_top",
+                 "ref", "cached", "inputs", "_labels")
+
+    def __init__(self, prediction_id: str, outputs: dict[str, np.ndarray], model: dict, latency_ms: float,
+                 source: str, ts: float, label: Any = _UNSET, score: Any = _UNSET, top: Any = _UNSET,
+                 ref: str | None = None, cached: bool = False, inputs: dict | None = None, *,
+                 labels: Sequence[str] | None = None) -> None:
+        self.prediction_id = prediction_id
+        self.outputs = outputs
+        self.model = model
+        self.latency_ms = latency_ms
+        self.source = source
+        self.ts = ts
+        self._label = label
+        self._score = score
+        self._top = top
+        self.ref = ref
+        self.cached = cached
+        self.inputs = inputs  # the preprocessed input, only when a component asks (wants_inputs)
+        self._labels = labels
+
+    def _classify(self) -> None:
+        label = score = top = None
+        if len(self.outputs) == 1:
+            row = next(iter(self.outputs.values()))
+            cls = classify(np.asarray(row)[None]) if np.ndim(row) == 1 else None
+            if cls is not None:
+                idx = int(cls[0][0])
+                labels = self._labels
+                label = labels[idx] if labels and idx < len(labels) else str(idx)
+                score = float(cls[1][0])
+                top = _top(row, labels)
+        self._label, self._score, self._top = label, score, top
+
+    @property
+    def label(self) -> str | None:
+        if self._label is _UNSET:
+            self._classify()
+        return self._label
+
+    @label.setter
+    def label(self, v: str | None) -> None:
+        self._label = v
+
+    @property
+    def score(self) -> float | None:
+        if self._score is _UNSET:
+            self._classify()
+        return self._score
+
+    @score.setter
+    def score(self, v: float | None) -> None:
+        self._score = v
+
+    @property
+    def top(self) -> list[tuple[str, float]] | None:
+        if self._top is _UNSET:
+            self._classify()
+        return self._top
+
+    @top.setter
+    def top(self, v) -> None:
+        self._top = v
+
+    def __repr__(self) -> str:
+        return (f"Result(prediction_id={self.prediction_id!r}, label={self.label!r}, score={self.score!r}, "
+                f"model={self.model!r}, latency_ms={self.latency_ms!r}, source={self.source!r})")
 
     def to_dict(self, outputs: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {"prediction_id": self.prediction_id, "source": self.source, "ts": self.ts,

@@ -562,3 +562,23 @@ def test_bench_cli_reports_every_figure(pkgs):
     assert out["rss_mb_agent"] > 10
     text = run_cli("bench", str(pkgs["v1"]), "--seconds", "0.05").stdout
     assert "p50" in text and "through the agent" in text and "RSS" in text
+
+
+def test_lazy_result_fields_match_the_batch_computation():
+    # API results leave label/score/top to the caller's first read; they must equal
+    # what the batch path (sinks) computes for the same rows.
+    from edgeship.agent.results import Result, ResultBatch
+
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((6, 10)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)  # a model with a softmax at the end
+    for outs in (logits, probs):
+        batch = ResultBatch(model={"name": "m", "version": "1"}, output_names=["logits"], outputs=[outs], n=6,
+                            id_prefix="r-", id_base=0, source="s", ts=0.0, latency_ms=1.0, labels=LABELS)
+        for i, eager in enumerate(batch.results()):
+            lazy = Result(eager.prediction_id, {"logits": outs[i]}, eager.model, 1.0, "s", 0.0, labels=LABELS)
+            assert lazy.label == eager.label and lazy.score == pytest.approx(eager.score, rel=1e-5)
+            assert [lab for lab, _ in lazy.top] == [lab for lab, _ in eager.top]
+            assert lazy.to_dict(outputs=False)["label"] == eager.label
+    two = Result("x", {"a": outs[0], "b": outs[1]}, {}, 1.0, "s", 0.0, labels=LABELS)
+    assert two.label is None and two.score is None and two.top is None  # not a single classifier output
