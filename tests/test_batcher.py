@@ -292,6 +292,44 @@ def test_one_batch_at_a_time_across_inline_callers_and_the_thread():
     assert 0 < mb.inline_batches < mb.policy.counts["batches"]
 
 
+def test_no_inline_runs_right_after_requests_overlapped():
+    gate, entered = threading.Event(), threading.Event()
+    runs = []
+
+    def process(segs):
+        runs.append(threading.get_ident())
+        entered.set()
+        gate.wait(5)
+        for s in segs:
+            s.work.future.set_result(True)
+
+    mb = MicroBatcher(BatchPolicy(max_batch=8, max_delay_s=0.0), process).start()
+    mb.inline_quiet_s = 1.0  # long enough that a loaded CI machine still puts the third one inside it
+    try:
+        first = _fut_work()
+        t = threading.Thread(target=mb.put, args=(first,), kwargs={"inline": True})
+        t.start()
+        assert entered.wait(5)
+        second = _fut_work()
+        mb.put(second, inline=True)  # meets a busy runner: overlap noted, queued
+        gate.set()
+        t.join(5)
+        assert first.future.result(5) and second.future.result(5)
+        third = _fut_work()
+        t_put = time.monotonic()
+        mb.put(third, inline=True)  # alone, but within the quiet window: the batcher thread runs it
+        assert third.future.result(5) and runs[-1] == mb._thread.ident
+        deadline = time.monotonic() + 5
+        while time.monotonic() - t_put <= mb.inline_quiet_s + 0.05 and time.monotonic() < deadline:
+            time.sleep(0.01)  # wait out the window
+        fourth = _fut_work()
+        mb.put(fourth, inline=True)
+        assert fourth.future.done() and runs[-1] == threading.get_ident()
+    finally:
+        gate.set()
+        mb.stop(2.0)
+
+
 def test_stop_waits_for_an_inline_batch_to_finish():
     entered, release = threading.Event(), threading.Event()
     finished = []
