@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from edgeship.agent.adapt import (AdaptController, AdaptPolicy, Rung, choose_batch_delay, choose_threads,
-                                  choose_variant, read_thermal, request_estimate, variant_accuracy)
+                                  choose_variant, read_thermal, request_estimate, tick_lateness,
+                                  variant_accuracy)
 
 A = Rung("fp32-big", (99.0, 3, 0.0), 10.0)
 B = Rung("fp32-student", (98.0, 3, 0.0), 4.0)
@@ -74,6 +75,15 @@ def test_too_few_samples_is_no_evidence():
     assert feed(p, 0, 60, 6.0, samples=5) == []      # a quiet device never moves
 
 
+def test_a_starved_agent_is_judged_on_its_cpu_wait():
+    # Under heavy load the clients slow down too: few requests per check, but the CPU wait alone is 8 ms.
+    p = policy()
+    moves = [d for t in range(0, 30) if (d := p.observe(float(t), None, 3, cpu_wait_ms=8.0))]
+    assert [(d.action, d.to_id) for d in moves] == [("down", "int8-student")]
+    assert moves[0].p95_ms == pytest.approx(8.0)
+    assert feed(policy(), 0, 60, None, samples=3) == []  # idle, CPU free: still no evidence
+
+
 def test_step_down_skips_to_the_most_accurate_that_fits():
     p = policy(current="fp32-big")
     (_, d), = feed(p, 0, 11, 20.0)                   # 2x slower than at start-up
@@ -92,6 +102,16 @@ def test_headroom_steps_up_one_rung_after_a_while_and_not_when_hot():
     # one slow check in ten is tolerated; one in five is not
     assert len(feed(policy(current="int8-student"), 0, 40, lambda t: 1.6 if int(t) % 10 == 5 else 1.0)) == 1
     assert feed(policy(current="int8-student"), 0, 60, lambda t: 1.6 if int(t) % 5 == 2 else 1.0) == []
+
+
+def test_stepping_up_skips_a_variant_a_more_accurate_one_beats_on_speed():
+    # The int8 twin measured as accurate as the fp32 model on the eval set: fp32 is slower and no better.
+    int8 = Rung("int8", (98.0, 1, 0.0), 1.3)
+    fp32 = Rung("fp32", (97.75, 3, 0.0), 4.2)
+    tiny = Rung("tiny", (91.0, 3, 0.0), 0.05)
+    p = AdaptPolicy([fp32, int8, tiny], 3.0, "tiny", sustain_s=3, headroom_s=5, cooldown_s=3)
+    moves = feed(p, 0, 20, 0.4)
+    assert [(d.action, d.to_id) for _, d in moves] == [("up", "int8")]
 
 
 def test_no_flapping_between_two_rungs():
@@ -231,6 +251,16 @@ def test_the_estimate_adds_the_cpu_wait_to_the_request_p95():
     assert request_estimate(None, 3.0) is None        # no requests: nothing to judge
 
 
+def test_tick_lateness_counts_every_tick_a_stall_delayed():
+    late, nxt = tick_lateness(1.000, 1.0002, 0.005)             # on time: one tick, 0.2 ms late
+    assert late == pytest.approx([0.2]) and nxt == pytest.approx(1.005)
+    late, nxt = tick_lateness(1.000, 1.020, 0.005)              # a 20 ms stall: 5 ticks were due meanwhile
+    assert late == pytest.approx([20.0, 15.0, 10.0, 5.0, 0.0]) and nxt == pytest.approx(1.025)
+    assert tick_lateness(2.0, 1.9, 0.005) == ([], 2.0)          # woken early: nothing due yet
+    late, nxt = tick_lateness(0.0, 100.0, 0.005, max_ticks=10)  # a huge stall is capped, the grid restarts
+    assert len(late) == 10 and late[0] == pytest.approx(100000.0) and nxt == pytest.approx(100.005)
+
+
 def test_start_up_choice_counts_the_base_every_request_pays():
     assert choose_variant([C, A, B], 5.0)[0] is B
     r, reason = choose_variant([C, A, B], 5.0, base_ms=1.5)   # 4 + 1.5 > 5: the int8 student
@@ -272,7 +302,7 @@ def test_agent_steps_down_under_real_cpu_load_and_back_up_after(tmp_path):
         ctl = AdaptController(agent, budget_ms=1.5, measure_s=0.2, check_s=0.25, tune=False, sustain_s=1.0,
                               headroom_s=1.5, cooldown_s=0.5, min_samples=10, probe_ms=5.0)
         agent.add_component(ctl)
-        assert ctl.ready.wait(30) and agent.handle.variant == "big"
+        assert ctl.ready.wait(30)
         x = np.zeros((64,), np.float32)
 
         def client():  # 200 requests/s on a schedule, like a sensor or a camera
@@ -287,25 +317,39 @@ def test_agent_steps_down_under_real_cpu_load_and_back_up_after(tmp_path):
 
         th = threading.Thread(target=client, daemon=True)
         th.start()
-        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3 * (os.cpu_count() or 1))]
         try:
-            deadline = time.monotonic() + 10
-            while agent.handle.variant != "small" and time.monotonic() < deadline:
+            # On a machine busy with other work the start-up choice may be the small one: wait for room.
+            deadline = time.monotonic() + 15
+            while agent.handle.variant != "big" and time.monotonic() < deadline:
                 stop.wait(0.05)
-            under_load = agent.handle.variant
+            assert agent.handle.variant == "big", f"the quiet device never ran the big variant: {ctl.last}"
+            busy = [sys.executable, "-c", "while True: pass"]
+            hogs = [subprocess.Popen(busy) for _ in range(3 * (os.cpu_count() or 1))]
+            try:
+                deadline = time.monotonic() + 10
+                while agent.handle.variant != "small" and time.monotonic() < deadline:
+                    stop.wait(0.05)
+                under_load = agent.handle.variant
+            finally:
+                for h in hogs:
+                    h.kill()
+                for h in hogs:
+                    h.wait(5)
+            deadline = time.monotonic() + 10
+            while agent.handle.variant != "big" and time.monotonic() < deadline:
+                stop.wait(0.05)
+            after = agent.handle.variant
+            while ctl.health()["adapt"]["standby"] is None and time.monotonic() < deadline:
+                stop.wait(0.05)
+            standby_after_up = ctl.health()["adapt"]["standby"]  # loaded again for the next load
         finally:
-            for h in hogs:
-                h.kill()
-            for h in hogs:
-                h.wait(5)
-        deadline = time.monotonic() + 10
-        while agent.handle.variant != "big" and time.monotonic() < deadline:
-            stop.wait(0.05)
-        after = agent.handle.variant
-        stop.set()
-        th.join(10)
+            stop.set()
+            th.join(10)
         changes = [(c["action"], c["to_id"]) for c in ctl.health()["adapt"]["recent_changes"]]
     assert under_load == "small", f"no step down under load: {ctl.last}"
     assert after == "big", f"no step up after the load: {ctl.last}"
     assert changes[-2:] == [("down", "small"), ("up", "big")]
     assert failures == [] and served[0] > 100
+    down = [c for c in ctl.health()["adapt"]["recent_changes"] if c["action"] == "down"][-1]
+    assert down["standby"] is True                   # the fastest variant was kept warm: no load under the load
+    assert standby_after_up == "small" and ctl.health()["adapt"]["standby"] is None  # closed with the agent

@@ -33,18 +33,27 @@ class OnnxRunner(Runner):
         super().__init__(ins, outs, backend=backend, source=what, **kwargs)
         self._ort_out_names = [s.name for s in self.model_outputs]
         self._ort_in_names = [s.name for s in self.model_inputs]
+        # The binding under InferenceSession.run: the wrapper re-checks input names
+        # and OrtValue ownership on every call (~10 % of a small model's call, GIL
+        # held); our inputs are plain arrays checked once by validate(). The
+        # wrapper's EP fallback does not apply to the CPU provider.
+        self._binding_run = getattr(getattr(self._session, "_sess", None), "run", None)
 
     def _invoke(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         sess = self._session
         if sess is None:
             self._check_open()
         try:
+            fast = self._binding_run
+            if fast is not None:
+                return fast(self._ort_out_names, dict(zip(self._ort_in_names, arrays)), None)
             return sess.run(self._ort_out_names, dict(zip(self._ort_in_names, arrays)))
         except Exception as exc:  # onnxruntime's pybind errors share no useful base class
             raise ModelError(f"onnxruntime failed to run {self.source}: {_backends._first_line(exc)}") from exc
 
     def _release(self) -> None:
         self._session = None
+        self._binding_run = None  # it holds the session too: let it go with the runner
 
 
 def _merge_quant(specs, manifest_specs):
