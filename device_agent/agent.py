@@ -79,7 +79,7 @@ from .batcher import BatchPolicy, MicroBatcher, Packer, Segment, Work
 from .cache import ResultCache, input_key, row_keys
 from .config import AgentConfig, load_config, parse_config
 from .preprocessing import BlockPreprocessor
-from .results import Result, ResultBatch, classify, _top
+from .results import Result, ResultBatch, classify, label_name, _top
 from .sinks import Sink, make_sink
 from .sources import RawBlock, Source, make_source
 from .prefetch import Prefetcher
@@ -817,10 +817,8 @@ class Agent:
             p = seg.pos
             outputs = {name: o[p] for name, o in zip(handle.output_names, outs)}
             if cls is not None:
-                idx = int(cls[0][p])
-                label = labels[idx] if labels and idx < len(labels) else str(idx)
-                r = Result(f"{self._id_prefix}{base + p}", outputs, handle.model, lats[p], w.source, ts[p], label,
-                           float(cls[1][p]), _top(outs[0][p], labels))
+                r = Result(f"{self._id_prefix}{base + p}", outputs, handle.model, lats[p], w.source, ts[p],
+                           label_name(labels, int(cls[0][p])), float(cls[1][p]), _top(outs[0][p], labels))
             else:
                 r = Result(f"{self._id_prefix}{base + p}", outputs, handle.model, lats[p], w.source, ts[p],
                            labels=labels)

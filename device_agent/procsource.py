@@ -63,8 +63,7 @@ class ProcessSource(Source):
         if options.get("path", "-") in ("-", "", None):
             raise ConfigError(f"[[sources]] reader: 'process' needs a path; source {source_id!r} reads stdin, "
                               "which stays with the agent's process (use reader = \"thread\")")
-        self.kind = kind
-        self.inner_kind = kind
+        self.kind = kind  # the inner source's kind: what the child runs
         self.options = options
         self.block_size = int(block_size)
         self._proc: subprocess.Popen | None = None
@@ -77,7 +76,7 @@ class ProcessSource(Source):
         super().open()
         self.close()
         # The child reads bigger blocks than the agent takes (fewer frames); read() splits them.
-        spec = json.dumps({"kind": self.inner_kind, "id": self.id, "options": self.options,
+        spec = json.dumps({"kind": self.kind, "id": self.id, "options": self.options,
                            "block_size": max(self.block_size, 1024), "parent": os.getpid()})
         try:
             self._proc = subprocess.Popen([sys.executable, "-m", "edgeship.agent.procsource", spec],
@@ -175,12 +174,12 @@ class ProcessSource(Source):
         self._pending = None
         if block.data is None or len(block.data) <= max_n:
             return block
-        ts = block.ts
-        head = RawBlock(data=block.data[:max_n], ts=ts[:max_n] if hasattr(ts, "__len__") else ts,
-                        refs=block.refs[:max_n] if block.refs is not None else None, errors=block.errors)
-        self._pending = RawBlock(data=block.data[max_n:], ts=ts[max_n:] if hasattr(ts, "__len__") else ts,
-                                 refs=block.refs[max_n:] if block.refs is not None else None)
-        return head
+        ts, refs = block.ts, block.refs
+        per_row_ts = hasattr(ts, "__len__")
+        self._pending = RawBlock(data=block.data[max_n:], ts=ts[max_n:] if per_row_ts else ts,
+                                 refs=refs[max_n:] if refs is not None else None)
+        return RawBlock(data=block.data[:max_n], ts=ts[:max_n] if per_row_ts else ts,
+                        refs=refs[:max_n] if refs is not None else None, errors=block.errors)
 
 
 # -- the child ------------------------------------------------------------------------

@@ -20,7 +20,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Result", "ResultBatch", "classify"]
+__all__ = ["Result", "ResultBatch", "classify", "label_name"]
+
+
+def label_name(labels: Sequence[str] | None, i: int) -> str:
+    """The label of class ``i``, or its index as text when the package names fewer classes."""
+    return labels[i] if labels and i < len(labels) else str(i)
 
 
 _UNSET = object()
@@ -62,11 +67,9 @@ class Result:
             row = next(iter(self.outputs.values()))
             cls = classify(np.asarray(row)[None]) if np.ndim(row) == 1 else None
             if cls is not None:
-                idx = int(cls[0][0])
-                labels = self._labels
-                label = labels[idx] if labels and idx < len(labels) else str(idx)
+                label = label_name(self._labels, int(cls[0][0]))
                 score = float(cls[1][0])
-                top = _top(row, labels)
+                top = _top(row, self._labels)
         self._label, self._score, self._top = label, score, top
 
     @property
@@ -313,4 +316,4 @@ def _top(row: np.ndarray, labels: Sequence[str] | None, k: int = 5) -> list[tupl
         total = sum(e)
         p = [v / total for v in e]
     idx = sorted(range(len(p)), key=p.__getitem__, reverse=True)[:k]
-    return [((labels[i] if labels and i < len(labels) else str(i)), p[i]) for i in idx]
+    return [(label_name(labels, i), p[i]) for i in idx]

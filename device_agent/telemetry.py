@@ -274,10 +274,11 @@ class Telemetry:
             # One bincount per batch instead of a Python loop per row (this runs on the batcher thread).
             import numpy as np
 
+            from .results import label_name
+
             bc = np.bincount(np.asarray(idx), minlength=0)
             labels = batch.labels
-            counts = {(labels[i] if labels and i < len(labels) else str(i)): int(c)
-                      for i, c in enumerate(bc.tolist()) if c}
+            counts = {label_name(labels, i): int(c) for i, c in enumerate(bc.tolist()) if c}
         self.agg.record_batch(batch.n, batch.latency_ms, None, batch.model, class_counts=counts)
 
     def on_result(self, result: Any) -> None:
