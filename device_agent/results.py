@@ -31,6 +31,19 @@ def label_name(labels: Sequence[str] | None, i: int) -> str:
 _UNSET = object()
 
 
+def _lazy(slot: str, doc: str) -> property:
+    """A Result field that classifies the output on first read when it was left unset."""
+    def get(self):
+        if getattr(self, slot) is _UNSET:
+            self._classify()
+        return getattr(self, slot)
+
+    def put(self, value) -> None:
+        setattr(self, slot, value)
+
+    return property(get, put, doc=doc)
+
+
 class Result:
     """What the agent answers for one sample.
 
@@ -72,35 +85,9 @@ class Result:
                 top = _top(row, self._labels)
         self._label, self._score, self._top = label, score, top
 
-    @property
-    def label(self) -> str | None:
-        if self._label is _UNSET:
-            self._classify()
-        return self._label
-
-    @label.setter
-    def label(self, v: str | None) -> None:
-        self._label = v
-
-    @property
-    def score(self) -> float | None:
-        if self._score is _UNSET:
-            self._classify()
-        return self._score
-
-    @score.setter
-    def score(self, v: float | None) -> None:
-        self._score = v
-
-    @property
-    def top(self) -> list[tuple[str, float]] | None:
-        if self._top is _UNSET:
-            self._classify()
-        return self._top
-
-    @top.setter
-    def top(self, v) -> None:
-        self._top = v
+    label = _lazy("_label", "label: str | None")
+    score = _lazy("_score", "score: float | None")
+    top = _lazy("_top", "top: list[tuple[str, float]] | None (up to 5 (label, probability) pairs)")
 
     def __repr__(self) -> str:
         return (f"Result(prediction_id={self.prediction_id!r}, label={self.label!r}, score={self.score!r}, "
