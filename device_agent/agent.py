@@ -62,6 +62,7 @@ answered by a half-loaded model) and records it in ``state.json``;
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import logging
 import os
@@ -745,17 +746,29 @@ class Agent:
             self._next_id += n
         return base
 
-    def _process(self, segments: list[Segment]) -> None:
-        """Runs on the batcher thread: one batch through the current model, results out in order."""
+    def _process(self, segments: list[Segment]) -> Callable[[], None]:
+        """Runs on the batcher thread: one batch through the current model.
+
+        Returns the batch's delivery (results out in order), which the batcher
+        runs on its delivery thread while the next batch's model call runs.
+        """
         handle = self._handle  # read once: a switch takes effect at the next batch
         packer = handle.packer(self._max_batch)
         n = packer.pack(segments)
         t0 = time.monotonic()
         outs = packer.run(handle.run_fn(), n)
         t_done = time.monotonic()
-        wall = time.time()
         if self.first_result_at is None:
             self.first_result_at = t_done
+        inputs = None
+        if self._input_hooks or self._wants_inputs:
+            # Copies: the next batch refills the packer's buffers while this one is delivered.
+            inputs = [b[:n].copy() for b in packer.buffers]
+        return functools.partial(self._finish, handle, segments, outs, n, t0, t_done, inputs)
+
+    def _finish(self, handle: ModelHandle, segments: list[Segment], outs: list[np.ndarray], n: int, t0: float,
+                t_done: float, inputs: list[np.ndarray] | None) -> None:
+        """Deliver one run batch: ids, metrics, cache, sinks and hooks, then the callers' futures."""
         base = self._alloc_ids(n)
         sources: list = []
         ts: list = []
@@ -807,8 +820,7 @@ class Agent:
                                 id_prefix=self._id_prefix, id_base=base, source=sources, ts=ts, latency_ms=lats,
                                 labels=handle.labels, refs=refs, model_json=handle.model_json, cls=cls,
                                 spans=spans)
-            want_inputs = self._input_hooks or self._wants_inputs
-            self._deliver(batch, [b[:n] for b in packer.buffers] if want_inputs else None)
+            self._deliver(batch, inputs, handle.input_names)
         # Futures last: waking a caller can preempt this thread (same core, GIL
         # handover), so everything else of the batch is done before.
         labels = handle.labels
@@ -824,7 +836,7 @@ class Agent:
                            labels=labels)
             w.future.set_result(r)
 
-    def _deliver(self, batch: ResultBatch, inputs: list[np.ndarray] | None) -> None:
+    def _deliver(self, batch: ResultBatch, inputs: list[np.ndarray] | None, input_names: list[str] = ()) -> None:
         for s in self.sinks:
             try:
                 s.write(batch)
@@ -845,8 +857,8 @@ class Agent:
         if self._result_hooks:
             results = batch.results()
             if self._wants_inputs and inputs is not None:
-                for i, r in enumerate(results):  # copies: the buffers are reused by the next batch
-                    r.inputs = {name: a[i].copy() for name, a in zip(self._handle.input_names, inputs)}
+                for i, r in enumerate(results):  # own copies: a view would keep the whole batch alive
+                    r.inputs = {name: a[i].copy() for name, a in zip(input_names, inputs)}
             for r in results:
                 for hook in self._result_hooks:
                     try:

@@ -26,6 +26,15 @@ Three layers, so the decisions can be tested without threads or models:
   takes a batch and calls ``process(segments)``. ``process`` is where the
   agent reads its *current* runner, so a model swap happens between batches.
 
+  ``process`` may return a *finish* step (a callable): the delivery of the
+  batch's results (futures, sinks, hooks, metrics). The thread then hands
+  it to a delivery thread (a bounded FIFO, so results leave in batch order)
+  and starts the next batch's model call at once: the model no longer idles
+  while Python hands out the previous results. On a 2-core CPU the model
+  call (which releases the GIL) and the delivery overlap; measured with a
+  small CNN and 4 client threads, the model went from busy 75 % of the
+  time to ~95 %.
+
   One batch runs at a time, whoever runs it: the "runner" token (``busy``)
   is taken under the lock. A request put with ``inline=True`` (the API path)
   that finds the runner free, nothing else queued, no overlap between
@@ -305,9 +314,12 @@ class Packer:
 class MicroBatcher:
     """The batcher thread: producers ``put`` work, the thread flushes batches into ``process``.
 
-    ``process(segments)`` runs one batch and delivers its results; an
-    exception there fails that batch's requests (``on_error(segments, exc)``)
-    and the loop goes on. ``on_evicted(work, n)`` is told about rows dropped
+    ``process(segments)`` runs one batch and either delivers its results
+    itself or returns a finish step that delivers them (run on the delivery
+    thread, at most ``max_deliveries`` queued: the runner waits for room, so
+    a slow sink slows the batcher instead of piling up results). An
+    exception in either fails that batch's requests
+    (``on_error(segments, exc)``) and the loop goes on. ``on_evicted(work, n)`` is told about rows dropped
     under ``drop_oldest`` (outside the lock). ``on_tick()`` runs at least
     every ``tick_s`` from the loop (the systemd watchdog ping).
     """
@@ -315,7 +327,7 @@ class MicroBatcher:
     def __init__(self, policy: BatchPolicy, process: Callable[[list[Segment]], None], *,
                  block_timeout_s: float = 1.0, on_error: Callable | None = None,
                  on_evicted: Callable | None = None, on_tick: Callable[[], None] | None = None,
-                 tick_s: float = 1.0, name: str = "edgeship-batcher") -> None:
+                 tick_s: float = 1.0, name: str = "edgeship-batcher", max_deliveries: int = 2) -> None:
         self.policy = policy
         self.process = process
         self.block_timeout_s = block_timeout_s
@@ -337,12 +349,28 @@ class MicroBatcher:
         self.inline_batches = 0  # batches run on a caller's thread (see the module docstring)
         self.inline_quiet_s = 0.1  # no inline runs this long after requests last overlapped
         self._contended_at = -1e9
+        # Finish steps waiting for the delivery thread, oldest first; ``_delivering``
+        # counts those plus the one being run (all under _lock).
+        self.max_deliveries = max(1, max_deliveries)
+        self._deliveries: deque[tuple[list[Segment], Callable[[], None]]] = deque()
+        self._delivering = 0
+        self._delivery_ready = threading.Condition(self._lock)
+        self._delivery_on = False
+        self._deliverer: threading.Thread | None = None
+        # While results flow, the delivery thread polls (short sleeps) instead of
+        # waiting to be woken, for this long after its last delivery. Waking a
+        # sleeping thread costs the waker 25-45 us on a virtualised CPU (an IPI to
+        # an idle core), and the waker here is the runner, between two model calls.
+        self.delivery_poll_s = 0.02
+        self._deliverer_polling = False
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> "MicroBatcher":
         if self._thread is not None:
             raise RuntimeError("MicroBatcher already started")
-        self._accepting = self._running = True
+        self._accepting = self._running = self._delivery_on = True
+        self._deliverer = threading.Thread(target=self._deliver_loop, name=self.name + "-deliver", daemon=True)
+        self._deliverer.start()
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
         return self
@@ -361,17 +389,22 @@ class MicroBatcher:
         if t is not None:
             t.join(timeout + 1.0)
         with self._lock:
-            # A caller may still be running an inline batch: let it finish (bounded),
-            # so the runner is not closed under it.
+            # A caller may still be running an inline batch, and run batches may still
+            # be waiting for delivery: let them finish (bounded), so the runner is not
+            # closed under them and no computed result is lost.
             limit = time.monotonic() + max(0.0, timeout) + 1.0
-            while self._busy and time.monotonic() < limit:
+            while (self._busy or self._delivering) and time.monotonic() < limit:
                 self._idle.wait(0.05)
             self._running = False
             left = self.policy.drain_all()
             self._not_empty.notify_all()
+            self._delivery_on = False
+            self._delivery_ready.notify_all()
         if t is not None:
             t.join(2.0)
-        self._thread = None
+        if self._deliverer is not None:
+            self._deliverer.join(2.0)
+        self._thread = self._deliverer = None
         lost = 0
         for w in left:
             lost += w.dropped
@@ -388,14 +421,14 @@ class MicroBatcher:
 
     @property
     def busy(self) -> bool:
-        """A batch is being processed right now (on the batcher thread or a caller's)."""
-        return self._busy
+        """A batch is being run or its results delivered right now (on any thread)."""
+        return self._busy or self._delivering > 0
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until no batch is running; True when idle within ``timeout``."""
+        """Wait until no batch is running or being delivered; True when idle within ``timeout``."""
         limit = time.monotonic() + timeout
         with self._lock:
-            while self._busy:
+            while self._busy or self._delivering:
                 left = limit - time.monotonic()
                 if left <= 0:
                     return False
@@ -446,7 +479,8 @@ class MicroBatcher:
             # everyone's batch would answer itself first and the rest late (measured:
             # p99/p50 from 1.5 to 2.6, and less throughput, with 4 client threads).
             if inline:
-                lone = not self._busy and policy.pending == work.remaining
+                # A delivery still queued would be overtaken by this caller's own one.
+                lone = not self._busy and not self._delivering and policy.pending == work.remaining
                 if not lone:
                     self._contended_at = now
             if inline and lone and self._running and now - self._contended_at > self.inline_quiet_s and \
@@ -460,7 +494,7 @@ class MicroBatcher:
                 self._not_empty.notify()
         if segments:
             self.inline_batches += 1
-            self._run_batch(segments)
+            self._run_batch(segments, inline=True)
         for w, k in evicted:
             if self.on_evicted is not None:
                 self.on_evicted(w, k)
@@ -518,28 +552,86 @@ class MicroBatcher:
                 continue
             self._run_batch(segments)
 
-    def _run_batch(self, segments: list[Segment]) -> None:
-        """Process one taken batch (the caller holds the runner token), then free the runner."""
+    def _run_batch(self, segments: list[Segment], inline: bool = False) -> None:
+        """Run one taken batch (the caller holds the runner token), then free the runner.
+
+        A finish step is queued for the delivery thread; an inline caller runs
+        it itself, before freeing the runner, so batches still deliver in order.
+        """
         t0 = time.monotonic()
+        finish = None
         try:
-            self.process(segments)
+            finish = self.process(segments)
         except Exception as exc:
-            if not isinstance(exc, InputError):
-                log.exception("batch of %d failed", sum(s.count for s in segments))
-            if self.on_error is not None:
-                try:
-                    self.on_error(segments, exc)
-                except Exception:
-                    log.exception("batch error hook failed")
-            for s in segments:
-                if s.work.future is not None:
-                    self._fail(s.work, exc)
-        finally:
-            t1 = time.monotonic()
-            self.last_batch_at = t1
-            with self._lock:
+            self._failed(segments, exc)
+        t1 = time.monotonic()
+        self.last_batch_at = t1
+        if finish is not None and (inline or not self._delivery_on):
+            self._finish(segments, finish)
+            finish = None
+        with self._lock:
+            self.policy.observe_run(t1 - t0)
+            if finish is not None:
+                while len(self._deliveries) >= self.max_deliveries and self._delivery_on:
+                    self._idle.wait(self.tick_s)  # back-pressure from a slow sink
+                if self._delivery_on:
+                    self._deliveries.append((segments, finish))
+                    self._delivering += 1
+                    if not self._deliverer_polling:
+                        self._delivery_ready.notify()
+                    finish = None
+            if finish is None:
                 self._busy = False
-                self.policy.observe_run(t1 - t0)
                 self._idle.notify_all()
                 if self.policy.pending:
                     self._not_empty.notify()  # work queued behind this batch: the thread takes it
+        if finish is not None:  # the delivery thread stopped meanwhile (stop() timed out): deliver here
+            self._finish(segments, finish)
+            with self._lock:
+                self._busy = False
+                self._idle.notify_all()
+
+    def _failed(self, segments: list[Segment], exc: Exception) -> None:
+        if not isinstance(exc, InputError):
+            log.exception("batch of %d failed", sum(s.count for s in segments))
+        if self.on_error is not None:
+            try:
+                self.on_error(segments, exc)
+            except Exception:
+                log.exception("batch error hook failed")
+        for s in segments:
+            if s.work.future is not None:
+                self._fail(s.work, exc)
+
+    def _finish(self, segments: list[Segment], finish: Callable[[], None]) -> None:
+        try:
+            finish()
+        except Exception as exc:
+            self._failed(segments, exc)
+
+    def _deliver_loop(self) -> None:
+        last = -1e9  # when the last delivery ended
+        while True:
+            poll = 0.0
+            with self._lock:
+                while not self._deliveries:
+                    if not self._delivery_on:
+                        return
+                    if time.monotonic() - last < self.delivery_poll_s:
+                        # Poll about twice per model call: the runner then never has to wake us.
+                        self._deliverer_polling = True
+                        poll = min(max(self.policy.est_run_s * 0.5, 5e-5), 1e-3)
+                        break
+                    self._deliverer_polling = False
+                    self._delivery_ready.wait(self.tick_s)
+                else:
+                    segments, finish = self._deliveries.popleft()
+                    self._idle.notify_all()  # room in the queue for the runner
+            if poll:
+                time.sleep(poll)
+                continue
+            self._finish(segments, finish)
+            with self._lock:
+                self._delivering -= 1
+                self._idle.notify_all()
+            last = time.monotonic()

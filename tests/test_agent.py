@@ -386,6 +386,36 @@ def test_components_and_callback_sink_see_every_result(tmp_path, pkgs):
     assert len(per_result.results) >= 1
 
 
+
+class SlowInputHook:
+    """A component that reads each batch's inputs slowly, as a drift monitor on a busy device might."""
+
+    def __init__(self):
+        self.pairs = []
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def on_batch_inputs(self, batch, inputs):
+        time.sleep(0.002)  # the runner meanwhile packs and runs the next batches
+        self.pairs.append((inputs[0].copy(), batch.outputs[0].copy()))
+
+
+def test_input_hooks_see_their_own_batch_while_the_next_one_runs(tmp_path, pkgs):
+    hook = SlowInputHook()
+    cfg = parse_config({"agent": {"package": str(pkgs["v1"]), "state_dir": str(tmp_path / "st")},
+                        "batcher": {"max_batch": 8, "max_delay_ms": 0},
+                        "sources": [{"type": "synthetic", "id": "syn", "shape": [64], "count": 400}]})
+    with Agent(cfg, components=[hook]) as agent:
+        assert agent.wait_idle(30)
+    assert sum(len(x) for x, _ in hook.pairs) == 400 and len(hook.pairs) >= 50
+    for x, out in hook.pairs:  # inputs and outputs of one batch belong together
+        np.testing.assert_allclose(out, ref(x), rtol=1e-4, atol=1e-5)
+
+
 def test_feedback_without_component_says_so(tmp_path, pkgs):
     from edgeship.agent.agent import FeedbackUnavailableError
 

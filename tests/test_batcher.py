@@ -355,6 +355,127 @@ def test_stop_waits_for_an_inline_batch_to_finish():
     assert finished == [True] and not mb.busy
 
 
+
+def _pipelined(gate: threading.Event, ran: list, delivered: list, slow_first: bool = True):
+    """A process step that returns a finish step; batch 0's delivery waits for ``gate``."""
+    def process(segs):
+        k = segs[0].work.extra
+        ran.append(k)
+
+        def finish():
+            if k == 0 and slow_first:
+                gate.wait(5)  # a slow sink
+            delivered.append((k, threading.current_thread().name))
+            for s in segs:
+                s.work.future.set_result(k)
+        return finish
+    return process
+
+
+def _tagged(i):
+    x = _fut_work()
+    x.extra = i
+    return x
+
+
+def _wait_until(fn, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not fn() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return fn()
+
+
+def test_the_next_batch_runs_while_the_last_is_delivered_in_order_with_bounded_backlog():
+    gate, ran, delivered = threading.Event(), [], []
+    mb = MicroBatcher(BatchPolicy(max_batch=1, max_delay_s=0.0), _pipelined(gate, ran, delivered),
+                      max_deliveries=2).start()
+    try:
+        works = [_tagged(i) for i in range(6)]
+        for x in works:
+            mb.put(x)
+        # Batch 0's delivery is held; the runner still ran 1 and 2 (queued for delivery)
+        # and 3, then waits for room: a slow sink slows the runner, results never pile up.
+        assert _wait_until(lambda: ran == [0, 1, 2, 3])
+        time.sleep(0.1)
+        assert ran == [0, 1, 2, 3] and not any(x.future.done() for x in works) and mb.busy
+        assert not mb.wait_idle(0.05)
+        gate.set()
+        assert [x.future.result(5) for x in works] == list(range(6))
+        assert [k for k, _ in delivered] == list(range(6))
+        assert {name for _, name in delivered} == {"edgeship-batcher-deliver"}
+        assert mb.wait_idle(5) and not mb.busy
+    finally:
+        gate.set()
+        mb.stop(2.0)
+
+
+def test_an_inline_request_does_not_overtake_a_pending_delivery():
+    gate, ran, delivered = threading.Event(), [], []
+    mb = MicroBatcher(BatchPolicy(max_batch=8, max_delay_s=0.0), _pipelined(gate, ran, delivered)).start()
+    mb.inline_quiet_s = 0.0
+    try:
+        first = _tagged(0)
+        mb.put(first)
+        assert _wait_until(lambda: ran == [0])
+        second = _tagged(1)
+        mb.put(second, inline=True)  # runner free, queue empty, but batch 0 is not delivered yet
+        assert not second.future.done() and mb.inline_batches == 0
+        gate.set()
+        assert second.future.result(5) == 1 and [k for k, _ in delivered] == [0, 1]
+        # Once everything is delivered, a lone request runs inline again.
+        assert mb.wait_idle(5)
+        third = _tagged(2)
+        mb.put(third, inline=True)
+        assert third.future.done() and mb.inline_batches == 1 and delivered[-1][1] == threading.current_thread().name
+    finally:
+        gate.set()
+        mb.stop(2.0)
+
+
+def test_stop_delivers_every_batch_that_already_ran():
+    gate, ran, delivered = threading.Event(), [], []
+    mb = MicroBatcher(BatchPolicy(max_batch=1, max_delay_s=0.0), _pipelined(gate, ran, delivered)).start()
+    works = [_tagged(i) for i in range(3)]
+    for x in works:
+        mb.put(x)
+    assert _wait_until(lambda: len(ran) == 3)
+    stopper = threading.Thread(target=mb.stop, args=(3.0,))
+    stopper.start()
+    stopper.join(0.2)
+    assert stopper.is_alive()  # waiting for the held delivery, not failing it
+    gate.set()
+    stopper.join(5)
+    assert not stopper.is_alive()
+    assert [x.future.result(0) for x in works] == [0, 1, 2]
+
+
+def test_a_failing_finish_step_fails_only_its_batch():
+    errors = []
+
+    def process(segs):
+        k = segs[0].work.extra
+
+        def finish():
+            if k == 1:
+                raise RuntimeError("sink exploded")
+            for s in segs:
+                s.work.future.set_result(k)
+        return finish
+
+    mb = MicroBatcher(BatchPolicy(max_batch=1, max_delay_s=0.0), process,
+                      on_error=lambda segs, exc: errors.append(str(exc))).start()
+    try:
+        works = [_tagged(i) for i in range(3)]
+        for x in works:
+            mb.put(x)
+        assert works[0].future.result(5) == 0 and works[2].future.result(5) == 2
+        with pytest.raises(RuntimeError, match="exploded"):
+            works[1].future.result(5)
+        assert errors == ["sink exploded"]
+    finally:
+        mb.stop(2.0)
+
+
 # -- metrics ------------------------------------------------------------------------
 
 def test_histogram_percentiles_and_constant_memory():
