@@ -388,7 +388,7 @@ def _wait_until(fn, timeout=5.0):
 def test_the_next_batch_runs_while_the_last_is_delivered_in_order_with_bounded_backlog():
     gate, ran, delivered = threading.Event(), [], []
     mb = MicroBatcher(BatchPolicy(max_batch=1, max_delay_s=0.0), _pipelined(gate, ran, delivered),
-                      max_deliveries=2).start()
+                      max_deliveries=2, pipeline=True).start()
     try:
         works = [_tagged(i) for i in range(6)]
         for x in works:
@@ -411,7 +411,8 @@ def test_the_next_batch_runs_while_the_last_is_delivered_in_order_with_bounded_b
 
 def test_an_inline_request_does_not_overtake_a_pending_delivery():
     gate, ran, delivered = threading.Event(), [], []
-    mb = MicroBatcher(BatchPolicy(max_batch=8, max_delay_s=0.0), _pipelined(gate, ran, delivered)).start()
+    mb = MicroBatcher(BatchPolicy(max_batch=8, max_delay_s=0.0), _pipelined(gate, ran, delivered),
+                      pipeline=True).start()
     mb.inline_quiet_s = 0.0
     try:
         first = _tagged(0)
@@ -434,7 +435,8 @@ def test_an_inline_request_does_not_overtake_a_pending_delivery():
 
 def test_stop_delivers_every_batch_that_already_ran():
     gate, ran, delivered = threading.Event(), [], []
-    mb = MicroBatcher(BatchPolicy(max_batch=1, max_delay_s=0.0), _pipelined(gate, ran, delivered)).start()
+    mb = MicroBatcher(BatchPolicy(max_batch=1, max_delay_s=0.0), _pipelined(gate, ran, delivered),
+                      pipeline=True).start()
     works = [_tagged(i) for i in range(3)]
     for x in works:
         mb.put(x)
@@ -462,7 +464,7 @@ def test_a_failing_finish_step_fails_only_its_batch():
                 s.work.future.set_result(k)
         return finish
 
-    mb = MicroBatcher(BatchPolicy(max_batch=1, max_delay_s=0.0), process,
+    mb = MicroBatcher(BatchPolicy(max_batch=1, max_delay_s=0.0), process, pipeline=True,
                       on_error=lambda segs, exc: errors.append(str(exc))).start()
     try:
         works = [_tagged(i) for i in range(3)]
@@ -474,6 +476,48 @@ def test_a_failing_finish_step_fails_only_its_batch():
         assert errors == ["sink exploded"]
     finally:
         mb.stop(2.0)
+
+
+
+def test_pipelining_pays_only_when_the_model_call_is_the_longer_half():
+    p = BatchPolicy()
+    assert not p.pipeline_pays()  # nothing measured yet: deliver on the runner
+    p.observe_run(0.0004)
+    p.observe_finish(0.00005)
+    assert p.pipeline_pays()  # a CNN call hides its delivery
+    p.observe_finish(0.0003)  # (EWMA: 0.8 * 50 + 0.2 * 300 = 100 us)
+    assert p.pipeline_pays()
+    p.observe_finish(0.0008)  # 240 us: no longer clearly shorter than the 400 us call
+    assert not p.pipeline_pays()
+    for _ in range(20):
+        p.observe_finish(0.0008)  # a sink writing many lines per short call
+    assert not p.pipeline_pays()
+
+
+@pytest.mark.parametrize("run_s, finish_s, deliverer", [(0.004, 0.0, True), (0.0, 0.004, False)])
+def test_the_batcher_measures_which_half_is_longer(run_s, finish_s, deliverer):
+    names = []
+
+    def process(segs):
+        time.sleep(run_s)
+
+        def finish():
+            time.sleep(finish_s)
+            names.append(threading.current_thread().name)
+            for s in segs:
+                s.work.future.set_result(True)
+        return finish
+
+    mb = MicroBatcher(BatchPolicy(max_batch=1, max_delay_s=0.0), process).start()
+    try:
+        for _ in range(6):
+            mb.put(_fut_work())
+        assert _wait_until(lambda: len(names) == 6)
+    finally:
+        mb.stop(2.0)
+    # The first batch is always delivered by the runner (nothing measured yet).
+    assert names[0] == "edgeship-batcher"
+    assert (names[-1] == "edgeship-batcher-deliver") == deliverer
 
 
 # -- metrics ------------------------------------------------------------------------
