@@ -575,6 +575,9 @@ def main() -> int:
         for name, fn in steps:
             t = time.perf_counter()
             res[name] = fn()
+            # The sensor and image sections write ~100 MB of inputs and results: write them
+            # back now, so the kernel's writeback does not land in the next section's timings.
+            os.sync()
             print(f"[{name} done in {time.perf_counter() - t:.1f} s]", file=sys.stderr, flush=True)
     res["loadavg_at_end"] = os.getloadavg()
     s, im, r, m, d, p = (res[k] for k in ("sensor", "images", "requests", "max_rate", "deadline", "process"))

@@ -12,8 +12,9 @@ student, a larger fp32 model, ...) with their measured accuracy. Given
    (below) and asks the pure :class:`AdaptPolicy` whether to move: over
    budget in most checks of the last ``sustain_s`` → step down to the most
    accurate faster variant expected to fit; headroom for the next more
-   accurate variant in nearly every check of the last ``headroom_s`` (and the
-   SoC not hot) → step up one rung. After a switch nothing moves for
+   accurate variant in nearly every check of the last ``headroom_s``, with
+   the CPU pressure low (below) and the SoC not hot → step up one rung.
+   After a switch nothing moves for
    ``cooldown_s`` (with the asymmetric windows, the hysteresis that stops
    flapping);
 3. switches through the agent's zero-drop swap (``load_candidate`` +
@@ -57,16 +58,36 @@ milliseconds. Queueing caused by the request rate itself (more requests than
 the variant can serve) shows in the request part, and stepping down is the
 right answer to it too.
 
-Known limitation (measured on a 2-core VM, not solved): the probe is one
-thread, and under a steady load of busy processes it has read ~0.2 ms for
-many seconds while the benchmark's client thread saw 2-6 ms (not phase
-locking with the client: a 7 ms probe did the same; alone in a process, a
-probe reads what the client sees). The step down is reliable (at the onset
-the probe reads high and the request part grows); the step *up* can then
-come during a long load, and the benchmark flags every step up after which
-the application's p95 was over budget. The per-thread run-queue delay in
-``/proc/self/task/*/schedstat`` (kernels with schedstats, e.g. Raspberry Pi
-OS; not this VM) would measure the application's own threads instead.
+Why the estimate cannot tell that a load is gone: the CPU pressure gate
+----------------------------------------------------------------------
+Under a steady load the probe under-reads, erratically. Measured on a 2-core
+VM (Linux 6.18, EEVDF scheduler) with 6 busy processes, threads ticking
+every 5 ms in separate processes, p95 lateness per 2.5 s window: a tick that
+does no work (the probe) read 0.13-2.4 ms, jumping between windows (0.13 ms
+in the middle of the load); ticks doing 0.05 / 0.3 / 1 ms of work per
+wake-up read 1.7-3.2 / 3.5-4.7 / 6-9 ms in every window; all read
+0.13-0.3 ms quiet. How long a waking thread waits for a CPU depends on how
+much CPU it uses per wake-up: a thread that ran a few µs since it last
+slept is owed CPU time and preempts the busy processes almost at once; one
+that does real work per wake-up (serving a request) waits behind their
+slices. A probe cheap enough to run all the time is of the first kind, the
+threads that serve requests are of the second, so no such probe can stand
+for them: in the benchmark it read ~0.1-0.2 ms for seconds while the client
+saw 3-4 ms, and the agent stepped up into the load (2 runs of 7). At the
+onset the probe reads high and the request part grows, so the step *down*
+stays on the estimate.
+
+A step *up* needs, in the same checks that have room, the window's CPU
+pressure at most ``pressure_max`` (``[adapt]``, default 0.2): the share of
+the time runnable tasks waited for a CPU (:class:`CpuPressure`: PSI,
+``/proc/pressure/cpu``, where the kernel has it; else sampled from
+``/proc/loadavg`` at each probe tick). It does not depend on how much work
+anyone does per wake-up: 0-2 % quiet and 100 % in every check under 6 busy
+processes on 2 cores, from either source. Without either (no Linux /proc)
+the policy goes by the estimate alone, as before. A device whose own work
+keeps the pressure above ``pressure_max`` does not step up: a more accurate
+variant would wait for a CPU there too. The back-off (below) still covers
+what the pressure cannot see (a throttled SoC is slow, not contended).
 
 At start-up there are no requests yet: a variant's expected latency is its
 model-call p95 plus a *base*: the CPU wait p95 measured then and the
@@ -97,7 +118,8 @@ picks it from the measured batch-1 and full-batch call times.
 
 Pure parts (no threads, no clocks — time is passed in): :func:`choose_variant`,
 :class:`AdaptPolicy`, :func:`choose_threads`, :func:`choose_batch_delay`,
-:func:`variant_accuracy`, :func:`request_estimate`, :func:`tick_lateness`.
+:func:`variant_accuracy`, :func:`request_estimate`, :func:`tick_lateness`,
+:func:`parse_psi`, :func:`psi_fraction`, :func:`parse_loadavg`, :func:`others_wait`.
 """
 from __future__ import annotations
 
@@ -118,7 +140,8 @@ from ..metrics import Histogram
 
 __all__ = ["Rung", "Decision", "AdaptPolicy", "choose_variant", "choose_threads", "choose_batch_delay",
            "variant_accuracy", "request_estimate", "read_thermal", "measure_call_ms", "measure_interleaved",
-           "tick_lateness", "probe_cpu_wait", "AdaptController"]
+           "tick_lateness", "probe_cpu_wait", "parse_psi", "parse_loadavg", "psi_fraction", "others_wait",
+           "CpuPressure", "AdaptController"]
 
 log = logging.getLogger("edgeship.agent.adapt")
 
@@ -224,6 +247,7 @@ class Decision:
     p95_ms: float | None
     temp_c: float | None
     cpu_wait_ms: float | None = None  # the CPU-wait part of p95_ms (median over the deciding checks)
+    cpu_pressure: float | None = None  # share of the time tasks waited for a CPU (median over the deciding checks)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -244,8 +268,9 @@ class AdaptPolicy:
     minus the current rung's model-call p95).
 
     Each check is classified ``over`` (p95 above the budget), ``room`` (the
-    next more accurate variant is expected within ``headroom`` x budget and
-    the SoC is below ``hot_c``), ``ok`` or not judged (fewer than
+    next more accurate variant is expected within ``headroom`` x budget, the
+    CPU ``pressure`` is at most ``pressure_max`` or unknown, and the SoC is
+    below ``hot_c``), ``ok`` or not judged (fewer than
     ``min_samples`` requests, unless the CPU wait alone is over budget: then
     ``over``). One check's p95 is noisy on a busy device, so a
     move needs a window of checks: **down** when at least ``over_fraction``
@@ -263,7 +288,8 @@ class AdaptPolicy:
     def __init__(self, rungs: Sequence[Rung], budget_ms: float, current: str, *, sustain_s: float = 10.0,
                  headroom_s: float = 30.0, headroom: float = 0.8, cooldown_s: float | None = None,
                  min_samples: int = 20, hot_c: float = 80.0, over_fraction: float = 0.6,
-                 room_fraction: float = 0.9, min_checks: int = 3, base_ms: float = 0.0) -> None:
+                 room_fraction: float = 0.9, min_checks: int = 3, base_ms: float = 0.0,
+                 pressure_max: float = 0.2) -> None:
         if budget_ms <= 0:
             raise ValueError("budget_ms must be > 0")
         self.ladder = sorted(rungs, key=lambda r: r.accuracy, reverse=True)  # most accurate first
@@ -282,7 +308,8 @@ class AdaptPolicy:
         self.room_fraction = float(room_fraction)
         self.min_checks = int(min_checks)
         self.base_ms = max(0.0, float(base_ms))  # start-up CPU wait + batch delay: in every rung's request p95
-        # (time, state, p95, cpu wait): bounded, and pruned to the longest window at every check
+        self.pressure_max = float(pressure_max)  # a check with more CPU pressure than this has no room
+        # (time, state, p95, cpu wait, pressure): bounded, and pruned to the longest window at every check
         self._obs: collections.deque = collections.deque(maxlen=4096)
         self._first: float | None = None   # first check since the last switch
         self._quiet_until = float("-inf")
@@ -331,13 +358,17 @@ class AdaptPolicy:
         return judged if len(judged) >= self.min_checks else None
 
     def observe(self, now: float, p95_ms: float | None, samples: int, temp_c: float | None = None, *,
-                cpu_wait_ms: float | None = None) -> Decision | None:
+                cpu_wait_ms: float | None = None, pressure: float | None = None) -> Decision | None:
         """One check: ``p95_ms`` the window's request-latency estimate from ``samples`` requests.
 
         ``cpu_wait_ms`` is the CPU-wait part of ``p95_ms``. A check with fewer
         than ``min_samples`` requests is not judged, except when the CPU wait
         alone is over the budget: then no request can meet it, and an agent
         starved of CPU (its clients slowed down too) must not go unjudged.
+        ``pressure`` is the window's CPU pressure (:class:`CpuPressure`; None
+        where the device cannot tell): above ``pressure_max`` the check has no
+        room, whatever the estimate says (the estimate under-reads the CPU
+        wait of busy threads under a load: see the module docstring).
         """
         if now < self._quiet_until:
             return None
@@ -350,14 +381,14 @@ class AdaptPolicy:
             p95_ms = max(p95_ms or 0.0, cpu_wait_ms or 0.0) if starved else p95_ms
         elif p95_ms > self.budget_ms:
             state = "over"
-        elif not hot and (up_ms := self._expected_up(i, p95_ms)) is not None and \
-                up_ms <= self.budget_ms * self.headroom:
+        elif not hot and (pressure is None or pressure <= self.pressure_max) and \
+                (up_ms := self._expected_up(i, p95_ms)) is not None and up_ms <= self.budget_ms * self.headroom:
             state = "room"
         else:
             state = "ok"
         if self._first is None:
             self._first = now
-        self._obs.append((now, state, p95_ms, cpu_wait_ms))
+        self._obs.append((now, state, p95_ms, cpu_wait_ms, pressure))
         if now - self._since > 4 * self.headroom_s * self._backoff.get(self.current, 1.0):
             self._backoff.pop(self.current, None)  # stayed up long enough: forgive
         horizon = now - max(self.sustain_s, self.headroom_s * self.MAX_BACKOFF)
@@ -371,6 +402,13 @@ class AdaptPolicy:
                 return None, ""
             w = float(np.median(waits))
             return w, f", of which CPU wait {w:.3f} ms"
+
+        def pressure_of(obs: list) -> tuple[float | None, str]:
+            ps = [o[4] for o in obs if o[4] is not None]
+            if not ps:
+                return None, ""
+            v = float(np.median(ps))
+            return v, f"; CPU pressure {v:.0%}"
         win = self._window(now, self.sustain_s)
         if i < len(self.ladder) - 1 and win is not None:
             over = [o for o in win if o[1] == "over"]
@@ -385,12 +423,14 @@ class AdaptPolicy:
                         now - self._last_up[1] < 4 * self.headroom_s * self._backoff.get(cur.id, 1.0):
                     self._backoff[cur.id] = min(self.MAX_BACKOFF, 2.0 * self._backoff.get(cur.id, 1.0))
                 wait, wait_txt = wait_of(over)
+                press, press_txt = pressure_of(over)
                 d = Decision("down", cur.id, to.id,
                              f"request p95 over the {self.budget_ms:g} ms budget in {len(over)} of {len(win)} checks "
                              f"over {self.sustain_s:g} s (median {p95:.3f} ms{wait_txt}, x{slowdown:.2f} the start-up "
-                             f"estimate{temp_txt}); {to.id} expected at {(to.p95_ms + base) * slowdown:.3f} ms"
-                             + ("" if fit is not None else " (none fits: the fastest)"),
-                             now, p95, temp_c, wait)
+                             f"estimate{temp_txt}{press_txt}); {to.id} expected at "
+                             f"{(to.p95_ms + base) * slowdown:.3f} ms" + ("" if fit is not None else
+                                                                           " (none fits: the fastest)"),
+                             now, p95, temp_c, wait, press)
                 self.switched(to.id, now)
                 return d
         j = self._up_index(i)
@@ -407,10 +447,12 @@ class AdaptPolicy:
         p95 = float(np.median([o[2] for o in room]))
         expected = self._expected_up(i, p95)
         wait, wait_txt = wait_of(room)
+        press, _ = pressure_of(room)
+        press_txt = "" if press is None else f"; CPU pressure {press:.0%} <= {self.pressure_max:.0%}"
         d = Decision("up", cur.id, up.id,
                      f"headroom in {len(room)} of {len(win)} checks over {span:g} s: {up.id} expected at "
                      f"{expected:.3f} ms <= {self.headroom:.0%} of the {self.budget_ms:g} ms budget (median request "
-                     f"p95 {p95:.3f} ms{wait_txt}{temp_txt})", now, p95, temp_c, wait)
+                     f"p95 {p95:.3f} ms{wait_txt}{temp_txt}{press_txt})", now, p95, temp_c, wait, press)
         self.switched(up.id, now)
         self._last_up = (up.id, now)
         return d
@@ -482,6 +524,148 @@ def probe_cpu_wait(seconds: float, interval_s: float = 0.005, stop: threading.Ev
     return hist
 
 
+def parse_psi(text: str) -> dict[str, dict[str, float]]:
+    """``/proc/pressure/*`` text → ``{"some": {"avg10", "avg60", "avg300", "total"}, "full": {...}}``. Pure.
+
+    ``total`` is the cumulative stall time in µs (the exact figure; the
+    ``avg*`` are decaying averages in percent). Lines that do not parse are
+    left out; a text with no line that parses raises ``ValueError``.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        kind, _, rest = line.strip().partition(" ")
+        fields: dict[str, float] = {}
+        for item in rest.split():
+            key, eq, value = item.partition("=")
+            if not eq:
+                break
+            try:
+                fields[key] = float(value)
+            except ValueError:
+                break
+        if kind in ("some", "full") and "total" in fields:
+            out[kind] = fields
+    if not out:
+        raise ValueError(f"not a pressure file: {text[:80]!r}")
+    return out
+
+
+def parse_loadavg(text: str) -> tuple[int, int]:
+    """``/proc/loadavg`` text → (runnable tasks now, tasks in all), from its 4th field ``running/total``. Pure."""
+    parts = text.split()
+    try:
+        running, total = parts[3].split("/")
+        return int(running), int(total)
+    except (IndexError, ValueError) as exc:
+        raise ValueError(f"not a loadavg line: {text[:80]!r}") from exc
+
+
+def others_wait(running: int, ncpu: int) -> bool:
+    """Whether tasks wait for a CPU, from ``running`` (``/proc/loadavg``, counted by a task that is running). Pure.
+
+    The reader is in the count, and it runs for a few µs per reading: the
+    question is whether the *other* runnable tasks outnumber the CPUs. With
+    the reader counted, a device whose every core has one busy task would read
+    "waiting" at every sample (the reader preempts one of them for those µs),
+    where PSI reads ~1 %.
+    """
+    return running - 1 > max(1, ncpu)
+
+
+def psi_fraction(prev_total_us: float, now_total_us: float, seconds: float) -> float | None:
+    """The fraction of ``seconds`` in which some runnable task waited for a CPU, from two PSI ``total``s. Pure.
+
+    None when the window is empty or the counter went backwards (nothing to judge).
+    """
+    if seconds <= 0 or now_total_us < prev_total_us:
+        return None
+    return min(1.0, (now_total_us - prev_total_us) / (seconds * 1e6))
+
+
+class CpuPressure:
+    """How much of the time since the last :meth:`read` runnable tasks waited for a CPU (0..1), and from where.
+
+    The sources, best first (chosen once, at construction):
+
+    * ``"psi"``: ``/proc/pressure/cpu``, the ``some`` line's cumulative
+      ``total`` (µs) over the window: the exact share of the time in which
+      runnable tasks waited for a CPU (averaged over the CPUs). Linux >= 4.20
+      with PSI on; some kernels (e.g. Raspberry Pi OS) need ``psi=1`` on the
+      kernel command line, without it reading the file fails;
+    * ``"loadavg"``: any Linux. The check thread calls :meth:`tick` at each
+      probe wake-up (every ``probe_ms``); it reads the number of runnable
+      tasks in ``/proc/loadavg`` (one ~10 µs read) and counts the wake-ups at
+      which other tasks waited for a CPU (:func:`others_wait`). The share of
+      such wake-ups stands in for PSI's figure (measured here: 0-2 % quiet,
+      100 % with 3 or 6 busy processes on 2 cores, where PSI read 51 % and
+      100 %; both 0-1 % with 1 or 2);
+    * ``None``: neither readable; :meth:`read` returns None (the policy then
+      goes by the latency estimate alone, see the module docstring).
+
+    The per-thread run-queue wait of this process (``/proc/self/task/*/
+    schedstat``) was measured too and not kept: summed over our threads it
+    read a median 9 % of the time under 6 busy processes (0-1 % quiet) with a
+    client at 200 requests/s, and less at lower request rates: the mean wait
+    is small, it is the tail that misses the budget.
+
+    Not a thread: the controller's check thread calls :meth:`tick` and
+    :meth:`read`; a lock covers tests that call :meth:`read` from another.
+    """
+
+    def __init__(self, psi_path: str | os.PathLike = "/proc/pressure/cpu",
+                 loadavg_path: str | os.PathLike = "/proc/loadavg", ncpu: int | None = None,
+                 clock=time.monotonic) -> None:
+        self.psi_path = Path(psi_path)
+        self.loadavg_path = Path(loadavg_path)
+        self.ncpu = int(ncpu or os.cpu_count() or 1)  # runnable counts are device-wide: all CPUs, not our affinity
+        self.clock = clock
+        self.source: str | None = None
+        self._lock = threading.Lock()
+        self._total: float | None = None  # PSI: the "some" total at the last read
+        self._at = clock()
+        self._ticks = self._waited = 0    # loadavg: wake-ups sampled / with others waiting since the last read
+        try:
+            self._total = parse_psi(self.psi_path.read_text())["some"]["total"]
+            self.source = "psi"
+        except (OSError, ValueError, KeyError):
+            try:
+                parse_loadavg(self.loadavg_path.read_text())
+                self.source = "loadavg"
+            except (OSError, ValueError):
+                self.source = None
+
+    def tick(self) -> None:
+        """One probe wake-up: with the loadavg source, sample whether other tasks wait for a CPU now."""
+        if self.source != "loadavg":
+            return
+        try:
+            running, _ = parse_loadavg(self.loadavg_path.read_text())
+        except (OSError, ValueError):
+            return
+        with self._lock:
+            self._ticks += 1
+            self._waited += others_wait(running, self.ncpu)
+
+    def read(self) -> float | None:
+        """The pressure since the previous call (or construction); None without a source or figures."""
+        if self.source is None:
+            return None
+        if self.source == "loadavg":
+            with self._lock:
+                ticks, waited, self._ticks, self._waited = self._ticks, self._waited, 0, 0
+            return waited / ticks if ticks else None
+        now = self.clock()
+        try:
+            total = parse_psi(self.psi_path.read_text())["some"]["total"]
+        except (OSError, ValueError, KeyError) as exc:  # the next good read covers this window too
+            log.debug("adapt: CPU pressure unreadable: %s", exc)
+            return None
+        with self._lock:
+            prev, self._total = self._total, total
+            seconds, self._at = now - self._at, now
+        return psi_fraction(prev, total, seconds) if prev is not None else None
+
+
 def measure_interleaved(runs: Mapping[str, Any], feeds: Mapping[str, list], *, seconds: float = 1.0,
                         min_runs: int = 20, max_runs: int = 5000, chunks: int = 5) -> dict[str, dict]:
     """Time several models round-robin (one call each per round) for about ``seconds`` in total.
@@ -550,7 +734,9 @@ class AdaptController:
                  sustain_s: float | None = None, headroom_s: float | None = None, headroom: float | None = None,
                  cooldown_s: float | None = None, min_samples: int | None = None, hot_c: float | None = None,
                  measure_s: float | None = None, tune: bool | None = None, min_checks: int = 3,
-                 probe_ms: float | None = None, thermal_root: str | os.PathLike = "/sys/class/thermal",
+                 probe_ms: float | None = None, pressure_max: float | None = None,
+                 thermal_root: str | os.PathLike = "/sys/class/thermal", psi_path: str | os.PathLike =
+                 "/proc/pressure/cpu", loadavg_path: str | os.PathLike = "/proc/loadavg",
                  clock=time.monotonic) -> None:
         self.agent = agent
         cfg = getattr(getattr(agent, "config", None), "adapt", None)
@@ -572,6 +758,10 @@ class AdaptController:
         self.measure_s = float(pick(measure_s, "measure_s", 1.0))
         # The CPU-wait probe's sleep: ~1000/probe_ms wake-ups a second on the check thread.
         self.probe_ms = float(pick(probe_ms, "probe_ms", 10.0))
+        # No step up while tasks waited for a CPU in more than this share of a check window (see CpuPressure).
+        self.pressure_max = float(pick(pressure_max, "pressure_max", 0.2))
+        self.psi_path, self.loadavg_path = psi_path, loadavg_path
+        self._cpu: CpuPressure | None = None  # made at start(): the source is probed once
         self.tune = bool(pick(tune, "tune", True))
         self.min_checks = int(min_checks)
         self.thermal_root = thermal_root
@@ -695,7 +885,7 @@ class AdaptController:
             self.policy = AdaptPolicy(rungs, self.budget_ms, best.id, sustain_s=self.sustain_s,
                                       headroom_s=self.headroom_s, headroom=self.headroom, cooldown_s=self.cooldown_s,
                                       min_samples=self.min_samples, hot_c=self.hot_c, min_checks=self.min_checks,
-                                      base_ms=self.base_ms or 0.0)
+                                      base_ms=self.base_ms or 0.0, pressure_max=self.pressure_max)
             self.policy.switched(best.id, now)
         if self.tune and not _explicit(agent.config, "batcher", "max_delay_ms") and agent.batcher is not None:
             mb = agent.config.batcher.max_batch
@@ -705,13 +895,16 @@ class AdaptController:
             agent.batcher.policy.max_delay_s = self.max_delay_ms / 1000.0
         self._record({"action": "start", "from_id": previous, "to_id": best.id, "reason": reason, "at": time.time(),
                       "p95_ms": best.p95_ms, "base_ms": self.base_ms,
+                      "pressure_source": self._cpu.source if self._cpu is not None else None,
                       "temp_c": (read_thermal(self.thermal_root) or {}).get("max_c"),
                       "measure_s": round(time.monotonic() - t0, 2)})
         self._reset_windows()
 
     def _reset_windows(self) -> None:
-        """Start the next check window now: request latencies and CPU-wait samples from here on."""
+        """Start the next check window now: request latencies, CPU-wait samples and CPU pressure from here on."""
         self._prev_hist = self.agent.metrics.snapshot().get("latency_ms")
+        if self._cpu is not None:
+            self._cpu.read()
         with self._lock:
             self._wait.reset()
 
@@ -726,6 +919,8 @@ class AdaptController:
         """Measure and choose (blocking, bounded by ``measure_s`` per variant), then start the check loop."""
         if self._thread is not None:
             return self
+        if self._cpu is None:
+            self._cpu = CpuPressure(self.psi_path, self.loadavg_path)
         if self.agent.handle is not None:
             try:
                 self._select()
@@ -777,6 +972,8 @@ class AdaptController:
                 with self._lock:
                     for ms in late:  # usually one: a plain add is cheaper than a vectorised one
                         self._wait.add(ms)
+                if self._cpu is not None:
+                    self._cpu.tick()  # the loadavg pressure source samples here (a no-op with PSI)
             if t1 >= next_check:
                 next_check = t1 + self.check_s
                 try:
@@ -811,14 +1008,20 @@ class AdaptController:
         thermal = read_thermal(self.thermal_root)
         temp = thermal["max_c"] if thermal else None
         self.last = {"p95_ms": p95, "request_p95_ms": request_p95, "cpu_wait_p95_ms": wait_p95, "requests": samples,
-                     "probes": probes, "temp_c": temp, "variant": self.policy.current, "at": time.time()}
+                     "probes": probes, "temp_c": temp, "variant": self.policy.current, "at": time.time(),
+                     "cpu_pressure": self.last.get("cpu_pressure"),
+                     "pressure_source": self._cpu.source if self._cpu is not None else None}
         if samples < self.min_samples and not (wait_p95 is not None and wait_p95 > self.policy.budget_ms
                                                and probes >= self.min_samples):
             # Too few requests to judge (idle): keep accumulating into the next check instead of judging a
             # p95 of three requests. Starved by load is judged: the CPU wait alone is over the budget.
             return None
+        # The pressure over the same window as the request and probe figures (read here, not in _reset_windows:
+        # a window that was not judged accumulates into the next one, the pressure too).
+        pressure = self._cpu.read() if self._cpu is not None else None
+        self.last["cpu_pressure"] = pressure
         self._reset_windows()
-        d = self.policy.observe(self.clock(), p95, samples, temp, cpu_wait_ms=wait_p95)
+        d = self.policy.observe(self.clock(), p95, samples, temp, cpu_wait_ms=wait_p95, pressure=pressure)
         if d is None:
             return None
         decided = time.time()
@@ -855,6 +1058,7 @@ class AdaptController:
         return {"adapt": {"variant": getattr(self.agent.handle, "variant", None), "budget_ms": self.budget_ms,
                           "p95_ms": self.last.get("p95_ms"), "request_p95_ms": self.last.get("request_p95_ms"),
                           "cpu_wait_p95_ms": self.last.get("cpu_wait_p95_ms"), "temp_c": self.last.get("temp_c"),
+                          "cpu_pressure": self.last.get("cpu_pressure"),
                           "threads": self.threads, "max_delay_ms": self.max_delay_ms,
                           "measured_p95_ms": {k: round(v["p95"], 4) for k, v in self.measurements.items()
                                               if "p95" in v},
@@ -865,6 +1069,8 @@ class AdaptController:
             events = list(self._events)[-5:]
         return {"adapt": {"variant": getattr(self.agent.handle, "variant", None), "budget_ms": self.budget_ms,
                           "choice": self.choice_reason, "base_ms": self.base_ms, "last": dict(self.last),
+                          "pressure_source": self._cpu.source if self._cpu is not None else None,
+                          "pressure_max": self.pressure_max,
                           "standby": getattr(self._standby, "variant", None),
                           "threads": self.threads,
                           "thread_p95_ms": dict(self.thread_p95), "max_delay_ms": self.max_delay_ms,

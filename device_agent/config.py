@@ -179,6 +179,7 @@ class AdaptSection:
     cooldown_s: float | None = None                 # no change this long after one (default: sustain_s)
     min_samples: int = _opt(20, _at_least(1))       # a check with fewer requests is not judged
     probe_ms: float = _opt(10.0, _positive)         # CPU-wait probe: sleep this long, record how late it wakes
+    pressure_max: float = _opt(0.2, _positive)      # no step up while tasks waited for a CPU more of the time
     hot_c: float = _opt(80.0, _positive)            # no step up at or above this SoC temperature
     measure_s: float = _opt(1.0, _positive)         # start-up timing per variant
     tune: bool = True                               # measure threads / batch delay when the config leaves them open

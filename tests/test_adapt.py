@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeship.agent.adapt import (AdaptController, AdaptPolicy, Rung, choose_batch_delay, choose_threads,
-                                  choose_variant, read_thermal, request_estimate, tick_lateness,
-                                  variant_accuracy)
+from edgeship.agent.adapt import (AdaptController, AdaptPolicy, CpuPressure, Rung, choose_batch_delay,
+                                  choose_threads, choose_variant, others_wait, parse_loadavg, parse_psi,
+                                  psi_fraction, read_thermal, request_estimate, tick_lateness, variant_accuracy)
 
 A = Rung("fp32-big", (99.0, 3, 0.0), 10.0)
 B = Rung("fp32-student", (98.0, 3, 0.0), 4.0)
@@ -192,8 +192,11 @@ def test_agent_picks_the_variant_for_its_budget(tmp_path, budget, expect):
 def test_agent_steps_down_and_up_through_the_zero_drop_swap(tmp_path):
     pkg = _package(tmp_path)
     with _agent(tmp_path, pkg) as agent:
+        psi = tmp_path / "cpu.pressure"  # a quiet device, whatever else this machine runs meanwhile
+        psi.write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=1000\nfull avg10=0.00 avg60=0.00 avg300=0.00 "
+                       "total=0\n")
         ctl = AdaptController(agent, budget_ms=1000.0, measure_s=0.1, check_s=3600, tune=False, sustain_s=0,
-                              headroom_s=0, cooldown_s=0, min_samples=5, min_checks=1)
+                              headroom_s=0, cooldown_s=0, min_samples=5, min_checks=1, psi_path=psi)
         agent.add_component(ctl)
         assert ctl.ready.wait(30) and agent.handle.variant == "big"
         x = np.zeros((64,), np.float32)
@@ -209,8 +212,10 @@ def test_agent_steps_down_and_up_through_the_zero_drop_swap(tmp_path):
         d = ctl.check()
         assert d is not None and d.action == "up" and agent.handle.variant == "big"
         assert all(f.result(10).outputs["logits"].shape == (10,) for f in futures)  # nothing dropped
-        changes = [c["action"] for c in ctl.telemetry_fields()["adapt"]["changes"]]
-        assert changes == ["start", "down", "up"]
+        tel = ctl.telemetry_fields()["adapt"]
+        assert [c["action"] for c in tel["changes"]] == ["start", "down", "up"]
+        assert tel["cpu_pressure"] == 0.0 and tel["changes"][0]["pressure_source"] == "psi"
+        assert "CPU pressure 0% <= 20%" in tel["changes"][2]["reason"]
         assert agent.metrics.counters["switches"] >= 2
 
 
@@ -299,8 +304,9 @@ def test_agent_steps_down_under_real_cpu_load_and_back_up_after(tmp_path):
     served = [0]
     stop = threading.Event()
     with _agent(tmp_path, pkg, batcher={"max_delay_ms": 0.0}) as agent:  # answer at once: no batch delay
+        # pressure_max 0.5: 3 busy processes per core read ~100 %, and other work on a shared machine stays below
         ctl = AdaptController(agent, budget_ms=1.5, measure_s=0.2, check_s=0.25, tune=False, sustain_s=1.0,
-                              headroom_s=1.5, cooldown_s=0.5, min_samples=10, probe_ms=5.0)
+                              headroom_s=1.5, cooldown_s=0.5, min_samples=10, probe_ms=5.0, pressure_max=0.5)
         agent.add_component(ctl)
         assert ctl.ready.wait(30)
         x = np.zeros((64,), np.float32)
@@ -335,6 +341,7 @@ def test_agent_steps_down_under_real_cpu_load_and_back_up_after(tmp_path):
                     h.kill()
                 for h in hogs:
                     h.wait(5)
+                load_stopped = time.time()
             deadline = time.monotonic() + 10
             while agent.handle.variant != "big" and time.monotonic() < deadline:
                 stop.wait(0.05)
@@ -353,3 +360,88 @@ def test_agent_steps_down_under_real_cpu_load_and_back_up_after(tmp_path):
     down = [c for c in ctl.health()["adapt"]["recent_changes"] if c["action"] == "down"][-1]
     assert down["standby"] is True                   # the fastest variant was kept warm: no load under the load
     assert standby_after_up == "small" and ctl.health()["adapt"]["standby"] is None  # closed with the agent
+    up = [c for c in ctl.health()["adapt"]["recent_changes"] if c["action"] == "up"][-1]
+    assert up["decided_at"] >= load_stopped, f"stepped up while the load ran: {up['reason']}"
+
+
+PSI = ("some avg10=1.50 avg60=0.80 avg300=0.20 total={}\n"
+       "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+
+
+def test_psi_text_and_the_pressure_of_a_window():
+    psi = parse_psi(PSI.format(3252239278))
+    assert psi["some"]["total"] == 3252239278 and psi["some"]["avg10"] == 1.5 and psi["full"]["total"] == 0
+    assert parse_psi("some avg10=0.00 avg60=0.00 avg300=0.00 total=7\n") == {
+        "some": {"avg10": 0.0, "avg60": 0.0, "avg300": 0.0, "total": 7.0}}  # older kernels: no "full" line for CPU
+    with pytest.raises(ValueError):
+        parse_psi("")                                          # PSI off: nothing that parses
+    with pytest.raises(ValueError):
+        parse_psi("some avg10=x total=y")
+    assert psi_fraction(1_000_000, 1_250_000, 0.5) == pytest.approx(0.5)   # 0.25 s of 0.5 s waited
+    assert psi_fraction(0, 9_000_000, 1.0) == 1.0                           # capped: a share of the window
+    assert psi_fraction(10, 5, 1.0) is None and psi_fraction(0, 5, 0.0) is None
+
+
+def test_loadavg_text_and_whether_others_wait():
+    assert parse_loadavg("0.50 0.73 0.76 3/250 12345\n") == (3, 250)
+    with pytest.raises(ValueError):
+        parse_loadavg("0.50 0.73 0.76")
+    # The reader is one of the runnable tasks: on 2 CPUs, others wait only when 3 or more of them are runnable.
+    assert [others_wait(r, 2) for r in (1, 2, 3, 4, 7)] == [False, False, False, True, True]
+    assert others_wait(3, 1) and not others_wait(2, 1)
+
+
+def test_cpu_pressure_reads_psi_else_samples_loadavg_else_nothing(tmp_path):
+    now = [100.0]
+    psi = tmp_path / "cpu"
+    psi.write_text(PSI.format(5_000_000))
+    c = CpuPressure(psi, tmp_path / "none", clock=lambda: now[0])
+    assert c.source == "psi"
+    psi.write_text(PSI.format(5_300_000))
+    now[0] += 2.0
+    assert c.read() == pytest.approx(0.15)                    # 0.3 s of the last 2 s
+    now[0] += 1.0
+    assert c.read() == 0.0                                    # the counter did not move
+    psi.unlink()
+    assert c.read() is None                                   # unreadable now: no figure, no crash
+
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("6.00 5.00 4.00 7/300 999\n")
+    blocked = tmp_path / "pressure"
+    blocked.mkdir()                                           # exists but cannot be read, like PSI off with psi=0
+    c = CpuPressure(blocked, loadavg, ncpu=2)
+    assert c.source == "loadavg" and c.read() is None         # no wake-up sampled yet
+    for running in ("7/300", "7/300", "2/300", "3/300"):
+        loadavg.write_text(f"6.00 5.00 4.00 {running} 999\n")
+        c.tick()
+    assert c.read() == pytest.approx(0.5) and c.read() is None  # per window: 2 of 4 wake-ups saw others waiting
+
+    c = CpuPressure(tmp_path / "none", tmp_path / "none")
+    c.tick()
+    assert c.source is None and c.read() is None
+
+
+def test_cpu_pressure_blocks_the_step_up_an_under_reading_estimate_would_make():
+    # Under the load the CPU-wait probe can read ~0.1 ms while the application's threads wait ~4 ms (the module
+    # docstring): the estimate then shows room. The CPU pressure (PSI: ~100 %) does not under-read.
+    def run(pressure_of):
+        p = policy(current="fp32-student", base_ms=0.2, sustain_s=3, headroom_s=5, cooldown_s=3)
+        moves, t = [], 0.0
+        while t < 60:
+            model = next(r for r in p.ladder if r.id == p.current).p95_ms
+            wait = 4.0 if 10 <= t < 13 else 0.1                 # the probe sees the onset, then under-reads
+            d = p.observe(t, request_estimate(model + 0.1, wait), 50, cpu_wait_ms=wait, pressure=pressure_of(t))
+            if d:
+                moves.append((t, d))
+            t += 0.5
+        return moves
+
+    load = lambda t: 10 <= t < 40  # noqa: E731
+    blind = run(lambda t: None)   # no pressure figure (neither PSI nor /proc/loadavg): the estimate alone
+    assert [d.action for _, d in blind][:2] == ["down", "up"] and load(blind[1][0])  # up into the load
+    moves = run(lambda t: 1.0 if load(t) else 0.01)
+    assert [(d.action, d.to_id) for _, d in moves] == [("down", "int8-student"), ("up", "fp32-student")]
+    (t_down, down), (t_up, up) = moves
+    assert 10 < t_down <= 13.5 and down.cpu_pressure == 1.0 and "CPU pressure 100%" in down.reason
+    assert 40 <= t_up <= 40 + 5 + 0.5                         # after the load, within headroom_s (+ a check)
+    assert up.cpu_pressure == pytest.approx(0.01) and "CPU pressure 1% <= 20%" in up.reason
