@@ -369,9 +369,11 @@ class Agent:
 
     def _close_later(self, handle: ModelHandle) -> None:
         # The batcher may still be running a batch on it: close after that batch.
+        since = time.monotonic()
+
         def closer():
-            deadline = time.monotonic() + 30
-            while self.batcher is not None and self.batcher.busy and time.monotonic() < deadline:
+            deadline = since + 30
+            while self.batcher is not None and not self.batcher.ran_since(since) and time.monotonic() < deadline:
                 time.sleep(0.005)
             handle.close()
         threading.Thread(target=closer, name="edgeship-close-model", daemon=True).start()

@@ -459,6 +459,14 @@ class MicroBatcher:
         """A batch is being run or its results delivered right now (on any thread)."""
         return self._busy or self._delivering > 0
 
+    def ran_since(self, t: float) -> bool:
+        """No batch that started before monotonic time ``t`` is still running.
+
+        What a model swap waits for before closing the old runner: busy as a
+        whole (a run or a delivery) can stay true for as long as the load lasts.
+        """
+        return not self._busy or self._run_started > t
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no batch is running or being delivered; True when idle within ``timeout``."""
         limit = time.monotonic() + timeout

@@ -520,6 +520,34 @@ def test_the_batcher_measures_which_half_is_longer(run_s, finish_s, deliverer):
     assert (names[-1] == "edgeship-batcher-deliver") == deliverer
 
 
+
+def test_ran_since_tells_when_the_batch_running_at_a_swap_is_over():
+    gate, entered = threading.Event(), threading.Event()
+
+    def process(segs):
+        entered.set()
+        gate.wait(5)
+        for s in segs:
+            s.work.future.set_result(True)
+
+    mb = MicroBatcher(BatchPolicy(max_batch=1, max_delay_s=0.0), process).start()
+    try:
+        first = _fut_work()
+        mb.put(first)
+        assert entered.wait(5)
+        swap = time.monotonic()
+        assert not mb.ran_since(swap)  # the batch that started before the swap still runs
+        entered.clear()
+        second = _fut_work()
+        mb.put(second)
+        gate.set()
+        assert first.future.result(5) and second.future.result(5)
+        assert mb.ran_since(swap)  # idle, or running a batch that started after
+    finally:
+        gate.set()
+        mb.stop(2.0)
+
+
 # -- metrics ------------------------------------------------------------------------
 
 def test_histogram_percentiles_and_constant_memory():
