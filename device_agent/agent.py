@@ -592,6 +592,7 @@ class Agent:
         early for it). Raises :class:`InputError` for a bad sample and
         :class:`OverloadError` when the queue refuses it.
         """
+        now = time.monotonic()  # request in: validation and preprocessing count in its latency
         self._check_running()
         handle = self._handle
         try:
@@ -599,7 +600,6 @@ class Agent:
         except InputError as exc:
             self.metrics.record_rejects(source, [(None, str(exc))])
             raise
-        now = time.monotonic()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         keys = None
         if self.cache is not None:
