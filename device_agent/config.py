@@ -446,5 +446,6 @@ bandwidth_limit_kbps = 0          # 0 = unlimited
 # latency_budget_ms = 20          # pick the package variant that meets this on this device
 # sustain_s = 10                  # p95 over budget this long -> step down to a faster variant
 # headroom_s = 30                 # headroom this long -> step back up (not while hot_c is reached)
+# pressure_max = 0.2              # no step up while tasks waited for a CPU more of the time (PSI / loadavg)
 # tune = true                     # measure [runtime] threads / [batcher] max_delay_ms when not set here
 '''
