@@ -531,19 +531,19 @@ class AdaptPolicy:
             self._obs.popleft()
         temp_txt = f", SoC {temp_c:.0f} °C" if temp_c is not None else ""
 
-        def wait_of(obs: list) -> tuple[float | None, str]:
-            waits = [o[3] for o in obs if o[3] is not None]
-            if not waits:
+        def median_of(obs: list, k: int, text: str) -> tuple[float | None, str]:
+            """The median of field ``k`` over the checks that have it, and ``text`` formatted with it."""
+            vals = [o[k] for o in obs if o[k] is not None]
+            if not vals:
                 return None, ""
-            w = float(np.median(waits))
-            return w, f", of which CPU wait {w:.3f} ms"
+            v = float(np.median(vals))
+            return v, text.format(v)
+
+        def wait_of(obs: list) -> tuple[float | None, str]:
+            return median_of(obs, 3, ", of which CPU wait {:.3f} ms")
 
         def pressure_of(obs: list) -> tuple[float | None, str]:
-            ps = [o[4] for o in obs if o[4] is not None]
-            if not ps:
-                return None, ""
-            v = float(np.median(ps))
-            return v, f"; CPU pressure {v:.0%}"
+            return median_of(obs, 4, "; CPU pressure {:.0%}")
         win = self._window(now, self.sustain_s)
         if i < len(self.ladder) - 1 and win is not None:
             over = [o for o in win if o[1] == "over"]
