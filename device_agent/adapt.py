@@ -426,8 +426,12 @@ class AdaptPolicy:
         while self._stint and self._stint[0][0] < horizon:
             self._stint.popleft()
         if len(self._stint) >= self.min_checks:
-            self.served[self.current] = {"p95_ms": float(np.median([o[1] for o in self._stint])),
-                                         "checks": len(self._stint), "at": now}
+            self.served[self.current] = self._served_entry(self._stint, now)
+
+    @staticmethod
+    def _served_entry(checks, at: float) -> dict:
+        """A served figure from quiet checks ``(time, p95)``: their median, how many, and when."""
+        return {"p95_ms": float(np.median([o[1] for o in checks])), "checks": len(checks), "at": at}
 
     def _unlearn_onset(self, now: float) -> None:
         """A load sent the current rung down: its last ``sustain_s`` of checks belong to the load, not to it.
@@ -440,8 +444,7 @@ class AdaptPolicy:
         """
         keep = [o for o in self._stint if o[0] < now - self.sustain_s]
         if len(keep) >= self.min_checks:
-            self.served[self.current] = {"p95_ms": float(np.median([o[1] for o in keep])), "checks": len(keep),
-                                         "at": keep[-1][0]}
+            self.served[self.current] = self._served_entry(keep, keep[-1][0])
         elif self._prior is not None:
             self.served[self.current] = self._prior
         else:

@@ -610,8 +610,7 @@ class MicroBatcher:
         t1 = time.monotonic()
         self.last_batch_at = t1
         if finish is not None and not self._delivering:  # (only this thread adds deliveries: no race)
-            pipeline = self.policy.pipeline_pays() if self.pipeline is None else self.pipeline
-            if inline or not pipeline or not self._delivery_on:
+            if inline or not self._pipelining() or not self._delivery_on:
                 self._finish(segments, finish)
                 finish = None
         with self._lock:
@@ -636,6 +635,10 @@ class MicroBatcher:
             with self._lock:
                 self._busy = False
                 self._idle.notify_all()
+
+    def _pipelining(self) -> bool:
+        """Whether run batches go to the delivery thread now (``pipeline``, else measured)."""
+        return self.policy.pipeline_pays() if self.pipeline is None else self.pipeline
 
     def _failed(self, segments: list[Segment], exc: Exception) -> None:
         if not isinstance(exc, InputError):
@@ -662,9 +665,8 @@ class MicroBatcher:
         last = -1e9  # when the last delivery ended
         while True:
             if not self._deliveries:  # (a deque's length reads atomically; the lock is hot)
-                pipelining = self.policy.pipeline_pays() if self.pipeline is None else self.pipeline
                 now = time.monotonic()
-                if pipelining and self._delivery_on and now - last < self.delivery_poll_s:
+                if self._pipelining() and self._delivery_on and now - last < self.delivery_poll_s:
                     # Poll, without the lock: the runner then never has to wake us, and the
                     # callers' puts never queue behind us. Sleep until the running batch is
                     # due (its start + the learnt run time), then in short steps.
