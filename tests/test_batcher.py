@@ -13,6 +13,8 @@ from edgeship.agent.prefetch import backoff_delay
 from edgeship.errors import OverloadError
 from edgeship.metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Counters, Histogram, percentiles
 
+from waiting import wait_until
+
 
 def w(n=1, t=0.0, deadline=None, source="s"):
     return Work([np.arange(n, dtype=np.float32)[:, None]], n, t_in=t, deadline=deadline, source=source)
@@ -379,10 +381,7 @@ def _tagged(i):
 
 
 def _wait_until(fn, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not fn() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return fn()
+    return wait_until(fn, timeout, step=0.005)
 
 
 def test_the_next_batch_runs_while_the_last_is_delivered_in_order_with_bounded_backlog():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -11,17 +10,10 @@ from edgeship.fleet.collector import Collector, classify_error
 from edgeship.fleet.db import MIGRATIONS, FleetDB
 from edgeship.mqtt import Inbound, LinkOptions, MqttLink
 
+from waiting import wait_until
+
 FLEET = "tc"
 FAST = LinkOptions(backoff_base=0.05, backoff_cap=0.5)
-
-
-def wait_until(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def enc(kind: str, device: str, body: dict, **kw) -> tuple[str, bytes]:

@@ -19,6 +19,8 @@ from edgeship.fleet.collector import Collector
 from edgeship.fleet.db import FleetDB
 from edgeship.mqtt import LinkOptions, MqttLink
 
+from waiting import wait_until
+
 FLEET = "tf"
 FAST = LinkOptions(backoff_base=0.05, backoff_cap=0.5)
 
@@ -31,15 +33,6 @@ def fb_msg(device: str, i: int) -> tuple[str, bytes, str]:
 def tel_msg(device: str, i: int, pad: int = 0) -> tuple[str, bytes, str]:
     m = protocol.make_message("telemetry", device, {"window_s": 60.0, "counts": {"inferences": i}, "pad": "x" * pad})
     return protocol.device_topic(FLEET, device, "telemetry"), protocol.encode(m), m["msg_id"]
-
-
-def wait_until(cond, timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
 
 
 def collector(db, url: str, name: str) -> Collector:
