@@ -40,6 +40,7 @@ def digits_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(digits_data):
     """The example's Teacher, trained briefly on 800 samples (~95% on held-out digits)."""
+    torch.manual_seed(0)  # its initial weights too: not whatever the tests before it drew
     t = digits.train_classifier(digits.Teacher(), digits_data["x"][:800] * 16, digits_data["y"][:800], epochs=4)
     return t.eval()
 
@@ -74,6 +75,9 @@ def test_kd_loss_matches_definition():
 
 
 def test_onnx_teacher_distills_and_writes_curve(teacher_onnx, digits_data, tmp_path):
+    # Fixed initial weights (distill's seed fixes the rest): unseeded, they came from whatever the
+    # tests before had drawn, and one draw in CI reached 0.84 after 8 epochs.
+    torch.manual_seed(0)
     student = digits.Student()
     before = _top1(student, digits_data["xv"], digits_data["yv"])
     res = distill(teacher_onnx, student, digits_data["train"], val=digits_data["val"], epochs=8, lr=3e-3,
