@@ -7,7 +7,10 @@ consumer of the device link's inbound queue), and for the newest plan:
 
 1. verifies the plan's Ed25519 signature with the device's trusted keys and
    ignores any plan whose ``seq`` is not newer than the last one seen (a
-   replayed old "running" plan cannot undo an abort);
+   replayed old "running" plan cannot undo an abort), and any plan created
+   before the newest plan it ever accepted (the *floor*, kept across restarts:
+   clearing the newest retained plan cannot bring an older signed plan back;
+   a rollback is a newer plan of the older package);
 2. computes its bucket; when the plan will reach it, downloads the package
    in the background after a random jitter (resumable, into
    ``state_dir/downloads``; see :mod:`edgeship.agent.download`), reports
@@ -93,8 +96,9 @@ class RolloutClient:
         self._plans: dict[str, ro.Plan] = {}
         self._first_seen: dict[str, float] = {}
         self._jitter: dict[str, float] = {}
+        self._stale_logged: set[str] = set()
         self._health_base: dict | None = None
-        self.counters = {"plans": 0, "plans_refused": 0, "downloads": 0, "download_failures": 0, "switches": 0,
+        self.counters = {"plans": 0, "plans_refused": 0, "plans_stale": 0, "downloads": 0, "download_failures": 0, "switches": 0,
                          "rollbacks": 0, "reports": 0}
         self.last_error: str | None = None
         self.state = self._load_state()
@@ -207,6 +211,8 @@ class RolloutClient:
             return
         if plan.fleet != self.fleet:
             return
+        if self._below_floor(plan):
+            return
         seen = int(self.state["seq"].get(plan.rollout_id, 0))
         if plan.seq < seen or (plan.seq == seen and plan.rollout_id in self._plans):
             return  # replayed or repeated: never go back to an older plan
@@ -216,6 +222,34 @@ class RolloutClient:
         if plan.seq != seen:
             self.state["seq"][plan.rollout_id] = plan.seq
             self._save()
+
+    def _below_floor(self, plan: ro.Plan) -> bool:
+        """Refuse a plan older than the newest one this device ever accepted; else raise the floor.
+
+        Why: the device follows the newest plan it holds, and plans arrive as
+        retained messages. Anyone who can clear the newest retained plan would
+        otherwise make an older, validly signed plan the newest again after a
+        restart and push the device back to an old model. The floor (creation
+        time and id of the newest plan seen) is kept in ``rollout.json``, so it
+        survives restarts; a deliberate rollback is a *newer* signed plan.
+        """
+        floor = self.state.get("floor") or {}
+        key = (float(plan.created), plan.rollout_id)
+        fkey = (float(floor.get("created", 0.0)), str(floor.get("rollout_id", "")))
+        if plan.rollout_id != fkey[1] and key < fkey:
+            self.counters["plans_stale"] += 1
+            self.last_error = (f"plan {plan.rollout_id} (version {plan.package.version}) refused: older than the "
+                               f"newest plan seen, {fkey[1]} (version {floor.get('version')}); to go back, "
+                               "start a new rollout of the older package")
+            if plan.rollout_id not in self._stale_logged:
+                self._stale_logged.add(plan.rollout_id)
+                log.warning("%s", self.last_error)
+            return True
+        if key > fkey:
+            self.state["floor"] = {"created": key[0], "rollout_id": plan.rollout_id,
+                                   "version": plan.package.version}
+            self._save()
+        return False
 
     # ------------------------------------------------------------ decisions
     def _current_plan(self) -> ro.Plan | None:

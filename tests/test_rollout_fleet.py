@@ -393,3 +393,40 @@ rate_hz = 100
     wait_for(lambda: reported("healthy"), 60, step=0.2, what="a healthy report after the restart")
     assert json.loads((state / "state.json").read_text())["active"] == sha2
     assert not reported("failed") and not list((state / "store").glob(".tmp-*"))
+
+
+def test_cleared_newest_plan_cannot_downgrade_a_restarted_device(make_fleet, pkgs):
+    """#17.4: clearing the newest rollout's retained plan must not let an older signed plan win after a restart."""
+    f = make_fleet(1, "floor")
+    dev = f.devices[0]
+    ctl = f.controller_start()
+    r2 = ctl.start_rollout(pkgs["v2"], stages="100", soak_s=0.3, gates=GATES, salt="f2")["rollout_id"]
+    wait_for(lambda: dev.version == "2.0.0", 30, what="the switch to 2.0.0")
+    wait_for(lambda: ctl.status(r2)["state"] == "completed", 30, step=0.3, what="rollout 2 completed")
+    r3 = ctl.start_rollout(pkgs["v3"], stages="100", soak_s=0.3, gates=GATES, salt="f3")["rollout_id"]
+    wait_for(lambda: dev.version == "3.0.0", 30, what="the switch to 3.0.0")
+    wait_for(lambda: ctl.status(r3)["state"] == "completed", 30, step=0.3, what="rollout 3 completed")
+    ctl.stop(2)
+    f.controller = None
+    dev.stop()
+    # The attack: anyone on the broker clears the retained plan of the newest rollout.
+    import paho.mqtt.client as mqtt
+    from paho.mqtt import publish
+
+    publish.single(f"edgeship/v1/{f.fleet}/rollouts/{r3}", payload=None, qos=1, retain=True,
+                   hostname=f.broker.host, port=f.broker.port,
+                   protocol=mqtt.MQTTv311)
+    again = Device(f.root / "devices", dev.device, f.fleet, f.broker.url, pkgs["v1"], f.pub)
+    f.devices[0] = again
+    again.start()
+    # The older signed plan (2.0.0) arrives and is refused as older than the newest plan the device has seen.
+    wait_for(lambda: again.client.counters.get("plans_stale", 0) >= 1 or again.version != "3.0.0", 30,
+             what="the older plan refused (or, wrongly, installed)")
+    time.sleep(1.0)  # give a (wrong) switch time to happen
+    assert again.version == "3.0.0"
+    assert "older than" in (again.client.last_error or "")
+    # A deliberate rollback stays possible: a newer signed plan of the older package.
+    ctl = f.controller_start()
+    back = ctl.start_rollout(pkgs["v2"], stages="100", soak_s=0.3, gates=GATES, salt="f4")["rollout_id"]
+    wait_for(lambda: again.version == "2.0.0", 30, what="the deliberate rollback to 2.0.0")
+    assert again.client.state["floor"]["rollout_id"] == back
