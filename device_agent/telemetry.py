@@ -426,6 +426,10 @@ class StateReporter:
         while not self._stop.wait(0.1):
             try:
                 link = self.link
+                if self.model_fn is not None:
+                    # A switch with no traffic after it is reported too: the fleet
+                    # compares each device's model with what its rollouts want.
+                    self._see_model(self.model_fn())
                 if link is not None and link.connected and link.generation != self._gen_seen:
                     self._gen_seen = link.generation
                     self.put_state(True)

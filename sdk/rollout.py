@@ -298,6 +298,33 @@ def will_reach(device_bucket: float, plan: Plan) -> bool:
     return plan.state in ACTIVE_STATES + ("completed",) and in_stage(device_bucket, plan.target_percent)
 
 
+def version_mismatches(plan: Plan, devices: Iterable[Mapping[str, Any]],
+                       reports: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+    """Devices whose reported model differs from what a completed plan wants (the fleet-side reconcile).
+
+    Pure. Only a *completed* plan states a desired model for every device it
+    targets. A device is judged once it has told the fleet it runs the plan's
+    model (its last report under the plan is ``active`` or ``healthy``) and a
+    newer state of the device names another model: it went back after the
+    rollout (a cleared retained plan, a hand install). A device that failed
+    or rolled back under the plan, is pinned, or has not switched yet has said
+    why it differs and is not an alert. ``reports``: the device's latest
+    report under this plan, by device (``state``, ``ts``).
+    """
+    if plan.state != "completed":
+        return []
+    out = []
+    for d in devices:
+        dev, sha = d.get("device"), d.get("model_sha256")
+        r = reports.get(dev) if dev else None
+        if not sha or r is None or r.get("state") not in ("active", "healthy"):
+            continue
+        if sha != plan.package.sha256 and float(d.get("state_ts") or 0) > float(r.get("ts") or 0):
+            out.append({"device": dev, "reported": d.get("model_version"), "reported_sha256": sha,
+                        "desired": plan.package.version, "rollout_id": plan.rollout_id})
+    return out
+
+
 def count_in_range(buckets: Iterable[float], lo: float, hi: float) -> int:
     return sum(1 for b in buckets if lo <= b < hi)
 

@@ -162,3 +162,18 @@ def test_local_health():
     assert ro.local_health(pol, inferences=100, errors=20, p95_new=1, p95_old=1)[0] is False
     assert ro.local_health(pol, inferences=100, errors=0, p95_new=50, p95_old=10)[0] is False
     assert ro.local_health(pol, inferences=0, errors=0, p95_new=None, p95_old=None, crashed=True)[0] is False
+
+
+def test_version_mismatches_only_for_completed_plans_and_devices_that_went_back():
+    plan = make_plan(percent=100.0)
+    old = "1" * 64
+    devs = [{"device": "a", "model_version": "2", "model_sha256": plan.package.sha256, "state_ts": 50},
+            {"device": "b", "model_version": "1", "model_sha256": old, "state_ts": 50},   # went back
+            {"device": "c", "model_version": "1", "model_sha256": old, "state_ts": 50},   # failed under it
+            {"device": "d", "model_version": "1", "model_sha256": old, "state_ts": 5},    # state older than report
+            {"device": "e", "model_version": "1", "model_sha256": old, "state_ts": 50}]   # never switched
+    reports = {"a": {"state": "healthy", "ts": 10}, "b": {"state": "healthy", "ts": 10},
+               "c": {"state": "failed", "ts": 10}, "d": {"state": "active", "ts": 10}}
+    assert ro.version_mismatches(plan, devs, reports) == []  # running: each device's own reports decide
+    got = ro.version_mismatches(plan.evolve(state="completed"), devs, reports)
+    assert [(m["device"], m["reported"], m["desired"]) for m in got] == [("b", "1", "2.0.0")]

@@ -430,3 +430,37 @@ def test_cleared_newest_plan_cannot_downgrade_a_restarted_device(make_fleet, pkg
     back = ctl.start_rollout(pkgs["v2"], stages="100", soak_s=0.3, gates=GATES, salt="f4")["rollout_id"]
     wait_for(lambda: again.version == "2.0.0", 30, what="the deliberate rollback to 2.0.0")
     assert again.client.state["floor"]["rollout_id"] == back
+
+
+def test_fleet_flags_a_device_that_runs_another_model_than_a_completed_rollout(make_fleet, pkgs):
+    """#17.4: desired vs reported version per device; a mismatch is an alert (audit log + rollout status)."""
+    from paho.mqtt import publish
+    import paho.mqtt.client as mqtt
+
+    from edgeship import protocol
+
+    f = make_fleet(2, "shadow")
+    ctl = f.controller_start()
+    rid = ctl.start_rollout(pkgs["v2"], stages="100", soak_s=0.3, gates=GATES, salt="s")["rollout_id"]
+    wait_for(lambda: all(d.version == "2.0.0" for d in f.devices), 30, what="both devices on 2.0.0")
+    wait_for(lambda: ctl.status(rid)["state"] == "completed", 30, step=0.3, what="the rollout completed")
+    wait_for(lambda: all(d["model_version"] == "2.0.0" for d in f.db.devices(f.fleet)), 30,
+             what="both devices reporting 2.0.0")
+    assert ctl.status(rid)["version_mismatch"] == []
+    # d001 goes away and something reports it back on 1.0.0 (a downgrade by whatever means).
+    victim = f.devices.pop(1)
+    victim.stop()
+    body = {"online": True, "session": time.time() + 10, "agent_version": "x", "started_at": time.time(),
+            "model": {"name": "mlp", "version": "1.0.0", "sha256": _sha(pkgs["v1"])}}
+    msg = protocol.make_message("state", "d001", body)
+    publish.single(protocol.device_topic(f.fleet, "d001", "state"), protocol.encode(msg), qos=1, retain=True,
+                   hostname=f.broker.host, port=f.broker.port, protocol=mqtt.MQTTv311)
+    wait_for(lambda: any(a["action"] == "device.version_mismatch" for a in f.db.audit_list()), 20, step=0.3,
+             what="the mismatch alert in the audit log")
+    alert = next(a for a in f.db.audit_list() if a["action"] == "device.version_mismatch")
+    assert alert["target"] == "device/d001" and "1.0.0" in alert["outcome"] and "2.0.0" in alert["outcome"]
+    mism = ctl.status(rid)["version_mismatch"]
+    assert [(m["device"], m["reported"], m["desired"]) for m in mism] == [("d001", "1.0.0", "2.0.0")]
+    # One alert per device and reported model, not one per tick.
+    time.sleep(1.0)
+    assert sum(a["action"] == "device.version_mismatch" for a in f.db.audit_list()) == 1

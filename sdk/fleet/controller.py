@@ -89,6 +89,9 @@ class RolloutController:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_record: dict[str, float] = {}
+        self._mismatch_alerted: set[tuple[str, str, str]] = set()  # (rollout, device, reported sha)
+        self.reconcile_s = 2.0
+        self._next_reconcile = 0.0
         self._last_verdicts: dict[str, tuple] = {}
         self._lock = threading.RLock()
         self.ticks = 0
@@ -252,7 +255,9 @@ class RolloutController:
     def status(self, rollout_id: str) -> dict:
         row = self._row(rollout_id)
         plan = self._plan(row)
-        return self._status(row, plan, self.clock())[0]
+        out = self._status(row, plan, self.clock())[0]
+        out["version_mismatch"] = [m for m in self.version_mismatches() if m["rollout_id"] == rollout_id]
+        return out
 
     # ------------------------------------------------------------ internals: DB + plans
     def _row(self, rollout_id: str) -> dict:
@@ -359,6 +364,41 @@ class RolloutController:
                 elif row["published_seq"] < row["seq"]:
                     self.db.rollout_save_status(rid, self._status(row, self._plan(row), now)[0])
                 self._publish_pending(rid)
+            if now >= self._next_reconcile:  # desired vs reported: not needed at every tick
+                self._next_reconcile = now + self.reconcile_s
+                self._reconcile_versions()
+
+    def version_mismatches(self) -> list[dict]:
+        """Devices running another model than the fleet's newest plan wants, when that plan completed.
+
+        Why: a device can be pushed back (a cleared retained plan, a hand
+        install) while every rollout looks done; like a device shadow, the
+        fleet compares desired and reported and says which devices differ.
+        """
+        rows = [r for r in self.db.rollouts_all() if r["fleet"] == self.fleet]
+        if not rows:
+            return []
+        newest = max(rows, key=lambda r: (r["created"], r["rollout_id"]))
+        plan = self._plan(newest)
+        latest: dict[str, dict] = {}
+        for r in self.db.rollout_reports(plan.rollout_id):
+            latest[r["device"]] = r
+        return ro.version_mismatches(plan, self._fleet_devices(), latest)
+
+    def _reconcile_versions(self) -> None:
+        for m in self.version_mismatches():
+            key = (m["rollout_id"], m["device"], m["reported_sha256"])
+            if key in self._mismatch_alerted:
+                continue
+            self._mismatch_alerted.add(key)
+            text = (f"device {m['device']} reports version {m['reported']} but the completed rollout "
+                    f"{m['rollout_id']} wants {m['desired']}")
+            log.warning("version mismatch: %s", text)
+            try:
+                self.db.audit_add(ts=self.clock(), who="controller", action="device.version_mismatch",
+                                  target=f"device/{m['device']}", outcome=text)
+            except EdgeshipError as exc:
+                log.warning("audit entry for the version mismatch of %s not stored: %s", m["device"], exc)
 
     def _step(self, row: dict, now: float) -> None:
         plan = self._plan(row)
