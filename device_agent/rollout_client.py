@@ -98,7 +98,8 @@ class RolloutClient:
         self._jitter: dict[str, float] = {}
         self._stale_logged: set[str] = set()
         self._health_base: dict | None = None
-        self.counters = {"plans": 0, "plans_refused": 0, "plans_stale": 0, "downloads": 0, "download_failures": 0, "switches": 0,
+        self.counters = {"plans": 0, "plans_refused": 0, "plans_stale": 0, "plans_expired": 0, "downloads": 0,
+                         "download_failures": 0, "switches": 0,
                          "rollbacks": 0, "reports": 0}
         self.last_error: str | None = None
         self.state = self._load_state()
@@ -210,6 +211,13 @@ class RolloutClient:
             log.warning("%s", self.last_error)
             return
         if plan.fleet != self.fleet:
+            return
+        if plan.expires and self.clock() > plan.expires:
+            self.counters["plans_expired"] += 1
+            self.last_error = (f"plan {plan.rollout_id} (version {plan.package.version}) refused: it expired "
+                               f"{self.clock() - plan.expires:.0f} s ago (the fleet's controller re-signs live plans; "
+                               "check that it runs, and this device's clock)")
+            log.warning("%s", self.last_error)
             return
         if self._below_floor(plan):
             return

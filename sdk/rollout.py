@@ -160,6 +160,7 @@ class Plan:
     created: float = 0.0
     updated: float = 0.0
     reason: str = ""
+    expires: float = 0.0              # 0: never; devices refuse a plan after this (the controller re-signs it first)
     format: int = PLAN_FORMAT
 
     def __post_init__(self) -> None:

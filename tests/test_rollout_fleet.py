@@ -464,3 +464,26 @@ def test_fleet_flags_a_device_that_runs_another_model_than_a_completed_rollout(m
     # One alert per device and reported model, not one per tick.
     time.sleep(1.0)
     assert sum(a["action"] == "device.version_mismatch" for a in f.db.audit_list()) == 1
+
+
+def test_plans_expire_unless_the_controller_re_signs_them(make_fleet, pkgs):
+    """#17.4: an old signed plan cannot install on a device that never saw a newer one once it has lapsed."""
+    f = make_fleet(1, "ttl")
+    ctl = f.controller_start(plan_ttl_s=3.0)
+    rid = ctl.start_rollout(pkgs["v2"], stages="100", soak_s=0.3, gates=GATES, salt="t")["rollout_id"]
+    wait_for(lambda: f.devices[0].version == "2.0.0", 30, what="the switch to 2.0.0")
+    wait_for(lambda: ctl.status(rid)["state"] == "completed", 30, step=0.3, what="the rollout completed")
+    # While the controller runs it keeps the newest plan alive: re-signed before it lapses.
+    wait_for(lambda: any(e["kind"] == "refresh" for e in f.db.rollout_events(rid)), 10, step=0.3,
+             what="a refresh of the plan")
+    ctl.stop(2)
+    f.controller = None
+    time.sleep(3.5)  # the last published plan lapses
+    newcomer = Device(f.root / "devices", "d001", f.fleet, f.broker.url, pkgs["v1"], f.pub)
+    f.devices.append(newcomer)
+    newcomer.start()
+    wait_for(lambda: newcomer.client.counters.get("plans_expired", 0) >= 1, 20, what="the lapsed plan refused")
+    assert newcomer.version == "1.0.0" and "expired" in newcomer.client.last_error
+    # The controller back: it re-signs the newest plan and the newcomer follows it.
+    f.controller_start(plan_ttl_s=3.0)
+    wait_for(lambda: newcomer.version == "2.0.0", 30, what="the newcomer on 2.0.0 after the re-signed plan")

@@ -57,7 +57,7 @@ class RolloutController:
     def __init__(self, db: Any, link_or_broker_url: Any = None, fleet: str = "default", *,
                  signing_key: Any = None, trusted_keys: Sequence[Any] | None = None,
                  package_base_url: str | None = None, serve_host: str = "127.0.0.1", serve_port: int = 0,
-                 tick_s: float = 1.0, record_every_s: float = 10.0, clock: Callable[[], float] = time.time,
+                 tick_s: float = 1.0, record_every_s: float = 10.0, plan_ttl_s: float = 30 * 86400.0, clock: Callable[[], float] = time.time,
                  gate_hooks: Mapping[str, ro.GateHook] | None = None, client_id: str | None = None) -> None:
         if not protocol.valid_id(fleet):
             raise ConfigError(f"fleet {fleet!r} is not a valid id")
@@ -66,6 +66,11 @@ class RolloutController:
         self.clock = clock
         self.tick_s = tick_s
         self.record_every_s = record_every_s
+        # Plans expire unless re-signed: the controller refreshes the newest plan of the
+        # fleet (and any running one) at half its lifetime, and lets older ones lapse,
+        # so an old signed plan replayed to a device that never saw a newer one (a new
+        # device, a wiped state dir) is refused once its lifetime has passed. 0: never.
+        self.plan_ttl_s = float(plan_ttl_s)
         self.gate_hooks = dict(gate_hooks or {})
         self.package_base_url = package_base_url.rstrip("/") if package_base_url else None
         self.serve_host, self.serve_port = serve_host, serve_port
@@ -105,8 +110,13 @@ class RolloutController:
             return self
         if self._own_link:
             self.link.start()
-        for row in self.db.rollouts_all(("running", "paused")):
-            if row.get("package_path") and not self._external_url(row) and row["fleet"] == self.fleet:
+        mine = [r for r in self.db.rollouts_all() if r["fleet"] == self.fleet]
+        newest = max(mine, key=lambda r: (r["created"], r["rollout_id"])) if mine else None
+        for row in mine:
+            # Running plans, and the newest even when completed: a device that joins later installs it.
+            if row["state"] not in ("running", "paused") and row is not newest:
+                continue
+            if row.get("package_path") and not self._external_url(row):
                 url = self._serve(Path(row["package_path"]))
                 plan = self._plan(row)
                 if plan.package.url != url:
@@ -194,7 +204,7 @@ class RolloutController:
                        stages=st, gates=gate_specs, salt=salt or secrets.token_hex(8),
                        max_new_per_min=int(max_new_per_min), report_timeout_s=float(report_timeout_s),
                        on_fail=on_fail, on_insufficient=on_insufficient, health=hp, state="running",
-                       stage_index=0, percent=0.0, seq=1, created=now, updated=now)
+                       stage_index=0, percent=0.0, seq=1, created=now, updated=now, expires=self._expiry(now))
         pct = self._ramp(plan, 0.0, now, now)
         plan = plan.evolve(percent=pct)
         plan_d = plan.to_dict()
@@ -302,7 +312,7 @@ class RolloutController:
         plan_changes = {k: v for k, v in changes.items() if k in ("state", "stage_index", "percent", "reason")}
         if "package_url" in changes:
             plan_changes["package"] = replace(plan.package, url=changes["package_url"])
-        new = plan.evolve(seq=plan.seq + 1, updated=now, **plan_changes)
+        new = plan.evolve(seq=plan.seq + 1, updated=now, expires=self._expiry(now), **plan_changes)
         d = new.to_dict()
         d["_served"] = json.loads(row["plan"]).get("_served", False)
         db_changes = {**{k: v for k, v in changes.items() if k in ("state", "stage_index", "percent", "reason",
@@ -314,6 +324,22 @@ class RolloutController:
             log.info("rollout %s: %s (seq %d, stage %d, %g%%, %s)", row["rollout_id"], event["kind"], new.seq,
                      new.stage_index + 1, new.percent, new.state)
         return ok
+
+    def _expiry(self, now: float) -> float:
+        return now + self.plan_ttl_s if self.plan_ttl_s > 0 else 0.0
+
+    def _refresh_expiring(self, rows: Sequence[dict], now: float) -> None:
+        """Re-sign the fleet's newest plan and every running one when half their lifetime has passed."""
+        if self.plan_ttl_s <= 0 or not rows:
+            return
+        newest = max(rows, key=lambda r: (r["created"], r["rollout_id"]))
+        for row in rows:
+            if row is not newest and row["state"] not in ro.ACTIVE_STATES:
+                continue  # older, finished plans lapse
+            plan = self._plan(row)
+            if plan.expires and now >= plan.expires - self.plan_ttl_s / 2:
+                if self._transition(row, plan, {}, {"kind": "refresh", "detail": "re-signed before expiry"}):
+                    self._publish_pending(row["rollout_id"])
 
     def _publish_pending(self, rollout_id: str) -> bool:
         """Publish the stored plan if the broker has not acknowledged this seq yet."""
@@ -353,6 +379,7 @@ class RolloutController:
         with self._lock:
             self.ticks += 1
             now = self.clock()
+            self._refresh_expiring([r for r in self.db.rollouts_all() if r["fleet"] == self.fleet], now)
             for row in self.db.rollouts_all():
                 if row["fleet"] != self.fleet:
                     continue
