@@ -209,3 +209,46 @@ def db_migrate(db_url) -> None:
         before = db.schema_version()
         after = db.migrate()
         click.echo(f"{db.where} ({db.dialect}): schema version {before} -> {after}")
+
+
+@fleet.group("device", cls=EdgeshipGroup)
+def device_group() -> None:
+    """Per-device broker logins: Mosquitto password file + ACL (docs/secure-broker.md)."""
+
+
+_passwd_opt = click.option("--passwd-file", type=click.Path(dir_okay=False), required=True,
+                           help="Mosquitto password_file to update (created 0600).")
+_acl_opt = click.option("--acl-file", type=click.Path(dir_okay=False), required=True,
+                        help="Mosquitto acl_file to keep in step (devices write only under their own id).")
+
+
+@device_group.command("add")
+@click.argument("name")
+@_passwd_opt
+@_acl_opt
+@click.option("--role", type=click.Choice(["device", "fleet"]), default="device", show_default=True,
+              help="device: its own topics; fleet: the collector/controller login (reads all, writes plans).")
+def device_add(name, passwd_file, acl_file, role) -> None:
+    """Issue (or re-issue) NAME's login; prints the password once. Reload the broker after."""
+    from ..fleet.broker_auth import add_credentials
+
+    password = add_credentials(passwd_file, acl_file, name, role=role)
+    click.echo(f"{name} ({role}): password {password}")
+    click.echo(f"  only its hash is kept in {passwd_file}; put it in the device's agent.toml [mqtt] password; "
+               "then reload the broker (kill -HUP the mosquitto process)", err=True)
+
+
+@device_group.command("broker-config")
+@_passwd_opt
+@_acl_opt
+@click.option("--cafile", required=True, help="CA certificate (PEM) devices trust.")
+@click.option("--certfile", required=True, help="The broker's certificate (PEM).")
+@click.option("--keyfile", required=True, help="The broker's private key (PEM).")
+@click.option("--port", default=8883, show_default=True, type=int)
+@click.option("--persistence-dir", default="/var/lib/mosquitto/", show_default=True)
+def broker_config(passwd_file, acl_file, cafile, certfile, keyfile, port, persistence_dir) -> None:
+    """Print the mosquitto.conf edgeship expects: TLS, no anonymous, passwords, ACL, persistence."""
+    from ..fleet.broker_auth import mosquitto_conf
+
+    click.echo(mosquitto_conf(port=port, cafile=cafile, certfile=certfile, keyfile=keyfile,
+                              password_file=passwd_file, acl_file=acl_file, persistence_dir=persistence_dir), nl=False)
