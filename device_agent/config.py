@@ -166,6 +166,7 @@ class RolloutSection:
     jitter_s: float = _opt(30, _at_least(0))
     bandwidth_limit_kbps: float = _opt(0, _at_least(0))
     server_url: str | None = None
+    plan_keys: list[str] = field(default_factory=list)  # keys that sign rollout plans; empty: [agent] trusted_keys
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,8 @@ def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike | None = N
     sections["agent"] = dataclasses.replace(
         a, state_dir=_resolve(base, a.state_dir), package=_resolve(base, a.package),
         trusted_keys=[_resolve(base, k) for k in a.trusted_keys])
+    r = sections["rollout"]
+    sections["rollout"] = dataclasses.replace(r, plan_keys=[_resolve(base, k) for k in r.plan_keys])
     sources = []
     raw_sources = data.get("sources", [])
     if not isinstance(raw_sources, list):
@@ -441,6 +444,7 @@ enabled = true
 health_window_s = 60              # keep the previous model in memory this long after a switch
 jitter_s = 30
 bandwidth_limit_kbps = 0          # 0 = unlimited
+plan_keys = []                    # keys that sign rollout plans (fleet.pub); empty = [agent] trusted_keys do both
 
 [adapt]
 # latency_budget_ms = 20          # pick the package variant that meets this on this device

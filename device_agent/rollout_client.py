@@ -65,7 +65,7 @@ class RolloutClient:
     def __init__(self, agent: Any, link: Any, outbox: Any, *, fleet: str, device: str,
                  trusted_keys: Iterable[Any] | Any, state_dir: str | Path, jitter_s: float = 30.0,
                  bandwidth_kbps: float = 0.0, health_window_s: float = 60.0, download_retries: int = 5,
-                 poll_s: float = 0.5,
+                 poll_s: float = 0.5, plan_keys: Iterable[Any] | Any | None = None,
                  rng: random.Random | None = None, clock=time.time) -> None:
         self.agent = agent
         self.link = link
@@ -87,6 +87,17 @@ class RolloutClient:
             keys = list(trusted_keys or [])
             self.trust = TrustStore.from_paths(keys) if keys else TrustStore()
         self._trusted_arg = self.trust if self.trust else None
+        # Two key roles: packages are verified with ``trusted_keys``, rollout plans with
+        # ``plan_keys`` (the fleet controller's key). Kept apart, a leaked package-signing
+        # key cannot steer devices, and the plan key cannot make a model they would run.
+        # Without plan_keys one key list does both jobs (the older set-up).
+        if plan_keys is None:
+            self.plan_trust = self.trust
+        elif isinstance(plan_keys, TrustStore):
+            self.plan_trust = plan_keys
+        else:
+            pk = list(plan_keys)
+            self.plan_trust = TrustStore.from_paths(pk) if pk else self.trust
         self.topic_filter = f"{protocol.PROTOCOL}/{fleet}/rollouts/+"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -110,7 +121,8 @@ class RolloutClient:
         a, r = cfg.agent, cfg.rollout
         return cls(agent, fleet_link.link, fleet_link.outbox, fleet=a.fleet, device=a.device_id,
                    trusted_keys=list(a.trusted_keys), state_dir=a.state_dir, jitter_s=r.jitter_s,
-                   bandwidth_kbps=r.bandwidth_limit_kbps, health_window_s=r.health_window_s)
+                   bandwidth_kbps=r.bandwidth_limit_kbps, health_window_s=r.health_window_s,
+                   plan_keys=list(r.plan_keys) or None)
 
     # ------------------------------------------------------------ persistence
     def _path(self) -> Path:
@@ -202,9 +214,9 @@ class RolloutClient:
             m = protocol.parse_message(msg.topic, msg.payload)
             if m.fleet != self.fleet:
                 return
-            if not self.trust:
+            if not self.plan_trust:
                 raise RolloutError("no trusted keys configured to verify rollout plans")
-            plan = ro.verify_plan_message(m.body, self.trust)
+            plan = ro.verify_plan_message(m.body, self.plan_trust)
         except (EdgeshipError, protocol.MessageError) as exc:
             self.counters["plans_refused"] += 1
             self.last_error = f"plan on {msg.topic} refused: {exc}"

@@ -36,7 +36,7 @@ def wait_for(pred, timeout: float, step: float = 0.1, what: str = "condition"):
 
 class Device:
     def __init__(self, root: Path, device: str, fleet: str, broker: str, package: Path, pub: Path,
-                 health_window_s: float = 1.0, jitter_s: float = 0.3) -> None:
+                 health_window_s: float = 1.0, jitter_s: float = 0.3, plan_keys: list | None = None) -> None:
         self.device = device
         self.state_dir = root / device
         cfg = parse_config({
@@ -54,7 +54,7 @@ class Device:
         self.client = RolloutClient(self.agent, self.link.link, self.link.outbox, fleet=fleet, device=device,
                                     trusted_keys=[pub], state_dir=self.state_dir, jitter_s=jitter_s,
                                     health_window_s=health_window_s,
-                                    poll_s=0.2, rng=random.Random(device))
+                                    poll_s=0.2, rng=random.Random(device), plan_keys=plan_keys)
         self.agent.add_component(self.client)
 
     def start(self) -> "Device":

@@ -487,3 +487,44 @@ def test_plans_expire_unless_the_controller_re_signs_them(make_fleet, pkgs):
     # The controller back: it re-signs the newest plan and the newcomer follows it.
     f.controller_start(plan_ttl_s=3.0)
     wait_for(lambda: newcomer.version == "2.0.0", 30, what="the newcomer on 2.0.0 after the re-signed plan")
+
+
+def test_plan_and_package_keys_have_separate_roles_and_rotate(make_fleet, pkgs, tmp_path):
+    """#17.17: packages verify with the package key, plans with the plan key; a plan key rotates."""
+    from edgeship import signing
+
+    f = make_fleet(0, "roles")
+    plan_old, plan_old_pub = signing.keygen(tmp_path / "plans-2026.key")
+    plan_new, plan_new_pub = signing.keygen(tmp_path / "plans-2027.key")
+
+    def device(name, plan_keys):
+        d = Device(f.root / "devices", name, f.fleet, f.broker.url, pkgs["v1"], f.pub, plan_keys=plan_keys)
+        f.devices.append(d)
+        return d.start()
+
+    # d-old trusts only the old plan key; d-both trusts both during the rotation.
+    d_old, d_both = device("d-old", [plan_old_pub]), device("d-both", [plan_old_pub, plan_new_pub])
+    wait_for(lambda: len(f.db.devices(f.fleet)) == 2, 30, what="both devices seen")
+
+    # 1. A plan signed with the *package* key is not a plan key: refused by both.
+    ctl = f.controller_start()  # signs plans with the package key (the one-key set-up)
+    ctl.start_rollout(pkgs["v2"], stages="100", soak_s=0.3, gates=GATES, salt="r1")
+    wait_for(lambda: all(d.client.counters["plans_refused"] >= 1 for d in (d_old, d_both)), 20,
+             what="the package-key plan refused")
+    assert d_old.version == d_both.version == "1.0.0"
+    ctl.stop(2)
+
+    # 2. The new plan key, the package still verified with the package key: only d-both follows.
+    f.controller = RolloutController(f.db, f.broker.url, f.fleet, signing_key=plan_new, trusted_keys=[f.pub],
+                                     tick_s=0.3).start()
+    f.controller.start_rollout(pkgs["v3"], stages="100", soak_s=0.3, gates=GATES, salt="r2")
+    wait_for(lambda: d_both.version == "3.0.0", 30, what="d-both on 3.0.0 under the new plan key")
+    wait_for(lambda: d_old.client.counters["plans_refused"] >= 2, 20, what="d-old refusing the new plan key")
+    assert d_old.version == "1.0.0"
+    assert "not trusted" in (d_old.client.last_error or "")
+    # 3. A package signed with the plan key is not a package: the controller refuses to roll it out.
+    from edgeship.errors import RolloutError
+
+    bad = build_mlp_package(tmp_path / "bad", "4.0.0", seed=4, signing_key=plan_new)
+    with pytest.raises(RolloutError, match="refusing to roll out"):
+        f.controller.start_rollout(bad, stages="100", soak_s=0.3, gates=GATES, salt="r3")
