@@ -63,23 +63,22 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import json
 import logging
 import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from ..errors import EdgeshipError, InputError, ModelError, OverloadError, StoreError
-from ..metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Counters, Histogram
-from .batcher import BatchPolicy, MicroBatcher, Packer, Segment, Work
+from ..errors import EdgeshipError, InputError, OverloadError, StoreError
+from .agent_metrics import COUNTER_NAMES, AgentMetrics  # noqa: F401 - re-exported: edgeship.agent.agent.AgentMetrics
+from .batcher import BatchPolicy, MicroBatcher, Segment, Work
 from .cache import ResultCache, input_key, row_keys
 from .config import AgentConfig, load_config, parse_config
-from .preprocessing import BlockPreprocessor
+from .handle import ModelHandle, load_handle
+from .intake import decode_block, validate_one
 from .results import Result, ResultBatch, classify, label_name, _top
 from .sinks import Sink, make_sink
 from .sources import RawBlock, Source, make_source
@@ -90,110 +89,6 @@ from .systemd import Notifier
 __all__ = ["Agent", "AgentMetrics", "ModelHandle", "Result", "FeedbackUnavailableError"]
 
 log = logging.getLogger("edgeship.agent")
-
-COUNTER_NAMES = ("inferences", "batches", "requests", "errors", "rejected", "dropped", "overload_rejected",
-                 "cache_hits", "cache_misses", "deadline_missed", "source_errors", "switches", "rollbacks")
-
-
-class AgentMetrics:
-    """Cumulative counters and fixed-bucket histograms (constant memory), shared by API, bench, telemetry."""
-
-    def __init__(self) -> None:
-        self.counters = Counters(COUNTER_NAMES)
-        self.latency_ms = Histogram(LATENCY_BOUNDS_MS)     # request in -> result out, per sample
-        self.inference_ms = Histogram(LATENCY_BOUNDS_MS)   # one model call, per batch
-        self.batch_size = Histogram(BATCH_BOUNDS)
-        self._lock = threading.Lock()
-        self.queue_depth: Callable[[], int] = lambda: 0
-        self.reject_reasons: dict[str, int] = {}
-        self.recent_rejects: list[dict] = []
-
-    def record_batch(self, n: int, run_ms: float, latencies: Sequence[tuple[float, int]]) -> None:
-        with self._lock:
-            self.batch_size.add(n)
-            self.inference_ms.add(run_ms)
-            for lat, k in latencies:
-                self.latency_ms.add_repeated(lat, k)
-
-    def record_rejects(self, source: str, rejects: Sequence[tuple[Any, str]]) -> None:
-        self.counters.inc("rejected", len(rejects))
-        with self._lock:
-            for ref, reason in rejects:
-                key = reason.split(":")[0][:80] if ref is not None else reason[:80]
-                self.reject_reasons[key] = self.reject_reasons.get(key, 0) + 1
-                if len(self.reject_reasons) > 50:  # bounded: keep the first 50 kinds
-                    self.reject_reasons.pop(key, None)
-            self.recent_rejects = (self.recent_rejects + [{"source": source, "ref": ref, "reason": reason}
-                                                          for ref, reason in rejects[-5:]])[-20:]
-
-    def snapshot(self) -> dict:
-        """Cumulative figures: ``counters``, ``queue_depth``, histograms as ``to_dict()``."""
-        with self._lock:
-            return {"counters": self.counters.snapshot(), "queue_depth": self.queue_depth(),
-                    "latency_ms": self.latency_ms.to_dict(), "inference_ms": self.inference_ms.to_dict(),
-                    "batch_size": self.batch_size.to_dict(), "reject_reasons": dict(self.reject_reasons)}
-
-
-@dataclass
-class ModelHandle:
-    """A loaded, warmed model: runner + everything the hot path needs, built once."""
-
-    sha256: str
-    manifest: dict
-    runner: Any
-    input_names: list[str]
-    output_names: list[str]
-    sample_shapes: list[tuple[int, ...]]
-    dtypes: list[np.dtype]
-    model_batch: int | None       # None dynamic, k fixed, 0 no batch axis
-    preprocessors: list[BlockPreprocessor]
-    labels: list[str] | None
-    model: dict
-    model_json: str
-    load_s: float = 0.0
-    warmup_s: float = 0.0
-    packers: dict = field(default_factory=dict)
-    variant: str | None = None  # the package variant's id (adapt switches variants of one package)
-
-    def packer(self, max_batch: int) -> Packer:
-        p = self.packers.get(max_batch)
-        if p is None:
-            p = self.packers[max_batch] = Packer(self.sample_shapes, self.dtypes, max_batch, self.model_batch)
-        return p
-
-    def run_fn(self) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
-        names = self.input_names
-        run = self.runner.run_unchecked
-        if len(names) == 1:
-            name = names[0]
-            return lambda arrs: run({name: arrs[0]})
-        return lambda arrs: run(dict(zip(names, arrs)))
-
-    def close(self) -> None:
-        try:
-            self.runner.close()
-        except Exception as exc:  # closing must never mask the real shutdown path
-            log.warning("closing model %s failed: %s", self.sha256[:12], exc)
-
-
-def _batch_mode(spec, batch_size) -> tuple[int | None, tuple[int, ...]]:
-    """(model batch, sample shape) of one input: None = any batch; k = exactly k rows; 0 = no axis.
-
-    By the package contract the first axis is always the batch axis: ``-1``
-    takes any batch, a fixed size takes exactly that many rows (padded and
-    split by the packer; 1 = one by one). Only a scalar input has none.
-    """
-    shape = tuple(int(d) for d in spec.shape)
-    if not shape:
-        return 0, ()
-    if shape[0] == -1:
-        mode, sample = None, shape[1:]
-    else:
-        mode, sample = shape[0], shape[1:]
-    if any(d < 0 for d in sample):
-        raise ModelError(f"input {spec.name} has a variable dimension besides the batch axis ({shape}); "
-                         "the agent needs fixed sample shapes: export the model with fixed sizes")
-    return mode, sample
 
 
 class Agent:
@@ -283,47 +178,7 @@ class Agent:
         return self._load(sha, variant)
 
     def _load(self, sha: str, variant: str | None = None) -> ModelHandle:
-        from ..runtime import load  # noqa: PLC0415 - keeps `import edgeship.agent.agent` light
-
-        rt = self.config.runtime
-        store = self.store
-        manifest = store.manifest(sha)
-        t0 = time.perf_counter()
-        kwargs: dict[str, Any] = {"backend": rt.backend, "threads": rt.threads, "optimization": rt.optimization}
-        if (variant or rt.variant) is not None:
-            kwargs["variant"] = variant or rt.variant
-        try:
-            runner = load(str(store.package_path(sha)), **kwargs)
-        except EdgeshipError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"cannot load model {manifest.get('name')} {manifest.get('version')}: {exc}") from exc
-        load_s = time.perf_counter() - t0
-        try:
-            specs = list(runner.inputs)
-            specs = [s.logical() if hasattr(s, "logical") else s for s in specs]
-            modes, shapes = zip(*(_batch_mode(s, runner.batch_size) for s in specs))
-            dtypes = [np.dtype(s.dtype) for s in specs]
-            pre = manifest.get("preprocess") or {}
-            preprocessors = [BlockPreprocessor(pre if i == 0 else None, shapes[i], dtypes[i]) for i in range(len(specs))]
-            t1 = time.perf_counter()
-            if rt.warmup:
-                runner.warmup(rt.warmup)
-            warm_s = time.perf_counter() - t1
-        except BaseException:
-            runner.close()
-            raise
-        labels = manifest.get("labels") or None
-        model = {"name": manifest.get("name"), "version": manifest.get("version"), "sha256": sha}
-        handle = ModelHandle(
-            sha256=sha, manifest=manifest, runner=runner, input_names=[s.name for s in specs],
-            output_names=[s.name for s in runner.outputs], sample_shapes=list(shapes), dtypes=dtypes,
-            model_batch=None if all(m is None for m in modes) else max(m or 0 for m in modes), preprocessors=preprocessors, labels=list(labels) if labels else None,
-            model=model, model_json=json.dumps({"name": model["name"], "version": model["version"]}, separators=(",", ":")),
-            load_s=load_s, warmup_s=warm_s, variant=(getattr(runner, "variant", None) or {}).get("id"))
-        log.info("loaded %s %s (%s) with %s in %.0f ms, warm-up %.0f ms", model["name"], model["version"], sha[:12],
-                 getattr(runner, "backend", "?"), 1000 * load_s, 1000 * warm_s)
-        return handle
+        return load_handle(self.store, sha, self.config.runtime, variant)
 
     @property
     def model(self) -> dict | None:
@@ -548,40 +403,6 @@ class Agent:
             raise OverloadError(f"the agent is {self._state}; start() it first" if self._state == "new"
                                 else f"the agent is {self._state} and accepts no new requests")
 
-    def _validate_one(self, handle: ModelHandle, x, preprocess: bool) -> list[np.ndarray]:
-        if isinstance(x, Mapping):
-            try:
-                arrays = [np.asarray(x[name]) for name in handle.input_names]
-            except KeyError as exc:
-                raise InputError(f"missing input {exc.args[0]!r}; the model takes {handle.input_names}") from exc
-        else:
-            arrays = [np.asarray(x)]
-            if len(handle.input_names) != 1:
-                raise InputError(f"the model takes {len(handle.input_names)} inputs {handle.input_names}; "
-                                 "pass a dict {name: array}")
-        out = []
-        for a, shape, dt, pre, name in zip(arrays, handle.sample_shapes, handle.dtypes, handle.preprocessors,
-                                           handle.input_names):
-            if a.dtype.kind not in "biuf":
-                raise InputError(f"input {name}: dtype {a.dtype} is not numeric", input_name=name,
-                                 expected=str(dt), got=str(a.dtype))
-            if a.shape == (1, *shape):
-                a = a[0]
-            if preprocess:
-                a = pre.one(a)
-            else:
-                if a.shape != shape:
-                    if a.size == int(np.prod(shape)) and a.ndim <= 1:
-                        a = a.reshape(shape)
-                    else:
-                        raise InputError(f"input {name}: shape {tuple(a.shape)} does not match the model's {shape}",
-                                         input_name=name, expected=shape, got=tuple(a.shape))
-                a = a.astype(dt, copy=False)
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise InputError(f"input {name}: contains NaN or infinity; send finite numbers", input_name=name)
-            out.append(a)
-        return out
-
     def submit(self, x, deadline: float | None = None, *, preprocess: bool = True, source: str = "api",
                timeout: float | None = None) -> concurrent.futures.Future:
         """Queue one sample; returns a Future[Result].
@@ -596,7 +417,7 @@ class Agent:
         self._check_running()
         handle = self._handle
         try:
-            xs = self._validate_one(handle, x, preprocess)
+            xs = validate_one(handle, x, preprocess)
         except InputError as exc:
             self.metrics.record_rejects(source, [(None, str(exc))])
             raise
@@ -644,51 +465,11 @@ class Agent:
     def _prepare(self, block: RawBlock, src: Source, deadline_s: float | None) -> tuple[Work | None, list]:
         """Runs in a prefetch worker: decode, preprocess, validate a block; returns (work, rejects)."""
         handle = self._handle
-        rejects: list[tuple[Any, str]] = list(block.errors)
-        refs = block.refs
-        pre = handle.preprocessors[0]
-        shape = handle.sample_shapes[0]
-        ts = block.ts
-        if block.items is not None:
-            rows, keep_refs, keep_ts = [], [], []
-            for i, item in enumerate(block.items):
-                ref = refs[i] if refs is not None else None
-                try:
-                    rows.append(pre.one(src.decode(item)))
-                    keep_refs.append(ref)
-                    keep_ts.append(ts[i] if isinstance(ts, np.ndarray) else ts)
-                except InputError as exc:
-                    rejects.append((ref, str(exc)))
-                except (OSError, ValueError) as exc:
-                    rejects.append((ref, f"cannot decode: {exc}"))
-            if not rows:
-                return None, rejects
-            x = np.stack(rows)
-            refs = keep_refs if refs is not None else None
-            ts = np.asarray(keep_ts) if isinstance(block.ts, np.ndarray) else block.ts
-        else:
-            data = block.data
-            if data is None or len(data) == 0:
-                return None, rejects
-            try:
-                x = pre.numeric(data)
-            except InputError as exc:
-                rejects.extend((refs[i] if refs else None, str(exc)) for i in range(len(data)))
-                return None, rejects
+        rows, rejects = decode_block(handle, block, src)
+        if rows is None:
+            return None, rejects
+        x, refs, ts = rows
         n = len(x)
-        if x.dtype.kind == "f":
-            finite = np.isfinite(x.reshape(n, -1)).all(axis=1)
-            if not finite.all():
-                bad = np.flatnonzero(~finite)
-                rejects.extend((refs[i] if refs else None, "contains NaN or infinity") for i in bad.tolist())
-                x = x[finite]
-                if refs is not None:
-                    refs = [r for r, f in zip(refs, finite.tolist()) if f]
-                if isinstance(ts, np.ndarray):
-                    ts = ts[finite]
-                n = len(x)
-                if n == 0:
-                    return None, rejects
         now = time.monotonic()
         keys = None
         if self.cache is not None:
