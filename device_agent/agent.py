@@ -127,6 +127,9 @@ class Agent:
         self._state = "new"   # new | starting | running | stopping | stopped
         self._lock = threading.RLock()
         self._switch_lock = threading.Lock()
+        # Sources wait for the first model when the agent starts with an empty store (see _start).
+        self._deferred_sources: list[tuple[Source, Any]] = []
+        self._policy: BatchPolicy | None = None
         self._id_lock = threading.Lock()
         self._next_id = 0
         self.run_id = secrets.token_hex(4)
@@ -145,7 +148,17 @@ class Agent:
     # -- construction ---------------------------------------------------------
     @classmethod
     def from_config(cls, path: str | os.PathLike, **kwargs: Any) -> "Agent":
-        return cls(load_config(path), **kwargs)
+        """The agent ``edgeship agent run`` would run: the config's components wired in.
+
+        With ``[mqtt] broker`` that is the fleet link (outbox, telemetry,
+        state, feedback) and the rollout client, so ``agent.feedback(...)``
+        works; see :func:`edgeship.agent.runner_main.wire_components`.
+        """
+        from .runner_main import wire_components  # noqa: PLC0415 - runner_main imports this module
+
+        agent = cls(load_config(path), **kwargs)
+        wire_components(agent, agent.config)
+        return agent
 
     def add_component(self, obj: Any) -> Any:
         """Plug in a component (``start``/``stop``, optional ``on_batch``/``on_result``/``health``/``feedback``)."""
@@ -214,6 +227,8 @@ class Agent:
         if old is not None and handle.sample_shapes != old.sample_shapes:
             log.warning("the new model takes %s instead of %s: queued samples of the old shape will be rejected",
                         handle.sample_shapes, old.sample_shapes)
+        if old is None:
+            self._set_max_batch(handle)  # the first model: nothing was batched for another one yet
         self._handle = handle  # the swap point (see _process)
         if self.cache is not None:
             self.cache.clear()
@@ -221,6 +236,9 @@ class Agent:
         self._previous_until = time.monotonic() + self.config.rollout.health_window_s
         if prev is not None and prev is not handle:
             self._close_later(prev)
+        if old is None:
+            self._start_deferred_sources()
+            self._notifier.notify(f"STATUS=serving {handle.model['name']} {handle.model['version']}")
 
     def _close_later(self, handle: ModelHandle) -> None:
         # The batcher may still be running a batch on it: close after that batch.
@@ -260,7 +278,11 @@ class Agent:
             self._state = "stopped"
             raise
         self._state = "running"
-        self._notifier.notify("READY=1", f"STATUS=serving {self._handle.model['name']} {self._handle.model['version']}")
+        h = self._handle
+        # READY also while waiting for the first model: the agent is up (API, fleet link, rollout
+        # client) and the watchdog is fed, so systemd neither times out nor restart-loops it.
+        self._notifier.notify("READY=1", f"STATUS=serving {h.model['name']} {h.model['version']}" if h is not None
+                              else "STATUS=waiting for the first model (a rollout installs it)")
         return self
 
     def _start(self) -> None:
@@ -272,19 +294,20 @@ class Agent:
             if self.store.active is None:
                 self.store.activate(sha)
         sha = self.store.startup_choice(self._trusted())
-        if sha is None:
+        if sha is None and not self.waits_for_rollout:
             raise StoreError(f"no model: the store in {cfg.agent.state_dir} is empty; set [agent] package "
-                             "to a .edgepkg file (or let a rollout install one)")
-        self._handle = self._load(sha)
+                             "to a .edgepkg file, or [mqtt] broker so a rollout can install one")
         b = cfg.batcher
-        max_batch = b.max_batch
-        if self._handle.model_batch == 0:
-            max_batch = 1
-        self._max_batch = max_batch
         if cfg.cache.enabled:
             self.cache = ResultCache(cfg.cache.max_entries, cfg.cache.ttl_s)
-        policy = BatchPolicy(max_batch, b.max_delay_ms / 1000.0, b.queue_size, b.overload,
-                             margin_s=b.deadline_margin_ms / 1000.0)
+        policy = self._policy = BatchPolicy(b.max_batch, b.max_delay_ms / 1000.0, b.queue_size, b.overload,
+                                            margin_s=b.deadline_margin_ms / 1000.0)
+        if sha is not None:
+            self._handle = self._load(sha)
+            self._set_max_batch(self._handle)
+        else:
+            log.warning("no model yet: the store in %s is empty; waiting for a rollout to install the first one",
+                        cfg.agent.state_dir)
         tick = self._notifier.watchdog_interval() or 1.0
         self.batcher = MicroBatcher(policy, self._process, block_timeout_s=b.block_timeout_ms / 1000.0,
                                     on_error=self._on_batch_error, on_evicted=self._on_evicted,
@@ -299,12 +322,31 @@ class Agent:
             c.start()
         sources = [(self._make_source(s), s) for s in cfg.sources]
         sources += [(src, None) for src in self._extra_sources]
-        for src, scfg in sources:
-            self._start_source(src, scfg)
+        if self._handle is None:
+            self._deferred_sources = sources  # started by the first switch_to (see _swap)
+        else:
+            for src, scfg in sources:
+                self._start_source(src, scfg)
         if cfg.api.enabled:
             from .api import ApiServer  # noqa: PLC0415
 
             self.api = ApiServer(self, cfg.api).start()
+
+    @property
+    def waits_for_rollout(self) -> bool:
+        """Whether an empty store means "wait for the first model": a component installs models."""
+        return any(getattr(c, "installs_models", False) for c in self.components)
+
+    def _set_max_batch(self, handle: ModelHandle) -> None:
+        # A model without a batch axis takes one sample per call.
+        self._max_batch = 1 if handle.model_batch == 0 else self.config.batcher.max_batch
+        if self._policy is not None:
+            self._policy.max_batch = self._max_batch
+
+    def _start_deferred_sources(self) -> None:
+        sources, self._deferred_sources = self._deferred_sources, []
+        for src, scfg in sources:
+            self._start_source(src, scfg)
 
     @staticmethod
     def _make_source(scfg) -> Source:
@@ -330,6 +372,8 @@ class Agent:
         """Attach a source object to a running agent (tests, apps with their own reader)."""
         if self._state != "running":
             raise RuntimeError("the agent is not running")
+        if self._handle is None:
+            raise RuntimeError("the agent has no model yet; add sources once a rollout installed one")
         pf = Prefetcher(src, lambda block, s: self._prepare(block, s, deadline_ms / 1000.0 if deadline_ms else None),
                         lambda work, stop: self.batcher.put(work, stop=stop), on_reject=self._on_source_reject,
                         **prefetch)
@@ -402,6 +446,8 @@ class Agent:
         if self._state != "running":
             raise OverloadError(f"the agent is {self._state}; start() it first" if self._state == "new"
                                 else f"the agent is {self._state} and accepts no new requests")
+        if self._handle is None:
+            raise OverloadError("no model yet: the agent waits for a rollout to install its first model")
 
     def submit(self, x, deadline: float | None = None, *, preprocess: bool = True, source: str = "api",
                timeout: float | None = None) -> concurrent.futures.Future:
@@ -670,6 +716,8 @@ class Agent:
         b = self.batcher
         sources = [p.health() for p in self.prefetchers]
         status = "ok" if self._state == "running" else self._state
+        if status == "ok" and h is None:
+            status = "waiting"  # up and reporting, no model yet: a rollout installs the first one
         if status == "ok" and (b is None or not b.alive or any(s["state"] in ("stalled", "failed") for s in sources)):
             status = "degraded"
         out = {
@@ -677,6 +725,7 @@ class Agent:
             "device": self.config.agent.device_id,
             "fleet": self.config.agent.fleet,
             "model": dict(h.model) if h else None,
+            **({"waiting_for": "the first model (a rollout installs it)"} if status == "waiting" else {}),
             "backend": getattr(h.runner, "backend", None) if h else None,
             "previous_in_memory": self._previous.model["version"] if self._previous else None,
             "uptime_s": (time.monotonic() - self.started_at) if self.started_at else 0.0,
