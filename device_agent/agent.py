@@ -58,6 +58,17 @@ or sha)`` makes it active between two batches (no request is dropped or
 answered by a half-loaded model) and records it in ``state.json``;
 ``rollback()`` goes back to the previous model (kept in memory for
 ``[rollout] health_window_s`` after a switch, so rolling back is instant).
+
+Starting without a model: with an empty store and a component that installs
+models (the rollout client, wired when ``[mqtt] broker`` is set), ``start()``
+succeeds; health says ``waiting``, requests are refused with an
+:class:`~edgeship.errors.OverloadError`, sources wait, and the first
+``switch_to`` starts serving. Without such a component an empty store is a
+one-line :class:`~edgeship.errors.StoreError` (nothing would ever install one).
+
+Around this module: :mod:`.handle` (a loaded model), :mod:`.intake` (sample
+and block validation, pure), :mod:`.agent_metrics` (counters), and
+:mod:`.runner_main` (which components a config asks for).
 """
 from __future__ import annotations
 
@@ -78,6 +89,7 @@ from .batcher import BatchPolicy, MicroBatcher, Segment, Work
 from .cache import ResultCache, input_key, row_keys
 from .config import AgentConfig, load_config, parse_config
 from .handle import ModelHandle, load_handle
+from .hooks import Hooks, component_health
 from .intake import decode_block, validate_one
 from .results import Result, ResultBatch, classify, label_name, _top
 from .sinks import Sink, make_sink
@@ -137,12 +149,7 @@ class Agent:
         self.started_at: float | None = None
         self.first_result_at: float | None = None
         self._notifier = Notifier.from_env()
-        self._batch_hooks: list[Callable[[ResultBatch], None]] = []
-        self._result_hooks: list[Callable[[Result], None]] = []
-        # on_batch_inputs(batch, inputs): called on the batcher thread while the packed input rows are valid
-        # (drift monitoring reads them there; they are overwritten by the next batch).
-        self._input_hooks: list[Callable[[ResultBatch, list[np.ndarray]], None]] = []
-        self._wants_inputs = False
+        self._hooks = Hooks()
         self._max_batch = config.batcher.max_batch
 
     # -- construction ---------------------------------------------------------
@@ -170,14 +177,7 @@ class Agent:
         return obj
 
     def _wire_component(self, obj: Any) -> None:
-        if hasattr(obj, "on_batch_inputs"):
-            self._input_hooks.append(obj.on_batch_inputs)
-        if hasattr(obj, "on_batch"):
-            self._batch_hooks.append(obj.on_batch)
-        elif hasattr(obj, "on_result"):
-            self._result_hooks.append(obj.on_result)
-        if getattr(obj, "wants_inputs", False):
-            self._wants_inputs = True
+        self._hooks.wire(obj)
 
     # -- model loading --------------------------------------------------------
     def _trusted(self) -> list[str] | None:
@@ -590,7 +590,7 @@ class Agent:
         if self.first_result_at is None:
             self.first_result_at = t_done
         inputs = None
-        if self._input_hooks or self._wants_inputs:
+        if self._hooks.need_inputs:
             # Copies: the next batch refills the packer's buffers while this one is delivered.
             inputs = [b[:n].copy() for b in packer.buffers]
         return functools.partial(self._finish, handle, segments, outs, n, t0, t_done, inputs)
@@ -634,7 +634,7 @@ class Agent:
             if cache is not None and w.keys is not None:
                 for i in range(c):
                     cache.put(w.keys[seg.start + i], tuple(o[seg.pos + i] for o in outs))
-        deliver = self.sinks or self._batch_hooks or self._result_hooks or self._input_hooks
+        deliver = self.sinks or self._hooks.any
         # Labels and scores for the whole batch only when a sink or hook reads them;
         # API callers get theirs computed on first read, in their own thread.
         cls = classify(outs[0]) if deliver and len(outs) == 1 else None
@@ -666,34 +666,7 @@ class Agent:
             w.future.set_result(r)
 
     def _deliver(self, batch: ResultBatch, inputs: list[np.ndarray] | None, input_names: list[str] = ()) -> None:
-        for s in self.sinks:
-            try:
-                s.write(batch)
-            except Exception as exc:  # a broken sink must not stop inference
-                self.metrics.counters.inc("errors")
-                log.warning("sink %s failed: %s", type(s).__name__, exc)
-        for hook in self._batch_hooks:
-            try:
-                hook(batch)
-            except Exception as exc:
-                log.warning("component hook failed: %s", exc)
-        if inputs is not None:
-            for ihook in self._input_hooks:
-                try:
-                    ihook(batch, inputs)
-                except Exception as exc:
-                    log.warning("component input hook failed: %s", exc)
-        if self._result_hooks:
-            results = batch.results()
-            if self._wants_inputs and inputs is not None:
-                for i, r in enumerate(results):  # own copies: a view would keep the whole batch alive
-                    r.inputs = {name: a[i].copy() for name, a in zip(input_names, inputs)}
-            for r in results:
-                for hook in self._result_hooks:
-                    try:
-                        hook(r)
-                    except Exception as exc:
-                        log.warning("component hook failed: %s", exc)
+        self._hooks.deliver(batch, inputs, input_names, self.sinks, lambda: self.metrics.counters.inc("errors"))
 
     def _emit_cached(self, handle: ModelHandle, hits: list[tuple], xs: list[np.ndarray], source: str, ts, t_in: float,
                      refs, fut) -> None:
@@ -737,17 +710,7 @@ class Agent:
         }
         if self.cache is not None:
             out["cache"] = self.cache.stats()
-        comps = {}
-        for c in self.components:
-            fn = getattr(c, "health", None)
-            if callable(fn):
-                name = type(c).__name__
-                if name in comps:  # two components of one class: number the later ones
-                    name = f"{name}#{sum(k.split('#')[0] == name for k in comps) + 1}"
-                try:
-                    comps[name] = fn()
-                except Exception as exc:
-                    comps[name] = {"error": str(exc)}
+        comps = component_health(self.components)
         if comps:
             out["components"] = comps
         return out
