@@ -58,28 +58,39 @@ or sha)`` makes it active between two batches (no request is dropped or
 answered by a half-loaded model) and records it in ``state.json``;
 ``rollback()`` goes back to the previous model (kept in memory for
 ``[rollout] health_window_s`` after a switch, so rolling back is instant).
+
+Starting without a model: with an empty store and a component that installs
+models (the rollout client, wired when ``[mqtt] broker`` is set), ``start()``
+succeeds; health says ``waiting``, requests are refused with an
+:class:`~edgeship.errors.OverloadError`, sources wait, and the first
+``switch_to`` starts serving. Without such a component an empty store is a
+one-line :class:`~edgeship.errors.StoreError` (nothing would ever install one).
+
+Around this module: :mod:`.handle` (a loaded model), :mod:`.intake` (sample
+and block validation, pure), :mod:`.agent_metrics` (counters), and
+:mod:`.runner_main` (which components a config asks for).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import functools
-import json
 import logging
 import os
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from ..errors import EdgeshipError, InputError, ModelError, OverloadError, StoreError
-from ..metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Counters, Histogram
-from .batcher import BatchPolicy, MicroBatcher, Packer, Segment, Work
+from ..errors import EdgeshipError, InputError, OverloadError, StoreError
+from .agent_metrics import COUNTER_NAMES, AgentMetrics  # noqa: F401 - re-exported: edgeship.agent.agent.AgentMetrics
+from .batcher import BatchPolicy, MicroBatcher, Segment, Work
 from .cache import ResultCache, input_key, row_keys
 from .config import AgentConfig, load_config, parse_config
-from .preprocessing import BlockPreprocessor
+from .handle import ModelHandle, load_handle
+from .hooks import Hooks, component_health
+from .intake import decode_block, validate_one
 from .results import Result, ResultBatch, classify, label_name, _top
 from .sinks import Sink, make_sink
 from .sources import RawBlock, Source, make_source
@@ -90,110 +101,6 @@ from .systemd import Notifier
 __all__ = ["Agent", "AgentMetrics", "ModelHandle", "Result", "FeedbackUnavailableError"]
 
 log = logging.getLogger("edgeship.agent")
-
-COUNTER_NAMES = ("inferences", "batches", "requests", "errors", "rejected", "dropped", "overload_rejected",
-                 "cache_hits", "cache_misses", "deadline_missed", "source_errors", "switches", "rollbacks")
-
-
-class AgentMetrics:
-    """Cumulative counters and fixed-bucket histograms (constant memory), shared by API, bench, telemetry."""
-
-    def __init__(self) -> None:
-        self.counters = Counters(COUNTER_NAMES)
-        self.latency_ms = Histogram(LATENCY_BOUNDS_MS)     # request in -> result out, per sample
-        self.inference_ms = Histogram(LATENCY_BOUNDS_MS)   # one model call, per batch
-        self.batch_size = Histogram(BATCH_BOUNDS)
-        self._lock = threading.Lock()
-        self.queue_depth: Callable[[], int] = lambda: 0
-        self.reject_reasons: dict[str, int] = {}
-        self.recent_rejects: list[dict] = []
-
-    def record_batch(self, n: int, run_ms: float, latencies: Sequence[tuple[float, int]]) -> None:
-        with self._lock:
-            self.batch_size.add(n)
-            self.inference_ms.add(run_ms)
-            for lat, k in latencies:
-                self.latency_ms.add_repeated(lat, k)
-
-    def record_rejects(self, source: str, rejects: Sequence[tuple[Any, str]]) -> None:
-        self.counters.inc("rejected", len(rejects))
-        with self._lock:
-            for ref, reason in rejects:
-                key = reason.split(":")[0][:80] if ref is not None else reason[:80]
-                self.reject_reasons[key] = self.reject_reasons.get(key, 0) + 1
-                if len(self.reject_reasons) > 50:  # bounded: keep the first 50 kinds
-                    self.reject_reasons.pop(key, None)
-            self.recent_rejects = (self.recent_rejects + [{"source": source, "ref": ref, "reason": reason}
-                                                          for ref, reason in rejects[-5:]])[-20:]
-
-    def snapshot(self) -> dict:
-        """Cumulative figures: ``counters``, ``queue_depth``, histograms as ``to_dict()``."""
-        with self._lock:
-            return {"counters": self.counters.snapshot(), "queue_depth": self.queue_depth(),
-                    "latency_ms": self.latency_ms.to_dict(), "inference_ms": self.inference_ms.to_dict(),
-                    "batch_size": self.batch_size.to_dict(), "reject_reasons": dict(self.reject_reasons)}
-
-
-@dataclass
-class ModelHandle:
-    """A loaded, warmed model: runner + everything the hot path needs, built once."""
-
-    sha256: str
-    manifest: dict
-    runner: Any
-    input_names: list[str]
-    output_names: list[str]
-    sample_shapes: list[tuple[int, ...]]
-    dtypes: list[np.dtype]
-    model_batch: int | None       # None dynamic, k fixed, 0 no batch axis
-    preprocessors: list[BlockPreprocessor]
-    labels: list[str] | None
-    model: dict
-    model_json: str
-    load_s: float = 0.0
-    warmup_s: float = 0.0
-    packers: dict = field(default_factory=dict)
-    variant: str | None = None  # the package variant's id (adapt switches variants of one package)
-
-    def packer(self, max_batch: int) -> Packer:
-        p = self.packers.get(max_batch)
-        if p is None:
-            p = self.packers[max_batch] = Packer(self.sample_shapes, self.dtypes, max_batch, self.model_batch)
-        return p
-
-    def run_fn(self) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
-        names = self.input_names
-        run = self.runner.run_unchecked
-        if len(names) == 1:
-            name = names[0]
-            return lambda arrs: run({name: arrs[0]})
-        return lambda arrs: run(dict(zip(names, arrs)))
-
-    def close(self) -> None:
-        try:
-            self.runner.close()
-        except Exception as exc:  # closing must never mask the real shutdown path
-            log.warning("closing model %s failed: %s", self.sha256[:12], exc)
-
-
-def _batch_mode(spec, batch_size) -> tuple[int | None, tuple[int, ...]]:
-    """(model batch, sample shape) of one input: None = any batch; k = exactly k rows; 0 = no axis.
-
-    By the package contract the first axis is always the batch axis: ``-1``
-    takes any batch, a fixed size takes exactly that many rows (padded and
-    split by the packer; 1 = one by one). Only a scalar input has none.
-    """
-    shape = tuple(int(d) for d in spec.shape)
-    if not shape:
-        return 0, ()
-    if shape[0] == -1:
-        mode, sample = None, shape[1:]
-    else:
-        mode, sample = shape[0], shape[1:]
-    if any(d < 0 for d in sample):
-        raise ModelError(f"input {spec.name} has a variable dimension besides the batch axis ({shape}); "
-                         "the agent needs fixed sample shapes: export the model with fixed sizes")
-    return mode, sample
 
 
 class Agent:
@@ -232,6 +139,9 @@ class Agent:
         self._state = "new"   # new | starting | running | stopping | stopped
         self._lock = threading.RLock()
         self._switch_lock = threading.Lock()
+        # Sources wait for the first model when the agent starts with an empty store (see _start).
+        self._deferred_sources: list[tuple[Source, Any]] = []
+        self._policy: BatchPolicy | None = None
         self._id_lock = threading.Lock()
         self._next_id = 0
         self.run_id = secrets.token_hex(4)
@@ -239,18 +149,23 @@ class Agent:
         self.started_at: float | None = None
         self.first_result_at: float | None = None
         self._notifier = Notifier.from_env()
-        self._batch_hooks: list[Callable[[ResultBatch], None]] = []
-        self._result_hooks: list[Callable[[Result], None]] = []
-        # on_batch_inputs(batch, inputs): called on the batcher thread while the packed input rows are valid
-        # (drift monitoring reads them there; they are overwritten by the next batch).
-        self._input_hooks: list[Callable[[ResultBatch, list[np.ndarray]], None]] = []
-        self._wants_inputs = False
+        self._hooks = Hooks()
         self._max_batch = config.batcher.max_batch
 
     # -- construction ---------------------------------------------------------
     @classmethod
     def from_config(cls, path: str | os.PathLike, **kwargs: Any) -> "Agent":
-        return cls(load_config(path), **kwargs)
+        """The agent ``edgeship agent run`` would run: the config's components wired in.
+
+        With ``[mqtt] broker`` that is the fleet link (outbox, telemetry,
+        state, feedback) and the rollout client, so ``agent.feedback(...)``
+        works; see :func:`edgeship.agent.runner_main.wire_components`.
+        """
+        from .runner_main import wire_components  # noqa: PLC0415 - runner_main imports this module
+
+        agent = cls(load_config(path), **kwargs)
+        wire_components(agent, agent.config)
+        return agent
 
     def add_component(self, obj: Any) -> Any:
         """Plug in a component (``start``/``stop``, optional ``on_batch``/``on_result``/``health``/``feedback``)."""
@@ -262,14 +177,7 @@ class Agent:
         return obj
 
     def _wire_component(self, obj: Any) -> None:
-        if hasattr(obj, "on_batch_inputs"):
-            self._input_hooks.append(obj.on_batch_inputs)
-        if hasattr(obj, "on_batch"):
-            self._batch_hooks.append(obj.on_batch)
-        elif hasattr(obj, "on_result"):
-            self._result_hooks.append(obj.on_result)
-        if getattr(obj, "wants_inputs", False):
-            self._wants_inputs = True
+        self._hooks.wire(obj)
 
     # -- model loading --------------------------------------------------------
     def _trusted(self) -> list[str] | None:
@@ -283,47 +191,7 @@ class Agent:
         return self._load(sha, variant)
 
     def _load(self, sha: str, variant: str | None = None) -> ModelHandle:
-        from ..runtime import load  # noqa: PLC0415 - keeps `import edgeship.agent.agent` light
-
-        rt = self.config.runtime
-        store = self.store
-        manifest = store.manifest(sha)
-        t0 = time.perf_counter()
-        kwargs: dict[str, Any] = {"backend": rt.backend, "threads": rt.threads, "optimization": rt.optimization}
-        if (variant or rt.variant) is not None:
-            kwargs["variant"] = variant or rt.variant
-        try:
-            runner = load(str(store.package_path(sha)), **kwargs)
-        except EdgeshipError:
-            raise
-        except Exception as exc:
-            raise ModelError(f"cannot load model {manifest.get('name')} {manifest.get('version')}: {exc}") from exc
-        load_s = time.perf_counter() - t0
-        try:
-            specs = list(runner.inputs)
-            specs = [s.logical() if hasattr(s, "logical") else s for s in specs]
-            modes, shapes = zip(*(_batch_mode(s, runner.batch_size) for s in specs))
-            dtypes = [np.dtype(s.dtype) for s in specs]
-            pre = manifest.get("preprocess") or {}
-            preprocessors = [BlockPreprocessor(pre if i == 0 else None, shapes[i], dtypes[i]) for i in range(len(specs))]
-            t1 = time.perf_counter()
-            if rt.warmup:
-                runner.warmup(rt.warmup)
-            warm_s = time.perf_counter() - t1
-        except BaseException:
-            runner.close()
-            raise
-        labels = manifest.get("labels") or None
-        model = {"name": manifest.get("name"), "version": manifest.get("version"), "sha256": sha}
-        handle = ModelHandle(
-            sha256=sha, manifest=manifest, runner=runner, input_names=[s.name for s in specs],
-            output_names=[s.name for s in runner.outputs], sample_shapes=list(shapes), dtypes=dtypes,
-            model_batch=None if all(m is None for m in modes) else max(m or 0 for m in modes), preprocessors=preprocessors, labels=list(labels) if labels else None,
-            model=model, model_json=json.dumps({"name": model["name"], "version": model["version"]}, separators=(",", ":")),
-            load_s=load_s, warmup_s=warm_s, variant=(getattr(runner, "variant", None) or {}).get("id"))
-        log.info("loaded %s %s (%s) with %s in %.0f ms, warm-up %.0f ms", model["name"], model["version"], sha[:12],
-                 getattr(runner, "backend", "?"), 1000 * load_s, 1000 * warm_s)
-        return handle
+        return load_handle(self.store, sha, self.config.runtime, variant)
 
     @property
     def model(self) -> dict | None:
@@ -359,6 +227,8 @@ class Agent:
         if old is not None and handle.sample_shapes != old.sample_shapes:
             log.warning("the new model takes %s instead of %s: queued samples of the old shape will be rejected",
                         handle.sample_shapes, old.sample_shapes)
+        if old is None:
+            self._set_max_batch(handle)  # the first model: nothing was batched for another one yet
         self._handle = handle  # the swap point (see _process)
         if self.cache is not None:
             self.cache.clear()
@@ -366,6 +236,9 @@ class Agent:
         self._previous_until = time.monotonic() + self.config.rollout.health_window_s
         if prev is not None and prev is not handle:
             self._close_later(prev)
+        if old is None:
+            self._start_deferred_sources()
+            self._notifier.notify(f"STATUS=serving {handle.model['name']} {handle.model['version']}")
 
     def _close_later(self, handle: ModelHandle) -> None:
         # The batcher may still be running a batch on it: close after that batch.
@@ -405,7 +278,11 @@ class Agent:
             self._state = "stopped"
             raise
         self._state = "running"
-        self._notifier.notify("READY=1", f"STATUS=serving {self._handle.model['name']} {self._handle.model['version']}")
+        h = self._handle
+        # READY also while waiting for the first model: the agent is up (API, fleet link, rollout
+        # client) and the watchdog is fed, so systemd neither times out nor restart-loops it.
+        self._notifier.notify("READY=1", f"STATUS=serving {h.model['name']} {h.model['version']}" if h is not None
+                              else "STATUS=waiting for the first model (a rollout installs it)")
         return self
 
     def _start(self) -> None:
@@ -417,19 +294,20 @@ class Agent:
             if self.store.active is None:
                 self.store.activate(sha)
         sha = self.store.startup_choice(self._trusted())
-        if sha is None:
+        if sha is None and not self.waits_for_rollout:
             raise StoreError(f"no model: the store in {cfg.agent.state_dir} is empty; set [agent] package "
-                             "to a .edgepkg file (or let a rollout install one)")
-        self._handle = self._load(sha)
+                             "to a .edgepkg file, or [mqtt] broker so a rollout can install one")
         b = cfg.batcher
-        max_batch = b.max_batch
-        if self._handle.model_batch == 0:
-            max_batch = 1
-        self._max_batch = max_batch
         if cfg.cache.enabled:
             self.cache = ResultCache(cfg.cache.max_entries, cfg.cache.ttl_s)
-        policy = BatchPolicy(max_batch, b.max_delay_ms / 1000.0, b.queue_size, b.overload,
-                             margin_s=b.deadline_margin_ms / 1000.0)
+        policy = self._policy = BatchPolicy(b.max_batch, b.max_delay_ms / 1000.0, b.queue_size, b.overload,
+                                            margin_s=b.deadline_margin_ms / 1000.0)
+        if sha is not None:
+            self._handle = self._load(sha)
+            self._set_max_batch(self._handle)
+        else:
+            log.warning("no model yet: the store in %s is empty; waiting for a rollout to install the first one",
+                        cfg.agent.state_dir)
         tick = self._notifier.watchdog_interval() or 1.0
         self.batcher = MicroBatcher(policy, self._process, block_timeout_s=b.block_timeout_ms / 1000.0,
                                     on_error=self._on_batch_error, on_evicted=self._on_evicted,
@@ -444,12 +322,31 @@ class Agent:
             c.start()
         sources = [(self._make_source(s), s) for s in cfg.sources]
         sources += [(src, None) for src in self._extra_sources]
-        for src, scfg in sources:
-            self._start_source(src, scfg)
+        if self._handle is None:
+            self._deferred_sources = sources  # started by the first switch_to (see _swap)
+        else:
+            for src, scfg in sources:
+                self._start_source(src, scfg)
         if cfg.api.enabled:
             from .api import ApiServer  # noqa: PLC0415
 
             self.api = ApiServer(self, cfg.api).start()
+
+    @property
+    def waits_for_rollout(self) -> bool:
+        """Whether an empty store means "wait for the first model": a component installs models."""
+        return any(getattr(c, "installs_models", False) for c in self.components)
+
+    def _set_max_batch(self, handle: ModelHandle) -> None:
+        # A model without a batch axis takes one sample per call.
+        self._max_batch = 1 if handle.model_batch == 0 else self.config.batcher.max_batch
+        if self._policy is not None:
+            self._policy.max_batch = self._max_batch
+
+    def _start_deferred_sources(self) -> None:
+        sources, self._deferred_sources = self._deferred_sources, []
+        for src, scfg in sources:
+            self._start_source(src, scfg)
 
     @staticmethod
     def _make_source(scfg) -> Source:
@@ -475,6 +372,8 @@ class Agent:
         """Attach a source object to a running agent (tests, apps with their own reader)."""
         if self._state != "running":
             raise RuntimeError("the agent is not running")
+        if self._handle is None:
+            raise RuntimeError("the agent has no model yet; add sources once a rollout installed one")
         pf = Prefetcher(src, lambda block, s: self._prepare(block, s, deadline_ms / 1000.0 if deadline_ms else None),
                         lambda work, stop: self.batcher.put(work, stop=stop), on_reject=self._on_source_reject,
                         **prefetch)
@@ -547,40 +446,8 @@ class Agent:
         if self._state != "running":
             raise OverloadError(f"the agent is {self._state}; start() it first" if self._state == "new"
                                 else f"the agent is {self._state} and accepts no new requests")
-
-    def _validate_one(self, handle: ModelHandle, x, preprocess: bool) -> list[np.ndarray]:
-        if isinstance(x, Mapping):
-            try:
-                arrays = [np.asarray(x[name]) for name in handle.input_names]
-            except KeyError as exc:
-                raise InputError(f"missing input {exc.args[0]!r}; the model takes {handle.input_names}") from exc
-        else:
-            arrays = [np.asarray(x)]
-            if len(handle.input_names) != 1:
-                raise InputError(f"the model takes {len(handle.input_names)} inputs {handle.input_names}; "
-                                 "pass a dict {name: array}")
-        out = []
-        for a, shape, dt, pre, name in zip(arrays, handle.sample_shapes, handle.dtypes, handle.preprocessors,
-                                           handle.input_names):
-            if a.dtype.kind not in "biuf":
-                raise InputError(f"input {name}: dtype {a.dtype} is not numeric", input_name=name,
-                                 expected=str(dt), got=str(a.dtype))
-            if a.shape == (1, *shape):
-                a = a[0]
-            if preprocess:
-                a = pre.one(a)
-            else:
-                if a.shape != shape:
-                    if a.size == int(np.prod(shape)) and a.ndim <= 1:
-                        a = a.reshape(shape)
-                    else:
-                        raise InputError(f"input {name}: shape {tuple(a.shape)} does not match the model's {shape}",
-                                         input_name=name, expected=shape, got=tuple(a.shape))
-                a = a.astype(dt, copy=False)
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise InputError(f"input {name}: contains NaN or infinity; send finite numbers", input_name=name)
-            out.append(a)
-        return out
+        if self._handle is None:
+            raise OverloadError("no model yet: the agent waits for a rollout to install its first model")
 
     def submit(self, x, deadline: float | None = None, *, preprocess: bool = True, source: str = "api",
                timeout: float | None = None) -> concurrent.futures.Future:
@@ -596,7 +463,7 @@ class Agent:
         self._check_running()
         handle = self._handle
         try:
-            xs = self._validate_one(handle, x, preprocess)
+            xs = validate_one(handle, x, preprocess)
         except InputError as exc:
             self.metrics.record_rejects(source, [(None, str(exc))])
             raise
@@ -644,51 +511,11 @@ class Agent:
     def _prepare(self, block: RawBlock, src: Source, deadline_s: float | None) -> tuple[Work | None, list]:
         """Runs in a prefetch worker: decode, preprocess, validate a block; returns (work, rejects)."""
         handle = self._handle
-        rejects: list[tuple[Any, str]] = list(block.errors)
-        refs = block.refs
-        pre = handle.preprocessors[0]
-        shape = handle.sample_shapes[0]
-        ts = block.ts
-        if block.items is not None:
-            rows, keep_refs, keep_ts = [], [], []
-            for i, item in enumerate(block.items):
-                ref = refs[i] if refs is not None else None
-                try:
-                    rows.append(pre.one(src.decode(item)))
-                    keep_refs.append(ref)
-                    keep_ts.append(ts[i] if isinstance(ts, np.ndarray) else ts)
-                except InputError as exc:
-                    rejects.append((ref, str(exc)))
-                except (OSError, ValueError) as exc:
-                    rejects.append((ref, f"cannot decode: {exc}"))
-            if not rows:
-                return None, rejects
-            x = np.stack(rows)
-            refs = keep_refs if refs is not None else None
-            ts = np.asarray(keep_ts) if isinstance(block.ts, np.ndarray) else block.ts
-        else:
-            data = block.data
-            if data is None or len(data) == 0:
-                return None, rejects
-            try:
-                x = pre.numeric(data)
-            except InputError as exc:
-                rejects.extend((refs[i] if refs else None, str(exc)) for i in range(len(data)))
-                return None, rejects
+        rows, rejects = decode_block(handle, block, src)
+        if rows is None:
+            return None, rejects
+        x, refs, ts = rows
         n = len(x)
-        if x.dtype.kind == "f":
-            finite = np.isfinite(x.reshape(n, -1)).all(axis=1)
-            if not finite.all():
-                bad = np.flatnonzero(~finite)
-                rejects.extend((refs[i] if refs else None, "contains NaN or infinity") for i in bad.tolist())
-                x = x[finite]
-                if refs is not None:
-                    refs = [r for r, f in zip(refs, finite.tolist()) if f]
-                if isinstance(ts, np.ndarray):
-                    ts = ts[finite]
-                n = len(x)
-                if n == 0:
-                    return None, rejects
         now = time.monotonic()
         keys = None
         if self.cache is not None:
@@ -763,7 +590,7 @@ class Agent:
         if self.first_result_at is None:
             self.first_result_at = t_done
         inputs = None
-        if self._input_hooks or self._wants_inputs:
+        if self._hooks.need_inputs:
             # Copies: the next batch refills the packer's buffers while this one is delivered.
             inputs = [b[:n].copy() for b in packer.buffers]
         return functools.partial(self._finish, handle, segments, outs, n, t0, t_done, inputs)
@@ -807,7 +634,7 @@ class Agent:
             if cache is not None and w.keys is not None:
                 for i in range(c):
                     cache.put(w.keys[seg.start + i], tuple(o[seg.pos + i] for o in outs))
-        deliver = self.sinks or self._batch_hooks or self._result_hooks or self._input_hooks
+        deliver = self.sinks or self._hooks.any
         # Labels and scores for the whole batch only when a sink or hook reads them;
         # API callers get theirs computed on first read, in their own thread.
         cls = classify(outs[0]) if deliver and len(outs) == 1 else None
@@ -839,34 +666,7 @@ class Agent:
             w.future.set_result(r)
 
     def _deliver(self, batch: ResultBatch, inputs: list[np.ndarray] | None, input_names: list[str] = ()) -> None:
-        for s in self.sinks:
-            try:
-                s.write(batch)
-            except Exception as exc:  # a broken sink must not stop inference
-                self.metrics.counters.inc("errors")
-                log.warning("sink %s failed: %s", type(s).__name__, exc)
-        for hook in self._batch_hooks:
-            try:
-                hook(batch)
-            except Exception as exc:
-                log.warning("component hook failed: %s", exc)
-        if inputs is not None:
-            for ihook in self._input_hooks:
-                try:
-                    ihook(batch, inputs)
-                except Exception as exc:
-                    log.warning("component input hook failed: %s", exc)
-        if self._result_hooks:
-            results = batch.results()
-            if self._wants_inputs and inputs is not None:
-                for i, r in enumerate(results):  # own copies: a view would keep the whole batch alive
-                    r.inputs = {name: a[i].copy() for name, a in zip(input_names, inputs)}
-            for r in results:
-                for hook in self._result_hooks:
-                    try:
-                        hook(r)
-                    except Exception as exc:
-                        log.warning("component hook failed: %s", exc)
+        self._hooks.deliver(batch, inputs, input_names, self.sinks, lambda: self.metrics.counters.inc("errors"))
 
     def _emit_cached(self, handle: ModelHandle, hits: list[tuple], xs: list[np.ndarray], source: str, ts, t_in: float,
                      refs, fut) -> None:
@@ -889,6 +689,8 @@ class Agent:
         b = self.batcher
         sources = [p.health() for p in self.prefetchers]
         status = "ok" if self._state == "running" else self._state
+        if status == "ok" and h is None:
+            status = "waiting"  # up and reporting, no model yet: a rollout installs the first one
         if status == "ok" and (b is None or not b.alive or any(s["state"] in ("stalled", "failed") for s in sources)):
             status = "degraded"
         out = {
@@ -896,6 +698,7 @@ class Agent:
             "device": self.config.agent.device_id,
             "fleet": self.config.agent.fleet,
             "model": dict(h.model) if h else None,
+            **({"waiting_for": "the first model (a rollout installs it)"} if status == "waiting" else {}),
             "backend": getattr(h.runner, "backend", None) if h else None,
             "previous_in_memory": self._previous.model["version"] if self._previous else None,
             "uptime_s": (time.monotonic() - self.started_at) if self.started_at else 0.0,
@@ -907,17 +710,7 @@ class Agent:
         }
         if self.cache is not None:
             out["cache"] = self.cache.stats()
-        comps = {}
-        for c in self.components:
-            fn = getattr(c, "health", None)
-            if callable(fn):
-                name = type(c).__name__
-                if name in comps:  # two components of one class: number the later ones
-                    name = f"{name}#{sum(k.split('#')[0] == name for k in comps) + 1}"
-                try:
-                    comps[name] = fn()
-                except Exception as exc:
-                    comps[name] = {"error": str(exc)}
+        comps = component_health(self.components)
         if comps:
             out["components"] = comps
         return out

@@ -16,6 +16,7 @@ prints; a test parses it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import tomllib
@@ -30,7 +31,7 @@ from ..errors import ConfigError
 __all__ = [
     "AgentConfig", "AgentSection", "RuntimeSection", "BatcherSection", "CacheSection", "SourceConfig",
     "SinkConfig", "ApiSection", "MqttSection", "OutboxSection", "TelemetrySection", "FeedbackSection",
-    "RolloutSection", "AdaptSection", "load_config", "parse_config", "EXAMPLE_CONFIG", "OVERLOAD_POLICIES",
+    "RolloutSection", "AdaptSection", "load_config", "parse_config", "EXAMPLE_CONFIG", "example_config", "OVERLOAD_POLICIES",
 ]
 
 OVERLOAD_POLICIES = ("block", "drop_oldest", "reject")
@@ -453,3 +454,39 @@ plan_keys = []                    # keys that sign rollout plans (fleet.pub); em
 # pressure_max = 0.2              # no step up while tasks waited for a CPU more of the time (PSI / loadavg)
 # tune = true                     # measure [runtime] threads / [batcher] max_delay_ms when not set here
 '''
+
+
+def _example_line(text: str, prefix: str, value: str) -> str:
+    """``text`` with the one example line starting ``prefix`` set to ``value`` (comment after it kept)."""
+    out, found = [], False
+    for line in text.splitlines(keepends=True):
+        if not found and line.startswith(prefix):
+            key = prefix.lstrip("# ").split("=")[0].strip()
+            comment = line[line.index("#", len(prefix)):] if "#" in line[len(prefix):] else "\n"
+            line = f"{key} = {value}\n" if comment == "\n" else f"{key} = {value}".ljust(33) + " " + comment
+            found = True
+        out.append(line)
+    if not found:  # a programming error: the template and this function disagree
+        raise ValueError(f"no line {prefix!r} in EXAMPLE_CONFIG")
+    return "".join(out)
+
+
+def example_config(*, package: str | None = None, state_dir: str | None = None, broker: str | None = None,
+                   source: str | None = None, port: int | None = None) -> str:
+    """:data:`EXAMPLE_CONFIG` with the values a first run needs filled in (each ``None`` keeps the example's).
+
+    ``source`` is the path of the example's JSON-lines source (``"-"`` = stdin).
+    """
+    text = EXAMPLE_CONFIG
+    q = json.dumps  # a JSON string is a valid TOML basic string
+    if package is not None:
+        text = _example_line(text, "# package = ", q(package))
+    if state_dir is not None:
+        text = _example_line(text, "state_dir = ", q(state_dir))
+    if broker is not None:
+        text = _example_line(text, "# broker = ", q(broker))
+    if source is not None:
+        text = _example_line(text, 'path = "/run/sensors/imu.jsonl"', q(source))
+    if port is not None:
+        text = _example_line(text, "port = ", str(int(port)))
+    return text

@@ -8,8 +8,10 @@ themselves are used, so it works on a half-installed device.
 from __future__ import annotations
 
 import email.utils
+import errno
 import importlib
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -19,9 +21,10 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
-__all__ = ["Check", "run_checks", "format_checks", "summarize"]
+__all__ = ["Check", "run_checks", "format_checks", "summarize", "check_model", "check_sources", "check_api_port",
+           "serving_checks"]
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 
@@ -196,8 +199,100 @@ def check_clock(server_url: str | None, timeout: float = 3.0, max_skew_s: float 
     return Check("clock", OK, detail)
 
 
+def _store_has_model(state_dir: Path) -> str | None:
+    """The active sha256 recorded in ``state.json`` when its package is installed (read only: no dirs made)."""
+    try:
+        active = json.loads((state_dir / "state.json").read_text()).get("active")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if active and (state_dir / "store" / str(active) / "installed.json").is_file():
+        return str(active)
+    return None
+
+
+def check_model(config: Any) -> Check:
+    """Whether the agent has a model to serve at start: ``[agent] package``, the store, or a rollout to wait for."""
+    a = config.agent
+    pkg = a.package
+    if pkg:
+        if not os.path.isfile(pkg):
+            return Check("model", FAIL, f"[agent] package {pkg} does not exist",
+                         "build one (edgeship package build) or fix the path")
+        if not os.access(pkg, os.R_OK):
+            return Check("model", FAIL, f"[agent] package {pkg} is not readable",
+                         "give the agent's user read access to it")
+        return Check("model", OK, f"package {pkg}")
+    active = _store_has_model(Path(a.state_dir))
+    if active:
+        return Check("model", OK, f"active model {active[:12]} in {a.state_dir}")
+    if config.mqtt.broker and config.rollout.enabled:
+        return Check("model", WARN, f"no package and the store in {a.state_dir} is empty: the agent will start "
+                     f"and wait for a rollout from {config.mqtt.broker}",
+                     "start a rollout (edgeship fleet rollout start PKG) or set [agent] package")
+    return Check("model", FAIL, f"no package: [agent] package is not set and the store in {a.state_dir} is empty",
+                 "set [agent] package = \"model.edgepkg\", or [mqtt] broker so a rollout can install one")
+
+
+def check_sources(config: Any) -> Check:
+    """Every ``[[sources]]`` entry whose ``path`` names a file or folder can be read."""
+    import glob
+
+    bad, ok = [], []
+    for s in config.sources:
+        path = s.options.get("path")
+        if not isinstance(path, str) or path == "-":
+            ok.append(s.id)
+            continue
+        if any(ch in path for ch in "*?["):
+            found = bool(glob.glob(path)) or os.path.isdir(os.path.dirname(path) or ".")
+            (ok if found else bad).append(s.id if found else f"{s.id}: {path} matches nothing")
+        elif not os.path.exists(path):
+            bad.append(f"{s.id}: {path} does not exist")
+        elif not os.access(path, os.R_OK):
+            bad.append(f"{s.id}: {path} is not readable")
+        else:
+            ok.append(s.id)
+    if bad:
+        return Check("sources", FAIL, "; ".join(bad),
+                     "create the file/FIFO (or fix [[sources]] path) and give the agent's user read access")
+    if not config.sources:
+        return Check("sources", SKIP, "no [[sources]]: requests come from the API or the Python API only")
+    return Check("sources", OK, f"{len(ok)} readable: {', '.join(ok)}")
+
+
+def check_api_port(config: Any) -> Check:
+    """The local API can listen where ``[api]`` says (a port another process holds makes the agent exit)."""
+    api = config.api
+    if not api.enabled:
+        return Check("api", SKIP, "[api] enabled = false")
+    if api.unix_socket:
+        folder = os.path.dirname(api.unix_socket) or "."
+        if not os.access(folder, os.W_OK):
+            return Check("api", FAIL, f"cannot create {api.unix_socket}: {folder} is not writable",
+                         "create the folder for the agent's user (systemd: RuntimeDirectory=edgeship)")
+        return Check("api", OK, f"unix:{api.unix_socket}")
+    if api.port == 0:
+        return Check("api", OK, f"{api.host}: any free port")
+    sock = socket.socket(socket.AF_INET6 if ":" in api.host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((api.host, api.port))  # no SO_REUSEADDR: exactly the test the server's bind makes
+    except OSError as exc:
+        return Check("api", FAIL, f"cannot listen on {api.host}:{api.port}: {exc.strerror or exc}"
+                     + (" (port taken: another agent running?)" if exc.errno == errno.EADDRINUSE else ""),
+                     "stop what holds the port, or set [api] port to a free one")
+    finally:
+        sock.close()
+    return Check("api", OK, f"{api.host}:{api.port} is free")
+
+
+def serving_checks(config: Any) -> list[Check]:
+    """What ``agent run`` needs from its config to serve: a model, readable sources, a free API address."""
+    return [check_model(config), check_sources(config), check_api_port(config)]
+
+
 def run_checks(*, state_dir: str | os.PathLike, broker_url: str | None = None,
-               trusted_keys: Iterable[str] = (), server_url: str | None = None) -> list[Check]:
+               trusted_keys: Iterable[str] = (), server_url: str | None = None, config: Any = None) -> list[Check]:
+    """Every check; with ``config`` (an AgentConfig) also the model, its sources and the API address."""
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("onnxruntime", check_onnxruntime),
         ("tflite", check_tflite),
@@ -208,6 +303,9 @@ def run_checks(*, state_dir: str | os.PathLike, broker_url: str | None = None,
         ("trust", lambda: check_keys(trusted_keys)),
         ("clock", lambda: check_clock(server_url)),
     ]
+    if config is not None:
+        checks += [("model", lambda: check_model(config)), ("sources", lambda: check_sources(config)),
+                   ("api", lambda: check_api_port(config))]
     out = []
     for name, fn in checks:
         try:

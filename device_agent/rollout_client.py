@@ -62,6 +62,9 @@ _MAX_UNCLEAN = 1  # unclean restarts tolerated inside one health window
 class RolloutClient:
     """One per agent. Build before ``agent.start()`` and ``agent.add_component`` it (or :meth:`attach`)."""
 
+    # An agent with this component and an empty store starts and waits for a rollout (Agent.waits_for_rollout).
+    installs_models = True
+
     def __init__(self, agent: Any, link: Any, outbox: Any, *, fleet: str, device: str,
                  trusted_keys: Iterable[Any] | Any, state_dir: str | Path, jitter_s: float = 30.0,
                  bandwidth_kbps: float = 0.0, health_window_s: float = 60.0, download_retries: int = 5,

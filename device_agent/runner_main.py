@@ -64,5 +64,8 @@ def run_agent(cfg: AgentConfig, *, until_done: bool = False) -> int:
     # in benchmarks/agent.py).
     gc.freeze()
     m = agent.model
-    log.info("serving %s %s (%s) on device %s", m["name"], m["version"], m["sha256"][:12], cfg.agent.device_id)
+    if m is None:
+        log.info("device %s is up with no model: waiting for a rollout on %s", cfg.agent.device_id, cfg.mqtt.broker)
+    else:
+        log.info("serving %s %s (%s) on device %s", m["name"], m["version"], m["sha256"][:12], cfg.agent.device_id)
     return agent.run_forever(until_done=until_done)

@@ -35,8 +35,14 @@ def run_cmd(config_path: str, check: bool, until_done: bool, log_level: str | No
 
     cfg = load_config(config_path)
     if check:
-        click.echo(f"ok: {config_path} ({len(cfg.sources)} sources, {len(cfg.sinks)} sinks, "
+        from ..agent import doctor
+
+        click.echo(f"config ok: {config_path} ({len(cfg.sources)} sources, {len(cfg.sinks)} sinks, "
                    f"api {'on' if cfg.api.enabled else 'off'})")
+        checks = doctor.serving_checks(cfg)
+        click.echo(doctor.format_checks(checks))
+        if doctor.summarize(checks)[2]:
+            sys.exit(1)
         return
     logging.basicConfig(level=(log_level or cfg.agent.log_level).upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,11 +53,16 @@ def run_cmd(config_path: str, check: bool, until_done: bool, log_level: str | No
 
 @agent.command("config")
 @click.option("--example", is_flag=True, required=True, help="Print a commented example config.")
-def config_cmd(example: bool) -> None:
-    """Print a commented example agent.toml."""
-    from ..agent.config import EXAMPLE_CONFIG
+@click.option("--package", default=None, help="Fill in [agent] package (the .edgepkg to serve).")
+@click.option("--state-dir", default=None, help="Fill in [agent] state_dir.")
+@click.option("--broker", default=None, help="Fill in [mqtt] broker (mqtt://host:1883): report and take rollouts.")
+@click.option("--source", default=None, help="Fill in the JSON-lines source's path (\"-\" = stdin).")
+@click.option("--port", type=int, default=None, help="Fill in [api] port.")
+def config_cmd(example: bool, package, state_dir, broker, source, port) -> None:
+    """Print a commented example agent.toml (relative paths are relative to the file)."""
+    from ..agent.config import example_config
 
-    click.echo(EXAMPLE_CONFIG, nl=False)
+    click.echo(example_config(package=package, state_dir=state_dir, broker=broker, source=source, port=port), nl=False)
 
 
 @click.command("bench")
@@ -110,6 +121,7 @@ def doctor_cmd(config_path, state_dir, broker, server, trusted_keys) -> None:
     from ..agent import doctor
 
     keys = list(trusted_keys)
+    cfg = None
     if config_path:
         from ..agent.config import load_config
 
@@ -118,7 +130,8 @@ def doctor_cmd(config_path, state_dir, broker, server, trusted_keys) -> None:
         broker = broker or cfg.mqtt.broker
         server = server or cfg.rollout.server_url
         keys = keys or list(cfg.agent.trusted_keys)
-    checks = doctor.run_checks(state_dir=state_dir or ".", broker_url=broker, trusted_keys=keys, server_url=server)
+    checks = doctor.run_checks(state_dir=state_dir or ".", broker_url=broker, trusted_keys=keys, server_url=server,
+                               config=cfg)
     click.echo(doctor.format_checks(checks))
     if doctor.summarize(checks)[2]:
         sys.exit(1)
