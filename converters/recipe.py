@@ -128,9 +128,6 @@ class Recipe:
         out = self.options["package"]["out"]
         return Path(out) if out else self.out_dir / f"{self.name}-{self.version}.edgepkg"
 
-    def teacher_is_onnx(self) -> bool:
-        return self.options["teacher"]["onnx"] is not None
-
 
 def _line_of(text: str, section: str, key: str | None) -> int | None:
     """Line (1-based) of ``key`` inside ``[section]`` ('' = top level), or of the section header."""

@@ -19,7 +19,6 @@ For the rollout client (download → verify → switch → maybe roll back):
 
 * ``install(pkg_path, trusted_keys)`` verifies (hashes + signature) and
   stores a package, returning its sha256; installing twice is a no-op.
-  ``ensure_installed(sha)`` checks an already stored one.
 * ``activate(sha)`` makes it the active one (the old active becomes
   ``previous``); the running agent switches with ``Agent.switch_to(sha)``,
   which calls ``activate`` once the new runner is warm.
@@ -45,11 +44,11 @@ import shutil
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import EdgeshipError, IntegrityError, PackageError, SignatureError, StoreError
+from ..errors import EdgeshipError, IntegrityError, SignatureError, StoreError
+from ..package import unpack
 
 __all__ = ["ModelStore", "atomic_write_json", "file_sha256"]
 
@@ -256,23 +255,7 @@ class ModelStore:
         return sha
 
     def _unpack(self, pkg_file: Path, dest: Path, trusted_keys) -> dict:
-        """Unpack with edgeship.package when available, else a checked zip extraction."""
-        try:
-            from ..package import unpack  # noqa: PLC0415 - keeps this module importable alone
-        except ImportError:
-            unpack = None
-        if unpack is not None:
-            unpack(pkg_file, dest, trusted_keys=_trust(trusted_keys) if trusted_keys else None)
-            return json.loads((dest / "manifest.json").read_text())
-        try:
-            with zipfile.ZipFile(pkg_file) as zf:
-                for name in zf.namelist():
-                    if name.startswith("/") or ".." in Path(name).parts:
-                        raise PackageError(f"package member {name!r} escapes the package folder")
-                zf.extractall(dest)
-        except zipfile.BadZipFile as exc:
-            raise PackageError(f"{pkg_file.name} is not a valid .edgepkg (not a zip file)") from exc
-        self._verify_files(dest, trusted_keys, label=pkg_file.name)
+        unpack(pkg_file, dest, trusted_keys=_trust(trusted_keys) if trusted_keys else None)
         return json.loads((dest / "manifest.json").read_text())
 
     @staticmethod
@@ -312,8 +295,6 @@ class ModelStore:
         if actual != sha:
             raise IntegrityError(f"package {sha[:12]}: the stored file's sha256 is {actual[:12]} (corrupted on disk)")
         self._verify_files(self.files_dir(sha), trusted_keys, label=f"package {sha[:12]}")
-
-    ensure_installed = verify
 
     # -- state changes ------------------------------------------------------------
     def activate(self, sha: str, *, force: bool = False) -> dict:
@@ -384,18 +365,6 @@ class ModelStore:
                 self.remove(m["sha256"])
                 removed.append(m["sha256"])
             return removed
-
-    def quarantine(self, sha: str, reason: str) -> None:
-        """Forget a corrupt package: it stops being active/previous, its folder is removed."""
-        with self._lock:
-            st = self.state()
-            changes: dict = {"_event": {"event": "quarantine", "sha256": sha, "reason": reason}}
-            if st["active"] == sha:
-                changes["active"] = None
-            if st["previous"] == sha:
-                changes["previous"] = None
-            self._write_state(**changes)
-            self.remove(sha)
 
     def startup_choice(self, trusted_keys: Iterable | None = None) -> str | None:
         """The sha256 to load at start: active if it verifies, else the previous one; None when empty.

@@ -28,10 +28,6 @@ def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return (q.astype(np.float32) - np.float32(zp)) * np.float32(scale)
 
 
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return "[" + ", ".join("?" if d == -1 else str(d) for d in shape) + "]"
-
-
 class Runner:
     """One loaded model with a backend-independent interface (see docs/architecture.md).
 
