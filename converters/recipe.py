@@ -8,7 +8,7 @@ the steps in :data:`STEPS`, in order:
 * **distill** trains the student from the teacher (:mod:`.distill`);
 * **export_onnx** exports it with a dynamic batch axis (:mod:`.onnx_export`);
 * **quantize** is the quantize issue's accuracy/speed gate
-  (:func:`edgeship.converters.quantize.quantize`, target ONNX); failing the
+  (:func:`edgeship.converters.quantize`, target ONNX); failing the
   budget stops the recipe with :class:`AccuracyBudgetError`, no package;
 * **tflite** exports a full-integer TFLite model (litert-torch PT2E);
 * **evaluate** runs every artifact (teacher, student fp32, int8 ONNX, int8
@@ -90,7 +90,7 @@ _SECTIONS: dict[str, dict[str, Opt]] = {
                  "calibrations": Opt((list,), ["minmax", "percentile", "entropy"]), "batch": Opt((int,), 32),
                  "recovery_steps": Opt((int,), 3)},
     "tflite": {"enabled": Opt((bool,), True), "int8_io": Opt((bool,), False)},
-    # prune (edgeship.converters.prune) runs between distill and export when ratio or a target is set
+    # prune (edgeship.converters.pruning) runs between distill and export when ratio or a target is set
     "prune": {"ratio": Opt(_NUM, None), "target_params": Opt(_NUM, None), "target_latency": Opt(_NUM, None),
               "finetune_epochs": Opt((int,), 10), "lr": Opt(_NUM, 1e-3), "distill": Opt((bool,), True),
               "max_drop": Opt(_NUM, 1.0), "seed": Opt((int,), 0)},
@@ -265,7 +265,7 @@ def _teacher_files(r: Recipe) -> list:
 
 
 def _teacher_model(r: Recipe):
-    from .distill import load_student
+    from .checkpoints import load_student
 
     t = r["teacher"]
     return t["onnx"] if t["onnx"] else load_student(t["factory"], t["weights"])
@@ -274,7 +274,8 @@ def _teacher_model(r: Recipe):
 # -- distill
 
 def _distill_run(ctx: Ctx) -> tuple[dict, dict]:
-    from .distill import distill, load_factory
+    from .checkpoints import load_factory
+    from .distillation import distill
 
     r = ctx.recipe
     d = r["distill"]
@@ -302,7 +303,8 @@ def _prune_enabled(r: Recipe) -> bool:
 
 
 def _prune_run(ctx: Ctx) -> tuple[dict, dict]:
-    from .prune import prune, save_pruned
+    from .checkpoints import save_pruned
+    from .pruning import prune
 
     r = ctx.recipe
     p = r["prune"]
@@ -319,7 +321,7 @@ def _prune_run(ctx: Ctx) -> tuple[dict, dict]:
 # -- export
 
 def _student_module(ctx: Ctx):
-    from .distill import load_student
+    from .checkpoints import load_student
 
     return load_student(ctx.recipe["student"]["factory"], ctx.artifacts["student"])
 
@@ -343,7 +345,7 @@ def _export_run(ctx: Ctx) -> tuple[dict, dict]:
 # -- quantize (the gate)
 
 def _quantize_run(ctx: Ctx) -> tuple[dict, dict]:
-    from .quantize import quantize
+    from .quantization import quantize
 
     q = ctx.recipe["quantize"]
     res = quantize(ctx.artifacts["onnx_fp32"], ctx.recipe["data"]["calib"], ctx.recipe["data"]["eval"],
@@ -477,7 +479,7 @@ def _package_run(ctx: Ctx) -> tuple[dict, dict]:
     from .. import package as pkgmod
     from . import evaluate as ev
     from .data import load_data
-    from .distill import teacher_hash
+    from .distillation import teacher_hash
 
     r = ctx.recipe
     table = {row["id"]: row for row in ctx.infos["evaluate"]["table"]}
