@@ -74,7 +74,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import EdgeshipError, InputError, ModelError, OverloadError, StoreError
+from ..errors import EdgeshipError, FeedbackUnavailableError, InputError, ModelError, OverloadError, StoreError
 from ..metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Counters, Histogram
 from .batcher import BatchPolicy, MicroBatcher, Packer, Segment, Work
 from .cache import ResultCache, input_key, row_keys
@@ -947,7 +947,3 @@ class Agent:
             for sig, h in old.items():
                 signal.signal(sig, h)
         return 0
-
-
-class FeedbackUnavailableError(EdgeshipError):  # noqa: N801 - an EdgeshipError that reads like the builtin
-    """Feedback was sent to an agent that has no feedback component (HTTP 503)."""

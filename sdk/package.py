@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError, IntegrityError, PackageError, PackageFormatError, SignatureError
+from .tensorspec import spec_from_dict, specs_from_dicts, specs_to_dicts
 
 __all__ = ["FORMAT", "SUPPORTED_FORMATS", "MANIFEST", "SIGNATURE", "Package", "build", "sign", "open_package",
            "verify", "unpack", "inspect", "format_inspect", "read_manifest_summary", "file_sha256",
@@ -302,8 +303,6 @@ def _check_manifest(m: Any, where: str) -> dict:
     variants = m.get("variants")
     if not isinstance(variants, list) or not variants:
         raise PackageFormatError(f"{where}: manifest.json needs a non-empty 'variants' list")
-    from .runtime._spec import specs_from_dicts
-
     ids = set()
     for v in variants:
         if not isinstance(v, dict) or v.get("file") not in runtime:
@@ -731,7 +730,6 @@ def build(out_path: str | os.PathLike, model_files, *, name: str, version: str,
     private key or its path; the package is signed when given.
     """
     from .runtime._backends import runtime_for
-    from .runtime._spec import specs_from_dicts, specs_to_dicts
 
     out = Path(out_path)
     if not isinstance(name, str) or not name.strip() or not isinstance(version, str) or not version.strip():
@@ -896,8 +894,6 @@ def read_manifest_summary(path: str | os.PathLike) -> dict:
 
 
 def _fmt_spec(d: Mapping) -> str:
-    from .runtime._spec import spec_from_dict
-
     return str(spec_from_dict(d))
 
 

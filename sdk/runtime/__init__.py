@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ConfigError, IntegrityError, ModelError
 from ._backends import OPTIMIZATION_LEVELS, TFLITE_BACKENDS, default_threads, resolve_tflite
-from ._spec import TensorSpec
+from ..tensorspec import TensorSpec, specs_from_dicts
 from .base import Runner, dequantize, quantize
 
 __all__ = ["load", "Runner", "TensorSpec", "OnnxRunner", "TFLiteRunner", "quantize", "dequantize",
@@ -115,8 +115,6 @@ def load(path_or_package: Any, *, variant: str | None = None, backend: str | Non
         model = pkg.read(member)
         if hashlib.sha256(model).hexdigest() != pkg.files[member]["sha256"]:
             raise IntegrityError(f"{pkg.path}: {member} changed while it was being loaded; try again")
-    from ._spec import specs_from_dicts
-
     m_in = specs_from_dicts(var.get("inputs"), f"{pkg.path} variant {var.get('id')}")
     m_out = specs_from_dicts(var.get("outputs"), f"{pkg.path} variant {var.get('id')}")
     top_in = [s.name for s in specs_from_dicts(pkg.manifest.get("inputs"))]

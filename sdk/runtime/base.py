@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError, ModelError
-from ._spec import TensorSpec
+from ..tensorspec import TensorSpec
 
 __all__ = ["Runner", "quantize", "dequantize"]
 
