@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._files import json_default
 from ..errors import AccuracyBudgetError, ConversionError, EdgeshipError, RecipeError
 
 __all__ = ["run_recipe", "load_recipe", "Recipe", "RecipeResult", "StepRun", "Step", "Opt", "STEPS"]
@@ -751,7 +752,7 @@ def run_recipe(path, *, dry_run: bool = False, quiet: bool = False, steps: tuple
                 rel = {a: str(Path(p).resolve().relative_to(tmp.resolve())) for a, p in made.items() if p}
                 done = {"step": step.name, "key": key, "artifacts": rel, "info": info,
                         "seconds": round(time.monotonic() - t, 2)}
-                (tmp / _STEP_FILE).write_text(json.dumps(done, indent=1, default=_json_default), encoding="utf-8")
+                (tmp / _STEP_FILE).write_text(json.dumps(done, indent=1, default=json_default), encoding="utf-8")
                 shutil.rmtree(folder, ignore_errors=True)
                 # Renamed only when complete: an interrupted step is never mistaken for a cached one.
                 os.replace(tmp, folder)
@@ -777,16 +778,6 @@ def run_recipe(path, *, dry_run: bool = False, quiet: bool = False, steps: tuple
     result.seconds = round(time.monotonic() - t0, 2)
     result.report_md = _write_report(recipe, result, infos)
     return result
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 _PUBLISHED = {"student": "student.pt", "onnx_fp32": "student.onnx", "onnx_int8": "student.int8.onnx",

@@ -279,7 +279,7 @@ class Agent:
         """Load and warm a stored package beside the active model (does not switch); ``variant`` overrides the config's."""
         if self.store is None:
             raise StoreError("the agent is not started; call start() first")
-        self.store.verify(sha, self._trusted())
+        self.store.verify(sha, self._trusted(), deep=False)  # install hashed it; the load hashes the model file
         return self._load(sha, variant)
 
     def _load(self, sha: str, variant: str | None = None) -> ModelHandle:
@@ -293,7 +293,7 @@ class Agent:
         if (variant or rt.variant) is not None:
             kwargs["variant"] = variant or rt.variant
         try:
-            runner = load(str(store.package_path(sha)), **kwargs)
+            runner = load(str(store.files_dir(sha)), **kwargs)
         except EdgeshipError:
             raise
         except Exception as exc:
@@ -416,11 +416,10 @@ class Agent:
             sha = self.store.install(cfg.agent.package, self._trusted())
             if self.store.active is None:
                 self.store.activate(sha)
-        sha = self.store.startup_choice(self._trusted())
-        if sha is None:
+        self._handle = self.store.load_startup(self._load, self._trusted())
+        if self._handle is None:
             raise StoreError(f"no model: the store in {cfg.agent.state_dir} is empty; set [agent] package "
                              "to a .edgepkg file (or let a rollout install one)")
-        self._handle = self._load(sha)
         b = cfg.batcher
         max_batch = b.max_batch
         if self._handle.model_batch == 0:
