@@ -8,7 +8,7 @@
 2. Teacher top-1 on the 400 held-out digits; the recipe's student int8
    (ONNX and TFLite) top-1 next to it — target: within 1.5 points.
 3. The same student trained with and without distillation, same epochs,
-   same loop (:func:`edgeship.converters.distill.distill` with alpha 0.7 /
+   same loop (:func:`edgeship.converters.distill` with alpha 0.7 /
    T 4 vs alpha 0 = plain cross-entropy), same best-epoch selection on the
    calibration split, for several seeds: fp32 and int8 (ONNX static) top-1,
    mean ± std.
@@ -73,9 +73,9 @@ def one_seed(data: Path, train: Path, teacher: Path, seed: int, alpha: float, ep
     import torch
 
     import model as digits
-    from edgeship.converters.distill import distill
+    from edgeship.converters import distill
     from edgeship.converters.onnx_export import export_onnx
-    from edgeship.converters.quantize import quantize
+    from edgeship.converters import quantize
 
     z = np.load(data / "eval.npz")
     x, y = z["input"].astype(np.float32), z["labels"]

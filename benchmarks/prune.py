@@ -3,7 +3,7 @@
     python benchmarks/prune.py [--epochs 15] [--sweep 0.25,0.5,0.75]
 
 The digits student CNN is trained here (20 epochs on the 1,200 training
-images), then :func:`edgeship.converters.prune.prune` removes 50 % of the
+images), then :func:`edgeship.converters.prune` removes 50 % of the
 channels of every prunable layer by L1 magnitude and fine-tunes with
 distillation from the unpruned model. Target: within 1 point of top-1 on the
 400 held-out images. Also prints the same without fine-tuning and with plain
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sweep", default="0.25,0.5,0.75")
     args = ap.parse_args(argv)
 
-    from edgeship.converters.prune import prune
+    from edgeship.converters import prune
 
     split = load_digits_split(0)
     train = {"input": split["x_train"] * SCALE, "labels": split["y_train"]}

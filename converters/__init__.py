@@ -9,12 +9,12 @@ import importlib
 __all__ = ["quantize", "QuantizeResult", "distill", "DistillResult", "run_recipe", "prune"]
 
 _LAZY = {
-    "quantize": ("edgeship.converters.quantize", "quantize"),
-    "QuantizeResult": ("edgeship.converters.quantize", "QuantizeResult"),
-    "distill": ("edgeship.converters.distill", "distill"),
-    "DistillResult": ("edgeship.converters.distill", "DistillResult"),
+    "quantize": ("edgeship.converters.quantization", "quantize"),
+    "QuantizeResult": ("edgeship.converters.quantization", "QuantizeResult"),
+    "distill": ("edgeship.converters.distillation", "distill"),
+    "DistillResult": ("edgeship.converters.distillation", "DistillResult"),
     "run_recipe": ("edgeship.converters.recipe", "run_recipe"),
-    "prune": ("edgeship.converters.prune", "prune"),
+    "prune": ("edgeship.converters.pruning", "prune"),
 }
 
 

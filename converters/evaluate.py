@@ -347,41 +347,35 @@ def measure_latency(model_path_or_session, feed: Mapping[str, np.ndarray] | np.n
     target = model_path_or_session
     if isinstance(target, (str, os.PathLike)):
         target = open_model(target, threads=threads)
+    sess = None
     if hasattr(target, "get_inputs") and not hasattr(target, "inputs"):  # a bare onnxruntime session
         sess = target
         names = [i.name for i in sess.get_inputs()]
         fixed = sess.get_inputs()[0].shape[0] if sess.get_inputs()[0].shape else None
         fixed = fixed if isinstance(fixed, int) and fixed > 0 else None
-
-        def run(f):
-            sess.run(None, f)
-    elif isinstance(target, OnnxModel):
-        sess = target.session
-        names = [s.name for s in target.inputs]
-        fixed = target.fixed_batch
-
-        def run(f):
-            sess.run(None, f)
-    elif isinstance(target, TfliteModel):
-        names = [s.name for s in target.inputs]
-        fixed = target.fixed_batch
     else:
         names = [s.name for s in target.inputs]
         fixed = target.fixed_batch
-
-        def run(f):
-            target.run(f)
+        if isinstance(target, OnnxModel):
+            sess = target.session
     values = list(feed.values())
     named = {n: (feed[n] if n in feed else values[i]) for i, n in enumerate(names)}
     per_call = fixed or batch
     calls = -(-batch // per_call)
     f = _fit_batch(named, per_call)
+    # The timed call: the session itself for ONNX, the raw (already converted) feed for TFLite.
     if isinstance(target, TfliteModel):
         target.run(f)  # resizes and allocates for this batch
         raw = [_to_io(f[n], d) for n, d in zip(names, target._in)]
 
         def run(_f):
             target.run_raw(raw)
+    elif sess is not None:
+        def run(f):
+            sess.run(None, f)
+    else:
+        def run(f):
+            target.run(f)
     for _ in range(warmup):
         for _c in range(calls):
             run(f)

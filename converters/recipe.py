@@ -8,7 +8,7 @@ the steps in :data:`STEPS`, in order:
 * **distill** trains the student from the teacher (:mod:`.distill`);
 * **export_onnx** exports it with a dynamic batch axis (:mod:`.onnx_export`);
 * **quantize** is the quantize issue's accuracy/speed gate
-  (:func:`edgeship.converters.quantize.quantize`, target ONNX); failing the
+  (:func:`edgeship.converters.quantize`, target ONNX); failing the
   budget stops the recipe with :class:`AccuracyBudgetError`, no package;
 * **tflite** exports a full-integer TFLite model (litert-torch PT2E);
 * **evaluate** runs every artifact (teacher, student fp32, int8 ONNX, int8
@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._files import json_default
 from ..errors import AccuracyBudgetError, ConversionError, EdgeshipError, RecipeError
 
 __all__ = ["run_recipe", "load_recipe", "Recipe", "RecipeResult", "StepRun", "Step", "Opt", "STEPS"]
@@ -90,7 +91,7 @@ _SECTIONS: dict[str, dict[str, Opt]] = {
                  "calibrations": Opt((list,), ["minmax", "percentile", "entropy"]), "batch": Opt((int,), 32),
                  "recovery_steps": Opt((int,), 3)},
     "tflite": {"enabled": Opt((bool,), True), "int8_io": Opt((bool,), False)},
-    # prune (edgeship.converters.prune) runs between distill and export when ratio or a target is set
+    # prune (edgeship.converters.pruning) runs between distill and export when ratio or a target is set
     "prune": {"ratio": Opt(_NUM, None), "target_params": Opt(_NUM, None), "target_latency": Opt(_NUM, None),
               "finetune_epochs": Opt((int,), 10), "lr": Opt(_NUM, 1e-3), "distill": Opt((bool,), True),
               "max_drop": Opt(_NUM, 1.0), "seed": Opt((int,), 0)},
@@ -127,9 +128,6 @@ class Recipe:
     def package_path(self) -> Path:
         out = self.options["package"]["out"]
         return Path(out) if out else self.out_dir / f"{self.name}-{self.version}.edgepkg"
-
-    def teacher_is_onnx(self) -> bool:
-        return self.options["teacher"]["onnx"] is not None
 
 
 def _line_of(text: str, section: str, key: str | None) -> int | None:
@@ -268,7 +266,7 @@ def _teacher_files(r: Recipe) -> list:
 
 
 def _teacher_model(r: Recipe):
-    from .distill import load_student
+    from .checkpoints import load_student
 
     t = r["teacher"]
     return t["onnx"] if t["onnx"] else load_student(t["factory"], t["weights"])
@@ -277,7 +275,8 @@ def _teacher_model(r: Recipe):
 # -- distill
 
 def _distill_run(ctx: Ctx) -> tuple[dict, dict]:
-    from .distill import distill, load_factory
+    from .checkpoints import load_factory
+    from .distillation import distill
 
     r = ctx.recipe
     d = r["distill"]
@@ -305,7 +304,8 @@ def _prune_enabled(r: Recipe) -> bool:
 
 
 def _prune_run(ctx: Ctx) -> tuple[dict, dict]:
-    from .prune import prune, save_pruned
+    from .checkpoints import save_pruned
+    from .pruning import prune
 
     r = ctx.recipe
     p = r["prune"]
@@ -322,7 +322,7 @@ def _prune_run(ctx: Ctx) -> tuple[dict, dict]:
 # -- export
 
 def _student_module(ctx: Ctx):
-    from .distill import load_student
+    from .checkpoints import load_student
 
     return load_student(ctx.recipe["student"]["factory"], ctx.artifacts["student"])
 
@@ -346,7 +346,7 @@ def _export_run(ctx: Ctx) -> tuple[dict, dict]:
 # -- quantize (the gate)
 
 def _quantize_run(ctx: Ctx) -> tuple[dict, dict]:
-    from .quantize import quantize
+    from .quantization import quantize
 
     q = ctx.recipe["quantize"]
     res = quantize(ctx.artifacts["onnx_fp32"], ctx.recipe["data"]["calib"], ctx.recipe["data"]["eval"],
@@ -480,7 +480,7 @@ def _package_run(ctx: Ctx) -> tuple[dict, dict]:
     from .. import package as pkgmod
     from . import evaluate as ev
     from .data import load_data
-    from .distill import teacher_hash
+    from .distillation import teacher_hash
 
     r = ctx.recipe
     table = {row["id"]: row for row in ctx.infos["evaluate"]["table"]}
@@ -752,7 +752,7 @@ def run_recipe(path, *, dry_run: bool = False, quiet: bool = False, steps: tuple
                 rel = {a: str(Path(p).resolve().relative_to(tmp.resolve())) for a, p in made.items() if p}
                 done = {"step": step.name, "key": key, "artifacts": rel, "info": info,
                         "seconds": round(time.monotonic() - t, 2)}
-                (tmp / _STEP_FILE).write_text(json.dumps(done, indent=1, default=_json_default), encoding="utf-8")
+                (tmp / _STEP_FILE).write_text(json.dumps(done, indent=1, default=json_default), encoding="utf-8")
                 shutil.rmtree(folder, ignore_errors=True)
                 # Renamed only when complete: an interrupted step is never mistaken for a cached one.
                 os.replace(tmp, folder)
@@ -778,16 +778,6 @@ def run_recipe(path, *, dry_run: bool = False, quiet: bool = False, steps: tuple
     result.seconds = round(time.monotonic() - t0, 2)
     result.report_md = _write_report(recipe, result, infos)
     return result
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 _PUBLISHED = {"student": "student.pt", "onnx_fp32": "student.onnx", "onnx_int8": "student.int8.onnx",

@@ -12,6 +12,8 @@ import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .._files import json_default
+
 __all__ = ["machine_info", "markdown_table", "write_markdown", "write_json", "plot_scatter", "plot_bars",
            "plot_lines", "fmt", "pyplot", "save_figure"]
 
@@ -70,19 +72,7 @@ def write_markdown(path, title: str, sections: Sequence[tuple[str, str]]) -> Pat
 
 
 def write_json(path, data) -> Path:
-    return _atomic_write(Path(path), json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    return _atomic_write(Path(path), json.dumps(data, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def _atomic_write(path: Path, text: str) -> Path:

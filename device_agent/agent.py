@@ -83,7 +83,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from ..errors import EdgeshipError, InputError, OverloadError, StoreError
+from ..errors import EdgeshipError, FeedbackUnavailableError, InputError, OverloadError, StoreError
 from .agent_metrics import COUNTER_NAMES, AgentMetrics  # noqa: F401 - re-exported: edgeship.agent.agent.AgentMetrics
 from .batcher import BatchPolicy, MicroBatcher, Segment, Work
 from .cache import ResultCache, input_key, row_keys
@@ -187,7 +187,7 @@ class Agent:
         """Load and warm a stored package beside the active model (does not switch); ``variant`` overrides the config's."""
         if self.store is None:
             raise StoreError("the agent is not started; call start() first")
-        self.store.verify(sha, self._trusted())
+        self.store.verify(sha, self._trusted(), deep=False)  # install hashed it; the load hashes the model file
         return self._load(sha, variant)
 
     def _load(self, sha: str, variant: str | None = None) -> ModelHandle:
@@ -293,8 +293,10 @@ class Agent:
             sha = self.store.install(cfg.agent.package, self._trusted())
             if self.store.active is None:
                 self.store.activate(sha)
-        sha = self.store.startup_choice(self._trusted())
-        if sha is None and not self.waits_for_rollout:
+        # The start-up choice loads (and so checks) its model: a package that fails to load is
+        # set aside and the previous one tried (store.load_startup).
+        first = self.store.load_startup(self._load, self._trusted())
+        if first is None and not self.waits_for_rollout:
             raise StoreError(f"no model: the store in {cfg.agent.state_dir} is empty; set [agent] package "
                              "to a .edgepkg file, or [mqtt] broker so a rollout can install one")
         b = cfg.batcher
@@ -302,8 +304,8 @@ class Agent:
             self.cache = ResultCache(cfg.cache.max_entries, cfg.cache.ttl_s)
         policy = self._policy = BatchPolicy(b.max_batch, b.max_delay_ms / 1000.0, b.queue_size, b.overload,
                                             margin_s=b.deadline_margin_ms / 1000.0)
-        if sha is not None:
-            self._handle = self._load(sha)
+        if first is not None:
+            self._handle = first
             self._set_max_batch(self._handle)
         else:
             log.warning("no model yet: the store in %s is empty; waiting for a rollout to install the first one",
@@ -740,7 +742,3 @@ class Agent:
             for sig, h in old.items():
                 signal.signal(sig, h)
         return 0
-
-
-class FeedbackUnavailableError(EdgeshipError):  # noqa: N801 - an EdgeshipError that reads like the builtin
-    """Feedback was sent to an agent that has no feedback component (HTTP 503)."""

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import EdgeshipError, InputError, OverloadError
+from ..errors import EdgeshipError, FeedbackUnavailableError, InputError, OverloadError
 from ..metrics import Histogram
 
 __all__ = ["ApiServer", "prometheus_text"]
@@ -212,8 +212,6 @@ class _Handler(BaseHTTPRequestHandler):
         except InputError as exc:
             self._error(400, exc)
             return
-        from .agent import FeedbackUnavailableError  # noqa: PLC0415 - avoid an import cycle
-
         try:
             out = agent.feedback(obj["prediction_id"], obj["kind"], obj.get("value"))
         except FeedbackUnavailableError as exc:

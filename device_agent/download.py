@@ -16,7 +16,6 @@ A progress bar (tqdm on stderr) shows when interactive and not ``quiet``.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .._files import file_sha256
 from ..errors import DownloadError, EdgeshipError, IntegrityError
 
 __all__ = ["download", "DownloadResult", "verify_package"]
@@ -44,14 +44,6 @@ class DownloadResult:
     size: int
     resumed_from: int       # bytes already on disk when this call started
     attempts: int
-
-
-def _sha_of(path: Path) -> "hashlib._Hash":
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h
 
 
 def _progress(total: int | None, initial: int, quiet: bool, desc: str):
@@ -75,7 +67,7 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     stop = stop or threading.Event()
-    if dest.exists() and sha256 and _sha_of(dest).hexdigest() == sha256:
+    if dest.exists() and sha256 and file_sha256(dest) == sha256:
         return DownloadResult(dest, sha256, dest.stat().st_size, dest.stat().st_size, 0)
     start_have = part.stat().st_size if part.exists() else 0
     last_err = "no attempt"
@@ -92,7 +84,7 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
             if size is not None and have > size:
                 part.unlink()
                 raise IntegrityError(f"{url} delivered {have} bytes, the plan says {size}; starting over")
-            digest = _sha_of(part).hexdigest()
+            digest = file_sha256(part)
             if sha256 and digest != sha256:
                 part.unlink()
                 raise IntegrityError(f"{url} delivered bytes whose sha256 is {digest[:12]}, expected "

@@ -94,7 +94,7 @@ def load_handle(store: Any, sha: str, rt: Any, variant: str | None = None) -> Mo
     if (variant or rt.variant) is not None:
         kwargs["variant"] = variant or rt.variant
     try:
-        runner = load(str(store.package_path(sha)), **kwargs)
+        runner = load(str(store.files_dir(sha)), **kwargs)
     except EdgeshipError:
         raise
     except Exception as exc:

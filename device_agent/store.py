@@ -19,7 +19,6 @@ For the rollout client (download → verify → switch → maybe roll back):
 
 * ``install(pkg_path, trusted_keys)`` verifies (hashes + signature) and
   stores a package, returning its sha256; installing twice is a no-op.
-  ``ensure_installed(sha)`` checks an already stored one.
 * ``activate(sha)`` makes it the active one (the old active becomes
   ``previous``); the running agent switches with ``Agent.switch_to(sha)``,
   which calls ``activate`` once the new runner is warm.
@@ -28,16 +27,19 @@ For the rollout client (download → verify → switch → maybe roll back):
 * ``gc(keep=...)`` removes packages that are neither active, previous,
   pinned nor in ``keep`` (e.g. a prefetched candidate).
 * ``startup_choice(trusted_keys)`` is what the agent loads at start: the
-  active package if it still verifies, else the previous one (one log line
-  says why), else :class:`StoreError`.
+  active package if it still checks out, else the previous one (one log line
+  says why), else :class:`StoreError`; ``load_startup(load, trusted_keys)``
+  makes the agent's load (which hashes the model file) part of that check.
 
-``verify(sha, trusted_keys)`` re-checks a stored package: the file's sha256
-equals the folder name, every unpacked file matches the manifest's sha256
-and size, and the manifest signature verifies when keys are given.
+Verify once: ``install`` hashes every byte it stores (see there);
+``verify(sha, trusted_keys, deep=False)``, what loads use, reads no file
+(sizes and the signature) and leaves the hashing of the one file a load
+reads to the runtime; ``verify(sha, trusted_keys)`` is the full re-check:
+the package file's sha256 equals the folder name and every unpacked file
+matches the manifest's sha256 and size.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,62 +47,20 @@ import shutil
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
-from ..errors import EdgeshipError, IntegrityError, PackageError, SignatureError, StoreError
+from .._files import atomic_write_json, copy_hashed, file_sha256, fsync_dir
+from ..errors import IntegrityError, PackageError, StoreError
+from ..package import unpack, verify as verify_package
 
 __all__ = ["ModelStore", "atomic_write_json", "file_sha256"]
 
 log = logging.getLogger("edgeship.agent.store")
+T = TypeVar("T")
 
 STATE_FORMAT = 1
 _SHA_LEN = 64
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write JSON so that readers see the old or the new file, never a torn one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def _trust(trusted_keys):
@@ -219,7 +179,14 @@ class ModelStore:
         return (self.path(sha) / "installed.json").exists()
 
     def install(self, pkg_path: str | os.PathLike, trusted_keys: Iterable | None = None) -> str:
-        """Verify and store a package; returns its sha256 (already stored: a no-op)."""
+        """Verify and store a package; returns its sha256 (already stored: a no-op).
+
+        The one verification: the file is hashed for its identity (sha256),
+        then copied and hashed again in that same read (a file that changed
+        in between is refused), and each member is hashed as it is unpacked.
+        Later loads rely on it and hash at most the file they load
+        (:meth:`verify` with ``deep=False``).
+        """
         pkg_path = Path(pkg_path)
         try:
             sha = file_sha256(pkg_path)
@@ -232,88 +199,48 @@ class ModelStore:
                 return sha
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
             try:
-                shutil.copyfile(pkg_path, tmp / "package.edgepkg")
-                if file_sha256(tmp / "package.edgepkg") != sha:
+                if copy_hashed(pkg_path, tmp / "package.edgepkg") != sha:
                     raise IntegrityError(f"package {pkg_path} changed while it was being installed; try again")
-                manifest = self._unpack(tmp / "package.edgepkg", tmp / "files", trusted_keys)
+                unpack(tmp / "package.edgepkg", tmp / "files", trusted_keys=_trust(trusted_keys), sha256=sha)
+                manifest = json.loads((tmp / "files" / "manifest.json").read_text())
                 info = {"name": manifest.get("name"), "version": manifest.get("version"),
                         "size": (tmp / "package.edgepkg").stat().st_size, "installed_at": time.time(),
                         "source": str(pkg_path), "signed": bool(trusted_keys)}
-                for f in (tmp / "files").rglob("*"):
-                    if f.is_file():
-                        with open(f, "rb") as fh:
-                            os.fsync(fh.fileno())
                 atomic_write_json(tmp / "installed.json", info)
                 dest = self.path(sha)
                 if dest.exists():  # an incomplete earlier install under the final name
                     shutil.rmtree(dest)
                 os.replace(tmp, dest)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         log.info("installed %s %s (%s)", info["name"], info["version"], sha[:12])
         return sha
 
-    def _unpack(self, pkg_file: Path, dest: Path, trusted_keys) -> dict:
-        """Unpack with edgeship.package when available, else a checked zip extraction."""
-        try:
-            from ..package import unpack  # noqa: PLC0415 - keeps this module importable alone
-        except ImportError:
-            unpack = None
-        if unpack is not None:
-            unpack(pkg_file, dest, trusted_keys=_trust(trusted_keys) if trusted_keys else None)
-            return json.loads((dest / "manifest.json").read_text())
-        try:
-            with zipfile.ZipFile(pkg_file) as zf:
-                for name in zf.namelist():
-                    if name.startswith("/") or ".." in Path(name).parts:
-                        raise PackageError(f"package member {name!r} escapes the package folder")
-                zf.extractall(dest)
-        except zipfile.BadZipFile as exc:
-            raise PackageError(f"{pkg_file.name} is not a valid .edgepkg (not a zip file)") from exc
-        self._verify_files(dest, trusted_keys, label=pkg_file.name)
-        return json.loads((dest / "manifest.json").read_text())
+    def verify(self, sha: str, trusted_keys: Iterable | None = None, *, deep: bool = True) -> None:
+        """Check a stored package; raises PackageError/StoreError naming what is wrong.
 
-    @staticmethod
-    def _verify_files(files: Path, trusted_keys, label: str) -> None:
-        mpath = files / "manifest.json"
-        try:
-            raw = mpath.read_bytes()
-            manifest = json.loads(raw)
-        except (OSError, ValueError) as exc:
-            raise IntegrityError(f"{label}: manifest.json is missing or unreadable") from exc
-        for name, meta in (manifest.get("files") or {}).items():
-            f = files / name
-            try:
-                size = f.stat().st_size
-            except OSError as exc:
-                raise IntegrityError(f"{label}: {name} is missing") from exc
-            if "size" in meta and size != meta["size"]:
-                raise IntegrityError(f"{label}: {name} has {size} bytes, the manifest says {meta['size']}")
-            if "sha256" in meta and file_sha256(f) != meta["sha256"]:
-                raise IntegrityError(f"{label}: {name} differs from the manifest (sha256 mismatch)")
-        trust = _trust(trusted_keys)
-        if trust is not None:
-            sig = files / "manifest.sig"
-            if not sig.exists():
-                raise SignatureError(f"{label} is not signed, and trusted keys are configured")
-            trust.verify(raw, sig.read_bytes(), what=f"manifest of {label}")
-
-    def verify(self, sha: str, trusted_keys: Iterable | None = None) -> None:
-        """Re-check a stored package; raises PackageError/StoreError naming what is wrong."""
+        Always, reading no file: installed completely, the package file and
+        every unpacked file of the recorded size, and the manifest signature
+        when keys are given. ``deep`` also hashes the package file (its
+        sha256 must be the folder name) and every unpacked file: the full
+        re-check install did once. Loads use ``deep=False``; the runtime
+        hashes the one file it loads.
+        """
         if not self.has(sha):
             raise StoreError(f"package {sha[:12]} is not installed in {self.root}")
         pkg = self.package_path(sha)
         try:
-            actual = file_sha256(pkg)
+            size = pkg.stat().st_size
+            actual = file_sha256(pkg) if deep else sha
         except OSError as exc:
             raise IntegrityError(f"package {sha[:12]}: {pkg.name} is unreadable ({exc.strerror or exc})") from exc
-        if actual != sha:
-            raise IntegrityError(f"package {sha[:12]}: the stored file's sha256 is {actual[:12]} (corrupted on disk)")
-        self._verify_files(self.files_dir(sha), trusted_keys, label=f"package {sha[:12]}")
-
-    ensure_installed = verify
+        recorded = self.info(sha).get("size")
+        if actual != sha or (recorded is not None and size != recorded):
+            raise IntegrityError(f"package {sha[:12]}: the stored file has sha256 {actual[:12]}, {size} bytes "
+                                 f"(installed: {recorded}); corrupted on disk")
+        verify_package(self.files_dir(sha), _trust(trusted_keys), members=None if deep else ())
 
     # -- state changes ------------------------------------------------------------
     def activate(self, sha: str, *, force: bool = False) -> dict:
@@ -385,41 +312,44 @@ class ModelStore:
                 removed.append(m["sha256"])
             return removed
 
-    def quarantine(self, sha: str, reason: str) -> None:
-        """Forget a corrupt package: it stops being active/previous, its folder is removed."""
-        with self._lock:
-            st = self.state()
-            changes: dict = {"_event": {"event": "quarantine", "sha256": sha, "reason": reason}}
-            if st["active"] == sha:
-                changes["active"] = None
-            if st["previous"] == sha:
-                changes["previous"] = None
-            self._write_state(**changes)
-            self.remove(sha)
-
     def startup_choice(self, trusted_keys: Iterable | None = None) -> str | None:
-        """The sha256 to load at start: active if it verifies, else the previous one; None when empty.
+        """The sha256 to load at start: active if it checks out, else the previous one; None when empty.
 
+        The check is :meth:`verify` with ``deep=False`` (nothing hashed).
         A corrupt active package is refused with one log line and removed;
-        the previous verified package becomes active. Raises StoreError when
-        there was an active package but nothing verified is left.
+        the previous good package becomes active. Raises StoreError when
+        there was an active package but nothing good is left.
         """
+        return self.load_startup(lambda sha: sha, trusted_keys)
+
+    def load_startup(self, load: Callable[[str], T], trusted_keys: Iterable | None = None) -> T | None:
+        """:meth:`startup_choice` with ``load(sha)`` (the agent's loader) as the last check; returns what it loaded.
+
+        The loader hashes the file it loads, so a package whose model file
+        fails that (a :class:`PackageError` from ``load``) is corrupt like
+        one that fails :meth:`verify`: refused, and the previous one loaded.
+        Any other error of ``load`` (a runtime that cannot run the model)
+        propagates and the package is kept: it is not to blame.
+        """
+        def check(sha: str) -> T:
+            self.verify(sha, trusted_keys, deep=False)
+            return load(sha)
+
         with self._lock:
             st = self.state()
             active = st["active"]
             if active is None:
                 return None
             try:
-                self.verify(active, trusted_keys)
-                return active
-            except EdgeshipError as exc:
+                return check(active)
+            except (PackageError, StoreError) as exc:
                 reason = str(exc)
             prev = st["previous"]
             log.error("refusing the active model %s: %s", active[:12], reason)
             if prev:
                 try:
-                    self.verify(prev, trusted_keys)
-                except EdgeshipError as exc2:
+                    loaded = check(prev)
+                except (PackageError, StoreError) as exc2:
                     raise StoreError(f"the active model is corrupt ({reason}) and the previous one too ({exc2}); "
                                      "install a good package (edgeship agent run with [agent] package)") from exc2
                 self._write_state(active=prev, previous=None,
@@ -430,6 +360,6 @@ class ModelStore:
                     pass
                 log.error("falling back to the previous model %s %s (%s)", self.info(prev).get("name"),
                           self.info(prev).get("version"), prev[:12])
-                return prev
+                return loaded
             raise StoreError(f"the active model is corrupt ({reason}) and the store has no previous "
                              "verified one; install a good package")

@@ -22,6 +22,7 @@ translated where they enter our code and chained with ``raise ... from exc``.
     ├── TransportError              network: MQTT, HTTP downloads
     │   └── DownloadError
     ├── OverloadError               the agent's queue is full under the `reject` policy
+    ├── FeedbackUnavailableError    feedback sent to an agent without a feedback component (HTTP 503)
     ├── RolloutError                a rollout plan or command that cannot be applied
     └── FleetDBError                the fleet database refused an operation
 """
@@ -45,6 +46,7 @@ __all__ = [
     "TransportError",
     "DownloadError",
     "OverloadError",
+    "FeedbackUnavailableError",
     "RolloutError",
     "FleetDBError",
 ]
@@ -131,6 +133,10 @@ class DownloadError(TransportError):
 
 class OverloadError(EdgeshipError):
     """The agent refused a request because its queue is full (policy `reject`)."""
+
+
+class FeedbackUnavailableError(EdgeshipError):
+    """Feedback was sent to an agent that has no feedback component (HTTP 503)."""
 
 
 class RolloutError(EdgeshipError):

@@ -18,7 +18,6 @@ load lazily.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import json
 import os
@@ -32,10 +31,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import _files
+from ._files import file_sha256, fsync_dir, json_default, write_synced
 from .errors import ConfigError, IntegrityError, PackageError, PackageFormatError, SignatureError
+from .tensorspec import spec_from_dict, specs_from_dicts, specs_to_dicts
 
 __all__ = ["FORMAT", "SUPPORTED_FORMATS", "MANIFEST", "SIGNATURE", "Package", "build", "sign", "open_package",
-           "verify", "unpack", "inspect", "format_inspect", "read_manifest_summary", "file_sha256",
+           "verify", "read_verified", "unpack", "inspect", "format_inspect", "read_manifest_summary", "file_sha256",
            "load_build_config", "build_from_config"]
 
 FORMAT = 1
@@ -47,18 +49,9 @@ UNPACKED_MARKER = ".edgepkg.json"
 _RESERVED = {MANIFEST, SIGNATURE, UNPACKED_MARKER}
 _MEMBER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 _MAX_MANIFEST = 16 * 1024 * 1024  # a manifest larger than this is an attack, not a model
-_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------- helpers
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _check_member_name(name: str, pkg: str = "package") -> None:
     """Reject anything that could escape the target directory or collide on disk."""
@@ -70,17 +63,6 @@ def _check_member_name(name: str, pkg: str = "package") -> None:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _atomic_write_zip(out: Path, members: Sequence[tuple[str, bytes, int]]) -> None:
@@ -98,7 +80,7 @@ def _atomic_write_zip(out: Path, members: Sequence[tuple[str, bytes, int]]) -> N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -238,10 +220,6 @@ class Package:
             raise IntegrityError(f"{self.path}: member {member} is corrupt ({exc}); "
                                  "download the package again") from exc
 
-    def member_path(self, member: str) -> Path | None:
-        """The file on disk for an unpacked package (None for a zip)."""
-        return self.path / member if self.is_dir else None
-
     def example_input(self) -> np.ndarray | dict[str, np.ndarray] | None:
         name = self.manifest.get("example_input")
         if not name:
@@ -302,8 +280,6 @@ def _check_manifest(m: Any, where: str) -> dict:
     variants = m.get("variants")
     if not isinstance(variants, list) or not variants:
         raise PackageFormatError(f"{where}: manifest.json needs a non-empty 'variants' list")
-    from .runtime._spec import specs_from_dicts
-
     ids = set()
     for v in variants:
         if not isinstance(v, dict) or v.get("file") not in runtime:
@@ -417,39 +393,85 @@ def _check_signature(pkg: Package, store, require: bool) -> None:
     pkg.verified_key = store.verify(pkg.manifest_bytes, pkg.signature, what=f"{pkg.path} manifest")
 
 
-def _hash_member_stream(read_chunks: Iterable[bytes], expected: dict, name: str, where: str, sink=None) -> None:
-    h = hashlib.sha256()
-    size = 0
-    limit = expected["size"]
-    for chunk in read_chunks:
-        size += len(chunk)
-        if size > limit:
-            raise IntegrityError(f"{where}: {name} is larger than the {limit} bytes the manifest records; "
-                                 "the package was altered, rebuild or download it again")
-        h.update(chunk)
-        if sink is not None:
-            sink.write(chunk)
-    if size != limit:
-        raise IntegrityError(f"{where}: {name} is {size} bytes, the manifest records {limit}; "
-                             "the package was altered, rebuild or download it again")
-    if h.hexdigest() != expected["sha256"]:
-        raise IntegrityError(f"{where}: {name} does not match its sha256 in the manifest; "
-                             "the package was altered or corrupted, rebuild or download it again")
-
-
 def _zip_chunks(zf: zipfile.ZipFile, name: str, where: str):
     try:
         with zf.open(name) as f:
-            for chunk in iter(lambda: f.read(_CHUNK), b""):
-                yield chunk
+            yield from iter(lambda: f.read(_files.CHUNK), b"")
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise IntegrityError(f"{where}: {name} is corrupt in the zip ({exc}); download the package again") from exc
 
 
-def _file_chunks(path: Path):
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            yield chunk
+def _reopen(pkg: Package) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(pkg.path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise PackageFormatError(f"{pkg.path}: cannot reopen the package ({exc})") from exc
+
+
+def _size_error(pkg: Package, name: str, size: int) -> IntegrityError:
+    return IntegrityError(f"{pkg.path}: {name} is {size} bytes, the manifest records {pkg.files[name]['size']}; "
+                          "the package was altered, rebuild or download it again")
+
+
+def _check_digest(pkg: Package, name: str, digest: str, size: int) -> None:
+    if size != pkg.files[name]["size"]:
+        raise _size_error(pkg, name, size)
+    if digest != pkg.files[name]["sha256"]:
+        raise IntegrityError(f"{pkg.path}: {name} does not match its sha256 in the manifest; "
+                             "the package was altered or corrupted, rebuild or download it again")
+
+
+def _limited(chunks: Iterable[bytes], pkg: Package, name: str) -> Iterable[bytes]:
+    # Stop at the first byte beyond the recorded size: a member cannot stream on unchecked.
+    limit = pkg.files[name]["size"]
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise IntegrityError(f"{pkg.path}: {name} is larger than the {limit} bytes the manifest records; "
+                                 "the package was altered, rebuild or download it again")
+        yield chunk
+
+
+def _check_member(pkg: Package, name: str, zf: zipfile.ZipFile | None = None, *, hash: bool = True,
+                  sink=None) -> None:
+    """One member against its manifest entry; the one place verify, unpack and loads check a member.
+
+    Its size first — from the zip directory or the file system, before a
+    byte is read — then, with ``hash``, the sha256 of the bytes as they
+    stream (copied to ``sink`` when given: unpack writes while it hashes).
+    """
+    if zf is None:
+        fp = pkg.path / name
+        if not fp.is_file():
+            raise IntegrityError(f"{pkg.path}: missing file {name} listed in the manifest; unpack the package again")
+        size = fp.stat().st_size
+        chunks = _files.file_chunks(fp)
+    else:
+        size = zf.getinfo(name).file_size
+        chunks = _zip_chunks(zf, name, str(pkg.path))
+    if size != pkg.files[name]["size"]:
+        raise _size_error(pkg, name, size)
+    if hash:
+        _check_digest(pkg, name, *_files.sha256_chunks(_limited(chunks, pkg, name), sink=sink))
+
+
+def read_verified(pkg: Package, member: str) -> bytes:
+    """A member's bytes, checked against the manifest: the size before reading, the sha256 of what was read.
+
+    What a runtime loads from: the bytes it hashed are the bytes it runs,
+    so a file swapped after a check is caught, and the file is read once.
+    """
+    if member not in pkg.files:
+        raise IntegrityError(f"{pkg.path}: {member} is not listed in the manifest")
+    if pkg.is_dir:
+        _check_member(pkg, member, hash=False)
+    else:
+        with _reopen(pkg) as zf:
+            _check_member(pkg, member, zf, hash=False)
+    data = pkg.read(member)
+    _check_digest(pkg, member, *_files.sha256_chunks([data]))
+    return data
 
 
 def _check_members(pkg: Package) -> None:
@@ -468,65 +490,61 @@ def _check_members(pkg: Package) -> None:
 
 def verify(path: str | os.PathLike | Package, trusted_keys=None, *, require_signature: bool | None = None,
            members: Iterable[str] | None = None) -> Package:
-    """Check a package completely and return it opened.
+    """Check a package and return it opened.
 
     * schema and member names (:class:`PackageFormatError`),
     * the signature over ``manifest.json`` with ``trusted_keys`` — a
       :class:`edgeship.signing.TrustStore`, or ``.pub`` paths / directories
       (:class:`SignatureError`); ``require_signature`` defaults to True when
       keys are given, so an unsigned package is refused,
-    * every file's size and sha256, no missing and no extra member
-      (:class:`IntegrityError`). ``members`` limits the hash check (for an
-      unpacked directory whose other files are not needed).
+    * no missing and no extra member, every member's size, and the sha256
+      of the members in ``members`` (default: all) (:class:`IntegrityError`).
+      ``members=()`` hashes nothing: for a directory that :func:`unpack`
+      verified, or before a step that hashes as it reads (:func:`unpack`,
+      :func:`read_verified`), so no byte is hashed twice.
     """
     pkg = open_package(path)
     store = _trust_store(trusted_keys)
     require = (store is not None) if require_signature is None else require_signature
     # Signature first: if the manifest was altered, that is the thing to report.
     _check_signature(pkg, store, require)
+    hashed = set(pkg.files) if members is None else set(members)
+    unknown = sorted(hashed - set(pkg.files))
+    if unknown:
+        raise IntegrityError(f"{pkg.path}: {unknown[0]} is not listed in the manifest")
     if pkg.is_dir:
-        names = list(pkg.files) if members is None else list(members)
-        for name in names:
-            if name not in pkg.files:
-                raise IntegrityError(f"{pkg.path}: {name} is not listed in the manifest")
-            fp = pkg.path / name
-            if not fp.is_file():
-                raise IntegrityError(f"{pkg.path}: missing file {name} listed in the manifest; "
-                                     "unpack the package again")
-            _hash_member_stream(_file_chunks(fp), pkg.files[name], name, str(pkg.path))
+        for name in pkg.files:
+            _check_member(pkg, name, hash=name in hashed)
         return pkg
     _check_members(pkg)
-    try:
-        zf = zipfile.ZipFile(pkg.path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise PackageFormatError(f"{pkg.path}: cannot reopen the package ({exc})") from exc
-    with zf:
-        for name, entry in pkg.files.items():
-            if members is not None and name not in set(members):
-                continue
-            if zf.getinfo(name).file_size != entry["size"]:
-                raise IntegrityError(f"{pkg.path}: {name} is {zf.getinfo(name).file_size} bytes, the manifest "
-                                     f"records {entry['size']}; the package was altered, rebuild or download it again")
-            _hash_member_stream(_zip_chunks(zf, name, str(pkg.path)), entry, name, str(pkg.path))
+    with _reopen(pkg) as zf:
+        for name in pkg.files:
+            _check_member(pkg, name, zf, hash=name in hashed)
     return pkg
 
 
 # ----------------------------------------------------------------- unpack
 
 def unpack(path: str | os.PathLike, dest_dir: str | os.PathLike, trusted_keys=None, *,
-           require_signature: bool | None = None, overwrite: bool = False) -> Path:
-    """Verify the package, then extract it so that ``dest_dir`` appears complete or not at all.
+           require_signature: bool | None = None, overwrite: bool = False, sha256: str | None = None) -> Path:
+    """Verify the package while extracting it, so that ``dest_dir`` appears complete and verified or not at all.
 
-    Files go to a temporary directory beside ``dest_dir``, each re-hashed
-    while written (the zip could change after :func:`verify`), fsynced, and
-    the directory is renamed into place. On any error ``dest_dir`` is left
-    as it was. If ``dest_dir`` already holds this exact package it is
-    returned as is; holding anything else is an error unless ``overwrite``.
+    The signature, the member list and every size are checked first; each
+    file is then hashed as it is written to a temporary directory beside
+    ``dest_dir`` (each byte read and hashed once), fsynced, and the
+    directory is renamed into place only when every file matched.
+    On any error ``dest_dir`` is left as it was. If ``dest_dir`` already
+    holds this exact package it is returned as is; holding anything else is
+    an error unless ``overwrite``. ``sha256``: the package file's sha256
+    when the caller has it (the store does), recorded in the marker without
+    hashing the file again.
     """
     dest = Path(dest_dir)
-    pkg = verify(path, trusted_keys, require_signature=require_signature)
+    pkg = verify(path, trusted_keys, require_signature=require_signature, members=())
     if pkg.is_dir:
         raise PackageFormatError(f"{pkg.path} is already unpacked; give the .edgepkg file")
+    if sha256 is not None:
+        pkg._sha256 = sha256
     if dest.exists():
         try:
             same = (dest / MANIFEST).read_bytes() == pkg.manifest_bytes and \
@@ -543,28 +561,28 @@ def unpack(path: str | os.PathLike, dest_dir: str | os.PathLike, trusted_keys=No
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     old: Path | None = None
     try:
-        with zipfile.ZipFile(pkg.path) as zf:
-            for name, entry in pkg.files.items():
+        with _reopen(pkg) as zf:
+            for name in pkg.files:
                 target = tmp / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with open(target, "wb") as f:
-                    _hash_member_stream(_zip_chunks(zf, name, str(pkg.path)), entry, name, str(pkg.path), sink=f)
+                    _check_member(pkg, name, zf, sink=f)
                     f.flush()
                     os.fsync(f.fileno())
-        _write_synced(tmp / MANIFEST, pkg.manifest_bytes)
+        write_synced(tmp / MANIFEST, pkg.manifest_bytes)
         if pkg.signature is not None:
-            _write_synced(tmp / SIGNATURE, pkg.signature)
+            write_synced(tmp / SIGNATURE, pkg.signature)
         marker = {"sha256": pkg.sha256, "size": pkg.size, "name": pkg.name, "version": pkg.version,
                   "source": pkg.path.name, "signed_by": pkg.verified_key, "unpacked": _now()}
-        _write_synced(tmp / UNPACKED_MARKER, json.dumps(marker, indent=1).encode())
+        write_synced(tmp / UNPACKED_MARKER, json.dumps(marker, indent=1).encode())
         for d in {(tmp / n).parent for n in pkg.files} | {tmp}:
-            _fsync_dir(d)
+            fsync_dir(d)
         if dest.exists():
             # Move the old one aside first: rename() cannot replace a non-empty directory.
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not dest.exists():
@@ -573,13 +591,6 @@ def unpack(path: str | os.PathLike, dest_dir: str | os.PathLike, trusted_keys=No
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return dest
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ------------------------------------------------------------------ sign
@@ -731,7 +742,6 @@ def build(out_path: str | os.PathLike, model_files, *, name: str, version: str,
     private key or its path; the package is signed when given.
     """
     from .runtime._backends import runtime_for
-    from .runtime._spec import specs_from_dicts, specs_to_dicts
 
     out = Path(out_path)
     if not isinstance(name, str) or not name.strip() or not isinstance(version, str) or not version.strip():
@@ -825,11 +835,11 @@ def build(out_path: str | os.PathLike, model_files, *, name: str, version: str,
         members[ex[0]] = ex[1]
     rep = _load_json_arg(report, "report")
     if rep is not None:
-        members["report.json"] = json.dumps(rep, indent=1, sort_keys=True, default=_json_default).encode()
+        members["report.json"] = json.dumps(rep, indent=1, sort_keys=True, default=json_default).encode()
     if provenance is not None:
-        manifest["provenance"] = json.loads(json.dumps(dict(provenance), default=_json_default))
+        manifest["provenance"] = json.loads(json.dumps(dict(provenance), default=json_default))
     if reference_stats is not None:
-        manifest["reference_stats"] = json.loads(json.dumps(dict(reference_stats), default=_json_default))
+        manifest["reference_stats"] = json.loads(json.dumps(dict(reference_stats), default=json_default))
     for mname, content in (extra_files or {}).items():
         _check_member_name(mname, "build")
         if mname in _RESERVED or mname in members:
@@ -837,8 +847,8 @@ def build(out_path: str | os.PathLike, model_files, *, name: str, version: str,
         members[mname] = bytes(content) if isinstance(content, (bytes, bytearray)) else _read_source(
             Path(content), f"extra file {mname}")
     for mname, data in members.items():
-        manifest["files"][mname] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    mbytes = json.dumps(manifest, indent=1, sort_keys=False, default=_json_default).encode("utf-8")
+        manifest["files"][mname] = {"sha256": _files.sha256_chunks([data])[0], "size": len(data)}
+    mbytes = json.dumps(manifest, indent=1, sort_keys=False, default=json_default).encode("utf-8")
     _check_manifest(json.loads(mbytes), f"build {out}")
     entries = [(MANIFEST, mbytes, zipfile.ZIP_DEFLATED)]
     entries += [(n, d, zipfile.ZIP_DEFLATED) for n, d in members.items()]
@@ -848,18 +858,6 @@ def build(out_path: str | os.PathLike, model_files, *, name: str, version: str,
         entries.append((SIGNATURE, signing.sign(mbytes, _load_signing_key(signing_key)), zipfile.ZIP_STORED))
     _atomic_write_zip(out, entries)
     return out
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    raise TypeError(f"cannot store {type(o).__name__} in a manifest")
 
 
 # ---------------------------------------------------------------- inspect
@@ -896,8 +894,6 @@ def read_manifest_summary(path: str | os.PathLike) -> dict:
 
 
 def _fmt_spec(d: Mapping) -> str:
-    from .runtime._spec import spec_from_dict
-
     return str(spec_from_dict(d))
 
 

@@ -14,8 +14,9 @@ sys.path.insert(0, str(ROOT / "examples" / "digits"))
 
 import model as digits  # noqa: E402
 
-from edgeship.converters.distill import (DistillResult, data_hash, distill, kd_loss, load_factory,  # noqa: E402
-                                         teacher_hash)
+from edgeship.converters import distill  # noqa: E402
+from edgeship.converters.checkpoints import load_factory  # noqa: E402
+from edgeship.converters.distillation import DistillResult, data_hash, kd_loss, teacher_hash  # noqa: E402
 from edgeship.errors import ConversionError, DataError  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Structured pruning (edgeship.converters.prune): shapes, exactness, parameter targets, export, the gate."""
+"""Structured pruning (edgeship.converters.pruning): shapes, exactness, parameter targets, export, the gate."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from edgeship.converters import prune as P  # noqa: E402
+from edgeship.converters import checkpoints
+from edgeship.converters import pruning as P  # noqa: E402
 from edgeship.errors import AccuracyBudgetError, ConversionError  # noqa: E402
 
 
@@ -67,12 +68,12 @@ def test_ratio_for_params_meets_the_target():
 
 def test_checkpoint_round_trip(tmp_path):
     pm = P.prune_structure(_cnn(), 0.5)
-    path = P.save_pruned(pm, tmp_path / "p.pt", ratio=0.5)
-    back = P.load_pruned(_cnn, path)
+    path = checkpoints.save_pruned(pm, tmp_path / "p.pt", ratio=0.5)
+    back = checkpoints.load_pruned(_cnn, path)
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(back(x), pm(x))
-    from edgeship.converters.distill import load_student  # the recipe path: factory + pruned weights
+    from edgeship.converters.checkpoints import load_student  # the recipe path: factory + pruned weights
 
     factory = tmp_path / "f.py"
     factory.write_text("import torch.nn as nn\n"

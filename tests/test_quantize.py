@@ -14,7 +14,8 @@ import pytest
 from edgeship.errors import AccuracyBudgetError, ConversionError, DataError, EdgeshipError
 from edgeship.converters import evaluate as ev
 from edgeship.converters.data import Dataset, InputSpec, check_against, load_data
-from edgeship.converters.quantize import Candidate, choose, node_errors, quantize
+from edgeship.converters import quantize
+from edgeship.converters.quantization import Candidate, choose, node_errors
 
 from conftest import run_cli
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 
+import numpy as np
 import pytest
 
 from edgeship.agent.store import ModelStore, atomic_write_json, file_sha256
@@ -140,3 +142,55 @@ def test_state_dir_unwritable(tmp_path):
     ro.chmod(0o500)
     with pytest.raises(StoreError, match="state_dir"):
         ModelStore(ro / "state")
+
+
+# -- verify once (#21.5) -------------------------------------------------------------
+
+def _two_variant_package(d, signing_key=None):
+    """A package with two ONNX variants of different sizes (the MLP, and a wider one)."""
+    from edgeship import package
+
+    from models import make_mlp_onnx
+
+    d.mkdir(parents=True, exist_ok=True)
+    a = make_mlp_onnx(d / "a.onnx", seed=0)
+    b = make_mlp_onnx(d / "b.onnx", hidden=256, seed=1)
+    return package.build(d / "two.edgepkg", {"model.onnx": a, "model_wide.onnx": b}, name="two", version="1.0.0",
+                         variants=[{"file": "model.onnx", "id": "narrow", "default": True},
+                                   {"file": "model_wide.onnx", "id": "wide"}],
+                         example_input=np.zeros((1, 64), np.float32), signing_key=signing_key)
+
+
+def test_install_load_and_variant_switch_hash_each_byte_once(tmp_path, monkeypatch, signing_keys):
+    """Install hashes the package file for its identity (once to decide, once as it is copied) and every member
+    once as it is unpacked; a load then hashes only the file it loads, a variant switch only the new file."""
+    from edgeship import _files
+    from edgeship.agent import Agent
+    from edgeship.agent.config import parse_config
+
+    key, pub = signing_keys
+    pkg = _two_variant_package(tmp_path / "pkg", signing_key=key)
+    members = json.loads(zipfile.ZipFile(pkg).read("manifest.json"))["files"]
+    narrow, wide = members["model.onnx"]["size"], members["model_wide.onnx"]["size"]
+    assert wide > 2 * narrow  # so counting the wrong file would show
+    hashed: list[int] = []
+    real = _files.sha256_chunks
+
+    def counting(chunks, sink=None):
+        digest, n = real(chunks, sink)
+        hashed.append(n)
+        return digest, n
+
+    monkeypatch.setattr(_files, "sha256_chunks", counting)
+    cfg = parse_config({"agent": {"package": str(pkg), "state_dir": str(tmp_path / "state"), "trusted_keys": [str(pub)]},
+                        "runtime": {"threads": 1, "warmup": 1}})
+    with Agent(cfg) as agent:
+        assert sum(hashed) == 2 * pkg.stat().st_size + sum(m["size"] for m in members.values()) + narrow
+        hashed.clear()
+        handle = agent.load_candidate(agent.model["sha256"], variant="wide")
+        agent.switch_to(handle)
+        assert agent.handle.variant == "wide" and hashed == [wide]
+        assert agent.infer(np.zeros(64, np.float32)).outputs  # it serves
+    hashed.clear()
+    with Agent(cfg) as agent:  # a restart: the identity of [agent] package, then the model file
+        assert hashed == [pkg.stat().st_size, narrow]

@@ -1,13 +1,15 @@
 """Shared CLI plumbing: one-line errors, shared option decorators."""
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
 
 from ..errors import EdgeshipError
 
-__all__ = ["CLIError", "EdgeshipGroup", "fail", "debug_enabled"]
+__all__ = ["CLIError", "EdgeshipGroup", "fail", "debug_enabled", "DEFAULT_DB", "db_option", "broker_option",
+           "fleet_option", "broker_or_embedded"]
 
 
 def debug_enabled() -> bool:
@@ -60,3 +62,36 @@ class EdgeshipGroup(click.Group):
             if debug_enabled():
                 raise
             raise CLIError(f"{type(exc).__name__}: {' '.join(str(exc).split())} (run with --debug for the traceback)") from exc
+
+
+# -- flags shared by the fleet, rollout and console commands --------------------------
+
+DEFAULT_DB = "edgeship-fleet.sqlite"
+
+
+def db_option(f):
+    return click.option("--db", "db_url", default=DEFAULT_DB, show_default=True, envvar="EDGESHIP_FLEET_DB",
+                        help="Fleet DB: a SQLite path, sqlite:///path or postgresql://user@host:port/db.")(f)
+
+
+def broker_option(f):
+    return click.option("--broker", default=None, envvar="EDGESHIP_BROKER",
+                        help="MQTT broker URL (mqtt://host:port, mqtts://...). Default: an embedded broker on 127.0.0.1.")(f)
+
+
+def fleet_option(f):
+    return click.option("--fleet", default="default", show_default=True, help="Fleet id (topic level).")(f)
+
+
+@contextlib.contextmanager
+def broker_or_embedded(url: str | None, *, quiet: bool = False):
+    """Yield a broker URL: ``url``, or that of an embedded broker running for the block."""
+    if url:
+        yield url
+        return
+    from ..fleet.embedded_broker import EmbeddedBroker
+
+    with EmbeddedBroker() as b:
+        if not quiet:
+            click.echo(f"embedded MQTT broker on {b.url} (pass --broker to use a real one)", err=True)
+        yield b.url

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import EdgeshipGroup
+from ._common import EdgeshipGroup, broker_or_embedded
 
 __all__ = ["console"]
 
@@ -28,7 +28,6 @@ def console(ctx: click.Context, config_path, db_url, broker, fleet_name, host, p
     if ctx.invoked_subcommand is not None:
         return
     from ..fleet.console import FleetConsole
-    from .fleet_cmds import broker_or_embedded
 
     with broker_or_embedded(broker) as url, FleetConsole.open(
             config=config_path, db=db_url, broker=url, fleet=fleet_name, host=host, port=port,

@@ -64,7 +64,7 @@ def quantize_cmd(model, calib, eval_, max_drop, metric, method, target, out, all
     Exits non-zero, writing no package, when no int8 candidate stays within
     --max-drop (unless --allow-fp32).
     """
-    from edgeship.converters.quantize import quantize
+    from edgeship.converters import quantize
 
     result = quantize(model, calib, eval_, max_drop=max_drop, metric=metric, method=method, target=target, out=out,
                       allow_fp32=allow_fp32, batch=batch, signing_key=key, name=name, version=version, quiet=quiet,
@@ -101,7 +101,7 @@ def quantize_cmd(model, calib, eval_, max_drop, metric, method, target, out, all
 def distill_cmd(teacher, teacher_weights, student, data, val, out_dir, alpha, temperature, epochs, lr, batch_size,
                 seed, early_stopping, hint_layer, cache_dir, quiet) -> None:
     """Distill TEACHER into a small STUDENT; writes OUT/student.pt and a learning curve."""
-    from edgeship.converters.distill import distill_files
+    from edgeship.converters.distillation import distill_files
 
     result = distill_files(teacher, student, data, teacher_weights=teacher_weights, val=val, out_dir=out_dir,
                            alpha=alpha, temperature=temperature, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -153,8 +153,8 @@ def run_cmd(recipe, dry_run, quiet) -> None:
 def prune_cmd(model, weights, data, eval_, ratio, target_params, target_latency, distill, finetune_epochs, lr,
               max_drop, metric, sweep, out_dir, quiet) -> None:
     """Prune whole channels by magnitude, fine-tune, and gate on accuracy (exits non-zero over --max-drop)."""
-    from edgeship.converters.distill import load_student
-    from edgeship.converters.prune import prune
+    from edgeship.converters.checkpoints import load_student
+    from edgeship.converters import prune
     from edgeship.errors import ConfigError
 
     try:

@@ -2,13 +2,12 @@
 
 Thin commands: flags in, one library call, errors out as one line. Other
 areas add their sub-commands to the ``fleet`` group here (``rollout``,
-``serve``, ``console``). Shared flags are the decorators :func:`db_option`,
-:func:`broker_option` and :func:`fleet_option`; :func:`broker_or_embedded`
-starts the embedded broker when ``--broker`` is not given.
+``serve``, ``console``). The shared flags (``db_option``, ``broker_option``,
+``fleet_option``) and ``broker_or_embedded`` live in :mod:`._common`; they are
+re-exported here for callers that imported them from this module.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import signal
@@ -17,40 +16,9 @@ import time
 
 import click
 
-from ._common import EdgeshipGroup
+from ._common import DEFAULT_DB, EdgeshipGroup, broker_option, broker_or_embedded, db_option, fleet_option
 
-__all__ = ["fleet", "db_option", "broker_option", "fleet_option", "broker_or_embedded"]
-
-DEFAULT_DB = "edgeship-fleet.sqlite"
-
-
-def db_option(f):
-    return click.option("--db", "db_url", default=DEFAULT_DB, show_default=True, envvar="EDGESHIP_FLEET_DB",
-                        help="Fleet DB: a SQLite path, sqlite:///path or postgresql://user@host:port/db.")(f)
-
-
-def broker_option(f):
-    return click.option("--broker", default=None, envvar="EDGESHIP_BROKER",
-                        help="MQTT broker URL (mqtt://host:port, mqtts://...). Default: an embedded broker on 127.0.0.1.")(f)
-
-
-def fleet_option(f):
-    return click.option("--fleet", default="default", show_default=True, help="Fleet id (topic level).")(f)
-
-
-@contextlib.contextmanager
-def broker_or_embedded(url: str | None, *, quiet: bool = False):
-    """Yield a broker URL: ``url``, or that of an embedded broker running for the block."""
-    if url:
-        yield url
-        return
-    from ..fleet.embedded_broker import EmbeddedBroker
-
-    with EmbeddedBroker() as b:
-        if not quiet:
-            click.echo(f"embedded MQTT broker on {b.url} (pass --broker to use a real one)", err=True)
-        yield b.url
-
+__all__ = ["fleet", "DEFAULT_DB", "db_option", "broker_option", "fleet_option", "broker_or_embedded"]
 
 @click.group(cls=EdgeshipGroup)
 def fleet() -> None:

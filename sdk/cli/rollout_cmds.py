@@ -20,8 +20,7 @@ import time
 
 import click
 
-from ._common import EdgeshipGroup
-from .fleet_cmds import broker_option, db_option, fleet_option
+from ._common import EdgeshipGroup, broker_option, broker_or_embedded, db_option, fleet_option
 
 __all__ = ["rollout", "serve"]
 
@@ -50,8 +49,6 @@ def _controller(db_url, broker, fleet, key_path, *, loop: bool = False, serve_ho
     with FleetDB.open(db_url) as db, contextlib.ExitStack() as stack:
         url = broker
         if loop and not broker:
-            from .fleet_cmds import broker_or_embedded
-
             url = stack.enter_context(broker_or_embedded(None, quiet=quiet))
         if collect and url:
             from ..fleet.collector import Collector

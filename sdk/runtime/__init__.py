@@ -10,14 +10,13 @@ interpreter load when a model of that kind is loaded.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, IntegrityError, ModelError
+from ..errors import ConfigError, ModelError
 from ._backends import OPTIMIZATION_LEVELS, TFLITE_BACKENDS, default_threads, resolve_tflite
-from ._spec import TensorSpec
+from ..tensorspec import TensorSpec, specs_from_dicts
 from .base import Runner, dequantize, quantize
 
 __all__ = ["load", "Runner", "TensorSpec", "OnnxRunner", "TFLiteRunner", "quantize", "dequantize",
@@ -69,7 +68,8 @@ def load(path_or_package: Any, *, variant: str | None = None, backend: str | Non
     :func:`edgeship.package.unpack`, an opened :class:`~edgeship.package.Package`,
     or a bare ``.onnx``/``.tflite`` file. Packages are verified first (hashes
     always; the signature against ``trusted_keys`` when given, and then a
-    signature is required).
+    signature is required); of an unpacked directory, only the variant's
+    file is hashed (:func:`edgeship.package.unpack` verified the rest).
 
     ``variant``: id, file or runtime of the package variant (default: the
     package's default, or the first of the runtime ``backend`` names).
@@ -104,19 +104,12 @@ def load(path_or_package: Any, *, variant: str | None = None, backend: str | Non
                           "pick another variant or backend")
     member = var["file"]
     source = f"{pkg.path}:{member}"
-    if pkg.is_dir:
-        # An unpacked store entry: check the signature and the one file we load.
-        pkg = pkgmod.verify(pkg, trusted_keys, members=[member])
-        model: Any = pkg.member_path(member)
-    else:
-        pkg = pkgmod.verify(pkg, trusted_keys)
-        # Load from memory rather than a temp dir: nothing to clean up, and the
-        # bytes are re-hashed here, so a file swapped after verify() is caught.
-        model = pkg.read(member)
-        if hashlib.sha256(model).hexdigest() != pkg.files[member]["sha256"]:
-            raise IntegrityError(f"{pkg.path}: {member} changed while it was being loaded; try again")
-    from ._spec import specs_from_dicts
-
+    # Each byte is hashed once. An unpacked directory was verified by unpack(): the signature and
+    # every size again (cheap), and only the file we load is hashed. A .edgepkg: every other member
+    # is hashed here. The model itself is hashed as it is read, and the runtime gets those very bytes
+    # (from memory: nothing to clean up, and a file swapped after the check cannot slip in).
+    pkg = pkgmod.verify(pkg, trusted_keys, members=() if pkg.is_dir else [n for n in pkg.files if n != member])
+    model: Any = pkgmod.read_verified(pkg, member)
     m_in = specs_from_dicts(var.get("inputs"), f"{pkg.path} variant {var.get('id')}")
     m_out = specs_from_dicts(var.get("outputs"), f"{pkg.path} variant {var.get('id')}")
     top_in = [s.name for s in specs_from_dicts(pkg.manifest.get("inputs"))]

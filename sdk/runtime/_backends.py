@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailableError, ConfigError, ModelError
-from ._spec import ORT_DTYPES, TensorSpec
+from ..tensorspec import ORT_DTYPES, TensorSpec
 
 __all__ = ["TFLITE_BACKENDS", "resolve_tflite", "open_tflite", "tflite_specs", "open_ort", "ort_specs",
            "OPTIMIZATION_LEVELS", "default_threads"]

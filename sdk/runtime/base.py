@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError, ModelError
-from ._spec import TensorSpec
+from ..tensorspec import TensorSpec
 
 __all__ = ["Runner", "quantize", "dequantize"]
 
@@ -26,10 +26,6 @@ def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
 def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     scale, zp = spec.quantization  # type: ignore[misc]
     return (q.astype(np.float32) - np.float32(zp)) * np.float32(scale)
-
-
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return "[" + ", ".join("?" if d == -1 else str(d) for d in shape) + "]"
 
 
 class Runner:

@@ -25,9 +25,9 @@ batch-1 latency to remove, measured with onnxruntime on candidate
 structures). ``sweep`` adds pruning ratios to the trade-off plot
 (accuracy, size, latency over the ratio), each fine-tuned the same way.
 
-A pruned checkpoint (``save_pruned``) records its layer shapes, so
-:func:`load_pruned` — and ``distill.load_student`` — can rebuild the smaller
-model from the original factory.
+A pruned checkpoint (``checkpoints.save_pruned``) records its layer shapes, so
+``checkpoints.load_pruned`` and ``checkpoints.load_student`` can rebuild the
+smaller model from the original factory.
 """
 from __future__ import annotations
 
@@ -36,29 +36,17 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import AccuracyBudgetError, ConversionError, DataError
+from ._layers import PASSTHROUGH, layer_kind as _kind, torch_module as _torch
+from .checkpoints import save_pruned
 
-__all__ = ["prune", "PruneResult", "plan", "prune_structure", "channel_scores", "ratio_for_params",
-           "shrink_to_state_dict", "save_pruned", "load_pruned", "count_params", "PASSTHROUGH"]
-
-#: Module types that act per channel (or not at all) and may sit between a pruned layer and its consumer.
-PASSTHROUGH = ("ReLU", "ReLU6", "LeakyReLU", "ELU", "GELU", "SiLU", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid",
-               "Mish", "PReLU1", "MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "AdaptiveAvgPool1d",
-               "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Dropout", "Dropout1d", "Dropout2d", "Identity")
-_BN = ("BatchNorm1d", "BatchNorm2d")
-_PRODUCERS = ("Conv1d", "Conv2d", "Linear")
-
-
-def _torch():
-    import torch
-
-    return torch
-
+__all__ = ["prune", "PruneResult", "plan", "prune_structure", "channel_scores", "ratio_for_params", "count_params",
+           "PASSTHROUGH"]
 
 def count_params(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
@@ -79,21 +67,6 @@ def _leaves(model) -> list[tuple[object, str, object]]:
         else:
             out.append((model, name, m))
     return out
-
-
-def _kind(m) -> str:
-    n = type(m).__name__
-    if n in ("Conv1d", "Conv2d"):
-        return "conv" if m.groups == 1 else "barrier"
-    if n == "Linear":
-        return "linear"
-    if n in _BN:
-        return "bn"
-    if n == "Flatten":
-        return "flatten"
-    if n in PASSTHROUGH or (n == "PReLU" and m.num_parameters == 1):
-        return "pass"
-    return "barrier"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +183,7 @@ def ratio_for_params(model, target: float, *, tol: float = 0.005) -> float:
         raise ConversionError(f"target_params must be a fraction in (0, 1), got {target}")
     groups = plan(model)
     if not groups:
-        raise ConversionError("this model has no layer that can be pruned (see edgeship.converters.prune docs)")
+        raise ConversionError("this model has no layer that can be pruned (see the edgeship.converters.pruning docs)")
     base = count_params(model)
     hi_model = prune_structure(model, 0.99, groups=groups)
     if 1 - count_params(hi_model) / base < target:
@@ -224,66 +197,6 @@ def ratio_for_params(model, target: float, *, tol: float = 0.005) -> float:
         else:
             lo = mid
     return round(hi, 4)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-def save_pruned(model, path, **meta) -> Path:
-    """A checkpoint that :func:`load_pruned` / ``distill.load_student`` rebuild from the original factory."""
-    torch = _torch()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"state_dict": model.state_dict(), "pruned": {"shapes": shapes, **meta}}, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def shrink_to_state_dict(model, state: Mapping) -> object:
-    """Resize the Conv/Linear/BatchNorm layers of ``model`` in place to the shapes in ``state`` (a pruned state dict)."""
-    torch = _torch()
-    nn = torch.nn
-    mods = dict(model.named_modules())
-    for mname, m in mods.items():
-        kind = _kind(m) if mname else "barrier"
-        wkey = f"{mname}.weight"
-        if kind not in ("conv", "linear", "bn") or wkey not in state:
-            continue
-        shape = tuple(state[wkey].shape)
-        if tuple(m.weight.shape) == shape:
-            continue
-        with torch.no_grad():
-            if kind == "bn":
-                m.num_features = shape[0]
-                m.weight = nn.Parameter(torch.empty(shape))
-                m.bias = nn.Parameter(torch.empty(shape))
-                m.running_mean = torch.zeros(shape)
-                m.running_var = torch.ones(shape)
-                continue
-            m.weight = nn.Parameter(torch.empty(shape))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(shape[0]))
-            if kind == "conv":
-                m.out_channels, m.in_channels = shape[0], shape[1]
-            else:
-                m.out_features, m.in_features = shape[0], shape[1]
-    return model
-
-
-def load_pruned(factory, path):
-    """Build ``factory()`` (a callable or ``file.py:Factory``), shrink it to the checkpoint and load the weights."""
-    torch = _torch()
-    if isinstance(factory, str):
-        from .distill import load_factory
-
-        factory = load_factory(factory)
-    model = factory()
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    sd = state["state_dict"] if isinstance(state, dict) and "state_dict" in state else state
-    shrink_to_state_dict(model, sd)
-    model.load_state_dict(sd)
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- training and measuring
@@ -310,7 +223,7 @@ def finetune(model, x: np.ndarray, y: np.ndarray | None, *, teacher=None, epochs
              quiet: bool = True, desc: str = "fine-tune") -> list[float]:
     """Train ``model`` in place: cross-entropy, or distillation from ``teacher`` (a torch module); returns epoch losses."""
     torch = _torch()
-    from .distill import kd_loss
+    from .distillation import kd_loss
 
     if epochs <= 0:
         return []
@@ -495,7 +408,7 @@ def prune(model, data, *, ratio: float | None = None, target_params: float | Non
     base = copy.deepcopy(model).eval()
     if not plan(base):
         raise ConversionError("this model has no layer that can be pruned: every Conv/Linear feeds the output or an "
-                              "unsupported layer (see edgeship.converters.prune)")
+                              "unsupported layer (see edgeship.converters.pruning)")
     if teacher is True or teacher == "unpruned":
         teacher_m = base
     elif teacher is None or teacher is False:

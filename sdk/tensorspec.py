@@ -1,5 +1,9 @@
 """TensorSpec: the one description of a model input/output, shared by the
 package manifest and every runner. Pure: numpy only.
+
+It sits below both :mod:`edgeship.package` and :mod:`edgeship.runtime`
+(tests/test_architecture.py holds the layers), so neither reaches into the
+other for it.
 """
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import PackageFormatError
+from .errors import PackageFormatError
 
 __all__ = ["TensorSpec", "ORT_DTYPES", "spec_from_dict", "specs_from_dicts", "specs_to_dicts"]
 

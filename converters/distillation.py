@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import importlib.util
 import math
 import os
 import sys
@@ -40,10 +39,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConversionError, DataError, ModelError
+from .checkpoints import load_factory, load_student, save_checkpoint
 from .data import Dataset, load_data
 
-__all__ = ["distill", "distill_files", "DistillResult", "load_factory", "load_student", "teacher_hash", "data_hash",
-           "kd_loss", "TeacherOutputs"]
+__all__ = ["distill", "distill_files", "DistillResult", "teacher_hash", "data_hash", "kd_loss", "TeacherOutputs"]
 
 
 @dataclasses.dataclass
@@ -119,62 +118,6 @@ def teacher_hash(teacher) -> str:
     h.update(repr(teacher).encode())
     _sha_arrays(h, {k: v.detach().cpu().numpy() for k, v in teacher.state_dict().items()})
     return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- loading modules
-
-def load_factory(spec: str, *, base_dir: str | os.PathLike | None = None):
-    """``path/to/file.py:Factory`` → the callable ``Factory`` from that file."""
-    path, sep, attr = str(spec).rpartition(":")
-    if not sep or not path or not attr:
-        raise ConversionError(f"{spec!r}: give the model as path/to/file.py:Factory")
-    p = Path(path)
-    if base_dir is not None and not p.is_absolute():
-        p = Path(base_dir) / p
-    if not p.is_file():
-        raise ConversionError(f"{p}: no such Python file (from {spec!r})")
-    mod_name = f"_edgeship_user_{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:12]}"
-    if mod_name in sys.modules:
-        module = sys.modules[mod_name]
-    else:
-        loader_spec = importlib.util.spec_from_file_location(mod_name, p)
-        module = importlib.util.module_from_spec(loader_spec)
-        # Registered before exec so dataclasses / pickling inside the file can find the module.
-        sys.modules[mod_name] = module
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as exc:  # the user's file: any error is theirs, one line with its type
-            del sys.modules[mod_name]
-            raise ConversionError(f"{p}: importing the file failed ({type(exc).__name__}: {exc})") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConversionError(f"{p}: has no callable {attr!r} (from {spec!r})")
-    return fn
-
-
-def load_student(spec: str, weights=None, *, base_dir=None):
-    """Build a module from ``file.py:Factory`` and load a ``state_dict`` (or a distill checkpoint)."""
-    import torch
-
-    model = load_factory(spec, base_dir=base_dir)()
-    if not isinstance(model, torch.nn.Module):
-        raise ConversionError(f"{spec}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
-    if weights is not None:
-        try:
-            state = torch.load(str(weights), map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise ModelError(f"{weights}: cannot read the weights ({exc})") from exc
-        if isinstance(state, dict) and "pruned" in state and "state_dict" in state:
-            from .prune import shrink_to_state_dict  # a pruned checkpoint: resize the layers to its shapes first
-
-            shrink_to_state_dict(model, state["state_dict"])
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ModelError(f"{weights}: the weights do not fit {spec} ({' '.join(str(exc).split())[:200]})") from exc
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- the teacher
@@ -500,7 +443,7 @@ def _distill(teacher, student, train: Dataset, valset: Dataset | None, *, alpha,
                     good = f"epoch {best_epoch}" if best_epoch else "the initial weights"
                     where = "in the student"
                     if ckpt is not None:
-                        _save_checkpoint(ckpt, student, epoch=best_epoch, metric=metric,
+                        save_checkpoint(ckpt, student, epoch=best_epoch, metric=metric,
                                          value=None if best_score == -math.inf else best_score)
                         where = f"in {ckpt}"
                     raise ConversionError(f"training diverged: the loss became {loss.item()} at epoch {epoch}, "
@@ -522,7 +465,7 @@ def _distill(teacher, student, train: Dataset, valset: Dataset | None, *, alpha,
                 best_score, best_epoch, since_best = score, epoch, 0
                 best_state = copy.deepcopy(student.state_dict())
                 if ckpt is not None:
-                    _save_checkpoint(ckpt, student, epoch=epoch, metric=metric, value=row["val_metric"])
+                    save_checkpoint(ckpt, student, epoch=epoch, metric=metric, value=row["val_metric"])
             else:
                 since_best += 1
             bar.set_postfix(loss=f"{row['loss']:.4f}", **({metric: f"{row['val_metric']:.4f}"} if metric else {}))
@@ -544,15 +487,6 @@ def _distill(teacher, student, train: Dataset, valset: Dataset | None, *, alpha,
                                  "batch_size": batch_size, "seed": seed, "early_stopping": early_stopping,
                                  "hint_layer": [t_hint, s_hint] if s_hint else None, "teacher_sha256": thash,
                                  "train_samples": n, "val_samples": len(valset) if valset is not None else 0})
-
-
-def _save_checkpoint(path: Path, student, *, epoch: int, metric: str | None, value: float | None) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"state_dict": student.state_dict(), "epoch": epoch, "metric": metric, "value": value}, tmp)
-    os.replace(tmp, path)
 
 
 def distill_files(teacher: str, student: str, data, *, teacher_weights=None, out_dir, hint_layer: str | None = None,

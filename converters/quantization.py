@@ -42,7 +42,6 @@ import shutil
 import sys
 import tempfile
 import time
-import types
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -1114,15 +1113,3 @@ def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = 
     finally:
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
-
-
-class _CallableModule(types.ModuleType):
-    """``edgeship.converters.quantize(...)`` is the documented library call, but importing this
-    submodule rebinds ``edgeship.converters.quantize`` to the module object; making the module
-    callable keeps the documented call working either way."""
-
-    def __call__(self, *args, **kwargs) -> QuantizeResult:
-        return quantize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
