@@ -44,7 +44,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -53,6 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgeship.lifecycle import Loop  # noqa: E402
 from examples.digits.model import LABELS, PREPROCESS, load_digits_split, train_classifier  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
@@ -127,7 +127,7 @@ def pre_measure(pkg: Path, seconds: float, probe_ms: float) -> tuple[dict, float
     return calls, float(wait.percentile(95) or 0.0)
 
 
-class Client:
+class Client(Loop):
     """Sends one request per 1/rate s on a fixed schedule; records (scheduled time, latency ms) per request.
 
     The latency is counted from the *scheduled* send time, as an application
@@ -135,27 +135,16 @@ class Client:
     """
 
     def __init__(self, agent, x: np.ndarray, rate: float) -> None:
+        super().__init__("bench-client")
         self.agent, self.x, self.rate = agent, x, rate
         self.dues: list[float] = []      # scheduled send times, ascending
         self.latencies: list[float] = []  # ms, same order
         self.errors: list[str] = []
         self.resyncs = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> "Client":
-        self._thread = threading.Thread(target=self._run, name="bench-client", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
+    def run(self) -> None:
         t0, n = time.monotonic(), 0
-        while not self._stop.wait(max(0.0, t0 + n / self.rate - time.monotonic())):
+        while not self.wait(t0 + n / self.rate - time.monotonic()):
             due = t0 + n / self.rate
             n += 1
             try:
@@ -289,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
             run_for("after", 5.0)
             stayed = agent.handle.variant == quiet_variant
             marks["end"] = time.monotonic()
-            client.stop()
+            client.stop(10.0)  # a request may wait for a CPU under the load
             changes = list(ctl._events)  # noqa: SLF001 - the benchmark reads the full change log
             # What the application saw in the 2 s after each change took effect (client times are monotonic).
             offset = time.time() - time.monotonic()

@@ -582,8 +582,6 @@ class MicroBatcher:
                     self._busy = True
                     self._not_full.notify_all()
                     break
-                else:  # pragma: no cover - loop exits by break/return
-                    segments = []
             if now >= next_tick and self.on_tick is not None:
                 next_tick = now + self.tick_s
                 try:

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 from .. import protocol
 from ..errors import InputError
+from ..lifecycle import STOP_TIMEOUT_S, Loop
 
 __all__ = ["FeedbackManager", "PredictionRing", "check_feedback", "INPUT_KINDS"]
 
@@ -101,7 +102,7 @@ class PredictionRing:
         return len(self._d)
 
 
-class _InputWriter:
+class _InputWriter(Loop):
     """Writes kept inputs to disk off the inference path: one ``.npz`` per batch, bounded queue, byte cap.
 
     ``index`` maps a prediction id to (file, row); it is bounded like the
@@ -110,6 +111,7 @@ class _InputWriter:
     """
 
     def __init__(self, directory: Path, max_bytes: int, index_size: int = 10000, queue_size: int = 64) -> None:
+        super().__init__("feedback-inputs")
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
@@ -121,8 +123,6 @@ class _InputWriter:
         self._index: OrderedDict[str, tuple[str | None, int]] = OrderedDict()
         # Batches queued but not yet on disk, so feedback arriving right after the prediction finds them.
         self._pending: dict[int, dict] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         # Files from an earlier run count against the cap (oldest deleted first); their index is gone.
         files = sorted(self.dir.glob("*.npz"), key=lambda p: p.stat().st_mtime)
         self._files: OrderedDict[str, int] = OrderedDict((p.name, p.stat().st_size) for p in files)
@@ -150,20 +150,11 @@ class _InputWriter:
                     if self._index.get(pid, ("", 0))[0] == f"#{seq}":
                         del self._index[pid]
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="feedback-inputs", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
+    def run(self) -> None:
         import numpy as np
 
-        while not self._stop.is_set() or not self.q.empty():
+        # Asked to stop, it still writes what is queued (stop's timeout bounds that).
+        while not self.stopping or not self.q.empty():
             try:
                 pids, arrays, seq = self.q.get(timeout=0.2)
             except queue.Empty:
@@ -232,11 +223,11 @@ class FeedbackManager:
         self.sent = 0
 
     def start(self) -> "FeedbackManager":
-        if self.writer is not None and self.writer._thread is None:  # noqa: SLF001
-            self.writer.start()
+        if self.writer is not None:
+            self.writer.start()  # idempotent: the FleetLink and the input capture both start it
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         if self.writer is not None:
             self.writer.stop(timeout)
 

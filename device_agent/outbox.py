@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, TransportError
+from ..lifecycle import Loop
 
 __all__ = ["Outbox", "OutboxRow", "Forwarder", "TokenBucket", "DROPPABLE_KINDS"]
 
@@ -304,7 +305,7 @@ class Outbox:
             pass
 
 
-class Forwarder:
+class Forwarder(Loop):
     """Pumps the outbox into an MqttLink: in order, ``window`` in flight, ``rate`` msgs/s.
 
     Rows are deleted only when their PUBACK arrived. After a reconnection
@@ -315,33 +316,19 @@ class Forwarder:
 
     def __init__(self, outbox: Outbox, link: Any, *, rate: float = 200.0, window: int = 100,
                  ack_flush_s: float = 0.05) -> None:
+        super().__init__("outbox-forwarder")
         self.outbox = outbox
         self.link = link
         self.bucket = TokenBucket(rate, burst=max(1.0, rate / 5) if rate > 0 else None, now=time.monotonic())
         self.window = max(1, int(window))
         self.ack_flush_s = ack_flush_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.sent = 0
         self.acked = 0
         self.resends = 0
         self.last_error: str | None = None
 
-    def start(self) -> "Forwarder":
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="outbox-forwarder", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
     def health(self) -> dict[str, Any]:
-        return {"alive": bool(self._thread and self._thread.is_alive()), "sent": self.sent,
+        return {"alive": self.alive, "sent": self.sent,
                 "acked": self.acked, "resends": self.resends, "last_error": self.last_error}
 
     def drain(self, timeout: float) -> bool:
@@ -350,16 +337,16 @@ class Forwarder:
         while len(self.outbox) > 0:
             if time.monotonic() > deadline:
                 return False
-            self._stop.wait(0.02)
+            self.wait(0.02)
         return True
 
-    def _run(self) -> None:
+    def run(self) -> None:
         inflight: deque[tuple[int, Any]] = deque()
         acked: list[int] = []
         cursor = 0
         gen = None
         last_flush = time.monotonic()
-        while not self._stop.is_set():
+        while not self.stopping:
             try:
                 if not self.link.connected:
                     # Whatever was in flight is unconfirmed: resend from the oldest row later.
@@ -367,7 +354,7 @@ class Forwarder:
                         inflight.clear()
                     cursor, gen = 0, None
                     self._flush(acked)
-                    self._stop.wait(0.05)
+                    self.wait(0.05)
                     continue
                 if gen != self.link.generation:
                     if gen is not None:
@@ -384,7 +371,7 @@ class Forwarder:
                     self.last_error = f"publish of outbox row {rid} refused: {h.error}"
                     inflight.clear()
                     cursor = 0  # try again from the oldest, after a pause (paho's queue may be full)
-                    self._stop.wait(0.2)
+                    self.wait(0.2)
                     continue
                 now = time.monotonic()
                 if acked and (len(acked) >= 256 or now - last_flush >= self.ack_flush_s):
@@ -407,18 +394,18 @@ class Forwarder:
                         self.outbox.wait_new(0.2)
                         continue
                     if rows and wait > 0:
-                        self._stop.wait(min(wait, 0.2))
+                        self.wait(min(wait, 0.2))
                         continue
                 if inflight:
                     self.link.wait_ack_activity(0.02)
             except TransportError as exc:
                 self.last_error = str(exc)
                 log.warning("outbox forwarder: %s", exc)
-                self._stop.wait(0.5)
+                self.wait(0.5)
             except Exception as exc:  # noqa: BLE001 - keep pumping; record why
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("outbox forwarder error")
-                self._stop.wait(0.5)
+                self.wait(0.5)
         # Final: collect acks that already arrived so they are not resent.
         while inflight and inflight[0][1].acked():
             acked.append(inflight.popleft()[0])

@@ -48,6 +48,7 @@ from typing import Any, Iterable
 from .. import protocol
 from .. import rollout as ro
 from ..errors import EdgeshipError, RolloutError
+from ..lifecycle import STOP_TIMEOUT_S, Loop
 from ..metrics import Histogram
 from .store import atomic_write_json
 
@@ -59,7 +60,7 @@ _STATE_FILE = "rollout.json"
 _MAX_UNCLEAN = 1  # unclean restarts tolerated inside one health window
 
 
-class RolloutClient:
+class RolloutClient(Loop):
     """One per agent. Build before ``agent.start()`` and ``agent.add_component`` it (or :meth:`attach`)."""
 
     # An agent with this component and an empty store starts and waits for a rollout (Agent.waits_for_rollout).
@@ -70,6 +71,7 @@ class RolloutClient:
                  bandwidth_kbps: float = 0.0, health_window_s: float = 60.0, download_retries: int = 5,
                  poll_s: float = 0.5, plan_keys: Iterable[Any] | Any | None = None,
                  rng: random.Random | None = None, clock=time.time) -> None:
+        super().__init__(f"rollout-{device}")
         self.agent = agent
         self.link = link
         self.outbox = outbox
@@ -102,8 +104,6 @@ class RolloutClient:
             pk = list(plan_keys)
             self.plan_trust = TrustStore.from_paths(pk) if pk else self.trust
         self.topic_filter = f"{protocol.PROTOCOL}/{fleet}/rollouts/+"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._dl_thread: threading.Thread | None = None
         self._dl_stop = threading.Event()
         self._dl_result: dict | None = None
@@ -152,9 +152,7 @@ class RolloutClient:
         self.agent.add_component(self)
         return self
 
-    def start(self) -> "RolloutClient":
-        if self._thread is not None:
-            return self
+    def _on_start(self) -> None:
         if not self.trust:
             log.warning("rollouts are off on %s: no [agent] trusted_keys to verify plans and packages", self.device)
         unclean = not self.state.get("clean_stop", True)
@@ -164,17 +162,10 @@ class RolloutClient:
         self.state["clean_stop"] = False
         self._save()
         self.link.subscribe(self.topic_filter, 1)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"rollout-{self.device}", daemon=True)
-        self._thread.start()
-        return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._dl_stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
+        self._dl_stop.set()  # a download in progress ends too (it checks this between chunks)
+        stopped = super().stop(timeout)
         if self._dl_thread is not None:
             self._dl_thread.join(timeout)
             self._dl_thread = None
@@ -183,6 +174,7 @@ class RolloutClient:
             self._save()
         except OSError as exc:
             log.warning("rollout state not saved at stop: %s", exc)
+        return stopped
 
     def health(self) -> dict:
         ph = self.state.get("phase") or {}
@@ -191,8 +183,8 @@ class RolloutClient:
                 "last_error": self.last_error, **self.counters}
 
     # ------------------------------------------------------------ loop
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self) -> None:
+        while not self.stopping:
             try:
                 msg = self.link.get(self.poll_s)
                 while msg is not None:
@@ -202,11 +194,11 @@ class RolloutClient:
             except EdgeshipError as exc:
                 self.last_error = str(exc)
                 log.warning("rollout client: %s", exc)
-                self._stop.wait(1.0)
+                self.wait(1.0)
             except Exception as exc:  # noqa: BLE001 - keep the device serving; record and go on
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("rollout client step failed")
-                self._stop.wait(1.0)
+                self.wait(1.0)
 
     def _on_message(self, msg: Any) -> None:
         if not msg.topic.startswith(self.topic_filter[:-1]):

@@ -34,6 +34,7 @@ import time
 from typing import Any, Callable, Mapping
 
 from .. import protocol
+from ..lifecycle import STOP_TIMEOUT_S, Loop
 from ..metrics import LATENCY_BOUNDS_MS, Histogram
 from ..mqtt import Will
 
@@ -220,7 +221,7 @@ class ProcessSampler:
         return pct, self._rss()
 
 
-class Telemetry:
+class Telemetry(Loop):
     """Agent component: ``on_result`` folds results in; its thread sends a window every ``window_s``.
 
     ``metrics_snapshot()`` (optional) returns the agent's cumulative figures:
@@ -231,6 +232,7 @@ class Telemetry:
 
     def __init__(self, outbox: Any, fleet: str, device: str, *, window_s: float = 60.0,
                  metrics_snapshot: Callable[[], Mapping[str, Any]] | None = None) -> None:
+        super().__init__("telemetry")
         self.outbox = outbox
         self.fleet = fleet
         self.device = device
@@ -243,8 +245,6 @@ class Telemetry:
         self._providers: list[Callable[[], Mapping[str, Any]]] = []
         self._prev_counters: dict[str, Any] = {}
         self._prev_batch: Mapping | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._flush_lock = threading.Lock()
         self.windows_sent = 0
         self._prime()
@@ -285,22 +285,15 @@ class Telemetry:
         self.agg.record(getattr(result, "latency_ms", None), getattr(result, "label", None),
                         getattr(result, "model", None))
 
-    def start(self) -> "Telemetry":
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
+        was_running = self.alive
+        stopped = super().stop(timeout)
+        if was_running:
             self.flush()  # the partial last window is still worth sending
+        return stopped
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.window_s):
+    def run(self) -> None:
+        while not self.wait(self.window_s):
             try:
                 self.flush()
             except Exception as exc:  # noqa: BLE001 - one bad window must not stop telemetry
@@ -339,7 +332,7 @@ class Telemetry:
             return msg
 
 
-class StateReporter:
+class StateReporter(Loop):
     """Keeps the retained ``state`` topic true; provides the link's per-connection last will.
 
     Pass :meth:`will` as ``LinkOptions.will_factory``. Its thread notices each
@@ -349,6 +342,7 @@ class StateReporter:
 
     def __init__(self, outbox: Any, fleet: str, device: str, *, agent_version: str = "",
                  model_fn: Callable[[], Mapping | None] | None = None, started_at: float | None = None) -> None:
+        super().__init__("state-reporter")
         self.outbox = outbox
         self.device = device
         self.topic = protocol.device_topic(fleet, device, "state")
@@ -359,8 +353,7 @@ class StateReporter:
         self.session = 0.0
         self._model: dict | None = None
         self._gen_seen = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._model_changed = False
         self._lock = threading.Lock()
 
     def will(self) -> Will:
@@ -404,26 +397,19 @@ class StateReporter:
             # Off the inference thread: the state thread puts it.
             self._model_changed = True
 
-    def start(self) -> "StateReporter":
-        if self._thread is None:
-            self._model_changed = False
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="state-reporter", daemon=True)
-            self._thread.start()
-        return self
+    def _on_start(self) -> None:
+        self._model_changed = False
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
+        stopped = super().stop(timeout)
         try:
             self.put_state(False)  # graceful: the broker will not send the will after a clean DISCONNECT
         except Exception as exc:  # noqa: BLE001 - stopping anyway
             log.warning("could not store the offline state: %s", exc)
+        return stopped
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
+    def run(self) -> None:
+        while not self.wait(0.1):
             try:
                 link = self.link
                 if self.model_fn is not None:
@@ -433,7 +419,7 @@ class StateReporter:
                 if link is not None and link.connected and link.generation != self._gen_seen:
                     self._gen_seen = link.generation
                     self.put_state(True)
-                elif getattr(self, "_model_changed", False):
+                elif self._model_changed:
                     self._model_changed = False
                     self.put_state(True)
             except Exception as exc:  # noqa: BLE001 - keep reporting

@@ -51,6 +51,7 @@ import numpy as np
 
 from .agent.sources import RawBlock, Source
 from .errors import ConfigError, EdgeshipError, RolloutError
+from .lifecycle import Loop
 
 __all__ = ["run_demo", "DemoResult", "DemoSettings", "demo_settings", "demo_gates", "demo_health", "degrade_labels",
            "judge", "DigitsStream", "SimulatedUser", "SimDevice", "BuiltModels", "build_packages",
@@ -436,7 +437,7 @@ def judge(predicted: str | None, ref: str | None) -> str | None:
     return "correct" if str(predicted) == ref.rsplit(":", 1)[1] else "incorrect"
 
 
-class SimulatedUser:
+class SimulatedUser(Loop):
     """Agent component: looks at a share of the device's predictions and says whether each was right.
 
     ``on_batch`` (batcher thread) only picks predictions and puts (id,
@@ -446,28 +447,14 @@ class SimulatedUser:
     """
 
     def __init__(self, agent: Any, *, share: float = 0.3, seed: int = 0, queue_size: int = 1000) -> None:
+        super().__init__("demo-user")
         self.agent = agent
         self.share = float(share)
         self._rng = np.random.default_rng(seed)
         self._q: queue.Queue[tuple[str, str]] = queue.Queue(maxsize=queue_size)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.sent = {"correct": 0, "incorrect": 0}
         self.skipped = 0
         self.failed = 0
-
-    def start(self) -> "SimulatedUser":
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="demo-user", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
 
     def on_batch(self, batch: Any) -> None:
         refs = batch.refs
@@ -488,8 +475,8 @@ class SimulatedUser:
             except queue.Full:
                 self.skipped += 1
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self) -> None:
+        while not self.stopping:
             try:
                 pid, verdict = self._q.get(timeout=0.2)
             except queue.Empty:

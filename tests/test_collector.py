@@ -128,7 +128,7 @@ def test_hostile_messages_counted_and_skipped(mosquitto, tmp_path, caplog):
         assert db.message_counts() == {"feedback": 1}
         lines = [r.getMessage() for r in caplog.records if r.name == "edgeship.fleet.collector"]
         assert len(lines) == len(bad) and all("\n" not in ln and len(ln) < 600 for ln in lines)
-        assert col._thread.is_alive()  # noqa: SLF001 - still running
+        assert col.alive  # still running
     finally:
         pub.stop()
         col.stop()

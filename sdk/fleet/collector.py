@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import protocol
 from ..errors import FleetDBError
+from ..lifecycle import STOP_TIMEOUT_S, Loop
 from ..mqtt import LinkOptions, MqttLink
 
 __all__ = ["Collector", "classify_error"]
@@ -54,7 +55,7 @@ def _transient(exc: BaseException) -> bool:
     return cause is None or any(c.__name__ in ("OperationalError", "InterfaceError") for c in type(cause).__mro__)
 
 
-class Collector:
+class Collector(Loop):
     """``start()`` / ``stop(timeout)``; ``stats()`` for counters."""
 
     def __init__(self, db: Any, link_or_broker_url: MqttLink | str, fleet: str, share_group: str | None = None, *,
@@ -62,6 +63,7 @@ class Collector:
                  protocol_version: str = "3.1.1", link_options: LinkOptions | None = None) -> None:
         if not protocol.valid_id(fleet):
             raise protocol.MessageError(f"fleet {fleet!r} is not a valid id")
+        super().__init__(f"collector-{fleet}")
         self.db = db
         self.fleet = fleet
         self.share_group = share_group
@@ -81,37 +83,21 @@ class Collector:
             for f in self.filters:
                 self.link.subscribe(f, 1)
             self._own_link = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.counters: dict[str, int] = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0,
                                          "db_errors": 0}
         self.rejected: dict[str, int] = {}
         self._lock = threading.Lock()
         self._idle = threading.Event()
 
-    def start(self) -> "Collector":
-        if self._thread is not None:
-            return self
+    def _on_start(self) -> None:
         if self._own_link:
             self.link.start()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"collector-{self.fleet}", daemon=True)
-        self._thread.start()
-        return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
+        stopped = super().stop(timeout)
         if self._own_link:
             self.link.stop(timeout)
-
-    def __enter__(self) -> "Collector":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return stopped
 
     def wait_ready(self, timeout: float) -> bool:
         """True once connected and subscribed."""
@@ -162,8 +148,8 @@ class Collector:
         # One line per bad message, truncated: a hostile sender must not flood the log with its payload.
         log.warning("rejected message (%s) on %s: %s", reason, topic_name[:160], str(exc)[:200])
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self) -> None:
+        while not self.stopping:
             first = self.link.get(timeout=0.2)
             if first is None:
                 self._idle.set()
@@ -192,7 +178,7 @@ class Collector:
                     with self._lock:
                         self.counters["db_errors"] += 1
                     log.error("collector could not store %d messages (retrying): %s", len(batch), exc)
-                    if self._stop.wait(1.0):
+                    if self.wait(1.0):
                         return
             # Ack only after the commit: see the module docstring.
             for it in batch:

@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 from .. import protocol
 from .. import rollout as ro
 from ..errors import ConfigError, EdgeshipError, PackageError, RolloutError
+from ..lifecycle import STOP_TIMEOUT_S, Loop
 from ..metrics import Histogram
 
 __all__ = ["RolloutController"]
@@ -51,7 +52,7 @@ log = logging.getLogger("edgeship.fleet.controller")
 _DONE_DEVICE_STATES = ("active", "healthy", "failed", "rolled_back")
 
 
-class RolloutController:
+class RolloutController(Loop):
     """``start()`` / ``stop(timeout)`` for the loop; the rollout methods work with or without it."""
 
     def __init__(self, db: Any, link_or_broker_url: Any = None, fleet: str = "default", *,
@@ -61,6 +62,7 @@ class RolloutController:
                  gate_hooks: Mapping[str, ro.GateHook] | None = None, client_id: str | None = None) -> None:
         if not protocol.valid_id(fleet):
             raise ConfigError(f"fleet {fleet!r} is not a valid id")
+        super().__init__(f"rollout-controller-{fleet}")
         self.db = db
         self.fleet = fleet
         self.clock = clock
@@ -91,8 +93,6 @@ class RolloutController:
         elif link_or_broker_url is not None:
             self.link = link_or_broker_url
         self.server = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._last_record: dict[str, float] = {}
         self._mismatch_alerted: set[tuple[str, str, str]] = set()  # (rollout, device, reported sha)
         self.reconcile_s = 2.0
@@ -106,8 +106,9 @@ class RolloutController:
         """Without arguments: start the loop thread. With a package: :meth:`start_rollout`."""
         if package is not None:
             return self.start_rollout(package, **kwargs)
-        if self._thread is not None:
-            return self
+        return super().start()
+
+    def _on_start(self) -> None:
         if self._own_link:
             self.link.start()
         mine = [r for r in self.db.rollouts_all() if r["fleet"] == self.fleet]
@@ -124,27 +125,15 @@ class RolloutController:
                     # devices (a download in progress resumes from its .part, same sha256).
                     self._transition(row, plan, {"package_url": url},
                                      {"kind": "url", "detail": json.dumps({"url": url})})
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"rollout-controller-{self.fleet}", daemon=True)
-        self._thread.start()
-        return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
+        stopped = super().stop(timeout)
         if self._own_link and self.link is not None:
             self.link.stop(timeout)
         if self.server is not None:
             self.server.stop(timeout)
             self.server = None
-
-    def __enter__(self) -> "RolloutController":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return stopped
 
     def wait_ready(self, timeout: float) -> bool:
         return self.link is None or self.link.wait_connected(timeout)
@@ -364,15 +353,15 @@ class RolloutController:
         return False
 
     # ------------------------------------------------------------ the loop
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def run(self) -> None:
+        while not self.stopping:
             try:
                 self.tick()
             except EdgeshipError as exc:
                 log.warning("rollout controller tick failed: %s", exc)
             except Exception:  # noqa: BLE001 - a bug must not kill the loop quietly; log it fully
                 log.exception("rollout controller tick crashed")
-            self._stop.wait(self.tick_s)
+            self.wait(self.tick_s)
 
     def tick(self) -> None:
         """One pass over every rollout (the loop calls this; tests may too)."""
