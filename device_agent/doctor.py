@@ -15,6 +15,7 @@ import platform
 import shutil
 import socket
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
