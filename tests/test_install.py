@@ -151,3 +151,118 @@ def _is_module(dotted: str) -> bool:
         return importlib.util.find_spec(dotted) is not None
     except (ImportError, ValueError):
         return False
+
+
+# ----------------------------------------------------------------------------- set-up commands and pins (#16)
+
+def _setup_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Set up\n", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"^```[^\n]*\n(.*?)^```", section, re.M | re.S)]
+
+
+def test_readme_has_two_set_up_commands_and_ci_runs_the_test_one_verbatim():
+    demo_cmd, test_cmd = _setup_commands()  # exactly two
+    for cmd in (demo_cmd, test_cmd):
+        assert "\n" not in cmd and cmd.startswith("pip install -c constraints.txt -e "), cmd
+    assert demo_cmd.endswith("&& edgeship demo") and test_cmd.endswith("&& python -m pytest -q")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_cmd in ci, ".ci/run must run the README's test command verbatim"
+    comment = ci[ci.index(test_cmd) - 1]
+    assert comment.startswith("#") and "identical" in comment
+
+
+def test_constraints_pin_exactly_what_the_extras_pull_as_installed_here():
+    pins = (ROOT / "constraints.txt").read_text().splitlines()
+    assert "torch==2.13.0" in pins
+    # Every distribution [all,test] pulls is pinned at the installed version, nothing else is, and the
+    # installed set meets every requirement among them (what pip check would say).
+    proc = subprocess.run([sys.executable, str(ROOT / ".ci" / "constraints.py"), "--check"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- warnings: ours fatal, others not (#16)
+
+_WARNING_TESTS = '''
+import warnings
+
+import thirdparty_lib
+
+
+def test_a_third_party_warning_is_reported():
+    thirdparty_lib.noisy()
+
+
+def test_a_warning_in_edgeship_fails():
+    exec("import warnings; warnings.warn('ours', UserWarning)", {"__name__": "edgeship.fake"})
+
+
+def test_a_deprecated_call_from_edgeship_fails():
+    # Warns at stacklevel=2, that is at the calling line: in edgeship code.
+    exec("import thirdparty_lib; thirdparty_lib.deprecated()", {"__name__": "edgeship.fake"})
+
+
+def test_a_warning_in_a_test_fails():
+    warnings.warn("from the test itself", UserWarning)
+'''
+
+_THIRD_PARTY_LIB = '''
+import warnings
+
+
+def noisy():
+    warnings.warn("a third-party library's own warning", FutureWarning)
+
+
+def deprecated():
+    warnings.warn("deprecated(): use something else", DeprecationWarning, stacklevel=2)
+'''
+
+# A third-party pytest plugin, installed (entry point), that warns while pytest imports it: what anyio's
+# plugin does under pytest 9.2 (from _pytest.python import CallSpec2 -> PytestRemovedIn10Warning).
+_THIRD_PARTY_PLUGIN = '''
+import warnings
+
+warnings.warn("thirdparty_plugin uses an alias that goes away in the next major release", DeprecationWarning)
+'''
+
+
+def _warnings_project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A tiny project with this project's ``[tool:pytest]`` section verbatim, and a third-party plugin + library."""
+    section = "[tool:pytest]" + (ROOT / "setup.cfg").read_text().split("[tool:pytest]", 1)[1].split("\n[", 1)[0]
+    project = tmp_path / "project"
+    (project / "tests").mkdir(parents=True)
+    (project / "setup.cfg").write_text(section + "\n")
+    (project / "tests" / "test_warnings.py").write_text(_WARNING_TESTS)
+    site = tmp_path / "site"
+    (site / "thirdparty_plugin-1.0.dist-info").mkdir(parents=True)
+    (site / "thirdparty_lib.py").write_text(_THIRD_PARTY_LIB)
+    (site / "thirdparty_plugin.py").write_text(_THIRD_PARTY_PLUGIN)
+    (site / "thirdparty_plugin-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: thirdparty-plugin\nVersion: 1.0\n")
+    (site / "thirdparty_plugin-1.0.dist-info" / "entry_points.txt").write_text(
+        "[pytest11]\nthirdparty = thirdparty_plugin\n")
+    return project, {"PYTHONPATH": str(site)}
+
+
+def _run_pytest(python: str, project: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    import os
+
+    proc = subprocess.run([python, "-m", "pytest", "-rA", "-p", "no:cacheprovider"], cwd=project,
+                          env={**os.environ, **env, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    outcomes = dict((name, outcome) for outcome, name in
+                    re.findall(r"^(PASSED|FAILED|ERROR) tests/test_warnings\.py::(\w+)", proc.stdout, re.M))
+    return proc, outcomes
+
+
+_EXPECTED = {"test_a_third_party_warning_is_reported": "PASSED", "test_a_warning_in_edgeship_fails": "FAILED",
+             "test_a_deprecated_call_from_edgeship_fails": "FAILED", "test_a_warning_in_a_test_fails": "FAILED"}
+
+
+def test_warnings_are_errors_in_our_code_only(tmp_path):
+    project, env = _warnings_project(tmp_path)
+    proc, outcomes = _run_pytest(sys.executable, project, env)
+    assert outcomes == _EXPECTED, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "a third-party library's own warning" in proc.stdout  # reported in the summary, not hidden
