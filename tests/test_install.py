@@ -13,10 +13,10 @@ from __future__ import annotations
 import ast
 import configparser
 import json
+import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -247,8 +247,6 @@ def _warnings_project(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 def _run_pytest(python: str, project: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
-    import os
-
     proc = subprocess.run([python, "-m", "pytest", "-rA", "-p", "no:cacheprovider"], cwd=project,
                           env={**os.environ, **env, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True,
                           timeout=120)
@@ -266,3 +264,219 @@ def test_warnings_are_errors_in_our_code_only(tmp_path):
     proc, outcomes = _run_pytest(sys.executable, project, env)
     assert outcomes == _EXPECTED, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "a third-party library's own warning" in proc.stdout  # reported in the summary, not hidden
+
+
+# ----------------------------------------------------------------------------- the wheel, installed (#16, #21)
+#
+# Built from a clean copy of the sources (a stale build/ folder in the checkout cannot leak into it) and
+# installed non-editable into fresh virtualenvs, then driven from an empty directory with a PATH and an
+# environment that lead to nothing in this checkout. Each step's time is printed (pytest -s shows it).
+
+SOURCES = ("setup.cfg", "pyproject.toml", "README.md", *ROOTS)
+# Any of these in a venv that claims to be agent-only would mean the workstation stack came along.
+WORKSTATION = ("torch", "onnx", "tensorflow", "jax", "litert_torch", "ai_edge_quantizer", "sklearn")
+
+
+def _timed(label: str, fn):
+    import time
+
+    t0 = time.monotonic()
+    out = fn()
+    print(f"\n[install timing] {label}: {time.monotonic() - t0:.1f} s")
+    return out
+
+
+def _check(proc: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"{what} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+class Venv:
+    """A fresh virtualenv; commands run with its bin/ first on PATH and nothing of this checkout visible."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.bin = path / "bin"
+        self.site = next((path / "lib").glob("python3*/site-packages"))
+
+    @classmethod
+    def create(cls, path: Path, *, see_base_packages: bool = False) -> "Venv":
+        # No pip of its own (ensurepip costs ~10 s): this interpreter's pip installs into it (pip --python).
+        _check(subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], capture_output=True,
+                              text=True, timeout=300), "python -m venv")
+        venv = cls(path)
+        if see_base_packages:
+            # The base interpreter's packages (torch, onnx, ...) without downloading them again. A path line,
+            # unlike --system-site-packages, does not run the base's .pth hooks: one of them is an editable
+            # edgeship, whose finder would import importlib.util at start-up and hide the very crash (#16).
+            base = subprocess.run([sys._base_executable, "-c", "import site; print(site.getsitepackages()[0])"],
+                                  capture_output=True, text=True, timeout=60).stdout.strip()
+            (venv.site / "_base_site_packages.pth").write_text(base + "\n")
+        return venv
+
+    def env(self, **extra: str) -> dict[str, str]:
+        outside = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                  if p and not p.startswith((sys.prefix, str(ROOT))))
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+        return {**env, "PATH": f"{self.bin}{os.pathsep}{outside}", "VIRTUAL_ENV": str(self.path),
+                "PYTHONDONTWRITEBYTECODE": "1", **extra}
+
+    def run(self, *args: str, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), cwd=cwd, env=self.env(**env), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def pip_install(self, *reqs: str, cwd: Path, constraints: bool = True) -> None:
+        pins = ["-c", str(ROOT / "constraints.txt")] if constraints else []
+        _check(self.run(sys.executable, "-m", "pip", "--python", str(self.bin / "python"), "install", "-q", *pins,
+                        *reqs, cwd=cwd, timeout=600), f"pip install {' '.join(reqs)}")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            src.mkdir(exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    # Built with this environment's setuptools (constraints.txt pins it): an isolated build env would fetch and
+    # install setuptools again each run (~25 s of the ~30).
+    _timed("pip wheel --no-deps", lambda: _check(subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
+         str(src)], capture_output=True, text=True, timeout=600), "pip wheel"))
+    (built,) = (tmp / "dist").glob("edgeship-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def full_venv(wheel, tmp_path_factory) -> Venv:
+    """The wheel with [all], non-editable; the heavy dependencies come from the base interpreter."""
+    tmp = tmp_path_factory.mktemp("full")
+    venv = _timed("venv + pip install wheel[all] (base packages visible)",
+                  lambda: _install(Venv.create(tmp / "venv", see_base_packages=True), f"{wheel}[all]", tmp))
+    return venv
+
+
+@pytest.fixture(scope="module")
+def agent_venv(wheel, tmp_path_factory) -> Venv:
+    """The Raspberry Pi route: a bare venv, the wheel with [agent] only (dependencies from the registry)."""
+    tmp = tmp_path_factory.mktemp("agent")
+    return _timed("venv + pip install wheel[agent] (bare)", lambda: _install(Venv.create(tmp / "venv"),
+                                                                              f"{wheel}[agent]", tmp))
+
+
+def _install(venv: Venv, requirement: str, cwd: Path) -> Venv:
+    venv.pip_install(requirement, cwd=cwd)
+    where = _check(venv.run(str(venv.bin / "python"), "-c", "import edgeship; print(edgeship.__file__)", cwd=cwd),
+                   "import edgeship").stdout.strip()
+    # The installed copy, not this checkout's (nor an editable install the base interpreter may have).
+    assert Path(where).is_relative_to(venv.site), where
+    return venv
+
+
+def _empty_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d
+
+
+def _wheel_files(whl: Path) -> set[str]:
+    import zipfile
+
+    with zipfile.ZipFile(whl) as z:
+        return set(z.namelist())
+
+
+@pytest.mark.install
+def test_wheel_holds_every_module_template_static_file_and_the_demo(wheel):
+    files = _wheel_files(wheel)
+    expected = set()
+    for folder, package in _package_folders().items():
+        for f in (ROOT / folder).iterdir():
+            if f.suffix == ".py":
+                expected.add(f"{package.replace('.', '/')}/{f.name}")
+    console = ROOT / _folder_of("edgeship.fleet.console")
+    for sub in ("templates", "static"):
+        data = [p for p in (console / sub).rglob("*") if p.is_file()]
+        assert data, f"no console {sub}?"
+        expected |= {f"edgeship/fleet/console/{p.relative_to(console).as_posix()}" for p in data}
+    expected |= {"edgeship/py.typed", "edgeship/demo_data/model.py", "edgeship/demo_data/prepare.py"}
+    assert not expected - files, f"missing from the wheel: {sorted(expected - files)}"
+
+
+@pytest.mark.install
+@pytest.mark.timeout(900)
+def test_wheel_install_runs_the_cli_and_the_demo_from_an_empty_directory(full_venv, tmp_path):
+    from edgeship import demo
+    from edgeship.fleet.db import FleetDB
+
+    here = _empty_dir(tmp_path)
+    edgeship = str(full_venv.bin / "edgeship")
+    out = _check(full_venv.run(edgeship, "--help", cwd=here), "edgeship --help").stdout
+    assert all(cmd in out for cmd in ("agent", "bench", "convert", "demo", "fleet", "package")), out
+    # A fresh model cache too: the demo trains its teacher and students from the data the package ships.
+    proc = _timed("edgeship demo --fast (from the wheel, empty cache)", lambda: full_venv.run(
+        edgeship, "demo", "--fast", "--quiet", cwd=here, timeout=840, EDGESHIP_CACHE_DIR=str(tmp_path / "cache")))
+    _check(proc, "edgeship demo --fast")
+    with FleetDB.open(here / "edgeship-demo" / "fleet.sqlite") as db:
+        states = {r["package_version"]: r["state"] for r in db.rollouts_all()}
+        versions = {d["model_version"] for d in db.devices(demo.FLEET)}
+    v = demo.VERSIONS
+    assert states == {v["v1"]: "completed", v["v2"]: "completed", v["v3"]: "aborted"}, states
+    assert versions == {v["v2"]}, versions
+
+
+@pytest.mark.install
+@pytest.mark.timeout(900)
+def test_agent_only_install_from_the_wheel_serves_without_the_workstation_stack(agent_venv, tmp_path):
+    # The Raspberry Pi route (docs/raspberry-pi.md): the wheel copied over, pip install "edgeship-*.whl[agent]".
+    here = _empty_dir(tmp_path)
+    python, edgeship = str(agent_venv.bin / "python"), str(agent_venv.bin / "edgeship")
+    probe = ("import importlib.util, json, sys\n"
+             "import edgeship.agent, edgeship.cli.agent_cmds\n"
+             f"print(json.dumps([m for m in {WORKSTATION!r} if importlib.util.find_spec(m) or m in sys.modules]))")
+    assert json.loads(_check(agent_venv.run(python, "-c", probe, cwd=here), "import probe").stdout) == []
+
+    example = _check(agent_venv.run(edgeship, "agent", "config", "--example", cwd=here), "agent config").stdout
+    state = here / "state"
+    cfg = here / "agent.toml"
+    cfg.write_text(re.sub(r"(?m)^state_dir = .*$", f"state_dir = {json.dumps(str(state))}", example))
+    doctor = agent_venv.run(edgeship, "agent", "doctor", "--config", str(cfg), cwd=here)
+    # Exit 1 means doctor found something to fix, which is a verdict; a crash is not.
+    assert doctor.returncode in (0, 1) and "Traceback" not in doctor.stderr, doctor.stdout + doctor.stderr
+    assert re.search(r"^OK\s+onnxruntime", doctor.stdout, re.M), doctor.stdout
+    assert re.search(r"^\d+ ok, \d+ warnings?, \d+ failed", doctor.stdout, re.M), doctor.stdout
+
+    pkg = _tiny_package(tmp_path / "pkg")
+    bench = _check(agent_venv.run(edgeship, "bench", str(pkg), "--json", "--seconds", "0.2", cwd=here), "bench")
+    result = json.loads(bench.stdout)
+    assert result["model"] == {"name": "tiny", "version": "1.0.0"}
+    assert result["backend"].startswith("onnxruntime") and result["raw_latency_ms_b1"]["count"] > 0
+
+
+def _tiny_package(out: Path) -> Path:
+    import numpy as np
+
+    from edgeship import package
+    from models import make_mlp_onnx
+
+    onnx_path = make_mlp_onnx(out / "mlp.onnx")
+    return package.build(out / "tiny-1.0.0.edgepkg", onnx_path, name="tiny", version="1.0.0",
+                         labels=[str(i) for i in range(10)], example_input=np.zeros((1, 64), np.float32))
+
+
+@pytest.mark.install
+def test_pytest_9_2_with_anyio_runs_under_our_warning_filters(tmp_path):
+    # The fresh machine of #16: pytest 9.2 applies the ini filters while importing plugins, and anyio 4.14's
+    # plugin imports pytest's renamed CallSpec2. Under a plain `error` filter nothing ran (exit 3).
+    venv = Venv.create(tmp_path / "venv")
+    _timed("venv + pytest 9.2 + anyio 4.14.2", lambda: venv.pip_install(
+        "pytest==9.2.0", "anyio==4.14.2", "pytest-timeout==2.4.0", cwd=tmp_path, constraints=False))
+    project, env = _warnings_project(tmp_path)
+    proc, outcomes = _run_pytest(str(venv.bin / "python"), project, env)
+    assert "Error while loading plugin" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert outcomes == _EXPECTED, proc.stdout[-3000:] + proc.stderr[-2000:]
