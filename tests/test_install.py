@@ -300,18 +300,19 @@ class Venv:
         self.site = next((path / "lib").glob("python3*/site-packages"))
 
     @classmethod
-    def create(cls, path: Path, *, see_base_packages: bool = False) -> "Venv":
+    def create(cls, path: Path, *, see_our_packages: bool = False) -> "Venv":
         # No pip of its own (ensurepip costs ~10 s): this interpreter's pip installs into it (pip --python).
         _check(subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], capture_output=True,
                               text=True, timeout=300), "python -m venv")
         venv = cls(path)
-        if see_base_packages:
-            # The base interpreter's packages (torch, onnx, ...) without downloading them again. A path line,
-            # unlike --system-site-packages, does not run the base's .pth hooks: one of them is an editable
-            # edgeship, whose finder would import importlib.util at start-up and hide the very crash (#16).
-            base = subprocess.run([sys._base_executable, "-c", "import site; print(site.getsitepackages()[0])"],
-                                  capture_output=True, text=True, timeout=60).stdout.strip()
-            (venv.site / "_base_site_packages.pth").write_text(base + "\n")
+        if see_our_packages:
+            # This environment's packages (torch, onnx, ... as constraints.txt pins them) without installing them
+            # again. Path lines, unlike --system-site-packages, run no .pth hooks from those folders: they hold
+            # editable edgeship installs, whose finder would import importlib.util at start-up and hide the very
+            # crash of #16, and would serve this checkout instead of the wheel.
+            import site
+
+            (venv.site / "_our_site_packages.pth").write_text("".join(f"{p}\n" for p in site.getsitepackages()))
         return venv
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -354,10 +355,10 @@ def wheel(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def full_venv(wheel, tmp_path_factory) -> Venv:
-    """The wheel with [all], non-editable; the heavy dependencies come from the base interpreter."""
+    """The wheel with [all], non-editable; the heavy dependencies are the ones this environment has."""
     tmp = tmp_path_factory.mktemp("full")
-    venv = _timed("venv + pip install wheel[all] (base packages visible)",
-                  lambda: _install(Venv.create(tmp / "venv", see_base_packages=True), f"{wheel}[all]", tmp))
+    venv = _timed("venv + pip install wheel[all] (our packages visible)",
+                  lambda: _install(Venv.create(tmp / "venv", see_our_packages=True), f"{wheel}[all]", tmp))
     return venv
 
 
