@@ -66,9 +66,9 @@ def closure(extras: tuple[str, ...] = EXTRAS) -> tuple[dict[str, str], list[str]
         name = canonicalize_name(req.name)
         try:
             dist = metadata.distribution(req.name)
-        except metadata.PackageNotFoundError:
+        except metadata.PackageNotFoundError as exc:
             raise SystemExit(f"{req.name} (required by {parent}) is not installed: "
-                             f"pip install -e \".[{','.join(extras)}]\" first")
+                             f"pip install -e \".[{','.join(extras)}]\" first") from exc
         version = Version(dist.version)
         pins[name] = version.public
         if not req.specifier.contains(version, prereleases=True):

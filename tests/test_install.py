@@ -61,8 +61,10 @@ def _package_folders() -> dict[str, str]:
             folder = init.parent.relative_to(ROOT).as_posix()
             if "__pycache__" in folder:
                 continue
-            head = next(f for f in sorted(by_folder, key=len, reverse=True) if folder == f or folder.startswith(f + "/"))
-            found[folder] = ".".join([by_folder[head], *folder[len(head):].strip("/").split("/")]).rstrip(".")
+            head = next(f for f in sorted(by_folder, key=len, reverse=True)
+                        if folder == f or folder.startswith(f + "/"))
+            rest = folder[len(head):].strip("/")
+            found[folder] = by_folder[head] + (f".{rest.replace('/', '.')}" if rest else "")
     return found
 
 
@@ -180,6 +182,21 @@ def test_constraints_pin_exactly_what_the_extras_pull_as_installed_here():
     proc = subprocess.run([sys.executable, str(ROOT / ".ci" / "constraints.py"), "--check"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_constraints_check_names_missing_stale_and_unused_pins(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ci_constraints", ROOT / ".ci" / "constraints.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    pins = tmp_path / "constraints.txt"
+    pins.write_text("# header\nnumpy==2.4.6\nTorch==2.12.0  # stale\nleftpad==1.0\n")
+    installed = {"numpy": "2.4.6", "torch": "2.13.0", "click": "8.5.1"}
+    assert tool.differences(tool.read(pins), installed) == [
+        "click: installed 8.5.1, not pinned", "torch: pinned 2.12.0, installed 2.13.0",
+        "leftpad: pinned 1.0, but nothing requires it"]
+    assert tool.differences(tool.read(pins), {"numpy": "2.4.6", "torch": "2.12.0", "leftpad": "1.0"}) == []
 
 
 # ----------------------------------------------------------------------------- warnings: ours fatal, others not (#16)
