@@ -427,6 +427,7 @@ def test_wheel_holds_every_module_template_static_file_and_the_demo(wheel):
 
 
 @pytest.mark.install
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_wheel_install_runs_the_cli_and_the_demo_from_an_empty_directory(full_venv, tmp_path):
     from edgeship import demo
