@@ -17,6 +17,7 @@ import platform
 import shutil
 import socket
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass

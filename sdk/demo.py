@@ -3,7 +3,7 @@
 :func:`run_demo` drives the public APIs of every part, in this order, and
 narrates what happens in a few lines (progress bars on stderr):
 
-1. **models** — the digits teacher (``examples/digits``: data from
+1. **models** — the digits teacher (``edgeship.demo_data``: data from
    scikit-learn, nothing downloaded) is trained once and kept in a cache
    folder; four conversion recipes (:func:`edgeship.converters.recipe.run_recipe`)
    distill, quantize to int8 and sign four packages of the same model:
@@ -201,15 +201,6 @@ class _Narrator:
 
 # ----------------------------------------------------------------------------- models
 
-def _examples_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    d = here.parent / "examples" / "digits"
-    if not (d / "model.py").is_file() or not (d / "prepare.py").is_file():
-        raise ConfigError(f"edgeship demo needs the digits example ({d}/model.py, prepare.py), which ships with "
-                          "the source checkout: install edgeship from it with pip install -e \".[all]\"")
-    return d
-
-
 def _recipe_text(*, version: str, out_dir: Path, data: Mapping[str, Path], teacher_onnx: Path, student: str,
                  key: Path, epochs: int, seed: int, alpha: float, s: DemoSettings) -> str:
     def q(p) -> str:
@@ -290,13 +281,12 @@ def build_packages(cache_dir: str | os.PathLike, settings: DemoSettings, *, quie
                    say: Callable[[str], None] = lambda line: None) -> BuiltModels:
     """Teacher (cached), then the v0-v3 recipes; returns the signed packages. Reuses every cached step."""
     t0 = time.monotonic()
-    ex = _examples_dir()
-    sys.path.insert(0, str(ex))
-    try:
-        from prepare import prepare  # the example's own preparation: data splits, teacher, dev key
-    finally:
-        sys.path.remove(str(ex))
+    # Shipped in the package (not read from the source checkout's examples/), so the demo runs from a wheel.
+    from . import demo_data
     from .converters.recipe import run_recipe
+    from .demo_data.prepare import prepare  # data splits, teacher, dev key
+
+    ex = Path(demo_data.__file__).resolve().parent  # holds model.py, which the recipes name for the student
 
     import torch
 

@@ -10,67 +10,19 @@ Writes, under ``examples/digits/data/`` (or ``--out``):
   (a development key: use your own for real fleets).
 
 Every output is skipped when it already exists (``--force`` redoes it), so
-running the example twice costs nothing the second time.
+running the example twice costs nothing the second time. The work is
+:func:`edgeship.demo_data.prepare.prepare`, which ``edgeship demo`` uses too.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
+from edgeship.demo_data.prepare import TEACHER_EPOCHS, prepare
+
+__all__ = ["prepare", "main"]
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from model import PREPROCESS, Teacher, count_params, load_digits_split, train_classifier  # noqa: E402
-
-TEACHER_EPOCHS = 30
-
-
-def prepare(out: Path = HERE / "data", *, teacher_epochs: int = TEACHER_EPOCHS, seed: int = 0, force: bool = False,
-            quiet: bool = False) -> dict:
-    """Write the data sets, the trained teacher (torch + ONNX) and a signing key; returns what was done."""
-    import torch
-
-    from edgeship import signing
-    from edgeship.converters.onnx_export import export_onnx
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    done = {}
-    split = load_digits_split(seed)
-    scale = np.float32(PREPROCESS["scale"])
-    for part in ("train", "calib", "eval"):
-        path = out / f"{part}.npz"
-        if force or not path.is_file():
-            np.savez(path, input=split[f"x_{part}"] * scale, labels=split[f"y_{part}"])
-            done[part] = len(split[f"y_{part}"])
-    pt, onnx_path = out / "teacher.pt", out / "teacher.onnx"
-    if force or not pt.is_file():
-        t0 = time.monotonic()
-        teacher = train_classifier(Teacher(), split["x_train"], split["y_train"], epochs=teacher_epochs, seed=seed)
-        torch.save(teacher.state_dict(), pt)
-        with torch.no_grad():
-            logits = teacher(torch.from_numpy(split["x_eval"] * scale)).numpy()
-        acc = float(np.mean(logits.argmax(1) == split["y_eval"]))
-        done["teacher"] = {"params": count_params(teacher), "eval_top1": acc,
-                           "seconds": round(time.monotonic() - t0, 1)}
-        onnx_path.unlink(missing_ok=True)
-    if not onnx_path.is_file():
-        teacher = Teacher()
-        teacher.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True))
-        export_onnx(teacher.eval(), split["x_eval"][:2] * scale, onnx_path)
-        done["teacher_onnx"] = str(onnx_path)
-    key = out / "keys" / "dev.key"
-    if not key.is_file():
-        signing.keygen(key, overwrite=True)
-        done["key"] = str(key)
-    if not quiet:
-        print(json.dumps({"prepared": str(out), **done}, indent=1) if done else f"{out}: already prepared")
-    return done
 
 
 def main(argv: list[str] | None = None) -> None:

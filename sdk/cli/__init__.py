@@ -8,7 +8,10 @@ own modules and import heavy code inside the command body, so
 """
 from __future__ import annotations
 
+# importlib.util by name: `import importlib` alone does not load it (an editable install's path hook
+# happened to, so only a wheel install crashed).
 import importlib
+import importlib.util
 
 import click
 
