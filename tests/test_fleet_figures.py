@@ -41,7 +41,8 @@ class Console:
 
     def __init__(self, db, controller=None) -> None:
         self.token = auth.new_token()
-        cfg = ConsoleConfig(password_hash=auth.hash_password("pw-figures-1"), token_sha256=auth.token_digest(self.token))
+        cfg = ConsoleConfig(password_hash=auth.hash_password("pw-figures-1"),
+                            token_sha256=auth.token_digest(self.token))
         self.server = ConsoleServer(create_app(cfg, ConsoleData(db, controller=controller)), cfg, port=0).start()
 
     def get(self, path: str, as_json: bool = True):

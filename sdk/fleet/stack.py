@@ -81,7 +81,8 @@ class FleetStack:
             if self.packages_dir is not None:
                 from .server import PackageServer
 
-                self.package_server = self._own(PackageServer(self.packages_dir, host=self.package_host, port=0).start())
+                srv = PackageServer(self.packages_dir, host=self.package_host, port=0)
+                self.package_server = self._own(srv.start())
             if self.controller_mode is not None:
                 self._start_controller()
         except BaseException:
