@@ -7,6 +7,7 @@ CLI in a subprocess and ``edgeship fleet report`` for the same figure.
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import time
@@ -60,6 +61,17 @@ class Console:
         self.server.stop()
 
 
+@contextlib.contextmanager
+def _served(db, db_path):
+    """(db, db_path, console) with a console over ``db``; both closed after."""
+    console = Console(db)
+    try:
+        yield db, db_path, console
+    finally:
+        console.stop()
+        db.close()
+
+
 def _report_row(out: str, version: str) -> dict:
     """The row of ``version`` in ``edgeship fleet report``'s table, by column name."""
     lines = out.splitlines()
@@ -92,12 +104,8 @@ def device_fleet(tmp_path):
         msgs.append(_msg("f", "feedback", "pi-a", {"prediction_id": f"p{j}", "kind": kind, "value": value,
                                                    "predicted": "3", "model": model}, now - 50 + j))
     assert db.store_messages(msgs).stored == len(msgs)
-    console = Console(db)
-    try:
-        yield db, db_path, console
-    finally:
-        console.stop()
-        db.close()
+    with _served(db, db_path) as parts:
+        yield parts
 
 
 def test_negative_feedback_is_the_same_on_the_device_list_the_feedback_page_and_the_report(device_fleet):
@@ -180,12 +188,8 @@ def rollout_fleet(tmp_path_factory, signing_keys):
     clock.t = t0 + 50
     ctl_b.tick()
     assert db.rollout_get("r-blind")["state"] == "completed"
-    console = Console(db, controller=None)  # read-only console: what it shows comes from the DB
-    try:
-        yield db, db_path, console
-    finally:
-        console.stop()
-        db.close()
+    with _served(db, db_path) as parts:  # a read-only console: what it shows comes from the DB
+        yield parts
 
 
 def test_rollout_devices_per_state_are_counted_now_everywhere(rollout_fleet):
