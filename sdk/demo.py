@@ -691,9 +691,7 @@ class _DemoFleet:
 
     # -- start / stop ----------------------------------------------------------------
     def start(self, step: tuple[int, int]) -> None:
-        from .fleet.collector import Collector
-        from .fleet.db import FleetDB
-        from .fleet.server import PackageServer
+        from .fleet.stack import FleetStack
 
         pkgs = self.workdir / "packages"
         pkgs.mkdir(parents=True, exist_ok=True)
@@ -701,22 +699,17 @@ class _DemoFleet:
             dst = pkgs / src.name
             shutil.copyfile(src, dst)
             self.served[tag] = dst
-        if self.requested_broker is None:
-            from .fleet.embedded_broker import EmbeddedBroker
-
-            self.broker = EmbeddedBroker().start()
-            self._parts.append(self.broker)
-            self.broker_url = self.broker.url
-        self.db = FleetDB.open(self.db_path)
-        self.collector = Collector(self.db, self.broker_url, FLEET).start()
-        self._parts.append(self.collector)
-        if not self.collector.wait_ready(15.0):
-            raise EdgeshipError(f"the collector could not connect to the MQTT broker at {self.broker_url}; "
-                                "is it running? (without --broker the demo starts its own)")
-        self.server = PackageServer(pkgs, host="127.0.0.1", port=0).start()
-        self._parts.append(self.server)
-        self.controller = _start_controller(self.db, self.broker_url, self.built.key, self.server.url, self.s)
-        self._parts.append(self.controller)
+        stack = FleetStack(self.db_path, broker_url=self.requested_broker, fleet=FLEET, embedded_broker=True,
+                           collect=True, packages_dir=pkgs, controller="loop", signing_key=self.built.key,
+                           tick_s=0.25 if self.s.fast else 1.0, ready_timeout=15.0)
+        self._parts.append(stack)
+        try:
+            stack.start()
+        except EdgeshipError as exc:
+            hint = "" if self.requested_broker is None else " (without --broker the demo starts its own)"
+            raise EdgeshipError(f"{exc}{hint}") from exc
+        self.db, self.broker, self.broker_url = stack.db, stack.broker, stack.broker_url
+        self.collector, self.server, self.controller = stack.collector, stack.package_server, stack.controller
         which = "embedded amqtt" if self.broker is not None else "given"
         self.n.step(*step, f"fleet: MQTT broker {self.broker_url} ({which}), package server {self.server.url}, "
                            f"collector + rollout controller → {self.db_path.name}")
@@ -743,10 +736,8 @@ class _DemoFleet:
     def stop(self) -> None:
         _stop_all(self.devices, 3.0)
         while self._parts:
-            _stop_quietly(self._parts.pop(), 5.0)
-        if self.db is not None:
-            self.db.close()
-            self.db = None
+            _stop_quietly(self._parts.pop(), 5.0)  # the fleet stack closes the DB it opened
+        self.db = None
 
     def keep_running(self) -> None:
         self.n.say(f"--keep: everything keeps running. Broker {self.broker_url}, packages {self.server.url}, "
@@ -871,18 +862,6 @@ class _DemoFleet:
                 break
             last = stored
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-
-
-def _start_controller(db, broker_url: str, key: Path, package_url: str, settings: DemoSettings):
-    from .fleet.controller import RolloutController
-
-    ctl = RolloutController(db, broker_url, FLEET, signing_key=key, package_base_url=package_url,
-                            tick_s=0.25 if settings.fast else 1.0)
-    ctl.start()
-    if not ctl.wait_ready(15.0):
-        ctl.stop(2.0)
-        raise EdgeshipError(f"the rollout controller could not connect to the MQTT broker at {broker_url}")
-    return ctl
 
 
 def demo_gates(settings: DemoSettings) -> list[str]:

@@ -641,13 +641,20 @@ def decide(plan: Plan, results: Sequence[GateResult], *, now: float, stage_start
     held = [r.name for r in results if r.verdict == "hold"]
     if held:
         return Decision("wait", f"gates not yet passing: {', '.join(held)}")
-    if plan.on_insufficient == "wait":
-        short = [r.name for r in results if r.verdict == "insufficient"]
-        if short:
-            return Decision("wait", f"waiting for enough samples: {', '.join(short)}")
-    if plan.stage_index + 1 >= len(plan.stages):
-        return Decision("complete", "last stage soaked with every gate holding")
-    return Decision("promote", f"stage {plan.stage.percent:g}% soaked with every gate holding")
+    short = [r.name for r in results if r.verdict == "insufficient"]
+    if plan.on_insufficient == "wait" and short:
+        return Decision("wait", f"waiting for enough samples: {', '.join(short)}")
+    last = plan.stage_index + 1 >= len(plan.stages)
+    what = "last stage soaked" if last else f"stage {plan.stage.percent:g}% soaked"
+    if short:
+        # on_insufficient = promote: the soak ran out before the gates had samples. Say so
+        # plainly; "every gate holding" would claim evidence nobody saw.
+        how = "completed" if last else "promoted"
+        why = (f"{what}; {how} without evidence: {len(short)} of {len(results)} gates had too few samples "
+               f"({', '.join(short)})")
+    else:
+        why = f"{what} with every gate holding"
+    return Decision("complete" if last else "promote", why)
 
 
 # ----------------------------------------------------------------- device health (pure)

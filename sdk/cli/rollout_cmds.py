@@ -20,7 +20,7 @@ import time
 
 import click
 
-from ._common import EdgeshipGroup, broker_option, broker_or_embedded, db_option, fleet_option
+from ._common import EdgeshipGroup, broker_option, db_option, fleet_option
 
 __all__ = ["rollout", "serve"]
 
@@ -43,27 +43,17 @@ def _who() -> str:
 @contextlib.contextmanager
 def _controller(db_url, broker, fleet, key_path, *, loop: bool = False, serve_host="127.0.0.1", serve_port=0,
                 collect: bool = False, quiet: bool = False):
-    from ..fleet.controller import RolloutController
-    from ..fleet.db import FleetDB
+    from ..fleet.stack import FleetStack
 
-    with FleetDB.open(db_url) as db, contextlib.ExitStack() as stack:
-        url = broker
-        if loop and not broker:
-            url = stack.enter_context(broker_or_embedded(None, quiet=quiet))
-        if collect and url:
-            from ..fleet.collector import Collector
+    def said(url: str) -> None:
+        if not quiet:
+            click.echo(f"embedded MQTT broker on {url} (pass --broker to use a real one)", err=True)
 
-            stack.enter_context(Collector(db, url, fleet))
-        ctl = RolloutController(db, url, fleet, signing_key=key_path, serve_host=serve_host, serve_port=serve_port)
-        if loop:
-            ctl.start()
-        elif ctl.link is not None:
-            ctl.link.start()
-            ctl.wait_ready(5.0)
-        try:
-            yield ctl
-        finally:
-            ctl.stop(5.0)
+    # A looping controller without --broker gets an embedded broker; one command without one only stores.
+    with FleetStack(db_url, broker_url=broker, fleet=fleet, embedded_broker=loop, on_embedded=said,
+                    collect=collect, controller="loop" if loop else "link", signing_key=key_path,
+                    serve_host=serve_host, serve_port=serve_port) as stack:
+        yield stack.controller
 
 
 def _print_status(st: dict, as_json: bool) -> None:

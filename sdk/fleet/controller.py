@@ -43,7 +43,7 @@ from .. import protocol
 from .. import rollout as ro
 from ..errors import ConfigError, EdgeshipError, PackageError, RolloutError
 from ..lifecycle import STOP_TIMEOUT_S, Loop
-from ..metrics import Histogram
+from .figures import count_device_states, feedback_counts, window_body, window_histogram
 
 __all__ = ["RolloutController"]
 
@@ -459,6 +459,11 @@ class RolloutController(Loop):
             self.db.rollout_add_gate_eval(row["rollout_id"], now, plan.stage_index, [r.to_dict() for r in results])
         if ok and d.action == "abort":
             log.warning("rollout %s aborted: %s", row["rollout_id"], d.reason)
+        if ok and not forced:
+            # The controller's own decisions go to the audit log like an operator's commands:
+            # an automatic abort is the entry someone reading the log looks for first.
+            # (A forced promote is audited by promote(), with the operator's name.)
+            self._audit(who, f"rollout.{d.action}", row["rollout_id"], d.reason)
         return ok
 
     def _record(self, row: dict, plan: ro.Plan, results: Sequence[ro.GateResult], now: float) -> None:
@@ -482,9 +487,10 @@ class RolloutController(Loop):
     # ------------------------------------------------------------ figures and status
     def _status(self, row: dict, plan: ro.Plan, now: float) -> tuple[dict, list[ro.GateResult]]:
         devices = {d["device"]: d for d in self._fleet_devices()}
-        latest: dict[str, dict] = {}
-        for r in self.db.rollout_reports(plan.rollout_id):
-            latest[r["device"]] = r  # oldest first: the last one wins
+        counted = count_device_states(devices, self.db.rollout_reports(plan.rollout_id),
+                                      in_target=lambda dev: ro.in_stage(ro.bucket(dev, plan.salt), plan.target_percent))
+        per_state, failures, pinned, latest = (counted["per_state"], counted["failures"], counted["pinned"],
+                                               counted["latest"])
         events = self.db.rollout_events(plan.rollout_id)
         incl = []  # (ts, percent published from then on)
         for e in events:
@@ -494,25 +500,11 @@ class RolloutController(Loop):
                 p = None
             if p is not None:
                 incl.append((e["ts"], float(p)))
-        per_state: dict[str, int] = {}
-        failures: dict[str, int] = {}
-        pinned = [d for d, r in latest.items() if (r.get("reason") or "").startswith("pinned")]
         timed_out = []
         for dev, info in devices.items():
             r = latest.get(dev)
             if dev in pinned:
-                per_state["pinned"] = per_state.get("pinned", 0) + 1
                 continue
-            if r is None:
-                b = ro.bucket(dev, plan.salt)
-                key = "pending" if ro.in_stage(b, plan.target_percent) else "not_targeted"
-                per_state[key] = per_state.get(key, 0) + 1
-            else:
-                per_state[r["state"]] = per_state.get(r["state"], 0) + 1
-                if r["state"] == "failed":
-                    # "phase: ErrorType" (e.g. "download: IntegrityError"): counts by kind, not by message
-                    reason = ":".join((r.get("reason") or "unknown").split(":")[:2]).strip()[:80]
-                    failures[reason] = failures.get(reason, 0) + 1
             if info.get("online") and (r is None or r["state"] not in _DONE_DEVICE_STATES):
                 b = ro.bucket(dev, plan.salt)
                 if ro.in_stage(b, plan.percent):
@@ -556,8 +548,6 @@ class RolloutController(Loop):
         return status, results
 
     def _cohorts(self, plan: ro.Plan, fleet_devices: set, pinned: set) -> tuple[ro.CohortFigures, ro.CohortFigures]:
-        from .report import is_negative
-
         since = plan.created
         ver = plan.package.version
         acc = {k: {"inf": 0, "err": 0, "neg": 0, "fb": 0, "hist": None, "metrics": {}, "classes": {}}
@@ -570,19 +560,15 @@ class RolloutController(Loop):
             a = acc["canary" if r["model_version"] == ver else "control"]
             a["inf"] += int(r["inferences"] or 0) + int(r["errors"] or 0)
             a["err"] += int(r["errors"] or 0)
-            try:
-                body = json.loads(r["body"]) if isinstance(r["body"], str) else (r["body"] or {})
-            except ValueError:
-                body = {}
-            hd = (body.get("latency_ms") or {}).get("hist") if isinstance(body.get("latency_ms"), dict) else None
-            if isinstance(hd, dict):
+            body = window_body(r)
+            h = window_histogram(r, body)
+            if h is not None:
                 try:
-                    h = Histogram.from_dict(hd)
                     if a["hist"] is None:
                         a["hist"] = h
                     else:
                         a["hist"].merge(h)
-                except (KeyError, ValueError, TypeError):
+                except ValueError:
                     pass
             if want_classes and isinstance(body.get("classes"), dict):
                 for lbl, n in body["classes"].items():
@@ -593,11 +579,12 @@ class RolloutController(Loop):
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     a["metrics"].setdefault(k, []).append(float(v))
         for r in self.db.feedback(since=since):
-            if r["device"] not in fleet_devices or r["kind"] not in ("correct", "incorrect", "label"):
+            if r["device"] not in fleet_devices:
                 continue
             a = acc["canary" if r["model_version"] == ver else "control"]
-            a["fb"] += 1
-            a["neg"] += int(is_negative(r["kind"], r.get("value"), r.get("predicted")))
+            verdicts, negative = feedback_counts([r])
+            a["fb"] += verdicts
+            a["neg"] += negative
         out = []
         z = ro.z_for(0.95)
         for k in ("canary", "control"):

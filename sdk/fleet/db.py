@@ -525,29 +525,17 @@ class FleetDB:
         return self._rows("SELECT ts, who, action, target, outcome, remote FROM audit_log WHERE ts >= ? "
                           "ORDER BY ts DESC LIMIT ?", (since, int(limit)))
 
-    def console_devices(self, now: float, window_s: float) -> list[dict]:
-        """Every device with its figures over the last ``window_s``: one row each.
+    def console_devices(self) -> list[dict]:
+        """Every device with its latest telemetry message (``telemetry_body``, for its drift verdict).
 
-        ``p95_ms`` and ``telemetry_body`` are from the device's latest window;
-        inferences/errors and feedback counts are summed over the window.
-        ``feedback`` counts verdicts (correct/incorrect/label) and ``negative``
-        the incorrect ones and corrections, as :func:`edgeship.fleet.report.is_negative`
-        counts them when no prediction is stored.
+        The figures over a time window (inferences, p95, negative feedback) are
+        computed by :mod:`edgeship.fleet.figures` from :meth:`telemetry` and
+        :meth:`feedback` rows, the same way ``edgeship fleet report`` does.
         """
-        since = now - window_s
         return self._rows(
             "SELECT d.device, d.fleet, d.online, d.last_seen, d.model_name, d.model_version, d.agent_version, "
-            "t.inferences, t.errors, f.feedback, f.negative, "
-            "(SELECT p95_ms FROM telemetry x WHERE x.device = d.device ORDER BY x.ts DESC LIMIT 1) AS p95_ms, "
             "(SELECT body FROM telemetry x WHERE x.device = d.device ORDER BY x.ts DESC LIMIT 1) AS telemetry_body "
-            "FROM devices d "
-            "LEFT JOIN (SELECT device, SUM(inferences) AS inferences, SUM(errors) AS errors FROM telemetry "
-            "           WHERE ts >= ? GROUP BY device) t ON t.device = d.device "
-            "LEFT JOIN (SELECT device, COUNT(*) AS feedback, "
-            "           SUM(CASE WHEN kind IN ('incorrect', 'label') THEN 1 ELSE 0 END) AS negative FROM feedback "
-            "           WHERE ts >= ? AND kind IN ('correct', 'incorrect', 'label') GROUP BY device) f "
-            "           ON f.device = d.device "
-            "ORDER BY d.device", (since, since))
+            "FROM devices d ORDER BY d.device")
 
     def console_device_history(self, device: str, limit: int = 240) -> dict:
         """One device's latest telemetry windows (oldest first), rollout reports and feedback counts."""

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import DataError, EdgeshipError
 from ..metrics import Histogram
+from .figures import VERDICT_KINDS, error_rate, is_negative, negative_rate, rollout_device_states, window_histogram
 
 __all__ = ["parse_since", "is_negative", "summarize", "render_table", "plot_versions", "build_report",
            "Section", "Report", "export_feedback", "pick_bucket", "rollout_section"]
@@ -70,15 +71,6 @@ def pick_bucket(span_s: float, target_points: int = 48) -> float:
     return 7 * 86400.0
 
 
-def is_negative(kind: str, value: Any = None, predicted: Any = None) -> bool:
-    """Negative feedback: ``incorrect``, or a ``label`` that differs from the prediction."""
-    if kind == "incorrect":
-        return True
-    if kind == "label":
-        return predicted is None or str(value) != str(predicted)
-    return False
-
-
 def _version_key(row: dict) -> str:
     return row.get("model_version") or "(unknown)"
 
@@ -101,12 +93,11 @@ class VersionFigures:
 
     @property
     def error_rate(self) -> float | None:
-        n = self.inferences + self.errors
-        return self.errors / n if n else None
+        return error_rate(self.inferences, self.errors)
 
     @property
     def negative_rate(self) -> float | None:
-        return self.negative / self.verdicts if self.verdicts else None
+        return negative_rate(self.verdicts, self.negative)
 
     def p(self, q: float) -> float | None:
         return None if self.latency is None else self.latency.percentile(q)
@@ -139,19 +130,7 @@ def summarize(telemetry: Iterable[dict], feedback: Iterable[dict], *, bucket_s: 
         v.errors += int(r.get("errors") or 0)
         v.rejected += int(r.get("rejected") or 0)
         v.dropped += int(r.get("dropped") or 0)
-        h = None
-        body = r.get("body")
-        if isinstance(body, str):
-            try:
-                body = json.loads(body)
-            except ValueError:
-                body = None
-        hd = (body or {}).get("latency_ms", {}).get("hist") if isinstance(body, dict) else None
-        if isinstance(hd, dict):
-            try:
-                h = Histogram.from_dict(hd)
-            except (KeyError, ValueError, TypeError):
-                h = None
+        h = window_histogram(r)
         if h is not None:
             if v.latency is None:
                 v.latency = h.copy()
@@ -176,7 +155,7 @@ def summarize(telemetry: Iterable[dict], feedback: Iterable[dict], *, bucket_s: 
         v = by.setdefault(_version_key(r), VersionFigures(_version_key(r)))
         kind = r["kind"]
         v.feedback[kind] = v.feedback.get(kind, 0) + 1
-        if kind in ("correct", "incorrect", "label"):
+        if kind in VERDICT_KINDS:
             v.verdicts += 1
             if is_negative(kind, r.get("value"), r.get("predicted")):
                 v.negative += 1
@@ -498,12 +477,8 @@ def rollout_section(rollout_id: str) -> SectionFn:
             text = d.get("reason") or (f"{d['percent']:g}% published" if "percent" in d else detail)
             lines.append(f"  {rel(e['ts'])}  {e['kind']:<14} stage {e['stage_index'] + 1}  {text}"
                          + (f"  [{e['who']}]" if e["who"] and e["who"] != "controller" else ""))
-        latest: dict[str, dict] = {}
-        for r in reports:
-            latest[r["device"]] = r
-        per: dict[str, int] = {}
-        for r in latest.values():
-            per[r["state"]] = per.get(r["state"], 0) + 1
+        # The same count as `edgeship fleet rollout status` and the console's rollout page.
+        per = rollout_device_states(db, row)["per_state"]
         lines += ["", "devices: " + (", ".join(f"{k} {v}" for k, v in sorted(per.items())) or "none reported")]
         gates = status.get("gates") or (evals[-1]["results"] if evals else [])
         if gates:

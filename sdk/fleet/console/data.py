@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...errors import EdgeshipError, RolloutError
+from .. import figures
 from . import auth
 
 __all__ = ["ConsoleData", "QueryError", "parse_device_query", "filter_sort_devices", "DEVICE_SORT_KEYS",
@@ -258,7 +259,12 @@ class ConsoleData:
 
     # -------------------------------------------------------- devices
     def _device_rows(self) -> list[dict]:
-        return [device_row(r) for r in self.db.console_devices(now=self.clock(), window_s=self.window_s)]
+        # Figures over the online window, counted by edgeship.fleet.figures as the report counts them.
+        since = self.clock() - self.window_s
+        windows = _by_device(self.db.telemetry(since=since))
+        feedback = _by_device(self.db.feedback(since=since))
+        return [device_row(r, windows.get(r["device"], []), feedback.get(r["device"], []))
+                for r in self.db.console_devices()]
 
     def summary(self, rows: list[dict] | None = None) -> dict:
         rows = self._device_rows() if rows is None else rows
@@ -326,7 +332,7 @@ class ConsoleData:
     def rollout(self, rollout_id: str) -> dict | None:
         if len(rollout_id) > 128:
             return None
-        st = None
+        st = row = None
         try:
             # The status the running controller stores every tick: computing it
             # reads all telemetry since the rollout began, which a page load must
@@ -342,6 +348,12 @@ class ConsoleData:
                     st = saved
             if st is None and self.controller is not None:
                 st = self.controller.status(rollout_id)
+            elif st is not None and row is not None:
+                # Device reports keep coming after the last stored status (an aborted
+                # rollout's devices roll back; nothing re-stores it then): count them now,
+                # with the function `edgeship fleet rollout status` uses.
+                counted = figures.rollout_device_states(self.db, row)
+                st = {**st, "devices_per_state": counted["per_state"], "pinned": counted["pinned"]}
         except RolloutError:
             return None
         if st is None:
@@ -427,23 +439,36 @@ def drift_flagged(body: Any) -> bool:
     return False
 
 
-def device_row(r: dict) -> dict:
-    """A DB row of :meth:`FleetDB.console_devices` as the device list shows it."""
+def _by_device(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["device"], []).append(r)
+    return out
+
+
+def device_row(r: dict, windows: list[dict] = (), feedback: list[dict] = ()) -> dict:
+    """A device as the device list shows it (pure).
+
+    ``r``: a row of :meth:`FleetDB.console_devices`; ``windows`` and
+    ``feedback``: the device's telemetry and feedback rows in the online
+    window, oldest first. Every figure is the fleet library's
+    (:mod:`edgeship.fleet.figures`), the one ``edgeship fleet report`` prints.
+    """
     body = r.get("telemetry_body")
     try:
         parsed = json.loads(body) if isinstance(body, str) else None
     except ValueError:
         parsed = None
-    inf, err = r.get("inferences"), r.get("errors")
-    fb, neg = r.get("feedback"), r.get("negative")
+    inf = sum(int(w.get("inferences") or 0) for w in windows) if windows else None
+    err = sum(int(w.get("errors") or 0) for w in windows) if windows else None
+    verdicts, negative = figures.feedback_counts(feedback)
     return {
         "device": r["device"], "fleet": r.get("fleet"), "online": bool(r.get("online")),
         "last_seen": r.get("last_seen") or None, "model_name": r.get("model_name"),
         "model_version": r.get("model_version"), "agent_version": r.get("agent_version"),
-        "p95_ms": _num(r.get("p95_ms")), "inferences": inf,
-        # As the fleet report counts it: errors among all attempts.
-        "error_rate": (err / (inf + err)) if (inf or err) else None,
-        "negative_rate": (neg / fb) if fb else None, "feedback": fb or 0,
+        "p95_ms": _num(figures.latency_percentile(windows, 95)), "inferences": inf,
+        "error_rate": figures.error_rate(inf, err),
+        "negative_rate": figures.negative_rate(verdicts, negative), "feedback": verdicts,
         "drift": drift_flagged(parsed),
     }
 
@@ -451,33 +476,23 @@ def device_row(r: dict) -> dict:
 def shape_feedback(rows: list[dict], latest: list[dict], bucket_s: float | None, model: str) -> dict:
     """Per-version counts and negative rate (the report's own figures), series per version, latest samples."""
     from ...protocol import FEEDBACK_KINDS
-    from ..report import is_negative, pick_bucket, summarize
+    from ..report import pick_bucket, summarize
 
     summary = summarize([], rows, bucket_s=bucket_s)
     bucket = float(bucket_s or summary["bucket_s"] or pick_bucket(1.0))
     versions = [{"version": v.version, "counts": dict(v.feedback), "total": sum(v.feedback.values()),
                  "verdicts": v.verdicts, "negative_rate": v.negative_rate} for v in summary["versions"]]
-    per: dict[str, dict[int, list[int]]] = {}
+    per: dict[str, dict[int, list[dict]]] = {}
     for r in rows:
-        v = r.get("model_version") or "(unknown)"
-        b = int(r["ts"] // bucket)
-        cell = per.setdefault(v, {}).setdefault(b, [0, 0, 0])  # all, verdicts, negative
-        cell[0] += 1
-        if r["kind"] in ("correct", "incorrect", "label"):
-            cell[1] += 1
-            value = r.get("value")
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except ValueError:
-                    pass
-            cell[2] += int(is_negative(r["kind"], value, r.get("predicted")))
+        per.setdefault(r.get("model_version") or "(unknown)", {}).setdefault(int(r["ts"] // bucket), []).append(r)
     rate_series, count_series = [], []
     for v in sorted(per):
         cells = sorted(per[v].items())
+        counts = [figures.feedback_counts(c) for _, c in cells]
         # Plotted at the bucket's end: the figure "as of" that time.
-        rate_series.append({"name": v, "points": [[(b + 1) * bucket, (c[2] / c[1]) if c[1] else None] for b, c in cells]})
-        count_series.append({"name": v, "points": [[(b + 1) * bucket, c[0]] for b, c in cells]})
+        rate_series.append({"name": v, "points": [[(b + 1) * bucket, figures.negative_rate(*n)]
+                                                  for (b, _), n in zip(cells, counts)]})
+        count_series.append({"name": v, "points": [[(b + 1) * bucket, len(c)] for b, c in cells]})
     samples = []
     for r in latest:
         value = r.get("label") or r.get("value")

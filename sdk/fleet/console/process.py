@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
 
 from ...errors import ConfigError, EdgeshipError
 from .config import ConsoleConfig, load_console_config
@@ -35,7 +34,7 @@ class FleetConsole:
         self.packages_dir = Path(packages_dir) if packages_dir else None
         self.signing_key = signing_key
         self._own_db = own_db
-        self._parts: list[Any] = []  # started parts, stopped in reverse order
+        self._stack = None  # edgeship.fleet.stack.FleetStack: collector, controller, package server
         self.collector = None
         self.controller = None
         self.package_server = None
@@ -60,60 +59,37 @@ class FleetConsole:
         return self.server.url if self.server is not None else ""
 
     def start(self) -> "FleetConsole":
+        from ..stack import FleetStack
         from .app import create_app
         from .data import ConsoleData
         from .server import ConsoleServer
 
+        # The same assembly `edgeship fleet rollout run` and the demo use; the DB stays ours.
+        self._stack = FleetStack(self.db, broker_url=self.broker, fleet=self.fleet, collect=bool(self.broker),
+                                 packages_dir=self.packages_dir, package_host=self.host or self.config.host,
+                                 controller="loop" if self.broker else None, signing_key=self.signing_key,
+                                 serve_host=self.host or self.config.host)
         try:
-            package_url = None
-            if self.packages_dir is not None:
-                self.package_server = self._start_package_server()
-                package_url = getattr(self.package_server, "url", None)
-            if self.broker:
-                from ..collector import Collector
-
-                self.collector = Collector(self.db, self.broker, self.fleet).start()
-                self._parts.append(self.collector)
-                self.controller = self._start_controller(package_url)
+            self._stack.start()
+            self.collector, self.controller = self._stack.collector, self._stack.controller
+            self.package_server = self._stack.package_server
             data = ConsoleData(self.db, controller=self.controller, packages_dir=self.packages_dir,
-                               package_url=package_url)
-            self.server = ConsoleServer(create_app(self.config, data), self.config, host=self.host, port=self.port)
-            self.server.start()
-            self._parts.append(self.server)
+                               package_url=self._stack.package_url)
+            server = ConsoleServer(create_app(self.config, data), self.config, host=self.host, port=self.port)
+            self.server = server.start()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start_package_server(self):
-        try:
-            from ..server import PackageServer
-        except ImportError as exc:
-            raise ConfigError("--serve-packages needs edgeship.fleet.server, which this install lacks") from exc
-        srv = PackageServer(self.packages_dir, host=self.host or self.config.host, port=0)
-        srv.start()
-        self._parts.append(srv)
-        return srv
-
-    def _start_controller(self, package_url: str | None):
-        try:
-            from ..controller import RolloutController
-        except ImportError:
-            log.warning("console: no rollout controller in this install; rollouts are read-only")
-            return None
-        ctl = RolloutController(self.db, self.broker, self.fleet, signing_key=self.signing_key,
-                                package_base_url=package_url, serve_host=self.host or self.config.host)
-        ctl.start()
-        self._parts.append(ctl)
-        return ctl
-
     def stop(self, timeout: float = 5.0) -> None:
-        while self._parts:
-            part = self._parts.pop()
+        if self.server is not None:
             try:
-                part.stop(timeout)
+                self.server.stop(timeout)  # first: no request reaches parts already stopped
             except EdgeshipError as exc:  # keep stopping the others
-                log.warning("console: stopping %s: %s", type(part).__name__, exc)
+                log.warning("console: stopping the web server: %s", exc)
+        if self._stack is not None:
+            self._stack.stop(timeout)
         if self._own_db and self.db is not None:
             self.db.close()
             self.db = None
