@@ -159,9 +159,9 @@ class Agent:
 
         With ``[mqtt] broker`` that is the fleet link (outbox, telemetry,
         state, feedback) and the rollout client, so ``agent.feedback(...)``
-        works; see :func:`edgeship.agent.runner_main.wire_components`.
+        works; see :func:`edgeship.agent.wiring.wire_components`.
         """
-        from .runner_main import wire_components  # noqa: PLC0415 - runner_main imports this module
+        from .wiring import wire_components  # noqa: PLC0415 - only what the config asks for
 
         agent = cls(load_config(path), **kwargs)
         wire_components(agent, agent.config)

@@ -45,14 +45,15 @@ FOLDERS = {"edgeship": ROOT / "sdk", "edgeship.converters": ROOT / "converters",
 
 # (group, rank, module names or package prefixes ending in ".")
 LAYERS = [
-    ("foundation", 0, ["edgeship", "edgeship.errors", "edgeship._version", "edgeship._files", "edgeship.metrics"]),
+    ("foundation", 0, ["edgeship", "edgeship.errors", "edgeship._version", "edgeship._files", "edgeship.metrics",
+                      "edgeship.lifecycle"]),
     ("contracts", 1, ["edgeship.tensorspec", "edgeship.preprocess", "edgeship.signing", "edgeship.protocol",
                       "edgeship.mqtt", "edgeship.drift", "edgeship.rollout"]),
     ("model", 2, ["edgeship.package", "edgeship.runtime", "edgeship.runtime."]),
     ("converters", 3, ["edgeship.converters", "edgeship.converters."]),
     ("agent", 3, ["edgeship.agent", "edgeship.agent."]),
     ("fleet", 3, ["edgeship.fleet", "edgeship.fleet."]),
-    ("app", 4, ["edgeship.cli", "edgeship.cli.", "edgeship.demo"]),
+    ("app", 4, ["edgeship.cli", "edgeship.cli.", "edgeship.demo", "edgeship.demo_data", "edgeship.demo_data."]),
 ]
 
 
