@@ -53,7 +53,7 @@ from ..errors import ConfigError, EdgeshipError, InputError, OverloadError
 from ..metrics import Histogram
 from .api_input import parse_infer, parse_json, strict_json
 
-__all__ = ["ApiServer", "prometheus_text"]
+__all__ = ["ApiServer", "prometheus_text", "read_token"]
 
 log = logging.getLogger("edgeship.agent.api")
 
@@ -173,6 +173,8 @@ class _Handler(BaseHTTPRequestHandler):
     # client's delayed ACK add ~40 ms to every keep-alive response.
     disable_nagle_algorithm = True
     _body_done = True
+    # What an answer needs before a request line was parsed (a 408 for a slow request line).
+    request_version, requestline, command = "HTTP/1.1", "", ""
 
     # -- plumbing ---------------------------------------------------------------
     def setup(self) -> None:
@@ -569,7 +571,7 @@ class _UnixServer(_Bounded, socketserver.UnixStreamServer):
         self.server_name, self.server_port = "unix", 0
 
 
-def _token(cfg) -> bytes | None:
+def read_token(cfg) -> bytes | None:
     """The configured API token (``[api] token`` or the first line of ``token_file``), or None."""
     if cfg.token and cfg.token_file:
         raise ConfigError("[api]: give token or token_file, not both")
@@ -601,7 +603,7 @@ class ApiServer:
 
     def start(self) -> "ApiServer":
         cfg = self.cfg
-        token = _token(cfg)
+        token = read_token(cfg)
         if cfg.unix_socket:
             srv = _UnixServer(cfg.unix_socket, _UnixHandler, bind_and_activate=False)
         else:

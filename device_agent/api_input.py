@@ -103,9 +103,12 @@ def _options(req: InferRequest, pairs: Mapping[str, Any], where: str, seen: dict
 def content_type(value: str | None) -> tuple[str, dict[str, str]]:
     """``'multipart/form-data; boundary="x"'`` -> ``('multipart/form-data', {'boundary': 'x'})``."""
     value = value or ""
-    mime = value.split(";", 1)[0].strip().lower()
-    params = {}
-    for m in _PARAM.finditer(value[len(value.split(";", 1)[0]):]):
+    head, sep, rest = value.partition(";")
+    mime = head.strip().lower()
+    params: dict[str, str] = {}
+    if not sep:
+        return mime, params
+    for m in _PARAM.finditer(";" + rest):
         v = m.group(2)
         if v.startswith('"'):
             v = re.sub(r"\\(.)", r"\1", v[1:-1])
@@ -264,10 +267,14 @@ def _no_constants(name: str):
     raise InputError(f"JSON contains {name}; send finite numbers (strict JSON has no NaN/Infinity)")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)  # built once: json.loads(..., parse_constant=) builds one per call
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def parse_json(body: bytes, what: str = "body") -> Any:
     """Strict JSON (no NaN/Infinity); too deep or malformed -> :class:`InputError` with one line."""
     try:
-        return json.loads(body, parse_constant=_no_constants)
+        return _DECODER.decode(body.decode("utf-8-sig") if isinstance(body, (bytes, bytearray)) else body)
     except RecursionError:
         raise InputError(f"{what}: JSON is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
@@ -381,8 +388,8 @@ def strict_json(obj: Any) -> bytes:
     "-Infinity" (``float()`` in Python and ``Number()`` in JavaScript read them back) and the
     result that held one (the answer, or its entry in ``"results"``) gets ``"nonfinite": true``."""
     try:
-        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+        return _ENCODER.encode(obj).encode()
     except ValueError:  # the rare path: only answers with NaN/inf pay for the walk
         if isinstance(obj, dict) and isinstance(obj.get("results"), list):
             obj = {**obj, "results": [_flagged(r) for r in obj["results"]]}
-        return json.dumps(_flagged(obj), separators=(",", ":"), allow_nan=False).encode()
+        return _ENCODER.encode(_flagged(obj)).encode()
