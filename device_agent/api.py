@@ -175,6 +175,9 @@ class _Handler(BaseHTTPRequestHandler):
     _body_done = True
     # What an answer needs before a request line was parsed (a 408 for a slow request line).
     request_version, requestline, command = "HTTP/1.1", "", ""
+    # http.server's default, HTTP/0.9, answers a garbled request line with a bare body and
+    # no status line; nobody speaks 0.9: answer it like HTTP/1.0.
+    default_request_version = "HTTP/1.0"
 
     # -- plumbing ---------------------------------------------------------------
     def setup(self) -> None:
