@@ -359,7 +359,7 @@ def _finite(v: Any) -> tuple[Any, bool]:
     if isinstance(v, float):
         if math.isfinite(v):
             return v, False
-        return ("NaN" if v != v else _NONFINITE[v]), True
+        return ("NaN" if math.isnan(v) else _NONFINITE[v]), True
     if isinstance(v, dict):
         out, changed = {}, False
         for k, x in v.items():

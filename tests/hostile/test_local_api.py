@@ -206,6 +206,8 @@ def test_hostile_request_is_answered_and_the_api_keeps_serving(agent, case, buil
     assert got == status, (case, body)
     assert isinstance(body, dict) and word.lower() in body["error"].lower(), (case, body)
     assert "\n" not in body["error"] and len(body["error"]) <= 500
+    assert headers["content-type"] == "application/json"
+    assert {401: "www-authenticate", 405: "allow"}.get(status, "content-length") in headers
     assert serves(agent)
 
 
