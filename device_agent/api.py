@@ -20,7 +20,8 @@ What a hostile or broken client meets (each bounded before any work):
   (counter ``api_busy``); the listen backlog is ``backlog``;
 * a request must arrive whole within ``read_timeout_s`` of its first byte
   (slowloris: 408, counter ``api_timeouts``), an idle keep-alive connection
-  is closed after ``read_timeout_s``;
+  is closed after ``read_timeout_s``, and so is one whose client stops
+  reading our answer (a watchdog on the accept loop's tick, see ``_Conn``);
 * ``Content-Length`` must be one plain non-negative integer within
   ``max_body_bytes`` (413 otherwise, before reading); chunked bodies are
   counted while read and cut at the same limit;
@@ -43,6 +44,7 @@ import logging
 import os
 import socket
 import socketserver
+import sys
 import threading
 import time
 import urllib.parse
@@ -570,8 +572,6 @@ class _Bounded:
 
     def handle_error(self, request, client_address) -> None:
         """Anything a connection raised that the handler did not answer: one line, counted, no traceback."""
-        import sys  # noqa: PLC0415
-
         exc = sys.exc_info()[1]
         who = client_address[0] if isinstance(client_address, tuple) else "unix"
         self.dropped(who, exc if exc is not None else RuntimeError("unknown"))
