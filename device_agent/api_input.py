@@ -189,7 +189,8 @@ def decode_image_bytes(data: bytes, color: str | None = None, what: str = "image
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - decoders of untrusted bytes raise many types; all mean "bad image"
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        reason = ("not an image of a known format" if isinstance(exc, Image.UnidentifiedImageError)
+                  else " ".join(str(exc).split())[:160] or type(exc).__name__)
         raise InputError(f"{what}: cannot decode the image ({reason}); send PNG, JPEG, BMP, GIF, WebP or PPM") from None
 
 
