@@ -332,3 +332,22 @@ def wait_readable(s, timeout):
     import select
 
     return bool(select.select([s], [], [], timeout)[0])
+
+
+def test_client_that_never_reads_its_answers_is_cut(agent):
+    """Pipelined requests whose answers are never read: the server's send blocks; the watchdog cuts it."""
+    before = agent.metrics.counters["api_dropped"]
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    s.settimeout(10)
+    s.connect(("127.0.0.1", agent.api.port))
+    t0 = time.monotonic()
+    try:
+        try:
+            s.sendall(req("GET", "/v1/health", length=False) * 20_000)  # MBs of answers, never read
+        except OSError:
+            pass  # the server cut the connection while we were still sending
+        assert wait_until(lambda: agent.metrics.counters["api_dropped"] == before + 1, 10)
+    finally:
+        s.close()
+    assert time.monotonic() - t0 < 12 and serves(agent)
