@@ -128,6 +128,13 @@ class ApiSection:
     unix_socket: str | None = None
     max_body_bytes: int = _opt(16 * 2**20, _at_least(1))
     timeout_s: float = _opt(10.0, _positive)
+    # Hardening, see docs/http-api.md (device_agent/api.py reads these).
+    token: str | None = None  # clients send "Authorization: Bearer <token>"
+    token_file: str | None = None  # or read the token from this file (one line)
+    max_connections: int = _opt(32, _at_least(1))  # handler threads; beyond: 503 + Retry-After
+    backlog: int = _opt(128, _at_least(1))  # listen queue
+    read_timeout_s: float = _opt(10.0, _positive)  # a request must arrive whole within this; idle keep-alive too
+    max_batch: int = _opt(256, _at_least(1))  # samples in one request
 
 
 @dataclass(frozen=True)
@@ -419,6 +426,9 @@ enabled = true                    # POST /v1/infer, POST /v1/feedback, GET /v1/h
 host = "127.0.0.1"
 port = 8765
 # unix_socket = "/run/edgeship/agent.sock"
+# token_file = "/etc/edgeship/api-token"   # require "Authorization: Bearer <token>" (or token = "...")
+max_connections = 32              # concurrent connections (threads); beyond: 503 + Retry-After
+read_timeout_s = 10               # a request must arrive whole within this (slow clients get 408)
 
 [mqtt]
 # broker = "mqtts://fleet.example.com:8883"

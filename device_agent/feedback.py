@@ -295,8 +295,10 @@ class FeedbackManager:
         return msg
 
 
-def send_feedback(api: str, prediction_id: str, kind: str, value: Any = None, timeout: float = 10.0) -> dict:
-    """POST one feedback to a running agent's local API (``http://host:port`` or ``unix:/path``).
+def send_feedback(api: str, prediction_id: str, kind: str, value: Any = None, timeout: float = 10.0,
+                  token: str | None = None) -> dict:
+    """POST one feedback to a running agent's local API (``http://host:port`` or ``unix:/path``;
+    ``token``: its ``[api] token``, sent as ``Authorization: Bearer``).
 
     What ``edgeship agent feedback`` calls. Returns the API's JSON answer;
     a refusal becomes an InputError / TransportError with the agent's message.
@@ -326,7 +328,8 @@ def send_feedback(api: str, prediction_id: str, kind: str, value: Any = None, ti
             raise InputError(f"agent API {api!r} must look like http://127.0.0.1:8765 or unix:/path/to/socket")
         conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
     try:
-        conn.request("POST", "/v1/feedback", body=body, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+        conn.request("POST", "/v1/feedback", body=body, headers=headers)
         resp = conn.getresponse()
         data = resp.read()
     except OSError as exc:

@@ -87,7 +87,7 @@ def bench(package: str, as_json: bool, threads: int | None, backend: str | None,
 @click.option("--rating", type=float, default=None, help="A numeric rating.")
 @click.option("--comment", default=None, help="Free text.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="The agent's TOML config: its [api] address is used.")
+              help="The agent's TOML config: its [api] address (and token) is used.")
 @click.option("--api", default=None, envvar="EDGESHIP_AGENT_API",
               help="The agent's local API: http://127.0.0.1:8765 (default) or unix:/path/to/socket.")
 def feedback_cmd(prediction_id, kind, label, rating, comment, config_path, api) -> None:
@@ -100,12 +100,16 @@ def feedback_cmd(prediction_id, kind, label, rating, comment, config_path, api) 
         given.insert(0, (kind, None))
     if len(given) != 1:
         raise InputError("give exactly one of --correct, --incorrect, --label L, --rating N, --comment TEXT")
-    if api is None and config_path:
+    token = None
+    if config_path:
+        from ..agent.api import read_token
         from ..agent.config import load_config
 
         a = load_config(config_path).api
-        api = f"unix:{a.unix_socket}" if a.unix_socket else f"http://{a.host}:{a.port}"
-    out = send_feedback(api or "http://127.0.0.1:8765", prediction_id, *given[0])
+        token = read_token(a)
+        if api is None:
+            api = f"unix:{a.unix_socket}" if a.unix_socket else f"http://{a.host}:{a.port}"
+    out = send_feedback(api or "http://127.0.0.1:8765", prediction_id, *given[0], token=token.decode() if token else None)
     click.echo(f"feedback stored (msg_id {out.get('msg_id')})")
 
 
