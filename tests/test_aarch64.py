@@ -39,7 +39,15 @@ pytestmark = [pytest.mark.aarch64, pytest.mark.network, pytest.mark.slow]
 
 
 def _ci(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen([str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not the SIGKILL subprocess.run sends: the script then unmounts and removes its chroot.
+        proc.terminate()
+        out, err = proc.communicate(timeout=120)
+        raise AssertionError(f".ci/aarch64 {' '.join(args)} took over {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _prepare_job(job: Path) -> None:
