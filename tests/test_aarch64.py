@@ -50,13 +50,30 @@ def _ci(*args: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def _source_copy(dest: Path) -> Path:
+    """The checkout's files as git sees them (tracked, or new and not ignored). pip builds a wheel
+    in the tree it is given, and setuptools' build/ there keeps modules that were since deleted."""
+    listing = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "-co", "--exclude-standard"],
+                             capture_output=True, timeout=60)
+    if listing.returncode != 0:  # not a git checkout (an unpacked sdist): copy all but build output
+        shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info",
+                                                                  "__pycache__"))
+        return dest
+    for name in filter(None, listing.stdout.decode().split("\0")):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
 def _prepare_job(job: Path) -> None:
     """The wheel, the package, the inputs and the agent config: what a workstation ships to a Pi."""
     from edgeship import package
     from edgeship.runtime import load
 
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(ROOT), "-w", str(job / "dist")],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(_source_copy(job / "src")),
+                           "-w", str(job / "dist")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     models = job / "models"
     onnx_path = make_mlp_onnx(models / "mlp.onnx")
