@@ -17,7 +17,9 @@ from edgeship.agent.service import ServiceSpec, install_service, render_unit
 from edgeship.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-PI_PLATFORMS = ["manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64"]
+# Every manylinux tag Bookworm's glibc 2.36 accepts: pip download takes --platform literally, and a
+# list with gaps hid ai-edge-litert 2.x (manylinux_2_27) and resolved the old 1.4.0 instead.
+PI_PLATFORMS = ["manylinux2014_aarch64"] + [f"manylinux_2_{minor}_aarch64" for minor in range(17, 37)]
 
 
 def _extra(name: str) -> list[str]:
