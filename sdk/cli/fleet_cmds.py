@@ -83,6 +83,7 @@ def collect(broker, db_url, fleet, share_group, client_id, protocol_version, dur
             deadline = None if duration is None else time.monotonic() + duration
             last = time.monotonic()
             while not stop.wait(0.5):
+                col.check()  # a collector that gave up stops the process non-zero, never silently
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 if not quiet and time.monotonic() - last >= 10:
