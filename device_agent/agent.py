@@ -79,6 +79,7 @@ from ..metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Counters, Histogram
 from .batcher import BatchPolicy, MicroBatcher, Packer, Segment, Work
 from .cache import ResultCache, input_key, row_keys
 from .config import AgentConfig, load_config, parse_config
+from .disk import disk_state
 from .preprocessing import BlockPreprocessor
 from .results import Result, ResultBatch, classify, label_name, _top
 from .sinks import Sink, make_sink
@@ -891,6 +892,11 @@ class Agent:
         status = "ok" if self._state == "running" else self._state
         if status == "ok" and (b is None or not b.alive or any(s["state"] in ("stalled", "failed") for s in sources)):
             status = "degraded"
+        # A full state disk loses feedback and telemetry: say so (issue 17.19).
+        disk = disk_state(self.config.agent.state_dir, write_error=next(
+            (e for e in (getattr(c, "disk_error", None) for c in self.components) if e), None))
+        if disk["full"] and status == "ok":
+            status = "degraded"
         out = {
             "status": status,
             "device": self.config.agent.device_id,
@@ -904,6 +910,7 @@ class Agent:
             "sources": sources,
             "counters": self.metrics.counters.snapshot(),
             "recent_rejects": list(self.metrics.recent_rejects[-5:]),
+            "disk": disk,
         }
         if self.cache is not None:
             out["cache"] = self.cache.stats()
