@@ -203,7 +203,11 @@ def parse_message(topic_name: str, payload: bytes, *, received: float | None = N
         raise MessageError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte limit")
     kind, fleet, ident = parse_topic(topic_name)
     try:
-        body = json.loads(payload, parse_constant=_reject_constant)
+        # Strict UTF-8 (RFC 8259): json.loads(bytes) would also take UTF-16, a BOM and encoded
+        # lone surrogates, which no agent sends and no database stores.
+        body = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        if b"\\u" in payload and _has_lone_surrogate(body):
+            raise ValueError("a \\u escape makes a lone surrogate, which is not Unicode text")
     except (ValueError, UnicodeDecodeError) as exc:
         raise MessageError(f"payload is not valid JSON: {str(exc)[:200]}") from exc
     except RecursionError as exc:  # the C decoder recurses once per level
@@ -265,6 +269,14 @@ def check_bounds(kind: str, body: dict[str, Any], *, received: float | None = No
     if skew.past_s is not None and kind != "state" and body["ts"] < received - skew.past_s:
         raise MessageError(f"field 'ts' is {received - body['ts']:.0f} s before the receive time "
                            f"(more than the {skew.past_s:.0f} s allowed)", reason="old_ts")
+
+
+def _has_lone_surrogate(body: Any) -> bool:
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _reject_constant(name: str) -> None:

@@ -362,9 +362,9 @@ def test_oversized_signature_is_refused_before_it_is_read(assets, pkg, tmp_path)
 
 
 def test_member_read_is_bounded_by_the_manifest_size(assets, pkg, tmp_path):
-    from hostile.zipcraft import lie_about_size
-
     import shutil
+
+    from hostile.zipcraft import lie_about_size
 
     p = P.open_package(pkg)
     name = next(n for n in p.files if not n.endswith((".onnx", ".tflite")))  # labels, report or example input
