@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import stat
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -15,7 +16,8 @@ def members(src: Path) -> list[tuple[zipfile.ZipInfo, bytes]]:
 def rewrite(src: Path, dst: Path, *, replace=None, drop=(), add=None, order=None) -> Path:
     """Copy a zip member by member, replacing/dropping/adding members (``add`` may repeat a name)."""
     replace = replace or {}
-    with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Duplicate name", UserWarning)  # duplicates are the point
         for info, data in members(src):
             if info.filename in drop:
                 continue
@@ -69,6 +71,11 @@ def symlink_entry(name: str, target: str = "/etc/passwd") -> zipfile.ZipInfo:
     info.create_system = 3  # unix
     info.external_attr = (stat.S_IFLNK | 0o777) << 16
     return info
+
+
+def write(dst: Path, data: bytes) -> Path:
+    dst.write_bytes(data)
+    return dst
 
 
 def truncate(src: Path, dst: Path, keep: float) -> Path:
