@@ -55,6 +55,10 @@ def _flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
 
 
+def _truncated(keep: float):
+    return lambda p, k, t: Z.truncate(p, t / "h.edgepkg", keep)
+
+
 # Each builder: (good package, its signing key path, tmp dir) -> hostile package path.
 def _m(edit):
     def build(pkg, key, tmp):
@@ -151,8 +155,7 @@ CASES = [
     ("no-manifest", lambda p, k, t: Z.rewrite(p, t / "h.edgepkg", drop=(P.MANIFEST,)), PackageFormatError,
      "no manifest"),
     # --- not a zip / truncated
-    *[(f"truncated-{int(f * 100)}", (lambda f: lambda p, k, t: Z.truncate(p, t / "h.edgepkg", f))(f),
-       PackageFormatError, "") for f in (0.1, 0.5, 0.9, 0.999)],
+    *[(f"truncated-{int(f * 100)}", _truncated(f), PackageFormatError, "") for f in (0.1, 0.5, 0.9, 0.999)],
     ("empty-file", lambda p, k, t: Z.write(t / "h.edgepkg", b""), PackageFormatError, "not a valid"),
     ("random-bytes", lambda p, k, t: Z.write(t / "h.edgepkg", os.urandom(5000)), PackageFormatError, "not a valid"),
     ("zip-header-only", lambda p, k, t: Z.write(t / "h.edgepkg", b"PK\x05\x06" + b"\0" * 18), PackageFormatError,
