@@ -205,7 +205,8 @@ def parse_message(topic_name: str, payload: bytes, *, received: float | None = N
     try:
         # Strict UTF-8 (RFC 8259): json.loads(bytes) would also take UTF-16, a BOM and encoded
         # lone surrogates, which no agent sends and no database stores.
-        body = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        body = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant, parse_int=_bounded_int,
+                          parse_float=_bounded_float)
         if b"\\u" in payload and _has_lone_surrogate(body):
             raise ValueError("a \\u escape makes a lone surrogate, which is not Unicode text")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -215,7 +216,9 @@ def parse_message(topic_name: str, payload: bytes, *, received: float | None = N
     if not isinstance(body, dict):
         raise MessageError("payload is not a JSON object")
     _validate(kind, body)
-    check_bounds(kind, body, received=received, skew=skew)
+    # Numbers were bounded while decoding; nesting needs a walk only if there are brackets enough.
+    check_bounds(kind, body, received=received, skew=skew,
+                 walk=payload.count(b"[") + payload.count(b"{") > MAX_DEPTH)
     if kind == "plan":
         if body.get("rollout_id", ident) != ident:
             raise MessageError(f"rollout_id {body.get('rollout_id')!r} does not match topic {ident!r}")
@@ -226,7 +229,7 @@ def parse_message(topic_name: str, payload: bytes, *, received: float | None = N
 
 
 def check_bounds(kind: str, body: dict[str, Any], *, received: float | None = None,
-                 skew: Skew | None = None) -> None:
+                 skew: Skew | None = None, walk: bool = True) -> None:
     """Refuse values no agent sends and the fleet side cannot store or sum (pure; MessageError).
 
     Every value: nesting at most :data:`MAX_DEPTH`, every number finite and within
@@ -235,9 +238,13 @@ def check_bounds(kind: str, body: dict[str, Any], *, received: float | None = No
     ``started_at`` at most ``skew.future_s`` ahead of it, and ``ts`` at most ``skew.past_s``
     behind it — except for retained ``state`` messages, which are old by design.
     Expects a body that passed :func:`_validate` (the envelope's fields exist with their types).
+
+    ``walk=False`` skips the walk over every value: :func:`parse_message` bounds each number
+    as it decodes it (the walk cost more than the rest of ingest) and walks only a payload with
+    enough brackets to nest too deep.
     """
     # Iterative walk: a recursive one would itself be the crash this guards against.
-    stack: list[tuple[Any, int]] = [(body, 1)]
+    stack: list[tuple[Any, int]] = [(body, 1)] if walk else []
     while stack:
         value, depth = stack.pop()
         if isinstance(value, (dict, list)):
@@ -247,8 +254,7 @@ def check_bounds(kind: str, body: dict[str, Any], *, received: float | None = No
             stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list, int, float)))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             if not (math.isfinite(value) and -MAX_NUMBER <= value <= MAX_NUMBER):
-                raise MessageError(f"a number in the payload is out of range (beyond ±2**53): {str(value)[:40]}",
-                                   reason="out_of_range")
+                raise _out_of_range(value)
     if kind == "telemetry":
         for k, v in body["counts"].items():
             if v > MAX_COUNT:
@@ -269,6 +275,25 @@ def check_bounds(kind: str, body: dict[str, Any], *, received: float | None = No
     if skew.past_s is not None and kind != "state" and body["ts"] < received - skew.past_s:
         raise MessageError(f"field 'ts' is {received - body['ts']:.0f} s before the receive time "
                            f"(more than the {skew.past_s:.0f} s allowed)", reason="old_ts")
+
+
+def _out_of_range(value: Any) -> MessageError:
+    return MessageError(f"a number in the payload is out of range (beyond ±2**53): {str(value)[:40]}",
+                        reason="out_of_range")
+
+
+def _bounded_int(text: str) -> int:
+    v = int(text)  # ValueError beyond 4300 digits (Python's own limit): malformed
+    if not -MAX_NUMBER <= v <= MAX_NUMBER:
+        raise _out_of_range(text)
+    return v
+
+
+def _bounded_float(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and -MAX_NUMBER <= v <= MAX_NUMBER):  # 1e400 decodes to inf
+        raise _out_of_range(text)
+    return v
 
 
 def _has_lone_surrogate(body: Any) -> bool:

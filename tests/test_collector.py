@@ -251,7 +251,8 @@ def test_poison_messages_are_dead_lettered_acked_and_ingestion_goes_on(mosquitto
             assert pub.publish(t, p).wait(10)
         good_t, good_p = enc("feedback", "d1", {"prediction_id": "after", "kind": "correct"})
         assert pub.publish(good_t, good_p).wait(10)
-        assert wait_until(lambda: col.stats()["stored"] >= 1, 15), col.stats()
+        settled = lambda s: s["stored"] + s["duplicates"] + s["rejected"] == s["received"]  # noqa: E731
+        assert wait_until(lambda: col.stats()["stored"] >= 1 and settled(col.stats()), 15), col.stats()
         s = col.stats()
         assert s["rejected"] == len(poison) and s["alive"] and s["crashes"] == 0
         dead = db.dead_letters(limit=50)
@@ -263,7 +264,7 @@ def test_poison_messages_are_dead_lettered_acked_and_ingestion_goes_on(mosquitto
         col = Collector(db, mosquitto.url, FLEET, client_id=cid, link_options=FAST).start()
         assert col.wait_ready(10)
         assert pub.publish(*enc("feedback", "d1", {"prediction_id": "later", "kind": "correct"})).wait(10)
-        assert wait_until(lambda: col.stats()["stored"] >= 1, 10)
+        assert wait_until(lambda: col.stats()["stored"] >= 1 and settled(col.stats()), 10)
         assert col.stats()["rejected"] == 0 and len(db.dead_letters(limit=50)) == len(poison)
     finally:
         pub.stop()
