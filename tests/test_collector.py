@@ -401,3 +401,19 @@ def test_migration_keeps_the_newest_verdict_of_existing_feedback(tmp_path):
     db = FleetDB.open(path)
     assert [r["kind"] for r in db.feedback()] == ["correct"]
     db.close()
+
+
+def test_cli_dead_letters_lists_refused_messages(tmp_path):
+    from conftest import run_cli
+
+    db_path = tmp_path / "f.sqlite"
+    db = FleetDB.open(db_path)
+    col = Collector(db, "mqtt://127.0.0.1:1", FLEET, client_id="offline")
+    t = protocol.device_topic(FLEET, "d1", "telemetry")
+    col.process([Inbound(t, b"[" * 120_000, 1, False, 1), Inbound(t, b"\xff junk", 1, False, 2)])
+    db.close()
+    out = run_cli("fleet", "dead-letters", "--db", str(db_path)).stdout
+    assert "refused by reason: malformed 1, too_deep 1" in out and "nested deeper than 32" in out
+    js = json.loads(run_cli("fleet", "dead-letters", "--db", str(db_path), "--json", "--reason", "malformed").stdout)
+    assert js["counts"] == {"malformed": 1, "too_deep": 1} and len(js["dead_letters"]) == 1
+    assert run_cli("fleet", "dead-letters", "--db", str(tmp_path / "empty.sqlite")).stdout.startswith("no dead letters")
