@@ -337,6 +337,18 @@ def test_loop_failure_restarts_with_the_same_batch(mosquitto, tmp_path):
         db.close()
 
 
+def test_loop_that_keeps_failing_keeps_restarting_by_default(tmp_path):
+    db = FleetDB.open(tmp_path / "f.sqlite")
+    col = Collector(db, _GetAlwaysFails("mqtt://127.0.0.1:1"), FLEET).start()
+    try:
+        assert wait_until(lambda: col.stats()["crashes"] >= 3, 10)
+        assert col.alive and col.stats()["error"] is None
+        col.check()
+    finally:
+        col.stop()
+        db.close()
+
+
 def test_loop_that_keeps_failing_gives_up_loudly(tmp_path):
     from edgeship.fleet.collector import CollectorError
 

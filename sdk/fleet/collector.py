@@ -23,9 +23,12 @@ redelivered after every restart and stop it again.
 
 Only a DB that is unavailable (locked, disk, connection) holds a batch back:
 it is retried, unacknowledged. If the loop itself fails (a bug, a broken
-link), it restarts with the same batch; after ``max_crashes`` in a minute it
-gives up, and :meth:`Collector.check` raises so the process running it exits
-non-zero instead of sitting silently.
+link), it restarts with the same batch after a growing pause (0.5 s doubling
+to 30 s, each logged). With ``max_crashes`` set (``edgeship fleet collect``
+sets 5), more failures than that within a minute stop it for good and
+:meth:`Collector.check` raises, so the process exits non-zero for its
+supervisor to restart instead of sitting silently; without it (the console's
+and the demo's in-process collector) it keeps restarting.
 """
 from __future__ import annotations
 
@@ -83,7 +86,8 @@ class Collector:
     def __init__(self, db: Any, link_or_broker_url: MqttLink | str, fleet: str, share_group: str | None = None, *,
                  client_id: str | None = None, batch_max: int = 500, batch_wait_s: float = 0.05,
                  protocol_version: str = "3.1.1", link_options: LinkOptions | None = None,
-                 skew: protocol.Skew | None = None, max_crashes: int = 5, max_dead_letters: int = 100_000) -> None:
+                 skew: protocol.Skew | None = None, max_crashes: int | None = None,
+                 max_dead_letters: int = 100_000) -> None:
         if not protocol.valid_id(fleet):
             raise protocol.MessageError(f"fleet {fleet!r} is not a valid id")
         self.db = db
@@ -238,12 +242,13 @@ class Collector:
                 why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
                 with self._lock:
                     self.counters["crashes"] += 1
-                if len(crashes) > self.max_crashes:
+                if self.max_crashes is not None and len(crashes) > self.max_crashes:
                     self.error = f"{len(crashes)} failures within {CRASH_WINDOW_S:.0f} s, the last: {why}"
                     log.error("collector gave up: %s", self.error)
                     return
-                log.error("collector loop failed, restarting in 1 s with the same batch: %s", why)
-                self._stop.wait(1.0)
+                pause = min(30.0, 0.5 * 2 ** (len(crashes) - 1))
+                log.error("collector loop failed, restarting in %.1f s with the same batch: %s", pause, why)
+                self._stop.wait(pause)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
