@@ -429,3 +429,22 @@ def test_cli_dead_letters_lists_refused_messages(tmp_path):
     js = json.loads(run_cli("fleet", "dead-letters", "--db", str(db_path), "--json", "--reason", "malformed").stdout)
     assert js["counts"] == {"malformed": 1, "too_deep": 1} and len(js["dead_letters"]) == 1
     assert run_cli("fleet", "dead-letters", "--db", str(tmp_path / "empty.sqlite")).stdout.startswith("no dead letters")
+
+
+def test_fleet_collect_exits_non_zero_when_its_collector_gives_up(tmp_path):
+    """#17.1: the CLI kept running and printed nothing while its collector thread was dead."""
+    import subprocess
+    import sys
+
+    # Fault injection in the real CLI process: every read from the link fails.
+    script = ("import sys, edgeship.mqtt as m\n"
+              "def broken(self, timeout): raise RuntimeError('link broken (injected)')\n"
+              "m.MqttLink.get = broken\n"
+              "from edgeship.cli import main\n"
+              "main(sys.argv[1:])\n")
+    proc = subprocess.run([sys.executable, "-c", script, "fleet", "collect", "--quiet", "--duration", "60",
+                           "--db", str(tmp_path / "f.sqlite"), "--broker", "mqtt://127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "the collector stopped" in last and "link broken" in last and "Traceback" not in proc.stderr

@@ -86,7 +86,7 @@ def collect(broker, db_url, fleet, share_group, client_id, protocol_version, dur
     with FleetDB.open(db_url) as db, broker_or_embedded(broker, quiet=quiet) as url:
         col = Collector(db, url, fleet, share_group, client_id=client_id, protocol_version=protocol_version,
                         skew=protocol.Skew(future_s=future_s, past_s=past_s or None),
-                        max_crashes=5)  # then exit non-zero (col.check below): the supervisor restarts us
+                        max_crashes=3)  # then exit non-zero (col.check below): the supervisor restarts us
         with col:
             if not quiet:
                 click.echo(f"collecting fleet {fleet!r} from {url} into {db_url}", err=True)

@@ -25,7 +25,7 @@ Only a DB that is unavailable (locked, disk, connection) holds a batch back:
 it is retried, unacknowledged. If the loop itself fails (a bug, a broken
 link), it restarts with the same batch after a growing pause (0.5 s doubling
 to 30 s, each logged). With ``max_crashes`` set (``edgeship fleet collect``
-sets 5), more failures than that within a minute stop it for good and
+sets 3), more failures than that within a minute stop it for good and
 :meth:`Collector.check` raises, so the process exits non-zero for its
 supervisor to restart instead of sitting silently; without it (the console's
 and the demo's in-process collector) it keeps restarting.
