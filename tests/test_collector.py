@@ -448,3 +448,14 @@ def test_fleet_collect_exits_non_zero_when_its_collector_gives_up(tmp_path):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "the collector stopped" in last and "link broken" in last and "Traceback" not in proc.stderr
+
+
+def test_dead_letters_are_bounded(fleet_db_url):
+    db = FleetDB.open(fleet_db_url)
+    db.store_dead_letters([{"received": 1000.0 + i, "topic": "t\x00x", "reason": "malformed", "detail": "d",
+                            "size": 3, "payload": b"\xff\x00x"} for i in range(30)])
+    assert db.dead_letters_prune(10) == 20
+    rows = db.dead_letters(limit=100)
+    assert [r["received"] for r in rows] == [1029.0 - i for i in range(10)]
+    assert rows[0]["payload"] == b"\xff\x00x" and rows[0]["topic"] == "t\\0x"  # NUL kept visible, storable
+    db.close()
