@@ -10,7 +10,7 @@ import os
 import sqlite3
 from typing import Any
 
-__all__ = ["MIN_FREE_BYTES", "disk_verdict", "disk_state", "is_disk_full"]
+__all__ = ["MIN_FREE_BYTES", "disk_state", "disk_verdict", "is_disk_full"]
 
 # Below this much free space the disk counts as full: SQLite needs room for its WAL and
 # journal, and state.json / a package download would fail next.

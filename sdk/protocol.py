@@ -252,9 +252,9 @@ def check_bounds(kind: str, body: dict[str, Any], *, received: float | None = No
                 raise MessageError(f"payload JSON is nested deeper than {MAX_DEPTH} levels", reason="too_deep")
             items = value.values() if isinstance(value, dict) else value
             stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list, int, float)))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not (math.isfinite(value) and -MAX_NUMBER <= value <= MAX_NUMBER):
-                raise _out_of_range(value)
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and not (math.isfinite(value) and -MAX_NUMBER <= value <= MAX_NUMBER)):
+            raise _out_of_range(value)
     if kind == "telemetry":
         for k, v in body["counts"].items():
             if v > MAX_COUNT:

@@ -42,7 +42,7 @@ from .. import protocol
 from ..errors import EdgeshipError, FleetDBError
 from ..mqtt import Inbound, LinkOptions, MqttLink
 
-__all__ = ["Collector", "CollectorError", "classify_error", "DEAD_LETTER_PAYLOAD"]
+__all__ = ["DEAD_LETTER_PAYLOAD", "Collector", "CollectorError", "classify_error"]
 
 # How much of a rejected payload the dead-letter table keeps: enough to see what it was.
 DEAD_LETTER_PAYLOAD = 16 * 1024
