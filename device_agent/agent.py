@@ -91,6 +91,7 @@ from .config import AgentConfig, load_config, parse_config
 from .handle import ModelHandle, load_handle
 from .hooks import Hooks, component_health
 from .intake import decode_block, validate_one
+from .disk import disk_state
 from .results import Result, ResultBatch, classify, label_name, _top
 from .sinks import Sink, make_sink
 from .sources import RawBlock, Source, make_source
@@ -695,6 +696,11 @@ class Agent:
             status = "waiting"  # up and reporting, no model yet: a rollout installs the first one
         if status == "ok" and (b is None or not b.alive or any(s["state"] in ("stalled", "failed") for s in sources)):
             status = "degraded"
+        # A full state disk loses feedback and telemetry: say so (issue 17.19).
+        disk = disk_state(self.config.agent.state_dir, write_error=next(
+            (e for e in (getattr(c, "disk_error", None) for c in self.components) if e), None))
+        if disk["full"] and status == "ok":
+            status = "degraded"
         out = {
             "status": status,
             "device": self.config.agent.device_id,
@@ -709,6 +715,7 @@ class Agent:
             "sources": sources,
             "counters": self.metrics.counters.snapshot(),
             "recent_rejects": list(self.metrics.recent_rejects[-5:]),
+            "disk": disk,
         }
         if self.cache is not None:
             out["cache"] = self.cache.stats()

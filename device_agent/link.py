@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 from .._version import __version__
 from ..mqtt import LinkOptions, MqttLink
+from .disk import disk_state
 from .feedback import FeedbackManager
 from .outbox import Forwarder, Outbox
 from .telemetry import StateReporter, Telemetry
@@ -38,12 +39,14 @@ class FleetLink:
                  model_fn: Callable[[], Mapping | None] | None = None) -> None:
         state_dir = Path(state_dir)
         self.fleet, self.device = fleet, device
+        self.state_dir = state_dir
         self.outbox = Outbox(state_dir / "outbox.sqlite", outbox_max_bytes)
         self.state = StateReporter(self.outbox, fleet, device, agent_version=__version__, model_fn=model_fn)
         self.telemetry = Telemetry(self.outbox, fleet, device, window_s=window_s, metrics_snapshot=metrics_snapshot)
         self.feedback_manager = FeedbackManager(self.outbox, fleet, device, ring_size=ring_size,
                                                 inputs_dir=state_dir / "feedback_inputs" if keep_inputs else None,
                                                 max_input_bytes=max_input_bytes)
+        self.telemetry.add_fields(lambda: {"disk": self.disk()})
         self.link: MqttLink | None = None
         self.forwarder: Forwarder | None = None
         if broker:
@@ -136,8 +139,17 @@ class FleetLink:
     def feedback(self, prediction_id: str, kind: str, value: Any = None) -> dict:
         return self.feedback_manager.feedback(prediction_id, kind, value)
 
+    @property
+    def disk_error(self) -> str | None:
+        """Why the last outbox write failed for lack of space (None once one succeeds); the agent's health reads it."""
+        return self.outbox.disk_error
+
+    def disk(self) -> dict[str, Any]:
+        return disk_state(self.state_dir, write_error=self.outbox.disk_error,
+                          write_failures=self.outbox.disk_full_count)
+
     def health(self) -> dict[str, Any]:
-        return {"mqtt": self.link.health() if self.link is not None else {"configured": False},
+        return {"disk": self.disk(), "mqtt": self.link.health() if self.link is not None else {"configured": False},
                 "outbox": self.outbox.stats() if not self.outbox.closed else {"closed": True},
                 "forwarder": self.forwarder.health() if self.forwarder is not None else None}
 

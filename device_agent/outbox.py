@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import ConfigError, TransportError
 from ..lifecycle import Loop
+from .disk import is_disk_full
 
 __all__ = ["Outbox", "OutboxRow", "Forwarder", "TokenBucket", "DROPPABLE_KINDS"]
 
@@ -125,6 +126,8 @@ class Outbox:
                                  "delete it if the disk was full or the file is corrupt") from exc
         self.dropped_total = 0
         self.closed = False
+        self.disk_error: str | None = None  # set while writes fail for lack of space (health, telemetry)
+        self.disk_full_count = 0
 
     # ------------------------------------------------------------ writing
     def put(self, kind: str, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> int:
@@ -168,11 +171,19 @@ class Outbox:
                         self._count_dropped(dropped)
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    # SQLite has already rolled back after some errors (SQLITE_FULL): a second
+                    # ROLLBACK would raise "no transaction is active" and hide the real error.
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
                 self._reload_totals()
+                if is_disk_full(exc):
+                    self.disk_error = f"the state disk is full: outbox {self.path} cannot store a {kind} message"
+                    self.disk_full_count += 1
+                    raise TransportError(f"{self.disk_error} ({exc}); free space on {self.path.parent}") from exc
                 raise TransportError(f"outbox {self.path} refused a write: {exc}") from exc
+            self.disk_error = None
             self._bytes += size
             self._count += 1
             rowid = int(cur.lastrowid)

@@ -49,6 +49,9 @@ UNPACKED_MARKER = ".edgepkg.json"
 _RESERVED = {MANIFEST, SIGNATURE, UNPACKED_MARKER}
 _MEMBER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 _MAX_MANIFEST = 16 * 1024 * 1024  # a manifest larger than this is an attack, not a model
+_MAX_SIGNATURE = 4096  # an Ed25519 signature is 64 bytes; room for a future envelope, no more
+_MAX_JSON_DEPTH = 64  # a real manifest nests a handful of levels; deeper only crashes recursive code
+_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------- helpers
@@ -59,6 +62,52 @@ def _check_member_name(name: str, pkg: str = "package") -> None:
             or name.startswith("/") or ".." in PurePosixPath(name).parts or not _MEMBER_RE.match(name)):
         raise PackageFormatError(f"{pkg}: unsafe member name {name!r} (absolute, '..', backslash or odd "
                                  "characters); refusing to open it")
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, limit: int, where: str) -> bytes:
+    """Read one zip member of at most ``limit`` bytes, checking before and while reading.
+
+    The declared (central directory) size is checked before a byte is inflated, and the read
+    stops at ``limit + 1`` bytes whatever the member inflates to: a 1 MB ``manifest.sig`` that
+    inflates to 1 GiB must cost nothing, not 2 GB of memory before its signature is checked.
+    """
+    info = zf.getinfo(name)
+    if info.file_size > limit:
+        raise PackageFormatError(f"{where}: {name} declares {info.file_size} bytes, more than the {limit} allowed; "
+                                 "refusing to read it (not a package edgeship built)")
+    try:
+        with zf.open(info) as f:
+            data = f.read(limit + 1)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise PackageFormatError(f"{where}: cannot read {name} ({exc}); the package is truncated or corrupt, "
+                                 "download it again") from exc
+    if len(data) > limit or len(data) != info.file_size:
+        raise PackageFormatError(f"{where}: {name} inflates to {len(data)}{'+' if len(data) > limit else ''} bytes, "
+                                 f"not the {info.file_size} it declares; the package is corrupt or hostile")
+    return data
+
+
+def _read_file(path: Path, limit: int, where: str) -> bytes:
+    """``path.read_bytes()`` for a file of at most ``limit`` bytes (an unpacked package's small files)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(limit + 1)
+    if size > limit or len(data) > limit:
+        raise PackageFormatError(f"{where}: {path.name} is {max(size, len(data))} bytes, more than the {limit} "
+                                 "allowed; refusing to read it")
+    return data
+
+
+def _json_depth_ok(value: Any, limit: int) -> bool:
+    """True if ``value`` nests at most ``limit`` levels (iterative: deep input must not recurse)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
 
 
 def _now() -> str:
@@ -211,11 +260,13 @@ class Package:
     def read(self, member: str) -> bytes:
         if member not in self.members:
             raise PackageFormatError(f"{self.path}: no member {member!r} in the package")
+        # A listed member is never larger than the manifest says (checked before reading).
+        limit = self.files[member]["size"] if member in self.files else _MAX_MANIFEST
         if self.is_dir:
-            return (self.path / member).read_bytes()
+            return _read_file(self.path / member, limit, str(self.path))
         try:
             with zipfile.ZipFile(self.path) as zf:
-                return zf.read(member)
+                return _read_member(zf, member, limit, str(self.path))
         except (zipfile.BadZipFile, zlib.error) as exc:
             raise IntegrityError(f"{self.path}: member {member} is corrupt ({exc}); "
                                  "download the package again") from exc
@@ -239,6 +290,8 @@ class Package:
             return None
         try:
             return json.loads(self.read("report.json"))
+        except RecursionError as exc:
+            raise PackageFormatError(f"{self.path}: report.json is nested too deeply to be real") from exc
         except ValueError as exc:
             raise PackageFormatError(f"{self.path}: report.json is not JSON: {exc}") from exc
 
@@ -309,7 +362,12 @@ def _parse_manifest(data: bytes, where: str) -> dict:
     try:
         m = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise PackageFormatError(f"{where}: manifest.json is not valid JSON ({exc})") from exc
+        raise PackageFormatError(f"{where}: manifest.json is not valid JSON ({str(exc)[:200]})") from exc
+    except RecursionError:  # the JSON decoder recurses once per level
+        m = None
+    if m is None or not _json_depth_ok(m, _MAX_JSON_DEPTH):
+        raise PackageFormatError(f"{where}: manifest.json nests deeper than {_MAX_JSON_DEPTH} levels; "
+                                 "not a manifest edgeship wrote, refusing it")
     return _check_manifest(m, where)
 
 
@@ -347,13 +405,10 @@ def open_package(path: str | os.PathLike | Package) -> Package:
                 raise PackageFormatError(f"{where}: unexpected directory entry {info.filename!r}")
         if MANIFEST not in seen:
             raise PackageFormatError(f"{where}: no manifest.json; this is not an edgeship package")
-        info = zf.getinfo(MANIFEST)
-        if info.file_size > _MAX_MANIFEST:
-            raise PackageFormatError(f"{where}: manifest.json is {info.file_size} bytes, too large to be real")
         try:
-            mbytes = zf.read(MANIFEST)
-            sig = zf.read(SIGNATURE) if SIGNATURE in seen else None
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+            mbytes = _read_member(zf, MANIFEST, _MAX_MANIFEST, where)
+            sig = _read_member(zf, SIGNATURE, _MAX_SIGNATURE, where) if SIGNATURE in seen else None
+        except OSError as exc:
             raise PackageFormatError(f"{where}: cannot read the manifest ({exc}); the package is truncated or "
                                      "corrupt, download it again") from exc
     manifest = _parse_manifest(mbytes, where)
@@ -365,12 +420,12 @@ def _open_dir(p: Path) -> Package:
     where = str(p)
     mpath = p / MANIFEST
     try:
-        mbytes = mpath.read_bytes()
+        mbytes = _read_file(mpath, _MAX_MANIFEST, where)
     except FileNotFoundError as exc:
         raise PackageFormatError(f"{where}: no manifest.json; not an unpacked edgeship package") from exc
     manifest = _parse_manifest(mbytes, where)
     sig_path = p / SIGNATURE
-    sig = sig_path.read_bytes() if sig_path.is_file() else None
+    sig = _read_file(sig_path, _MAX_SIGNATURE, where) if sig_path.is_file() else None
     sha = None
     try:
         sha = json.loads((p / UNPACKED_MARKER).read_text()).get("sha256")

@@ -29,6 +29,11 @@ __all__ = [
     "ROLLOUT_DEVICE_STATES",
     "FEEDBACK_KINDS",
     "MAX_PAYLOAD",
+    "MAX_DEPTH",
+    "MAX_NUMBER",
+    "MAX_COUNT",
+    "MAX_WINDOW_S",
+    "Skew",
     "MessageError",
     "Message",
     "topic",
@@ -39,6 +44,7 @@ __all__ = [
     "make_message",
     "encode",
     "parse_message",
+    "check_bounds",
     "new_msg_id",
     "valid_id",
     "array_field",
@@ -57,13 +63,45 @@ ROLLOUT_DEVICE_STATES = (
 FEEDBACK_KINDS = ("correct", "incorrect", "label", "rating", "comment")
 # A Pi sends small JSON; anything larger than this is hostile or broken.
 MAX_PAYLOAD = 256 * 1024
+# Bounds on what a message may hold (check_bounds). JSON nesting beyond a few levels is never sent by
+# an agent, and a deep one crashes recursive code (json.loads at ~1000 levels); numbers are kept in
+# the JSON-safe integer range, which also fits every 64-bit column of SQLite and PostgreSQL (a bare
+# 10**30 made the SQLite driver raise OverflowError and killed the collector).
+MAX_DEPTH = 32
+MAX_NUMBER = 2**53
+# A count per window: a million inferences a second for MAX_WINDOW_S still fits, and summing a
+# million windows cannot overflow a 64-bit SUM() in the fleet DB's reports.
+MAX_COUNT = 2**40
+MAX_WINDOW_S = 7 * 86400.0
 RETAINED = {"state": True, "telemetry": False, "feedback": False, "rollout": False, "plan": True}
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
 class MessageError(EdgeshipError):
-    """A message does not follow the v1 protocol; the text says which field."""
+    """A message does not follow the v1 protocol; the text says which field.
+
+    ``reason`` is a short bucket name (e.g. ``too_deep``, ``out_of_range``, ``future_ts``) when the
+    check knows it; the collector counts rejected messages under it.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Skew:
+    """How far a message's ``ts`` may be from the time it was received.
+
+    ``future_s``: a device clock ahead by more than this is refused (a far-future ``ts`` would
+    count in every later window and pin a device's state). ``past_s``: older than this is refused
+    too (``None``: no bound). The default past bound is generous because a device may hold
+    messages in its outbox through a long outage; what it catches is a clock never set (1970).
+    """
+
+    future_s: float = 3600.0
+    past_s: float | None = 365 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -152,23 +190,35 @@ def encode(msg: dict[str, Any]) -> bytes:
     return data
 
 
-def parse_message(topic_name: str, payload: bytes) -> Message:
+def parse_message(topic_name: str, payload: bytes, *, received: float | None = None,
+                  skew: Skew | None = None) -> Message:
     """Decode and validate one received message.
 
     Checks size, JSON, envelope, that the schema matches the topic kind and
     that the device in the payload is the device in the topic (a device must
-    not speak for another), then the kind's own required fields.
+    not speak for another), then the kind's own required fields, then
+    :func:`check_bounds` (with ``received``, the time checks as well).
     """
     if len(payload) > MAX_PAYLOAD:
         raise MessageError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte limit")
     kind, fleet, ident = parse_topic(topic_name)
     try:
-        body = json.loads(payload, parse_constant=_reject_constant)
+        # Strict UTF-8 (RFC 8259): json.loads(bytes) would also take UTF-16, a BOM and encoded
+        # lone surrogates, which no agent sends and no database stores.
+        body = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant, parse_int=_bounded_int,
+                          parse_float=_bounded_float)
+        if b"\\u" in payload and _has_lone_surrogate(body):
+            raise ValueError("a \\u escape makes a lone surrogate, which is not Unicode text")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise MessageError(f"payload is not valid JSON: {exc}") from exc
+        raise MessageError(f"payload is not valid JSON: {str(exc)[:200]}") from exc
+    except RecursionError as exc:  # the C decoder recurses once per level
+        raise MessageError(f"payload JSON is nested deeper than {MAX_DEPTH} levels", reason="too_deep") from exc
     if not isinstance(body, dict):
         raise MessageError("payload is not a JSON object")
     _validate(kind, body)
+    # Numbers were bounded while decoding; nesting needs a walk only if there are brackets enough.
+    check_bounds(kind, body, received=received, skew=skew,
+                 walk=payload.count(b"[") + payload.count(b"{") > MAX_DEPTH)
     if kind == "plan":
         if body.get("rollout_id", ident) != ident:
             raise MessageError(f"rollout_id {body.get('rollout_id')!r} does not match topic {ident!r}")
@@ -176,6 +226,82 @@ def parse_message(topic_name: str, payload: bytes) -> Message:
     if body["device"] != ident:
         raise MessageError(f"device {body['device']!r} in payload does not match topic device {ident!r}")
     return Message(kind, fleet, ident, body)
+
+
+def check_bounds(kind: str, body: dict[str, Any], *, received: float | None = None,
+                 skew: Skew | None = None, walk: bool = True) -> None:
+    """Refuse values no agent sends and the fleet side cannot store or sum (pure; MessageError).
+
+    Every value: nesting at most :data:`MAX_DEPTH`, every number finite and within
+    ±:data:`MAX_NUMBER`. Telemetry counts within [0, :data:`MAX_COUNT`], ``window_s`` within
+    [0, :data:`MAX_WINDOW_S`]. With ``received`` (the receive time): ``ts``, ``session`` and
+    ``started_at`` at most ``skew.future_s`` ahead of it, and ``ts`` at most ``skew.past_s``
+    behind it — except for retained ``state`` messages, which are old by design.
+    Expects a body that passed :func:`_validate` (the envelope's fields exist with their types).
+
+    ``walk=False`` skips the walk over every value: :func:`parse_message` bounds each number
+    as it decodes it (the walk cost more than the rest of ingest) and walks only a payload with
+    enough brackets to nest too deep.
+    """
+    # Iterative walk: a recursive one would itself be the crash this guards against.
+    stack: list[tuple[Any, int]] = [(body, 1)] if walk else []
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise MessageError(f"payload JSON is nested deeper than {MAX_DEPTH} levels", reason="too_deep")
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list, int, float)))
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and not (math.isfinite(value) and -MAX_NUMBER <= value <= MAX_NUMBER)):
+            raise _out_of_range(value)
+    if kind == "telemetry":
+        for k, v in body["counts"].items():
+            if v > MAX_COUNT:
+                raise MessageError(f"telemetry count {str(k)[:40]!r} is {v:.4g}, above the {MAX_COUNT} limit",
+                                   reason="out_of_range")
+        if body["window_s"] > MAX_WINDOW_S:
+            raise MessageError(f"field 'window_s' is {body['window_s']:.4g}, above the {MAX_WINDOW_S:.0f} s limit",
+                               reason="out_of_range")
+    if received is None:
+        return
+    skew = skew or Skew()
+    ahead = received + skew.future_s
+    for key in ("ts", "session", "started_at"):
+        v = body.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > ahead:
+            raise MessageError(f"field {key!r} is {v - received:.0f} s ahead of the receive time "
+                               f"(more than the {skew.future_s:.0f} s allowed clock skew)", reason="future_ts")
+    if skew.past_s is not None and kind != "state" and body["ts"] < received - skew.past_s:
+        raise MessageError(f"field 'ts' is {received - body['ts']:.0f} s before the receive time "
+                           f"(more than the {skew.past_s:.0f} s allowed)", reason="old_ts")
+
+
+def _out_of_range(value: Any) -> MessageError:
+    return MessageError(f"a number in the payload is out of range (beyond ±2**53): {str(value)[:40]}",
+                        reason="out_of_range")
+
+
+def _bounded_int(text: str) -> int:
+    v = int(text)  # ValueError beyond 4300 digits (Python's own limit): malformed
+    if not -MAX_NUMBER <= v <= MAX_NUMBER:
+        raise _out_of_range(text)
+    return v
+
+
+def _bounded_float(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and -MAX_NUMBER <= v <= MAX_NUMBER):  # 1e400 decodes to inf
+        raise _out_of_range(text)
+    return v
+
+
+def _has_lone_surrogate(body: Any) -> bool:
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _reject_constant(name: str) -> None:

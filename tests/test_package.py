@@ -334,3 +334,53 @@ def test_unknown_model_suffix(assets, tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(ModelError, match="unknown model type .pt"):
         P.build(tmp_path / "m.edgepkg", f, name="m", version="1")
+
+
+# ----------------------------------------------------------------- issue 17: sizes before reading, deep manifests
+
+def test_oversized_signature_is_refused_before_it_is_read(assets, pkg, tmp_path):
+    """#17.14: a manifest.sig inflating to 1 GiB was read whole (2 GB RSS) before the signature check."""
+    import tracemalloc
+
+    from hostile.zipcraft import bomb, lie_about_size, rewrite
+
+    bombed = bomb(pkg, tmp_path / "bomb.edgepkg", P.SIGNATURE, 256 << 20)
+    assert bombed.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(PackageFormatError, match="manifest.sig declares 268435456 bytes"):
+            P.verify(bombed, [assets["k1"][1]])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    # A member that declares a small size but holds more is refused too, reading no further.
+    liar = lie_about_size(rewrite(pkg, tmp_path / "liar.edgepkg", replace={P.SIGNATURE: b"s" * 100_000}),
+                          P.SIGNATURE, 64)
+    with pytest.raises(PackageFormatError, match="manifest.sig"):
+        P.open_package(liar)
+
+
+def test_member_read_is_bounded_by_the_manifest_size(assets, pkg, tmp_path):
+    import shutil
+
+    from hostile.zipcraft import lie_about_size
+
+    p = P.open_package(pkg)
+    name = next(n for n in p.files if not n.endswith((".onnx", ".tflite")))  # labels, report or example input
+    liar = lie_about_size(Path(shutil.copy(pkg, tmp_path / "l.edgepkg")), name, p.files[name]["size"] + 10_000_000)
+    with pytest.raises(PackageFormatError, match="declares"):
+        P.open_package(liar).read(name)
+
+
+@pytest.mark.parametrize("depth", [200, 100_000])
+def test_deeply_nested_manifest_is_a_package_error(assets, pkg, tmp_path, depth):
+    """#17.15: a deeply nested manifest escaped as RecursionError."""
+    from hostile.zipcraft import rewrite
+
+    m = json.loads(P.open_package(pkg).manifest_bytes)
+    text = json.dumps({**m, "provenance": "@"}).replace('"@"', "[" * depth + "]" * depth)
+    deep = rewrite(pkg, tmp_path / "deep.edgepkg", replace={P.MANIFEST: text.encode()})
+    with pytest.raises(PackageFormatError, match="nests deeper than 64 levels"):
+        P.verify(deep, [assets["k1"][1]])
+    assert_unpack_refused(deep, tmp_path, pkg, PackageFormatError, "nests deeper")

@@ -1,4 +1,4 @@
-"""``edgeship fleet ...``: collect, devices, report, export-feedback.
+"""``edgeship fleet ...``: collect, devices, dead-letters, report, export-feedback.
 
 Thin commands: flags in, one library call, errors out as one line. Other
 areas add their sub-commands to the ``fleet`` group here (``rollout``,
@@ -34,8 +34,16 @@ def fleet() -> None:
 @click.option("--protocol", "protocol_version", type=click.Choice(["3.1.1", "5"]), default="3.1.1", show_default=True)
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
 @click.option("--quiet", is_flag=True, help="No periodic status line.")
-def collect(broker, db_url, fleet, share_group, client_id, protocol_version, duration, quiet) -> None:
-    """Subscribe to the fleet's topics and store every valid message in the fleet DB."""
+@click.option("--max-future-skew", "future_s", type=click.FloatRange(min=0), default=3600.0, show_default=True,
+              help="Refuse messages whose ts is more than this many seconds ahead of the receive time.")
+@click.option("--max-age", "past_s", type=click.FloatRange(min=0), default=365 * 86400.0, show_default=True,
+              help="Refuse messages (not retained states) older than this many seconds; 0: no limit.")
+def collect(broker, db_url, fleet, share_group, client_id, protocol_version, duration, quiet, future_s, past_s) -> None:
+    """Subscribe to the fleet's topics and store every valid message in the fleet DB.
+
+    Refused messages are counted and kept in the DB's dead letters (``edgeship fleet dead-letters``).
+    """
+    from .. import protocol
     from ..fleet.collector import Collector
     from ..fleet.db import FleetDB
 
@@ -44,13 +52,16 @@ def collect(broker, db_url, fleet, share_group, client_id, protocol_version, dur
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with FleetDB.open(db_url) as db, broker_or_embedded(broker, quiet=quiet) as url:
-        col = Collector(db, url, fleet, share_group, client_id=client_id, protocol_version=protocol_version)
+        col = Collector(db, url, fleet, share_group, client_id=client_id, protocol_version=protocol_version,
+                        skew=protocol.Skew(future_s=future_s, past_s=past_s or None),
+                        max_crashes=3)  # then exit non-zero (col.check below): the supervisor restarts us
         with col:
             if not quiet:
                 click.echo(f"collecting fleet {fleet!r} from {url} into {db_url}", err=True)
             deadline = None if duration is None else time.monotonic() + duration
             last = time.monotonic()
             while not stop.wait(0.5):
+                col.check()  # a collector that gave up stops the process non-zero, never silently
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 if not quiet and time.monotonic() - last >= 10:
@@ -85,6 +96,34 @@ def devices(db_url, fleet, as_json) -> None:
     widths = [max(len(h), *(len(str(t[i])) for t in table)) for i, h in enumerate(head)]
     for line in (head, tuple("-" * w for w in widths), *table):
         click.echo("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+
+
+@fleet.command("dead-letters")
+@db_option
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="How many, newest first.")
+@click.option("--reason", default=None, help="Only this reason (e.g. too_deep, out_of_range, future_ts, spoofed).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (payload as base64).")
+def dead_letters(db_url, limit, reason, as_json) -> None:
+    """Messages the collector refused: when, why, on which topic, and the start of the payload."""
+    import base64
+
+    from ..fleet.db import FleetDB
+
+    with FleetDB.open(db_url) as db:
+        counts = db.dead_letter_counts()
+        rows = db.dead_letters(limit=limit, reason=reason)
+    if as_json:
+        click.echo(json.dumps({"counts": counts, "dead_letters": [
+            {**r, "payload": base64.b64encode(r["payload"]).decode()} for r in rows]}, indent=2))
+        return
+    if not counts:
+        click.echo("no dead letters: every message received was stored")
+        return
+    click.echo("refused by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    now = time.time()
+    for r in rows:
+        click.echo(f"{_ago(now - r['received'])} ago  {r['reason']:<13} {r['topic'][:80]}  {r['size']} B  "
+                   f"{' '.join(r['detail'].split())[:160]}")
 
 
 def _ago(s: float) -> str:

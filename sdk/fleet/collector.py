@@ -13,9 +13,22 @@ ledger makes the redelivered copy a no-op. At least once on the wire, exactly
 once in the DB.
 
 A bad message (malformed JSON, oversized, wrong types, unknown schema, a
-device speaking for another) is counted under a reason, logged in one line,
-acknowledged (a redelivery would be just as bad) and skipped; it never stops
-the collector.
+device speaking for another, numbers out of range, a ``ts`` beyond the allowed
+clock skew) is counted under a reason, logged in one line, stored in the fleet
+DB's dead-letter table (reason, topic, truncated payload, time) and
+acknowledged (a redelivery would be just as bad); it never stops the
+collector. *Any* exception while handling one message makes it such a
+rejected message — one message must never stop ingestion, or it would be
+redelivered after every restart and stop it again.
+
+Only a DB that is unavailable (locked, disk, connection) holds a batch back:
+it is retried, unacknowledged. If the loop itself fails (a bug, a broken
+link), it restarts with the same batch after a growing pause (0.5 s doubling
+to 30 s, each logged). With ``max_crashes`` set (``edgeship fleet collect``
+sets 3), more failures than that within a minute stop it for good and
+:meth:`Collector.check` raises, so the process exits non-zero for its
+supervisor to restart instead of sitting silently; without it (the console's
+and the demo's in-process collector) it keeps restarting.
 """
 from __future__ import annotations
 
@@ -26,17 +39,28 @@ import time
 from typing import Any
 
 from .. import protocol
-from ..errors import FleetDBError
+from ..errors import EdgeshipError, FleetDBError
 from ..lifecycle import STOP_TIMEOUT_S, Loop
-from ..mqtt import LinkOptions, MqttLink
+from ..mqtt import Inbound, LinkOptions, MqttLink
 
-__all__ = ["Collector", "classify_error"]
+__all__ = ["DEAD_LETTER_PAYLOAD", "Collector", "CollectorError", "classify_error"]
+
+# How much of a rejected payload the dead-letter table keeps: enough to see what it was.
+DEAD_LETTER_PAYLOAD = 16 * 1024
+# Crash budget of the loop: more than this many restarts within CRASH_WINDOW_S stops it for good.
+CRASH_WINDOW_S = 60.0
+
+
+class CollectorError(EdgeshipError):
+    """The collector's loop stopped for good; the text says why (restart the process)."""
 
 log = logging.getLogger("edgeship.fleet.collector")
 
 
 def classify_error(exc: protocol.MessageError) -> str:
-    """Reason bucket for a rejected message (pure: from the error text)."""
+    """Reason bucket for a rejected message (pure: the error's own reason, else from its text)."""
+    if getattr(exc, "reason", None):
+        return exc.reason
     text = str(exc)
     if "exceeds" in text:
         return "oversized"
@@ -51,6 +75,8 @@ def classify_error(exc: protocol.MessageError) -> str:
 
 def _transient(exc: BaseException) -> bool:
     """A DB error worth retrying (locked, disk, connection) rather than a message the DB refuses."""
+    if not isinstance(exc, FleetDBError):
+        return False  # e.g. OverflowError from the driver: about the message, not the DB
     cause = exc.__cause__
     return cause is None or any(c.__name__ in ("OperationalError", "InterfaceError") for c in type(cause).__mro__)
 
@@ -60,7 +86,9 @@ class Collector(Loop):
 
     def __init__(self, db: Any, link_or_broker_url: MqttLink | str, fleet: str, share_group: str | None = None, *,
                  client_id: str | None = None, batch_max: int = 500, batch_wait_s: float = 0.05,
-                 protocol_version: str = "3.1.1", link_options: LinkOptions | None = None) -> None:
+                 protocol_version: str = "3.1.1", link_options: LinkOptions | None = None,
+                 skew: protocol.Skew | None = None, max_crashes: int | None = None,
+                 max_dead_letters: int = 100_000) -> None:
         if not protocol.valid_id(fleet):
             raise protocol.MessageError(f"fleet {fleet!r} is not a valid id")
         super().__init__(f"collector-{fleet}")
@@ -69,6 +97,9 @@ class Collector(Loop):
         self.share_group = share_group
         self.batch_max = batch_max
         self.batch_wait_s = batch_wait_s
+        self.skew = skew or protocol.Skew()
+        self.max_crashes = max_crashes
+        self.max_dead_letters = max_dead_letters
         self.filters = protocol.subscriptions(fleet, share_group=share_group)
         if isinstance(link_or_broker_url, str):
             cid = client_id or f"edgeship-collector-{fleet}-{share_group or socket.gethostname()}"[:64]
@@ -84,10 +115,13 @@ class Collector(Loop):
                 self.link.subscribe(f, 1)
             self._own_link = False
         self.counters: dict[str, int] = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0,
-                                         "db_errors": 0}
+                                         "db_errors": 0, "crashes": 0}
         self.rejected: dict[str, int] = {}
         self._lock = threading.Lock()
         self._idle = threading.Event()
+        self._batch: list[Inbound] = []  # received, not yet acknowledged (kept across a loop restart)
+        self._dead_since_prune = 0
+        # self.error (the Loop's): why the loop stopped for good (see check())
 
     def _on_start(self) -> None:
         if self._own_link:
@@ -103,71 +137,108 @@ class Collector(Loop):
         """True once connected and subscribed."""
         return self.link.wait_connected(timeout)
 
+    def check(self) -> None:
+        """Raise :class:`CollectorError` if the loop stopped on its own; call it from the process's main loop."""
+        if self._thread is not None and not self._thread.is_alive() and not self.stopping:
+            raise CollectorError(f"the collector stopped: {self.error or 'its thread ended'}; "
+                                 "see the log above, then restart it (no message was acknowledged unstored)")
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {**self.counters, "rejected_by_reason": dict(self.rejected), "link": self.link.health()}
+            return {**self.counters, "rejected_by_reason": dict(self.rejected), "alive": self.alive,
+                    "error": self.error, "link": self.link.health()}
 
     # ------------------------------------------------------------ processing
     def process(self, items: list[Any]) -> None:
-        """Validate and store one batch of :class:`edgeship.mqtt.Inbound` (also used by benchmarks)."""
-        good: list[protocol.Message] = []
+        """Validate and store one batch of :class:`edgeship.mqtt.Inbound` (also used by benchmarks).
+
+        Raises only :class:`FleetDBError` for a DB that is unavailable (the caller retries the
+        batch); every other failure is about one message and makes it a dead letter.
+        """
+        good: list[tuple[protocol.Message, Any]] = []
+        dead: list[dict] = []
         for it in items:
             try:
-                msg = protocol.parse_message(it.topic, it.payload)
+                msg = protocol.parse_message(it.topic, it.payload, received=getattr(it, "received", None),
+                                             skew=self.skew)
                 if msg.fleet != self.fleet or msg.kind == "plan":
                     raise protocol.MessageError(f"topic {it.topic[:120]!r} is not a device topic of fleet {self.fleet!r}")
-                good.append(msg)
+                good.append((msg, it))
             except protocol.MessageError as exc:
-                self._reject(classify_error(exc), it.topic, exc)
-        if not good:
-            return
-        try:
-            self._count(self.db.store_messages(good))
-        except FleetDBError as exc:
-            if _transient(exc):
-                raise  # the DB is unavailable: the caller retries the batch, nothing is acked
-            # One message the DB refuses (e.g. a NUL character PostgreSQL will not store) must not
-            # block its batch forever: store one by one and reject only what fails alone.
-            for m in good:
-                try:
-                    self._count(self.db.store_messages([m]))
-                except FleetDBError as one:
-                    if _transient(one):
-                        raise
-                    self._reject("unstorable", protocol.device_topic(m.fleet, m.device, m.kind), one)
+                dead.append(self._dead_letter(classify_error(exc), it, exc))
+            except Exception as exc:  # noqa: BLE001 - one message must never stop ingestion (module docstring)
+                dead.append(self._dead_letter("internal", it, exc))
+        if good:
+            try:
+                self._count(self.db.store_messages([m for m, _ in good]))
+            except Exception as exc:  # noqa: BLE001 - sorted out below: DB down, or one message refused
+                if _transient(exc):
+                    raise  # the DB is unavailable: the caller retries the batch, nothing is acked
+                # One message the DB refuses (e.g. a NUL character PostgreSQL will not store) must not
+                # block its batch forever: store one by one and reject only what fails alone.
+                for m, it in good:
+                    try:
+                        self._count(self.db.store_messages([m]))
+                    except Exception as one:  # noqa: BLE001 - as above
+                        if _transient(one):
+                            raise
+                        dead.append(self._dead_letter("unstorable", it, one))
+        if dead:
+            # Stored before the batch is acked; if this fails the whole batch is retried.
+            self.db.store_dead_letters(dead)
+            with self._lock:
+                self.counters["rejected"] += len(dead)
+                for d in dead:
+                    self.rejected[d["reason"]] = self.rejected.get(d["reason"], 0) + 1
+            self._dead_since_prune += len(dead)
+            if self._dead_since_prune >= 1000:  # bounded table: a hostile flood cannot fill the disk
+                self._dead_since_prune = 0
+                self.db.dead_letters_prune(self.max_dead_letters)
 
     def _count(self, res: Any) -> None:
         with self._lock:
             self.counters["stored"] += res.stored
             self.counters["duplicates"] += res.duplicates
 
-    def _reject(self, reason: str, topic_name: str, exc: Exception) -> None:
-        with self._lock:
-            self.counters["rejected"] += 1
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+    def _dead_letter(self, reason: str, it: Any, exc: BaseException) -> dict:
+        topic_name = str(getattr(it, "topic", ""))
+        detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, EdgeshipError) else str(exc)
         # One line per bad message, truncated: a hostile sender must not flood the log with its payload.
-        log.warning("rejected message (%s) on %s: %s", reason, topic_name[:160], str(exc)[:200])
+        log.warning("rejected message (%s) on %s: %s", reason, topic_name[:160], " ".join(detail[:200].split()))
+        payload = getattr(it, "payload", b"")
+        return {"received": float(getattr(it, "received", None) or time.time()), "topic": topic_name[:512],
+                "reason": reason, "detail": detail[:1000], "size": len(payload),
+                "payload": bytes(payload[:DEAD_LETTER_PAYLOAD])}
 
     def run(self) -> None:
+        crashes: list[float] = []
         while not self.stopping:
-            first = self.link.get(timeout=0.2)
-            if first is None:
-                self._idle.set()
-                continue
-            self._idle.clear()
-            batch = [first]
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.batch_max:
-                it = self.link.get_nowait()
-                if it is None:
-                    if time.monotonic() >= deadline:
-                        break
-                    it = self.link.get(timeout=max(0.0, deadline - time.monotonic()))
-                    if it is None:
-                        break
-                batch.append(it)
-            with self._lock:
-                self.counters["received"] += len(batch)
+            try:
+                self._loop()
+                return
+            except Exception as exc:  # noqa: BLE001 - a loop that dies quietly is the failure to avoid
+                now = time.monotonic()
+                crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
+                why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                with self._lock:
+                    self.counters["crashes"] += 1
+                if self.max_crashes is not None and len(crashes) > self.max_crashes:
+                    self.error = f"{len(crashes)} failures within {CRASH_WINDOW_S:.0f} s, the last: {why}"
+                    log.error("collector gave up: %s", self.error)
+                    return
+                pause = min(30.0, 0.5 * 2 ** (len(crashes) - 1))
+                log.error("collector loop failed, restarting in %.1f s with the same batch: %s", pause, why)
+                self.wait(pause)
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            if not self._batch:
+                self._batch = self._next_batch()
+                if not self._batch:
+                    continue
+                with self._lock:
+                    self.counters["received"] += len(self._batch)
+            batch = self._batch
             while True:
                 try:
                     self.process(batch)
@@ -180,6 +251,27 @@ class Collector(Loop):
                     log.error("collector could not store %d messages (retrying): %s", len(batch), exc)
                     if self.wait(1.0):
                         return
-            # Ack only after the commit: see the module docstring.
+            # Ack only after the commit: see the module docstring. The batch is forgotten only
+            # once acked, so a failure in between retries it (a no-op for the ledger).
             for it in batch:
                 self.link.ack(it)
+            self._batch = []
+
+    def _next_batch(self) -> list[Inbound]:
+        first = self.link.get(timeout=0.2)
+        if first is None:
+            self._idle.set()
+            return []
+        self._idle.clear()
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(batch) < self.batch_max:
+            it = self.link.get_nowait()
+            if it is None:
+                if time.monotonic() >= deadline:
+                    break
+                it = self.link.get(timeout=max(0.0, deadline - time.monotonic()))
+                if it is None:
+                    break
+            batch.append(it)
+        return batch

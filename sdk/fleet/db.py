@@ -24,6 +24,18 @@ Tables (migration 1):
     feedback(device, msg_id, ts, prediction_id, kind, value, label, model_*, has_input, body)
     feedback_inputs(device, msg_id, prediction_id, data)   JSON-encoded input arrays attached by feedback
     rollout_reports(device, msg_id, ts, rollout_id, state, reason, model_version, body)
+
+Migration 4 (hostile input, issue 17):
+
+    dead_letters(received, topic, reason, detail, size, payload)   messages the collector rejected
+    feedback_verdicts(device, prediction_id, msg_id, ts)           the one verdict that counts per prediction
+
+A prediction has one verdict (``correct``, ``incorrect`` or ``label``): the
+newest by ``ts`` (then ``msg_id``). ``feedback`` keeps every message as
+history, and every reader here counts a verdict row only while it is the one
+in ``feedback_verdicts``, so one local app sending "incorrect" 50 times for
+one prediction counts once in gates, reports and the console alike.
+Ratings and comments are not verdicts and all count.
 """
 from __future__ import annotations
 
@@ -37,7 +49,14 @@ from typing import Any, Iterable, Sequence
 
 from ..errors import FleetDBError
 
-__all__ = ["FleetDB", "MIGRATIONS", "StoreResult"]
+__all__ = ["FleetDB", "MIGRATIONS", "StoreResult", "VERDICT_KINDS"]
+
+# Feedback kinds that judge a prediction; one per (device, prediction_id) counts (module docstring).
+VERDICT_KINDS = ("correct", "incorrect", "label")
+_VERDICT_IN = "(" + ", ".join(f"'{k}'" for k in VERDICT_KINDS) + ")"
+# SQL condition on a feedback row aliased ``f``: it counts (not a superseded verdict).
+_CURRENT_FEEDBACK = (f"(f.kind NOT IN {_VERDICT_IN} OR EXISTS (SELECT 1 FROM feedback_verdicts v "
+                     "WHERE v.device = f.device AND v.prediction_id = f.prediction_id AND v.msg_id = f.msg_id))")
 
 _DIALECT_TYPES = {
     "sqlite": {"real": "REAL", "blob": "BLOB", "text": "TEXT", "int": "INTEGER"},
@@ -116,6 +135,22 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         """CREATE TABLE rollout_gate_evals (
             rollout_id {text} NOT NULL, ts {real} NOT NULL, stage_index {int} NOT NULL, results {text} NOT NULL)""",
         "CREATE INDEX rollout_gate_evals_rollout ON rollout_gate_evals(rollout_id, ts)",
+    ]),
+    (4, "hostile input: dead letters, one verdict per prediction", [
+        """CREATE TABLE dead_letters (
+            received {real} NOT NULL, topic {text} NOT NULL, reason {text} NOT NULL, detail {text} NOT NULL,
+            size {int} NOT NULL, payload {blob})""",
+        "CREATE INDEX dead_letters_received ON dead_letters(received)",
+        """CREATE TABLE feedback_verdicts (
+            device {text} NOT NULL, prediction_id {text} NOT NULL, msg_id {text} NOT NULL, ts {real} NOT NULL,
+            PRIMARY KEY (device, prediction_id))""",
+        "CREATE INDEX feedback_prediction ON feedback(device, prediction_id)",
+        # Existing feedback: the newest verdict of each prediction is the one that counts.
+        f"""INSERT INTO feedback_verdicts(device, prediction_id, msg_id, ts)
+            SELECT f.device, f.prediction_id, f.msg_id, f.ts FROM feedback f
+            WHERE f.kind IN {_VERDICT_IN} AND NOT EXISTS (
+                SELECT 1 FROM feedback n WHERE n.device = f.device AND n.prediction_id = f.prediction_id
+                AND n.kind IN {_VERDICT_IN} AND (n.ts > f.ts OR (n.ts = f.ts AND n.msg_id > f.msg_id)))""",
     ]),
 ]
 
@@ -378,6 +413,14 @@ class FleetDB:
             (m.device, b["msg_id"], b["ts"], b["prediction_id"], b["kind"],
              None if value is None else json.dumps(value), label, name, version, int(has_input),
              json.dumps(body, separators=(",", ":"))))
+        if b["kind"] in VERDICT_KINDS:
+            # One verdict per prediction, the newest: an upsert, so two collectors sharing one
+            # PostgreSQL DB cannot both make theirs the current one.
+            self._exec("INSERT INTO feedback_verdicts(device, prediction_id, msg_id, ts) VALUES (?,?,?,?) "
+                       "ON CONFLICT (device, prediction_id) DO UPDATE SET msg_id = excluded.msg_id, ts = excluded.ts "
+                       "WHERE excluded.ts > feedback_verdicts.ts OR "
+                       "(excluded.ts = feedback_verdicts.ts AND excluded.msg_id > feedback_verdicts.msg_id)",
+                       (m.device, b["prediction_id"], b["msg_id"], b["ts"]))
         if has_input:
             self._exec("INSERT INTO feedback_inputs(device, msg_id, prediction_id, data) VALUES (?,?,?,?) "
                        "ON CONFLICT (device, msg_id) DO NOTHING",
@@ -395,6 +438,36 @@ class FleetDB:
 
     def _store_plan(self, m: Any, now: float) -> None:  # collectors do not subscribe to plans
         return
+
+    # ------------------------------------------------------------ dead letters (collector)
+    def store_dead_letters(self, rows: Sequence[dict]) -> None:
+        """Store messages the collector rejected: ``received, topic, reason, detail, size, payload``."""
+        def text(v: Any) -> str:  # PostgreSQL text cannot hold NUL; a hostile topic or error text may
+            return str(v).replace("\x00", "\\0")
+        with self._tx():
+            for r in rows:
+                self._exec("INSERT INTO dead_letters(received, topic, reason, detail, size, payload) "
+                           "VALUES (?,?,?,?,?,?)", (float(r["received"]), text(r["topic"]), text(r["reason"]),
+                                                    text(r["detail"]), int(r["size"]), bytes(r["payload"])))
+
+    def dead_letters(self, limit: int = 100, reason: str | None = None) -> list[dict]:
+        """The newest rejected messages first (``payload`` is the truncated raw bytes)."""
+        sql, params = "SELECT received, topic, reason, detail, size, payload FROM dead_letters", []
+        if reason:
+            sql, params = sql + " WHERE reason = ?", [reason]
+        rows = self._rows(sql + " ORDER BY received DESC LIMIT ?", params + [int(limit)])
+        for r in rows:
+            r["payload"] = bytes(r["payload"]) if r["payload"] is not None else b""
+        return rows
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        return {r["reason"]: r["n"] for r in self._rows("SELECT reason, COUNT(*) AS n FROM dead_letters GROUP BY reason")}
+
+    def dead_letters_prune(self, keep: int) -> int:
+        """Keep only the newest ``keep`` dead letters (the table is bounded); returns how many went."""
+        with self._lock:
+            return self._exec("DELETE FROM dead_letters WHERE received < (SELECT received FROM dead_letters "
+                              "ORDER BY received DESC LIMIT 1 OFFSET ?)", (max(0, int(keep) - 1),)).rowcount
 
     # ------------------------------------------------------------ devices
     def devices(self, fleet: str | None = None) -> list[dict]:
@@ -457,13 +530,13 @@ class FleetDB:
     # ------------------------------------------------------------ feedback
     def feedback(self, since: float = 0.0, model_version: str | None = None) -> list[dict]:
         """Feedback rows, oldest first; ``value`` is decoded JSON, ``predicted`` the label the model gave."""
-        sql = ("SELECT device, msg_id, ts, prediction_id, kind, value, label, model_name, model_version, has_input, "
-               "body FROM feedback WHERE ts >= ?")
+        sql = ("SELECT f.device, f.msg_id, f.ts, f.prediction_id, f.kind, f.value, f.label, f.model_name, "
+               f"f.model_version, f.has_input, f.body FROM feedback f WHERE f.ts >= ? AND {_CURRENT_FEEDBACK}")
         params: list[Any] = [since]
         if model_version:
-            sql += " AND model_version = ?"
+            sql += " AND f.model_version = ?"
             params.append(model_version)
-        rows = self._rows(sql + " ORDER BY ts", params)
+        rows = self._rows(sql + " ORDER BY f.ts", params)
         for r in rows:
             body = json.loads(r.pop("body"))
             r["predicted"] = body.get("predicted")
@@ -474,7 +547,7 @@ class FleetDB:
         """Feedback rows that carry an input, with that input's JSON (``data``), oldest first."""
         sql = ("SELECT f.device, f.msg_id, f.ts, f.prediction_id, f.kind, f.value, f.label, f.model_version, "
                "i.data FROM feedback f JOIN feedback_inputs i ON i.device = f.device AND i.msg_id = f.msg_id "
-               "WHERE f.ts >= ?")
+               f"WHERE f.ts >= ? AND {_CURRENT_FEEDBACK}")
         params: list[Any] = [since]
         if model_version:
             sql += " AND f.model_version = ?"
@@ -545,18 +618,19 @@ class FleetDB:
         reports = self._rows("SELECT ts, rollout_id, state, reason, model_version FROM rollout_reports "
                              "WHERE device = ? ORDER BY ts DESC LIMIT 50", (device,))
         feedback = {r["kind"]: r["n"] for r in self._rows(
-            "SELECT kind, COUNT(*) AS n FROM feedback WHERE device = ? GROUP BY kind", (device,))}
+            f"SELECT f.kind, COUNT(*) AS n FROM feedback f WHERE f.device = ? AND {_CURRENT_FEEDBACK} GROUP BY f.kind",
+            (device,))}
         return {"history": windows, "rollout_events": reports, "feedback_counts": feedback}
 
     def console_latest_feedback(self, kind: str = "incorrect", limit: int = 24,
                                 model_version: str | None = None) -> list[dict]:
-        sql = ("SELECT device, msg_id, ts, prediction_id, kind, value, label, model_version, has_input "
-               "FROM feedback WHERE kind = ?")
+        sql = ("SELECT f.device, f.msg_id, f.ts, f.prediction_id, f.kind, f.value, f.label, f.model_version, "
+               f"f.has_input FROM feedback f WHERE f.kind = ? AND {_CURRENT_FEEDBACK}")
         params: list[Any] = [kind]
         if model_version:
-            sql += " AND model_version = ?"
+            sql += " AND f.model_version = ?"
             params.append(model_version)
-        return self._rows(sql + " ORDER BY ts DESC LIMIT ?", params + [int(limit)])
+        return self._rows(sql + " ORDER BY f.ts DESC LIMIT ?", params + [int(limit)])
 
     # ------------------------------------------------------------ rollouts (controller)
     _ROLLOUT_COLS = ("rollout_id, fleet, package_name, package_version, package_sha256, package_path, state, "
