@@ -29,6 +29,7 @@ BENCHMARKS = {
     "agent": ("agent.py", "agent vs hand-written loops; request overhead; deadlines; RSS", "device agent"),
     "outbox": ("outbox.py", "outbox enqueue/flush, collector ingest, latency with the broker down", "telemetry"),
     "switch": ("switch.py", "zero-drop model switch time under steady load", "rollout"),
+    "variant_load": ("variant_load.py", "load and switch to an 80 MB variant of an installed package", "verify once"),
     "collectors": ("collectors.py", "one vs two collectors on a shared subscription", "scale"),
     "drift": ("drift.py", "drift scores: clean vs shifted inputs", "monitoring"),
     "adapt": ("adapt.py", "variant choice under a latency budget and CPU load", "monitoring"),
