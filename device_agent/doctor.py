@@ -157,11 +157,17 @@ def check_broker(url: str | None, timeout: float = 3.0) -> Check:
     return Check("broker", OK, f"{host}:{port} reachable in {1000 * (time.monotonic() - start):.0f} ms")
 
 
-def check_keys(paths: Iterable[str]) -> Check:
+def check_keys(paths: Iterable[str], allow_unsigned: bool | None = None) -> Check:
+    """``allow_unsigned``: the config's ``[agent] allow_unsigned``; None when no config was given."""
     paths = list(paths)
+    fix = "set [agent] trusted_keys = [\"/etc/edgeship/fleet.pub\"] so tampered packages are refused"
+    if not paths and allow_unsigned:
+        return Check("trust", WARN, "allow_unsigned = true: packages run unsigned, tampered ones too", fix)
+    if not paths and allow_unsigned is False:
+        return Check("trust", FAIL, "no trusted keys and allow_unsigned is off: the agent refuses every package",
+                     fix + " (or allow_unsigned = true on a lab bench)")
     if not paths:
-        return Check("trust", WARN, "no trusted keys: any package is accepted unsigned",
-                     "set [agent] trusted_keys = [\"/etc/edgeship/fleet.pub\"] so tampered packages are refused")
+        return Check("trust", WARN, "no trusted keys: the agent refuses packages unless allow_unsigned = true", fix)
     try:
         from ..signing import TrustStore
 
@@ -301,7 +307,7 @@ def run_checks(*, state_dir: str | os.PathLike, broker_url: str | None = None,
         ("disk", lambda: check_disk(state_dir)),
         ("memory", check_memory),
         ("broker", lambda: check_broker(broker_url)),
-        ("trust", lambda: check_keys(trusted_keys)),
+        ("trust", lambda: check_keys(trusted_keys, config.agent.allow_unsigned if config is not None else None)),
         ("clock", lambda: check_clock(server_url)),
     ]
     if config is not None:
