@@ -154,7 +154,10 @@ def check_broker(url: str | None, timeout: float = 3.0) -> Check:
     except OSError as exc:
         return Check("broker", FAIL, f"{host}:{port} unreachable: {exc.strerror or exc}",
                      "check the broker address, the network and the firewall; the agent buffers until it is back")
-    return Check("broker", OK, f"{host}:{port} reachable in {1000 * (time.monotonic() - start):.0f} ms")
+    # Whether the broker persists cannot be seen from a client (MQTT has no such signal), so the
+    # check says what it requires instead of guessing: "nothing accepted is lost" rests on it.
+    return Check("broker", OK, f"{host}:{port} reachable in {1000 * (time.monotonic() - start):.0f} ms; "
+                 "it must persist (Mosquitto: persistence true, docs/secure-broker.md)")
 
 
 def check_keys(paths: Iterable[str], allow_unsigned: bool | None = None) -> Check:

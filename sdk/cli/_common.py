@@ -9,7 +9,7 @@ import click
 from ..errors import EdgeshipError
 
 __all__ = ["CLIError", "EdgeshipGroup", "fail", "debug_enabled", "DEFAULT_DB", "db_option", "broker_option",
-           "fleet_option", "broker_or_embedded", "mqtt_tls_options", "cli_link_options"]
+           "fleet_option", "broker_or_embedded", "embedded_broker_line", "mqtt_tls_options", "cli_link_options"]
 
 
 def debug_enabled() -> bool:
@@ -127,6 +127,12 @@ def fleet_option(f):
     return click.option("--fleet", default="default", show_default=True, help="Fleet id (topic level).")(f)
 
 
+def embedded_broker_line(url: str) -> str:
+    """The start line of a command that runs the embedded broker: it says the broker does not persist."""
+    return (f"embedded MQTT broker on {url}: in memory only, what it holds is lost when it stops; "
+            "for a fleet pass --broker to a Mosquitto with persistence true (docs/secure-broker.md)")
+
+
 @contextlib.contextmanager
 def broker_or_embedded(url: str | None, *, quiet: bool = False):
     """Yield a broker URL: ``url``, or that of an embedded broker running for the block."""
@@ -137,5 +143,5 @@ def broker_or_embedded(url: str | None, *, quiet: bool = False):
 
     with EmbeddedBroker() as b:
         if not quiet:
-            click.echo(f"embedded MQTT broker on {b.url} (pass --broker to use a real one)", err=True)
+            click.echo(embedded_broker_line(b.url), err=True)
         yield b.url
