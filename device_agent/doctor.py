@@ -296,8 +296,9 @@ def check_api_port(config: Any) -> Check:
 
 
 def serving_checks(config: Any) -> list[Check]:
-    """What ``agent run`` needs from its config to serve: a model, readable sources, a free API address."""
-    return [check_model(config), check_sources(config), check_api_port(config)]
+    """What ``agent run`` needs from its config to serve: a model, keys to check it, readable sources, a free API address."""
+    return [check_model(config), check_keys(config.agent.trusted_keys, config.agent.allow_unsigned),
+            check_sources(config), check_api_port(config)]
 
 
 def run_checks(*, state_dir: str | os.PathLike, broker_url: str | None = None,

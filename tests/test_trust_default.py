@@ -81,8 +81,9 @@ def test_cli_refuses_in_one_line_and_the_example_with_a_key_runs(tmp_path, signi
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode != 0 and len(err) == 1, proc.stderr
     assert "trusted_keys" in err[0] and "allow_unsigned = true" in err[0]
-    doc = run_cli("agent", "doctor", "--config", str(tmp_path / "a.toml"), check=False, timeout=120)
-    assert "refuses every package" in doc.stdout
+    for cmd in (("agent", "doctor"), ("agent", "run", "--check")):
+        doc = run_cli(*cmd, "--config", str(tmp_path / "a.toml"), check=False, timeout=120)
+        assert doc.returncode == 1 and "refuses every package" in doc.stdout, doc.stdout
 
     signed = build_mlp_package(tmp_path / "pkgs", "2.0.0", signing_key=priv)
     printed = run_cli("agent", "config", "--example", "--package", str(signed), "--trusted-key", str(pub),
