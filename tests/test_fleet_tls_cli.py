@@ -16,6 +16,7 @@ import time
 import pytest
 
 from edgeship import protocol
+from edgeship.errors import ConfigError
 from edgeship.fleet.db import FleetDB
 from edgeship.fleet.stack import FleetStack
 from edgeship.mqtt import LinkOptions
@@ -85,3 +86,18 @@ def test_fleet_stack_gives_collector_and_controller_the_login(secure, tmp_path):
                     controller="loop", link_options=opts, ready_timeout=15) as stack:
         assert stack.collector.link.wait_connected(5) and stack.controller.link.wait_connected(5)
     assert time.monotonic() - start < 30
+
+
+def test_link_options_from_files_refuse_what_cannot_work(tmp_path):
+    empty = tmp_path / "empty.password"
+    empty.write_text("\n")
+    cert = tmp_path / "client.pem"
+    cert.write_text("x")
+    for kwargs, text in (({"username": "u", "password_file": str(empty)}, "is empty"),
+                         ({"password_file": str(cert)}, "needs a user name"),
+                         ({"cert_file": str(cert)}, "needs both files"),
+                         ({"key_file": str(tmp_path / "gone.key")}, "client key file")):
+        with pytest.raises(ConfigError, match=text):
+            LinkOptions.from_files(**kwargs)
+    opts = LinkOptions.from_files(username="u", password_file=str(cert), protocol="5")
+    assert (opts.username, opts.password, opts.protocol, opts.ca_file) == ("u", "x", "5", None)
