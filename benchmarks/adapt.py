@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         est = {vid: pre[vid]["p95"] + pre_wait for vid in IDS}
         lo, hi = est["wide-int8"], est["wide-fp32"]
         budget = float(lo + args.budget_at * (hi - lo))
-        cfg = parse_config({"agent": {"package": str(pkg), "state_dir": str(work / "state")},
+        cfg = parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(work / "state")},
                             # max_delay 0: answer at once (the API caller runs the batch when the runner is free)
                             "runtime": {"threads": 1}, "batcher": {"max_batch": 8, "max_delay_ms": 0.0},
                             "adapt": {"latency_budget_ms": budget}})

@@ -151,7 +151,7 @@ def agent_for(pkg, state: Path, threads: int, **sections):
     from edgeship.agent import Agent
     from edgeship.agent.config import parse_config
 
-    data = {"agent": {"package": str(pkg), "state_dir": str(state), "device_id": "bench"},
+    data = {"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(state), "device_id": "bench"},
             "runtime": {"threads": threads}}
     data.update(sections)
     return Agent(parse_config(data))
@@ -475,6 +475,7 @@ def bench_process(pk, work: Path, threads: int) -> dict:
     out = work / "proc_results.jsonl"
     cfg.write_text(f"""
 [agent]
+allow_unsigned = true
 state_dir = "{work / 'st-proc'}"
 package = "{pk['cnn']}"
 [runtime]

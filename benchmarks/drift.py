@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         pkg, info = build_package(work, split)
-        agent = Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(work / "state")},
+        agent = Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(work / "state")},
                                     "runtime": {"threads": 1}, "batcher": {"max_batch": 32}}))
         with agent:
             monitor = agent.add_component(DriftMonitor(agent))

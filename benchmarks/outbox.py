@@ -224,7 +224,7 @@ def latency_run(pkg: Path, state: Path, broker: str | None, n: int) -> dict:
     from edgeship.agent.link import FleetLink
     from edgeship.mqtt import LinkOptions
 
-    cfg = parse_config({"agent": {"package": str(pkg), "state_dir": str(state), "device_id": "lat", "fleet": FLEET},
+    cfg = parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(state), "device_id": "lat", "fleet": FLEET},
                         "batcher": {"max_batch": 8, "max_delay_ms": 0.5}, "runtime": {"threads": 1}})
     agent = Agent(cfg)
     fl = None

@@ -48,7 +48,7 @@ def run(rate: float = 500.0, switches: int = 10, between_s: float = 0.5, workdir
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="edgeship-switch-"))
     v1, v2 = build_packages(workdir / "pkgs")
-    cfg = parse_config({"agent": {"device_id": "bench", "state_dir": str(workdir / "state"), "package": str(v1)},
+    cfg = parse_config({"agent": {"allow_unsigned": True, "device_id": "bench", "state_dir": str(workdir / "state"), "package": str(v1)},
                         "runtime": {"threads": 1, "warmup": 3}, "batcher": {"max_batch": 16, "max_delay_ms": 1.0},
                         "rollout": {"health_window_s": 5}})
     agent = Agent(cfg).start()

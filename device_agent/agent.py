@@ -83,7 +83,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from ..errors import EdgeshipError, FeedbackUnavailableError, InputError, OverloadError, StoreError
+from ..errors import EdgeshipError, FeedbackUnavailableError, InputError, OverloadError, SignatureError, StoreError
 from .agent_metrics import COUNTER_NAMES, AgentMetrics  # noqa: F401 - re-exported: edgeship.agent.agent.AgentMetrics
 from .batcher import BatchPolicy, MicroBatcher, Segment, Work
 from .cache import ResultCache, input_key, row_keys
@@ -102,6 +102,12 @@ from .systemd import Notifier
 __all__ = ["Agent", "AgentMetrics", "ModelHandle", "Result", "FeedbackUnavailableError"]
 
 log = logging.getLogger("edgeship.agent")
+
+UNSIGNED_REFUSED = ("package refused: [agent] trusted_keys is empty, so its signature cannot be checked; "
+                    "set trusted_keys = [\"/etc/edgeship/fleet.pub\"] (or allow_unsigned = true to run "
+                    "unsigned packages, tampered ones included)")
+UNSIGNED_WARNING = ("[agent] allow_unsigned = true and no trusted_keys: packages are NOT signature-checked; "
+                    "unsigned, tampered and wrongly signed packages are installed and run")
 
 
 class Agent:
@@ -182,7 +188,18 @@ class Agent:
 
     # -- model loading --------------------------------------------------------
     def _trusted(self) -> list[str] | None:
-        return list(self.config.agent.trusted_keys) or None
+        """The keys packages are verified with; None (no check) only with ``allow_unsigned``.
+
+        Refusing here, at every install and load, makes the insecure set-up
+        a deliberate one: an empty key list alone no longer accepts unsigned,
+        tampered or wrongly signed packages (issue 17, item 16).
+        """
+        a = self.config.agent
+        if a.trusted_keys:
+            return list(a.trusted_keys)
+        if a.allow_unsigned:
+            return None
+        raise SignatureError(UNSIGNED_REFUSED)
 
     def load_candidate(self, sha: str, variant: str | None = None) -> ModelHandle:
         """Load and warm a stored package beside the active model (does not switch); ``variant`` overrides the config's."""
@@ -193,6 +210,11 @@ class Agent:
 
     def _load(self, sha: str, variant: str | None = None) -> ModelHandle:
         return load_handle(self.store, sha, self.config.runtime, variant)
+
+    @property
+    def signatures_off(self) -> bool:
+        """True when packages run without a signature check (``allow_unsigned`` and no keys)."""
+        return not self.config.agent.trusted_keys and self.config.agent.allow_unsigned
 
     @property
     def model(self) -> dict | None:
@@ -290,13 +312,16 @@ class Agent:
         cfg = self.config
         self.started_at = time.monotonic()
         self.store = ModelStore(cfg.agent.state_dir)
+        if self.signatures_off:
+            log.warning(UNSIGNED_WARNING)
         if cfg.agent.package:
             sha = self.store.install(cfg.agent.package, self._trusted())
             if self.store.active is None:
                 self.store.activate(sha)
         # The start-up choice loads (and so checks) its model: a package that fails to load is
         # set aside and the previous one tried (store.load_startup).
-        first = self.store.load_startup(self._load, self._trusted())
+        # An empty store needs no keys yet (a rollout, which needs them, installs the first model).
+        first = self.store.load_startup(self._load, self._trusted()) if self.store.active is not None else None
         if first is None and not self.waits_for_rollout:
             raise StoreError(f"no model: the store in {cfg.agent.state_dir} is empty; set [agent] package "
                              "to a .edgepkg file, or [mqtt] broker so a rollout can install one")
@@ -716,6 +741,7 @@ class Agent:
             "counters": self.metrics.counters.snapshot(),
             "recent_rejects": list(self.metrics.recent_rejects[-5:]),
             "disk": disk,
+            "package_signatures": "not checked (allow_unsigned)" if self.signatures_off else "required",
         }
         if self.cache is not None:
             out["cache"] = self.cache.stats()

@@ -110,7 +110,7 @@ def run_bench(package: str | os.PathLike, *, threads: int | None = None, backend
 
     agent_tp = {}
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as state:
-        base = {"agent": {"package": str(package), "state_dir": state, "device_id": "bench"},
+        base = {"agent": {"allow_unsigned": True, "package": str(package), "state_dir": state, "device_id": "bench"},
                 "runtime": {"threads": threads, "backend": backend} if threads or backend else {}}
         base["runtime"] = {k: v for k, v in base["runtime"].items() if v is not None}
         cfg = parse_config({**base, "batcher": {"max_batch": 1, "max_delay_ms": 0}})

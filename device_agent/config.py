@@ -64,6 +64,9 @@ class AgentSection:
     state_dir: str = "edgeship-state"
     package: str | None = None  # installed into the store and activated at start when given
     trusted_keys: list[str] = field(default_factory=list)
+    # Without trusted_keys nothing can be verified: packages are refused unless this says, on
+    # purpose, that unsigned (and so also tampered) packages may run. Logged loudly; in health.
+    allow_unsigned: bool = False
     drain_timeout_s: float = _opt(5.0, _at_least(0))
     log_level: str = _opt("info", _one_of("debug", "info", "warning", "error"))
 
@@ -378,7 +381,8 @@ device_id = "pi-kitchen-01"       # unique in the fleet; defaults to the host na
 fleet = "default"
 state_dir = "/var/lib/edgeship"   # store/, state.json, outbox.sqlite live here
 # package = "digits-1.0.0.edgepkg"  # installed + activated at start if not active yet
-trusted_keys = []                 # e.g. ["/etc/edgeship/fleet.pub"]; empty = accept unsigned packages
+trusted_keys = []                 # e.g. ["/etc/edgeship/fleet.pub"]; packages must be signed by one of them
+# allow_unsigned = true           # with no trusted_keys: run unsigned packages (tampered ones too); lab only
 drain_timeout_s = 5.0             # on SIGTERM, answer in-flight requests for at most this long
 
 [runtime]
@@ -482,10 +486,12 @@ def _example_line(text: str, prefix: str, value: str) -> str:
 
 
 def example_config(*, package: str | None = None, state_dir: str | None = None, broker: str | None = None,
-                   source: str | None = None, port: int | None = None) -> str:
+                   source: str | None = None, port: int | None = None, trusted_keys: list[str] | None = None) -> str:
     """:data:`EXAMPLE_CONFIG` with the values a first run needs filled in (each ``None`` keeps the example's).
 
-    ``source`` is the path of the example's JSON-lines source (``"-"`` = stdin).
+    ``source`` is the path of the example's JSON-lines source (``"-"`` = stdin);
+    ``trusted_keys`` the .pub files packages must be signed with (without them the
+    agent refuses packages, see ``[agent] allow_unsigned``).
     """
     text = EXAMPLE_CONFIG
     q = json.dumps  # a JSON string is a valid TOML basic string
@@ -499,4 +505,6 @@ def example_config(*, package: str | None = None, state_dir: str | None = None, 
         text = _example_line(text, 'path = "/run/sensors/imu.jsonl"', q(source))
     if port is not None:
         text = _example_line(text, "port = ", str(int(port)))
+    if trusted_keys:
+        text = _example_line(text, "trusted_keys = ", q(list(trusted_keys)))
     return text

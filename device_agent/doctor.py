@@ -154,14 +154,23 @@ def check_broker(url: str | None, timeout: float = 3.0) -> Check:
     except OSError as exc:
         return Check("broker", FAIL, f"{host}:{port} unreachable: {exc.strerror or exc}",
                      "check the broker address, the network and the firewall; the agent buffers until it is back")
-    return Check("broker", OK, f"{host}:{port} reachable in {1000 * (time.monotonic() - start):.0f} ms")
+    # Whether the broker persists cannot be seen from a client (MQTT has no such signal), so the
+    # check says what it requires instead of guessing: "nothing accepted is lost" rests on it.
+    return Check("broker", OK, f"{host}:{port} reachable in {1000 * (time.monotonic() - start):.0f} ms; "
+                 "it must persist (Mosquitto: persistence true, docs/secure-broker.md)")
 
 
-def check_keys(paths: Iterable[str]) -> Check:
+def check_keys(paths: Iterable[str], allow_unsigned: bool | None = None) -> Check:
+    """``allow_unsigned``: the config's ``[agent] allow_unsigned``; None when no config was given."""
     paths = list(paths)
+    fix = "set [agent] trusted_keys = [\"/etc/edgeship/fleet.pub\"] so tampered packages are refused"
+    if not paths and allow_unsigned:
+        return Check("trust", WARN, "allow_unsigned = true: packages run unsigned, tampered ones too", fix)
+    if not paths and allow_unsigned is False:
+        return Check("trust", FAIL, "no trusted keys and allow_unsigned is off: the agent refuses every package",
+                     fix + " (or allow_unsigned = true on a lab bench)")
     if not paths:
-        return Check("trust", WARN, "no trusted keys: any package is accepted unsigned",
-                     "set [agent] trusted_keys = [\"/etc/edgeship/fleet.pub\"] so tampered packages are refused")
+        return Check("trust", WARN, "no trusted keys: the agent refuses packages unless allow_unsigned = true", fix)
     try:
         from ..signing import TrustStore
 
@@ -287,8 +296,9 @@ def check_api_port(config: Any) -> Check:
 
 
 def serving_checks(config: Any) -> list[Check]:
-    """What ``agent run`` needs from its config to serve: a model, readable sources, a free API address."""
-    return [check_model(config), check_sources(config), check_api_port(config)]
+    """What ``agent run`` needs from its config to serve: a model, keys to check it, readable sources, a free API address."""
+    return [check_model(config), check_keys(config.agent.trusted_keys, config.agent.allow_unsigned),
+            check_sources(config), check_api_port(config)]
 
 
 def run_checks(*, state_dir: str | os.PathLike, broker_url: str | None = None,
@@ -301,7 +311,7 @@ def run_checks(*, state_dir: str | os.PathLike, broker_url: str | None = None,
         ("disk", lambda: check_disk(state_dir)),
         ("memory", check_memory),
         ("broker", lambda: check_broker(broker_url)),
-        ("trust", lambda: check_keys(trusted_keys)),
+        ("trust", lambda: check_keys(trusted_keys, config.agent.allow_unsigned if config is not None else None)),
         ("clock", lambda: check_clock(server_url)),
     ]
     if config is not None:

@@ -24,6 +24,7 @@ URLs: ``mqtt://[user:pass@]host[:1883]`` or ``mqtts://host[:8883]`` (TLS).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import threading
@@ -128,6 +129,35 @@ class LinkOptions:
     backoff_cap: float = 30.0
     connect_timeout: float = 5.0
     stall_after_s: float = 10.0      # loop heartbeat older than this => stalled
+
+    @classmethod
+    def from_files(cls, *, ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
+                   username: str | None = None, password_file: str | None = None, **other: Any) -> "LinkOptions":
+        """Options for a fleet-side link from files named on a command line.
+
+        A file that is missing, or a password file that is empty, is one
+        :class:`ConfigError` naming it, before any connection is tried; the
+        password is read from its file so it never shows in ``ps``.
+        """
+        for what, path in (("CA", ca_file), ("client certificate", cert_file), ("client key", key_file),
+                           ("password", password_file)):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"MQTT {what} file {path!r} does not exist")
+        if bool(cert_file) != bool(key_file):
+            raise ConfigError("an MQTT client certificate needs both files: certificate and key")
+        password = None
+        if password_file:
+            try:
+                with open(password_file, encoding="utf-8") as fh:
+                    password = fh.readline().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"MQTT password file {password_file!r} cannot be read: {exc}") from exc
+            if not password:
+                raise ConfigError(f"MQTT password file {password_file!r} is empty; its first line is the password")
+            if not username:
+                raise ConfigError("an MQTT password file needs a user name too")
+        return cls(ca_file=ca_file or None, cert_file=cert_file or None, key_file=key_file or None,
+                   username=username or None, password=password, **other)
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ def _agent(tmp_path, pkg, **sections):
     from edgeship.agent import Agent
     from edgeship.agent.config import parse_config
 
-    return Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(tmp_path / "state")},
+    return Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(tmp_path / "state")},
                                "runtime": {"threads": 1}, **sections}))
 
 
@@ -227,7 +227,7 @@ def test_threads_and_batch_delay_are_measured_when_the_config_leaves_them_open(t
 
     pkg = _package(tmp_path)
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f'[agent]\npackage = "{pkg}"\nstate_dir = "{tmp_path / "state"}"\n'
+    cfg.write_text(f'[agent]\nallow_unsigned = true\npackage = "{pkg}"\nstate_dir = "{tmp_path / "state"}"\n'
                    '[batcher]\nmax_batch = 8\n[adapt]\nlatency_budget_ms = 1000\nmeasure_s = 0.05\ncheck_s = 3600\n')
     with Agent(load_config(cfg)) as agent:
         ctl = agent.add_component(AdaptController(agent))

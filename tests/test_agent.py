@@ -49,7 +49,7 @@ def pkgs(tmp_path_factory):
 
 
 def make_agent(tmp_path, pkg, sink_objects=(), **sections) -> Agent:
-    data = {"agent": {"package": str(pkg), "state_dir": str(tmp_path / "state")}}
+    data = {"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(tmp_path / "state")}}
     for k, v in sections.items():
         data[k] = v
     return Agent(parse_config(data), sinks=sink_objects)
@@ -370,7 +370,7 @@ class Recorder:
 def test_components_and_callback_sink_see_every_result(tmp_path, pkgs):
     got = []
     per_batch, per_result = Recorder(True), Recorder(False)
-    cfg = parse_config({"agent": {"package": str(pkgs["v1"]), "state_dir": str(tmp_path / "st")},
+    cfg = parse_config({"agent": {"allow_unsigned": True, "package": str(pkgs["v1"]), "state_dir": str(tmp_path / "st")},
                         "sources": [{"type": "synthetic", "id": "syn", "shape": [64], "count": 100}],
                         "sinks": [{"type": "callback", "name": "app"}]})
     agent = Agent(cfg, callbacks={"app": got.append}, components=[per_batch])
@@ -406,7 +406,7 @@ class SlowInputHook:
 
 def test_input_hooks_see_their_own_batch_while_the_next_one_runs(tmp_path, pkgs):
     hook = SlowInputHook()
-    cfg = parse_config({"agent": {"package": str(pkgs["v1"]), "state_dir": str(tmp_path / "st")},
+    cfg = parse_config({"agent": {"allow_unsigned": True, "package": str(pkgs["v1"]), "state_dir": str(tmp_path / "st")},
                         "batcher": {"max_batch": 8, "max_delay_ms": 0},
                         "sources": [{"type": "synthetic", "id": "syn", "shape": [64], "count": 400}]})
     with Agent(cfg, components=[hook]) as agent:
@@ -505,7 +505,7 @@ def test_corrupt_active_package_falls_back_to_previous(tmp_path, pkgs, caplog):
     store.activate(sha2)
     _corrupt(store, sha2)
     with caplog.at_level(logging.ERROR, "edgeship.agent"):
-        agent = Agent(parse_config({"agent": {"state_dir": str(tmp_path / "state")}}))
+        agent = Agent(parse_config({"agent": {"allow_unsigned": True, "state_dir": str(tmp_path / "state")}}))
         with agent:
             assert agent.model["sha256"] == sha1
             assert agent.infer(np.zeros(64, np.float32)).model["version"] == "1.0.0"
@@ -522,7 +522,7 @@ def test_corrupt_active_package_without_fallback_refuses_to_start(tmp_path, pkgs
     sha1 = store.install(pkgs["v1"])
     store.activate(sha1)
     _corrupt(store, sha1)
-    agent = Agent(parse_config({"agent": {"state_dir": str(tmp_path / "state")}}))
+    agent = Agent(parse_config({"agent": {"allow_unsigned": True, "state_dir": str(tmp_path / "state")}}))
     with pytest.raises(StoreError) as err:
         agent.start()
     assert "corrupt" in str(err.value) and "\n" not in str(err.value)
@@ -531,7 +531,7 @@ def test_corrupt_active_package_without_fallback_refuses_to_start(tmp_path, pkgs
 
 def test_empty_store_without_package_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match=r"\[agent\] package"):
-        Agent(parse_config({"agent": {"state_dir": str(tmp_path / "st")}})).start()
+        Agent(parse_config({"agent": {"allow_unsigned": True, "state_dir": str(tmp_path / "st")}})).start()
 
 
 # -- config --------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ class FeedbackStore:
 @pytest.fixture()
 def api_agent(tmp_path, pkg):
     fb = FeedbackStore()
-    agent = Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(tmp_path / "st")},
+    agent = Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(tmp_path / "st")},
                                 "api": {"enabled": True, "port": 0, "max_body_bytes": 100_000}}),
                   components=[fb]).start()
     agent.feedback_store = fb
@@ -133,7 +133,7 @@ def test_health_metrics_and_feedback(api_agent):
 
 
 def test_feedback_without_component_is_503(tmp_path, pkg):
-    agent = Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(tmp_path / "st")},
+    agent = Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(tmp_path / "st")},
                                 "api": {"enabled": True, "port": 0}})).start()
     try:
         status, body, _ = call(agent, "POST", "/v1/feedback", json.dumps({"prediction_id": "x", "kind": "correct"}))
@@ -143,7 +143,7 @@ def test_feedback_without_component_is_503(tmp_path, pkg):
 
 
 def test_overload_is_503_with_retry_after(tmp_path, pkg):
-    agent = Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(tmp_path / "st")},
+    agent = Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(tmp_path / "st")},
                                 "api": {"enabled": True, "port": 0}})).start()
     port = agent.api.port
     agent.batcher.stop(0.5)  # the batcher refuses new work from now on: what a stopping agent does
@@ -160,7 +160,7 @@ def test_overload_is_503_with_retry_after(tmp_path, pkg):
 
 def test_unix_socket(tmp_path, pkg):
     sock_path = str(tmp_path / "agent.sock")
-    agent = Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(tmp_path / "st")},
+    agent = Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(tmp_path / "st")},
                                 "api": {"enabled": True, "unix_socket": sock_path}})).start()
     try:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -196,7 +196,7 @@ def test_prometheus_text_is_pure():
 def start_agent(tmp_path, pkg, components=(), **api):
     """An agent with the API on a free port (or ``unix_socket``) and the ``[api]`` keys given."""
     section = {"enabled": True, "port": 0, **api}
-    return Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(tmp_path / "st")}, "api": section}),
+    return Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(tmp_path / "st")}, "api": section}),
                  components=list(components)).start()
 
 

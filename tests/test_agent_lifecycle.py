@@ -27,6 +27,7 @@ def write_config(tmp_path: Path, pkg: Path, rate_hz: float = 400) -> Path:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f"""
 [agent]
+allow_unsigned = true
 device_id = "test-dev"
 state_dir = "state"
 package = "{pkg}"

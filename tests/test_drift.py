@@ -191,7 +191,7 @@ def test_agent_drift_monitor_reports_clean_and_shifted_windows(tmp_path):
     onnx_path = make_mlp_onnx(tmp_path / "mlp.onnx")
     pkg = package.build(tmp_path / "m.edgepkg", onnx_path, name="m", version="1.0.0",
                         labels=[f"c{i}" for i in range(10)], reference_stats=ref)
-    agent = Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(tmp_path / "state")}}))
+    agent = Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(tmp_path / "state")}}))
     outbox = Outbox(tmp_path / "outbox.sqlite", 10_000_000)
     tel = Telemetry(outbox, "f", "dev1", window_s=3600, metrics_snapshot=agent.metrics.snapshot)
     with agent:

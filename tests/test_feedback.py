@@ -75,7 +75,7 @@ def test_agent_feedback_loop_to_fleet_db_and_export(mosquitto, tmp_path):
     db = FleetDB.open(db_path)
     col = Collector(db, mosquitto.url, "fb", client_id="col-fb", link_options=LinkOptions(backoff_cap=0.5)).start()
     assert col.wait_ready(10)
-    cfg = parse_config({"agent": {"package": str(pkg), "state_dir": str(tmp_path / "state"), "device_id": "pi-7",
+    cfg = parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(tmp_path / "state"), "device_id": "pi-7",
                                   "fleet": "fb"},
                         "api": {"enabled": True, "port": 0},
                         "mqtt": {"broker": mosquitto.url},

@@ -153,7 +153,7 @@ class Rig:
         from edgeship.agent import Agent
         from edgeship.agent.config import parse_config
 
-        agent = Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(self.tmp / "state"),
+        agent = Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(self.tmp / "state"),
                                               "device_id": "pi-life", "fleet": "life"},
                                     "runtime": {"threads": 1}}))
         self.later(agent.stop)

@@ -328,7 +328,7 @@ def test_agent_process_sigkilled_during_outage_delivers_after_restart(mosquitto_
     mosquitto_private.stop()
     port = free_port()
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f'[agent]\npackage = "{pkg}"\nstate_dir = "{tmp_path / "state"}"\ndevice_id = "pi-k"\n'
+    cfg.write_text(f'[agent]\nallow_unsigned = true\npackage = "{pkg}"\nstate_dir = "{tmp_path / "state"}"\ndevice_id = "pi-k"\n'
                    f'fleet = "{FLEET}"\n[api]\nenabled = true\nport = {port}\n'
                    f'[mqtt]\nbroker = "{mosquitto_private.url}"\n[telemetry]\nwindow_s = 0.2\n')
     url = f"http://127.0.0.1:{port}"

@@ -58,11 +58,14 @@ def run_cmd(config_path: str, check: bool, until_done: bool, log_level: str | No
 @click.option("--broker", default=None, help="Fill in [mqtt] broker (mqtt://host:1883): report and take rollouts.")
 @click.option("--source", default=None, help="Fill in the JSON-lines source's path (\"-\" = stdin).")
 @click.option("--port", type=int, default=None, help="Fill in [api] port.")
-def config_cmd(example: bool, package, state_dir, broker, source, port) -> None:
+@click.option("--trusted-key", "trusted_keys", multiple=True,
+              help="Fill in [agent] trusted_keys: a .pub key packages must be signed with (repeatable).")
+def config_cmd(example: bool, package, state_dir, broker, source, port, trusted_keys) -> None:
     """Print a commented example agent.toml (relative paths are relative to the file)."""
     from ..agent.config import example_config
 
-    click.echo(example_config(package=package, state_dir=state_dir, broker=broker, source=source, port=port), nl=False)
+    click.echo(example_config(package=package, state_dir=state_dir, broker=broker, source=source, port=port,
+                              trusted_keys=list(trusted_keys)), nl=False)
 
 
 @click.command("bench")

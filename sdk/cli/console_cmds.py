@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import EdgeshipGroup, broker_or_embedded
+from ._common import EdgeshipGroup, broker_or_embedded, cli_link_options, mqtt_tls_options
 
 __all__ = ["console"]
 
@@ -15,6 +15,7 @@ __all__ = ["console"]
               help="Fleet DB: a SQLite path or sqlite:///path.")
 @click.option("--broker", default=None, envvar="EDGESHIP_BROKER",
               help="MQTT broker URL the console collects from and runs rollouts on. Default: an embedded broker on 127.0.0.1.")
+@mqtt_tls_options
 @click.option("--fleet", "fleet_name", default="default", show_default=True, help="Fleet name (MQTT topic level).")
 @click.option("--host", default=None, help="Address to bind (default from config, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default from config, 8080).")
@@ -29,9 +30,10 @@ def console(ctx: click.Context, config_path, db_url, broker, fleet_name, host, p
         return
     from ..fleet.console import FleetConsole
 
+    opts = cli_link_options(broker)
     with broker_or_embedded(broker) as url, FleetConsole.open(
             config=config_path, db=db_url, broker=url, fleet=fleet_name, host=host, port=port,
-            packages_dir=packages_dir, signing_key=signing_key) as c:
+            packages_dir=packages_dir, signing_key=signing_key, link_options=opts) as c:
         click.echo(f"console on {c.url}  (Ctrl-C to stop)", err=True)
         try:
             c.wait()

@@ -16,7 +16,8 @@ import time
 
 import click
 
-from ._common import DEFAULT_DB, EdgeshipGroup, broker_option, broker_or_embedded, db_option, fleet_option
+from ._common import (DEFAULT_DB, EdgeshipGroup, broker_option, broker_or_embedded, cli_link_options, db_option,
+                      fleet_option)
 
 __all__ = ["fleet", "DEFAULT_DB", "db_option", "broker_option", "fleet_option", "broker_or_embedded"]
 
@@ -51,8 +52,10 @@ def collect(broker, db_url, fleet, share_group, client_id, protocol_version, dur
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    opts = cli_link_options(broker, protocol=protocol_version)  # bad TLS files: refused before anything opens
     with FleetDB.open(db_url) as db, broker_or_embedded(broker, quiet=quiet) as url:
         col = Collector(db, url, fleet, share_group, client_id=client_id, protocol_version=protocol_version,
+                        link_options=opts,
                         skew=protocol.Skew(future_s=future_s, past_s=past_s or None),
                         max_crashes=3)  # then exit non-zero (col.check below): the supervisor restarts us
         with col:

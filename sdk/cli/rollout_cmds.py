@@ -20,7 +20,7 @@ import time
 
 import click
 
-from ._common import EdgeshipGroup, broker_option, db_option, fleet_option
+from ._common import EdgeshipGroup, broker_option, cli_link_options, db_option, embedded_broker_line, fleet_option
 
 __all__ = ["rollout", "serve"]
 
@@ -47,12 +47,12 @@ def _controller(db_url, broker, fleet, key_path, *, loop: bool = False, serve_ho
 
     def said(url: str) -> None:
         if not quiet:
-            click.echo(f"embedded MQTT broker on {url} (pass --broker to use a real one)", err=True)
+            click.echo(embedded_broker_line(url), err=True)
 
     # A looping controller without --broker gets an embedded broker; one command without one only stores.
     with FleetStack(db_url, broker_url=broker, fleet=fleet, embedded_broker=loop, on_embedded=said,
                     collect=collect, controller="loop" if loop else "link", signing_key=key_path,
-                    serve_host=serve_host, serve_port=serve_port) as stack:
+                    serve_host=serve_host, serve_port=serve_port, link_options=cli_link_options(broker)) as stack:
         yield stack.controller
 
 

@@ -59,7 +59,8 @@ class RolloutController(Loop):
                  signing_key: Any = None, trusted_keys: Sequence[Any] | None = None,
                  package_base_url: str | None = None, serve_host: str = "127.0.0.1", serve_port: int = 0,
                  tick_s: float = 1.0, record_every_s: float = 10.0, plan_ttl_s: float = 30 * 86400.0, clock: Callable[[], float] = time.time,
-                 gate_hooks: Mapping[str, ro.GateHook] | None = None, client_id: str | None = None) -> None:
+                 gate_hooks: Mapping[str, ro.GateHook] | None = None, client_id: str | None = None,
+                 link_options: Any = None) -> None:
         if not protocol.valid_id(fleet):
             raise ConfigError(f"fleet {fleet!r} is not a valid id")
         super().__init__(f"rollout-controller-{fleet}")
@@ -87,7 +88,9 @@ class RolloutController(Loop):
         if isinstance(link_or_broker_url, str):
             from ..mqtt import LinkOptions, MqttLink
 
-            self.link = MqttLink(link_or_broker_url, LinkOptions(
+            # link_options: the broker login and TLS files (edgeship.mqtt.LinkOptions); the id is ours.
+            self.link = MqttLink(link_or_broker_url, replace(
+                link_options or LinkOptions(),
                 client_id=client_id or f"edgeship-controller-{fleet}-{secrets.token_hex(3)}"[:64]))
             self._own_link = True
         elif link_or_broker_url is not None:

@@ -3,7 +3,19 @@
 ``edgeship demo`` and the fleet commands need a broker; when the user names
 none, :class:`EmbeddedBroker` runs amqtt's broker in its own thread with its
 own asyncio loop on a free loopback port. It keeps state in memory only: for
-a real fleet, run Mosquitto (or any MQTT 3.1.1/5 broker) and pass ``--broker``.
+a real fleet, run Mosquitto with ``persistence true`` and pass ``--broker``
+(docs/secure-broker.md).
+
+Why it does not persist: amqtt 0.12's only persistence, its optional
+``SessionDBPlugin`` (SQLAlchemy + aiosqlite, not edgeship dependencies),
+stores retained messages, persistent sessions' subscriptions and messages
+queued for a *disconnected* persistent client, but not a QoS 1 message in
+flight to a connected subscriber; it keeps queued payloads as text, never
+deletes a queued message once delivered (replayed after every restart), and
+clears everything on a clean shutdown unless told not to. That would not make
+"accepted means kept" true, so it is not enabled. (Seen besides: a QoS 1
+message for a persistent session that is away is acked and never delivered;
+tests/test_broker_persistence.py.)
 """
 from __future__ import annotations
 

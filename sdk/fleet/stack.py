@@ -44,7 +44,7 @@ class FleetStack:
                  collect: bool = False, packages_dir: str | os.PathLike | None = None,
                  package_host: str = "127.0.0.1", controller: str | None = None, signing_key: Any = None,
                  serve_host: str = "127.0.0.1", serve_port: int = 0, tick_s: float = 1.0,
-                 ready_timeout: float | None = None) -> None:
+                 ready_timeout: float | None = None, link_options: Any = None) -> None:
         if controller not in CONTROLLER_MODES:
             raise ValueError(f"controller must be one of {CONTROLLER_MODES}, got {controller!r}")
         self._db_arg = db
@@ -60,6 +60,7 @@ class FleetStack:
         self.serve_host, self.serve_port = serve_host, serve_port
         self.tick_s = tick_s
         self.ready_timeout = ready_timeout
+        self.link_options = link_options  # edgeship.mqtt.LinkOptions for the collector's and controller's links
         self.db = None
         self.broker = None           # the embedded broker, when this stack started one
         self.collector = None
@@ -116,7 +117,8 @@ class FleetStack:
     def _start_collector(self) -> None:
         from .collector import Collector
 
-        self.collector = self._own(Collector(self.db, self.broker_url, self.fleet).start())
+        self.collector = self._own(Collector(self.db, self.broker_url, self.fleet,
+                                             link_options=self.link_options).start())
         if self.ready_timeout is not None and not self.collector.wait_ready(self.ready_timeout):
             raise EdgeshipError(f"the collector could not connect to the MQTT broker at {self.broker_url}; "
                                 "is it running?")
@@ -126,7 +128,7 @@ class FleetStack:
 
         ctl = RolloutController(self.db, self.broker_url, self.fleet, signing_key=self.signing_key,
                                 package_base_url=self.package_url, serve_host=self.serve_host,
-                                serve_port=self.serve_port, tick_s=self.tick_s)
+                                serve_port=self.serve_port, tick_s=self.tick_s, link_options=self.link_options)
         self.controller = self._own(ctl)
         if self.controller_mode == "loop":
             ctl.start()

@@ -16,6 +16,7 @@ one unless told to).
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -48,6 +49,10 @@ class ConsoleConfig:
     port: int = 8080
     tls_cert: str = ""
     tls_key: str = ""
+    # Addresses (or networks) of reverse proxies whose X-Forwarded-For / -Proto are believed.
+    # Empty: none, not even loopback, so a client cannot pick the address the login lockout
+    # and the audit log see (uvicorn would trust 127.0.0.1 by default).
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -69,6 +74,12 @@ class ConsoleConfig:
             raise ConfigError(f"[console] port: {self.port!r} is not a TCP port (0-65535)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("[console] tls_cert and tls_key: set both (PEM files) or neither")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except (TypeError, ValueError):
+                raise ConfigError(f"[console] trusted_proxies: {proxy!r} is not an IP address or network "
+                                  "(e.g. \"10.0.0.5\" or \"10.0.0.0/24\")") from None
         for key in ("tls_cert", "tls_key"):
             value = getattr(self, key)
             if value and not Path(value).is_file():
@@ -76,7 +87,7 @@ class ConsoleConfig:
 
 
 _KEYS = {"user": str, "password_hash": str, "token_sha256": str, "session_ttl_s": (int, float),
-         "host": str, "port": int, "tls_cert": str, "tls_key": str}
+         "host": str, "port": int, "tls_cert": str, "tls_key": str, "trusted_proxies": list}
 
 
 def load_console_config(path: str | os.PathLike | None = None) -> ConsoleConfig:
@@ -97,7 +108,7 @@ def load_console_config(path: str | os.PathLike | None = None) -> ConsoleConfig:
             raise ConfigError(f"[console] {key}: unknown key; expected one of {', '.join(_KEYS)}")
         if isinstance(value, bool) or not isinstance(value, _KEYS[key]):
             raise ConfigError(f"[console] {key}: wrong type {type(value).__name__}")
-        kwargs[key] = value
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
     return ConsoleConfig(**kwargs)
 
 

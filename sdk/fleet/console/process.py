@@ -24,7 +24,7 @@ class FleetConsole:
 
     def __init__(self, config: ConsoleConfig, db, *, broker: str | None = None, fleet: str = "default",
                  host: str | None = None, port: int | None = None, packages_dir: str | os.PathLike | None = None,
-                 signing_key: str | os.PathLike | None = None, own_db: bool = False) -> None:
+                 signing_key: str | os.PathLike | None = None, own_db: bool = False, link_options=None) -> None:
         self.config = config
         self.db = db
         self.broker = broker
@@ -33,6 +33,7 @@ class FleetConsole:
         self.port = port
         self.packages_dir = Path(packages_dir) if packages_dir else None
         self.signing_key = signing_key
+        self.link_options = link_options  # edgeship.mqtt.LinkOptions: broker login and TLS files
         self._own_db = own_db
         self._stack = None  # edgeship.fleet.stack.FleetStack: collector, controller, package server
         self.collector = None
@@ -45,14 +46,14 @@ class FleetConsole:
     def open(cls, *, config: str | os.PathLike | ConsoleConfig | None = None, db: str | os.PathLike = "edgeship-fleet.sqlite",
              broker: str | None = None, fleet: str = "default", host: str | None = None, port: int | None = None,
              packages_dir: str | os.PathLike | None = None,
-             signing_key: str | os.PathLike | None = None) -> "FleetConsole":
+             signing_key: str | os.PathLike | None = None, link_options=None) -> "FleetConsole":
         from ..db import FleetDB
 
         cfg = config if isinstance(config, ConsoleConfig) else load_console_config(config)
         if packages_dir is not None and not Path(packages_dir).is_dir():
             raise ConfigError(f"--serve-packages {str(packages_dir)!r} is not a directory")
         return cls(cfg, FleetDB.open(db), broker=broker, fleet=fleet, host=host, port=port,
-                   packages_dir=packages_dir, signing_key=signing_key, own_db=True)
+                   packages_dir=packages_dir, signing_key=signing_key, own_db=True, link_options=link_options)
 
     @property
     def url(self) -> str:
@@ -68,7 +69,7 @@ class FleetConsole:
         self._stack = FleetStack(self.db, broker_url=self.broker, fleet=self.fleet, collect=bool(self.broker),
                                  packages_dir=self.packages_dir, package_host=self.host or self.config.host,
                                  controller="loop" if self.broker else None, signing_key=self.signing_key,
-                                 serve_host=self.host or self.config.host)
+                                 serve_host=self.host or self.config.host, link_options=self.link_options)
         try:
             self._stack.start()
             self.collector, self.controller = self._stack.collector, self._stack.controller

@@ -64,8 +64,12 @@ class ConsoleServer:
         kwargs = {}
         if self.config.tls:
             kwargs.update(ssl_certfile=self.config.tls_cert, ssl_keyfile=self.config.tls_key)
+        # Proxy headers only from configured proxies: uvicorn's default trusts X-Forwarded-For from
+        # 127.0.0.1, and any local client could then choose its address (issue 17, item 18).
+        proxies = self.config.trusted_proxies
         cfg = uvicorn.Config(self.app, log_level="warning", access_log=self.access_log, lifespan="off",
-                             timeout_graceful_shutdown=2, log_config=None, **kwargs)
+                             timeout_graceful_shutdown=2, log_config=None, proxy_headers=bool(proxies),
+                             forwarded_allow_ips=list(proxies) or None, **kwargs)
         self._server = uvicorn.Server(cfg)
         self._thread = threading.Thread(target=self._run, name="edgeship-console", daemon=True)
         self._thread.start()
