@@ -55,10 +55,10 @@ RUN = "run"
 BLOCKS: dict[tuple[str, str], str] = {
     ("README.md", "workstation                         device (Pi)                       fleet side"):
         "a diagram, not a command",
-    ("README.md", 'pip install -e ".[all]" && edgeship demo'):
+    ("README.md", 'pip install -c constraints.txt -e ".[all]" && edgeship demo'):
         "installs into the current environment; the install is tested by tests/test_install.py and "
         "`edgeship demo` by tests/test_demo.py",
-    ("README.md", 'pip install -e ".[all,test]" && python -m pytest -q'):
+    ("README.md", 'pip install -c constraints.txt -e ".[all,test]" && python -m pytest -q'):
         "it is the test suite itself",
     ("README.md", "python examples/digits/prepare.py --out data --teacher-epochs 1    "
                   "# data/{train,calib,eval}.npz + a trained teacher.onnx"): RUN,
@@ -83,6 +83,33 @@ BLOCKS: dict[tuple[str, str], str] = {
     ("docs/raspberry-pi.md", "/var/lib/edgeship/results*.jsonl {"):
         "a logrotate snippet (edgeship.agent.service.LOGROTATE_SNIPPET), not a command",
     ("docs/raspberry-pi.md", "sudo systemctl stop edgeship-agent"): "root + systemd on a Pi: upgrades /opt/edgeship",
+    ("docs/raspberry-pi.md", "# on the workstation, in the checkout"):
+        "copies a wheel to a Pi with scp; the wheel route itself is tested by tests/test_install.py",
+    ("docs/http-api.md", '{"x": [0.1, 0.2, ...]}                          # one sample: an array with the model '
+                         "input's sample shape"): "request body formats (with elisions), tested in tests/test_agent_api.py",
+    ("docs/http-api.md", '{"samples": [[...], [...], ...], "input": "raw"}'):
+        "a request body with elisions; batches are tested in tests/test_agent_api.py",
+    ("docs/http-api.md", "curl -s --data-binary @cat.png -H 'Content-Type: image/png' http://127.0.0.1:8765/v1/infer"):
+        "needs a running agent on 8765 and a cat.png; image uploads are tested in tests/test_agent_api.py",
+    ("docs/http-api.md", "curl -s -F image=@a.png -F image=@b.png -F deadline_ms=200 http://127.0.0.1:8765/v1/infer"):
+        "needs a running agent on 8765 and two images; multipart is tested in tests/test_agent_api.py",
+    ("docs/http-api.md", '{"prediction_id": "...", "source": "http", "ts": 1767225600.1, "model": {"name": "digits", '
+                         '"version": "1.2.0", "sha256": "..."},'): "a response body, not a command",
+    ("docs/http-api.md", '{"input": "raw", "count": 3, "errors": 1,'): "a response body, not a command",
+    ("docs/http-api.md", 'curl -s -H "Authorization: Bearer $(cat /etc/edgeship/api-token)" '
+                         "http://127.0.0.1:8765/v1/health"):
+        "needs a running agent with a token file in /etc; token auth is tested in tests/test_agent_api.py",
+    ("docs/keys.md", "edgeship package keygen packages-2026"): RUN,
+    ("docs/secure-broker.md", "edgeship fleet device add kitchen-01 --passwd-file edgeship.passwd "
+                              "--acl-file edgeship.acl"): RUN,
+    ("docs/secure-broker.md", "pattern write edgeship/v1/+/devices/%u/#"):
+        "the ACL edgeship writes (a file, not a command); tests/test_secure_broker.py runs a broker with it",
+    ("docs/secure-broker.md", "edgeship fleet device broker-config --passwd-file /etc/mosquitto/edgeship.passwd "
+                              "--acl-file /etc/mosquitto/edgeship.acl --cafile /etc/mosquitto/ca.pem "
+                              "--certfile /etc/mosquitto/server.pem --keyfile /etc/mosquitto/server.key"): RUN,
+    ("docs/secure-broker.md", "per_listener_settings false"):
+        "a mosquitto.conf (printed by the command above), not a command",
+    ("docs/secure-broker.md", "[mqtt]"): "an agent.toml snippet, not a command",
 }
 
 FENCE = re.compile(r"^```([\w-]*)\s*$")
