@@ -284,6 +284,18 @@ def test_login_throttle_not_dodged_by_rotating_x_forwarded_for(hostile):
     healthy(hostile)
 
 
+@pytest.mark.xfail(strict=True, reason="#17.18, H10: X-Forwarded-For from any local client is trusted "
+                                       "(uvicorn proxy_headers default), so the audit log records a forged address")
+def test_audit_records_the_real_address_not_x_forwarded_for(hostile):
+    c = Client(hostile[0])
+    r = c.request("POST", "/api/v1/rollouts/r-1/abort", body={}, headers={"X-Forwarded-For": "198.51.100.7"})
+    assert r.status == 401
+    entry = hostile[1].audit_list(limit=1)[0]
+    assert (entry["action"], entry["outcome"]) == ("rollout_action", "refused: not logged in")
+    assert entry["remote"] == "127.0.0.1", entry["remote"]
+    healthy(hostile)
+
+
 @pytest.mark.parametrize("nxt", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "\\\\evil.example",
                                  "javascript:alert(1)", "/\t/evil.example", "http:/evil.example", " //evil.example"])
 def test_login_next_is_never_an_open_redirect(hostile, nxt):
