@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from edgeship import protocol
 from test_console_api import PASSWORD, TOKEN, Client, _msg, console  # noqa: F401 - console is a fixture
 
 AREA = "console"  # tests/hostile/ counts tried/held per area
@@ -43,6 +44,10 @@ def hostile(console):  # noqa: F811 - the imported fixture
                                    "model": {"name": XSS, "version": XSS_VERSION}}, now - 4),
         _msg("feedback", "pi-x", {"prediction_id": "px", "kind": "incorrect", "value": XSS_VALUE,
                                   "model": {"name": XSS, "version": XSS_VERSION}}, now - 3),
+        # One labelled sample with its input, so that an export has something to write.
+        _msg("feedback", "pi-x", {"prediction_id": "py", "kind": "label", "value": "3",
+                                  "model": {"name": XSS, "version": XSS_VERSION},
+                                  "input": {"input": protocol.array_field("float32", (1, 4), bytes(16))}}, now - 2),
     ])
     return server, db, clock
 
@@ -132,6 +137,10 @@ def test_csrf_header_and_form_with_right_token_pass(hostile):
     csrf = csrf_of(c)
     r = c.request("POST", "/api/v1/rollouts/r-1/pause", body={}, headers={"X-CSRF-Token": csrf})
     assert r.status == 409  # reached the controller (this console has none)
+    before = exports(hostile)
+    r = c.request("POST", "/feedback/export", form={"csrf_token": csrf})
+    assert r.status == 200, r.getheader("location")
+    assert r.body[:2] == b"PK" and len(exports(hostile) - before) == 1
     r = c.request("POST", "/logout", form={"csrf_token": csrf})
     assert r.status == 303 and c.request("GET", "/api/v1/summary").status == 401
     healthy(hostile)
