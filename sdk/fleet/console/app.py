@@ -308,7 +308,7 @@ def with_form(endpoint):
             if raw:
                 try:
                     body = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):  # deep nesting exhausts the parser's stack
                     return _json({"error": "request body is not valid JSON"}, 400)
                 if not isinstance(body, dict):
                     return _json({"error": "request body must be a JSON object"}, 400)
