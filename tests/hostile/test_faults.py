@@ -58,7 +58,7 @@ def test_agent_health_and_telemetry_report_a_full_state_disk(tiny_disk, tmp_path
 
     pkg = build_mlp_package(tmp_path / "pkg")
     state = tiny_disk.path / "state"
-    agent = Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(state)},
+    agent = Agent(parse_config({"agent": {"package": str(pkg), "state_dir": str(state), "allow_unsigned": True},
                                 "api": {"enabled": True, "port": 0}}))
     fl = FleetLink(state_dir=state, fleet=FLEET, device="pi-1", broker=None, window_s=3600).attach(agent)
     agent.start()
