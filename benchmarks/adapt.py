@@ -74,9 +74,9 @@ def _mlp(hidden: list[int]):
 def build(work: Path) -> tuple[Path, dict]:
     from edgeship import package
     from edgeship.converters import evaluate as ev
+    from edgeship.converters import quantize
     from edgeship.converters.data import load_data
     from edgeship.converters.onnx_export import export_onnx
-    from edgeship.converters import quantize
 
     split = load_digits_split(0)
     wide = train_classifier(_mlp([4096, 4096]), split["x_train"], split["y_train"], epochs=3, seed=0)

@@ -40,7 +40,6 @@ Writes ``benchmarks/out/agent.json`` and ``benchmarks/out/agent.png``.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import http.client
 import json
 import os
@@ -211,7 +210,7 @@ def bench_sensor(pk, work: Path, n: int, threads: int) -> dict:
             # The sustained rate, from the first result on: a stream runs for hours and its
             # source starts once (for reader=process that start, ~0.25 s here, is a new
             # Python process; reported apart as first_result_s).
-            assert wait_for(lambda: agent.metrics.counters["inferences"] > 0, 60)
+            assert wait_for(lambda agent=agent: agent.metrics.counters["inferences"] > 0, 60)
             t_first = time.perf_counter()
             done_first = agent.metrics.counters["inferences"]
             assert agent.wait_idle(300)

@@ -70,12 +70,11 @@ def top1(model_or_path, x, y) -> float:
 
 
 def one_seed(data: Path, train: Path, teacher: Path, seed: int, alpha: float, epochs: int, work: Path) -> dict:
+    import model as digits
     import torch
 
-    import model as digits
-    from edgeship.converters import distill
+    from edgeship.converters import distill, quantize
     from edgeship.converters.onnx_export import export_onnx
-    from edgeship.converters import quantize
 
     z = np.load(data / "eval.npz")
     x, y = z["input"].astype(np.float32), z["labels"]

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     "runtime": {"threads": 1}, "batcher": {"max_batch": 32}}))
         with agent:
             monitor = agent.add_component(DriftMonitor(agent))
-            for w in range(args.windows):
+            for _ in range(args.windows):
                 for cond in conditions:
                     idx = rng.choice(len(x_eval), args.window_size, replace=False)
                     xs = shift(cond, x_eval[idx], rng)

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgeship.converters import evaluate as ev  # noqa: E402
-from edgeship.converters.data import load_data  # noqa: E402
 from edgeship.converters import quantize  # noqa: E402
+from edgeship.converters.data import load_data  # noqa: E402
 from examples.digits.model import Teacher, count_params, load_digits_split, train_classifier  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"

@@ -42,7 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AccuracyBudgetError, ConversionError, DataError
-from ._layers import PASSTHROUGH, layer_kind as _kind, torch_module as _torch
+from ._layers import PASSTHROUGH
+from ._layers import layer_kind as _kind
+from ._layers import torch_module as _torch
 from .checkpoints import save_pruned
 
 __all__ = ["prune", "PruneResult", "plan", "prune_structure", "channel_scores", "ratio_for_params", "count_params",

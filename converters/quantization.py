@@ -422,8 +422,7 @@ def _quantizable_nodes(prepped: Path, method: str) -> dict[str, str]:
 
 def _build_candidate(prepped: Path, out: Path, *, method: str, calibration: str | None, feeds, cache_dir: Path,
                      exclude: Sequence[str], quiet: bool) -> None:
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     with _quiet_ort_logging():
         if method == "dynamic":
@@ -474,8 +473,7 @@ def node_errors(fp32_path, int8_path, data: Dataset, *, work_dir, batch: int = 3
     ranking used to choose nodes to keep in float.
     """
     import onnx
-    from onnxruntime.quantization.qdq_loss_debug import (collect_activations,
-                                                         modify_model_output_intermediate_tensors)
+    from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
     from onnxruntime.quantization.quant_utils import DEQUANT_OUTPUT_SUFFIX
 
     work = Path(work_dir)

@@ -237,9 +237,9 @@ def _to_int8_io(path: Path) -> None:
 
 def quantize_tflite(float_path, calib: Dataset, out_path, *, mode: str = "static", quiet: bool = True) -> Path:
     """Quantize a float ``.tflite`` with ai-edge-quantizer (``static`` a8w8 or ``dynamic`` w8)."""
+    from ai_edge_litert.interpreter import Interpreter
     from ai_edge_quantizer import quantizer as aeq
     from ai_edge_quantizer import recipe
-    from ai_edge_litert.interpreter import Interpreter
 
     float_path = Path(float_path)
     try:

@@ -29,10 +29,28 @@ import numpy as np
 from ..errors import EdgeshipError
 from ..lifecycle import STOP_TIMEOUT_S, Loop
 from ..metrics import Histogram
-from .adapt_policy import (AdaptPolicy, Decision, Rung, choose_batch_delay, choose_threads, choose_variant,
-                           request_estimate, variant_accuracy)
-from .adapt_probes import (CpuPressure, measure_call_ms, measure_interleaved, others_wait, parse_loadavg, parse_psi,
-                           probe_cpu_wait, psi_fraction, read_thermal, tick_lateness)
+from .adapt_policy import (
+    AdaptPolicy,
+    Decision,
+    Rung,
+    choose_batch_delay,
+    choose_threads,
+    choose_variant,
+    request_estimate,
+    variant_accuracy,
+)
+from .adapt_probes import (
+    CpuPressure,
+    measure_call_ms,
+    measure_interleaved,
+    others_wait,
+    parse_loadavg,
+    parse_psi,
+    probe_cpu_wait,
+    psi_fraction,
+    read_thermal,
+    tick_lateness,
+)
 
 __all__ = ["Rung", "Decision", "AdaptPolicy", "choose_variant", "choose_threads", "choose_batch_delay",
            "variant_accuracy", "request_estimate", "read_thermal", "measure_call_ms", "measure_interleaved",

@@ -83,19 +83,19 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from ..errors import EdgeshipError, FeedbackUnavailableError, InputError, OverloadError, SignatureError, StoreError
+from ..errors import FeedbackUnavailableError, InputError, OverloadError, SignatureError, StoreError
 from .agent_metrics import COUNTER_NAMES, AgentMetrics  # noqa: F401 - re-exported: edgeship.agent.agent.AgentMetrics
 from .batcher import BatchPolicy, MicroBatcher, Segment, Work
 from .cache import ResultCache, input_key, row_keys
 from .config import AgentConfig, load_config, parse_config
+from .disk import disk_state
 from .handle import ModelHandle, load_handle
 from .hooks import Hooks, component_health
 from .intake import decode_block, validate_one
-from .disk import disk_state
-from .results import Result, ResultBatch, classify, label_name, _top
+from .prefetch import Prefetcher
+from .results import Result, ResultBatch, _top, classify, label_name
 from .sinks import Sink, make_sink
 from .sources import RawBlock, Source, make_source
-from .prefetch import Prefetcher
 from .store import ModelStore
 from .systemd import Notifier
 

@@ -60,7 +60,7 @@ def check_onnxruntime() -> Check:
 
 def check_tflite() -> Check:
     found = []
-    for mod, dist in (("ai_edge_litert.interpreter", "ai-edge-litert"),
+    for _mod, dist in (("ai_edge_litert.interpreter", "ai-edge-litert"),
                       ("tflite_runtime.interpreter", "tflite-runtime"),
                       ("tensorflow", "tensorflow")):
         ver = _version(dist)

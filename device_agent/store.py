@@ -52,7 +52,8 @@ from typing import Callable, Iterable, TypeVar
 
 from .._files import atomic_write_json, copy_hashed, file_sha256, fsync_dir
 from ..errors import IntegrityError, PackageError, StoreError
-from ..package import unpack, verify as verify_package
+from ..package import unpack
+from ..package import verify as verify_package
 
 __all__ = ["ModelStore", "atomic_write_json", "file_sha256"]
 

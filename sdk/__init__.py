@@ -4,7 +4,7 @@ The top-level package is light (numpy and the standard library); heavier
 parts load lazily. ``edgeship.agent`` runs on the device,
 ``edgeship.converters`` on the workstation, ``edgeship.fleet`` on the fleet side.
 """
-from ._version import __version__
 from . import errors
+from ._version import __version__
 
 __all__ = ["__version__", "errors"]

@@ -45,7 +45,7 @@ def _ci(*args: str, timeout: float) -> subprocess.CompletedProcess:
         # SIGTERM, not the SIGKILL subprocess.run sends: the script then unmounts and removes its chroot.
         proc.terminate()
         out, err = proc.communicate(timeout=120)
-        raise AssertionError(f".ci/aarch64 {' '.join(args)} took over {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+        raise AssertionError(f".ci/aarch64 {' '.join(args)} took over {timeout} s:\n{out[-3000:]}\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

@@ -6,9 +6,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeship.agent.adapt import (AdaptController, AdaptPolicy, CpuPressure, Rung, choose_batch_delay,
-                                  choose_threads, choose_variant, others_wait, parse_loadavg, parse_psi,
-                                  psi_fraction, read_thermal, request_estimate, tick_lateness, variant_accuracy)
+from edgeship.agent.adapt import (
+    AdaptController,
+    AdaptPolicy,
+    CpuPressure,
+    Rung,
+    choose_batch_delay,
+    choose_threads,
+    choose_variant,
+    others_wait,
+    parse_loadavg,
+    parse_psi,
+    psi_fraction,
+    read_thermal,
+    request_estimate,
+    tick_lateness,
+    variant_accuracy,
+)
 
 A = Rung("fp32-big", (99.0, 3, 0.0), 10.0)
 B = Rung("fp32-student", (98.0, 3, 0.0), 4.0)

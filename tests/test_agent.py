@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from models import make_mlp_onnx, mlp_reference
 
 from edgeship.agent import Agent
 from edgeship.agent.config import parse_config
 from edgeship.agent.results import Result
 from edgeship.agent.sources import RawBlock, Source, SyntheticSource
 from edgeship.errors import ConfigError, InputError, OverloadError, StoreError
-
-from models import make_mlp_onnx, mlp_reference
 
 LABELS = [f"c{i}" for i in range(10)]
 
@@ -222,6 +221,7 @@ def test_source_that_stalls_is_reported_and_does_not_block_others_or_stop(tmp_pa
 
 def test_unreadable_images_are_rejected_others_answered(tmp_path):
     from PIL import Image
+
     from edgeship import package
 
     folder = tmp_path / "imgs"
@@ -554,7 +554,9 @@ def test_config_errors_name_the_key(data, key):
 
 def test_example_config_parses_and_cli_prints_it(tmp_path):
     import tomllib
+
     from conftest import run_cli
+
     from edgeship.agent.config import EXAMPLE_CONFIG, load_config
 
     cfg = parse_config(tomllib.loads(EXAMPLE_CONFIG))

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from models import make_image_mlp_onnx, make_mlp_onnx, mlp_reference
+from test_agent import LABELS, build_mlp_package, ref
+from waiting import wait_until
 
 from edgeship.agent import Agent
 from edgeship.agent.api import prometheus_text
 from edgeship.agent.config import parse_config
 from edgeship.errors import ConfigError
-
-from models import make_image_mlp_onnx, make_mlp_onnx, mlp_reference
-from test_agent import LABELS, build_mlp_package, ref
-from waiting import wait_until
 
 
 @pytest.fixture(scope="module")

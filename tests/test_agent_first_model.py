@@ -25,14 +25,13 @@ import urllib.request
 
 import numpy as np
 import pytest
+from conftest import free_port, run_cli
+from test_agent import build_mlp_package
+from waiting import wait_until
 
 from edgeship.agent import Agent, doctor
 from edgeship.agent.config import example_config, load_config
 from edgeship.errors import OverloadError, StoreError
-
-from conftest import free_port, run_cli
-from test_agent import build_mlp_package
-from waiting import wait_until
 
 
 def _write_config(tmp_path, *, broker: str | None = None, package=None, pub=None, api_port: int | None = None,

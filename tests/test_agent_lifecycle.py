@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_agent import build_mlp_package
 
 from edgeship.agent.store import ModelStore
-
-from test_agent import build_mlp_package
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ import time
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from edgeship.agent.batcher import ACCEPTED, REJECTED, WAIT, BatchPolicy, MicroBatcher, Packer, Work
 from edgeship.agent.cache import ResultCache, input_key, row_keys
 from edgeship.agent.prefetch import backoff_delay
 from edgeship.errors import OverloadError
 from edgeship.metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Counters, Histogram, percentiles
-
-from waiting import wait_until
 
 
 def w(n=1, t=0.0, deadline=None, source="s"):

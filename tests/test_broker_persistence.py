@@ -6,13 +6,12 @@ shows it, so the docs' claim fails here the day that changes.
 from __future__ import annotations
 
 import pytest
+from conftest import run_cli
+from waiting import wait_until
 
 from edgeship.agent import doctor
 from edgeship.fleet.embedded_broker import EmbeddedBroker
 from edgeship.mqtt import MqttLink
-
-from conftest import run_cli
-from waiting import wait_until
 
 pytestmark = pytest.mark.mqtt
 

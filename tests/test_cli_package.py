@@ -8,7 +8,6 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from models import make_mlp_onnx
 
 

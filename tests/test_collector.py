@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from waiting import wait_until
 
 from edgeship import protocol
 from edgeship.fleet.collector import Collector, classify_error
 from edgeship.fleet.db import MIGRATIONS, FleetDB
 from edgeship.mqtt import Inbound, LinkOptions, MqttLink
-
-from waiting import wait_until
 
 FLEET = "tc"
 FAST = LinkOptions(backoff_base=0.05, backoff_cap=0.5)

@@ -413,9 +413,9 @@ def test_cli_console_init_and_serve(tmp_path, mosquitto):
 @pytest.mark.mqtt
 def test_fleet_console_process_serves_packages_and_starts_rollouts(tmp_path, mosquitto, signing_keys):
     """One process: collector, controller, package server and console (what `edgeship fleet console` runs)."""
-    from edgeship.fleet.console import FleetConsole
-
     from test_agent import build_mlp_package
+
+    from edgeship.fleet.console import FleetConsole
 
     priv, _ = signing_keys
     served = tmp_path / "packages"

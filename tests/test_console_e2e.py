@@ -254,7 +254,7 @@ def test_console_shows_a_live_fleet(fleet_console, browser_page):
         still = [(d["device"], d["state_ts"], d["last_seen"])
                  for d in fleet_console["db"].devices(FLEET) if d["online"]]
         raise AssertionError(f"devices still online in the fleet DB: {still}; collector "
-                             f"{fleet_console['collector'].stats()}; page: {page.inner_text('#main')[:300]!r}")
+                             f"{fleet_console['collector'].stats()}; page: {page.inner_text('#main')[:300]!r}") from None
     assert page.js_errors == []
 
 
@@ -266,11 +266,11 @@ N_AGENTS = 8
 
 @pytest.fixture()
 def rollout_console(mosquitto, tmp_path, signing_keys):
-    from edgeship.fleet.collector import Collector
-    from edgeship.fleet.controller import RolloutController
-
     from rollout_fleet import Device, Users, wait_for
     from test_agent import build_mlp_package
+
+    from edgeship.fleet.collector import Collector
+    from edgeship.fleet.controller import RolloutController
 
     priv, pub = signing_keys
     fleet = f"ui{os.getpid() % 10000}"

@@ -11,6 +11,8 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from test_console_api import PASSWORD, Client  # noqa: E402
+
 from edgeship.errors import ConfigError  # noqa: E402
 from edgeship.fleet.console import auth  # noqa: E402
 from edgeship.fleet.console.app import MAX_LOGIN_FAILURES, create_app  # noqa: E402
@@ -18,8 +20,6 @@ from edgeship.fleet.console.config import ConsoleConfig, load_console_config  # 
 from edgeship.fleet.console.data import ConsoleData  # noqa: E402
 from edgeship.fleet.console.server import ConsoleServer  # noqa: E402
 from edgeship.fleet.db import FleetDB  # noqa: E402
-
-from test_console_api import PASSWORD, Client  # noqa: E402
 
 
 def _flood(tmp_path, **config):

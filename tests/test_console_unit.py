@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 
 from edgeship.errors import ConfigError
-from edgeship.fleet.console import auth, config as cconfig, images
-from edgeship.fleet.console.data import (QueryError, filter_sort_devices, parse_device_query, parse_stages,
-                                         shape_gate, stage_timeline)
+from edgeship.fleet.console import auth, images
+from edgeship.fleet.console import config as cconfig
+from edgeship.fleet.console.data import (
+    QueryError,
+    filter_sort_devices,
+    parse_device_query,
+    parse_stages,
+    shape_gate,
+    stage_timeline,
+)
 
 
 def test_password_hash_roundtrip_and_mismatch():

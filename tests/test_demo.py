@@ -19,7 +19,6 @@ import pytest
 
 from edgeship import demo
 
-
 # ----------------------------------------------------------------------------- pure parts
 
 def test_degrade_labels_shifts_only_the_chosen_digits():

@@ -43,7 +43,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, wait_port
 from waiting import wait_until
 
@@ -151,7 +150,7 @@ def commands(lines: list[str]) -> list[str]:
 def test_every_doc_block_is_run_or_skipped_with_a_reason():
     seen = set()
     for rel in DOC_FILES:
-        for lang, lines, no in doc_blocks(rel):
+        for _lang, lines, no in doc_blocks(rel):
             key = block_key(rel, lines)
             assert key in BLOCKS, (f"{rel}:{no}: a new block ({lines[0] if lines else ''!r}) is neither run by "
                                    "tests/test_docs.py nor listed there as skipped with a reason")

@@ -6,12 +6,11 @@ import os
 import threading
 
 import pytest
+from test_agent import build_mlp_package
 
 from edgeship.agent.download import download, verify_package
 from edgeship.errors import DownloadError, IntegrityError, SignatureError
 from edgeship.fleet.server import PackageServer
-
-from test_agent import build_mlp_package
 
 
 @pytest.fixture()

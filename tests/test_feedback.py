@@ -6,12 +6,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from edgeship.agent.feedback import FeedbackManager, PredictionRing, check_feedback
 from edgeship.agent.outbox import Outbox
 from edgeship.errors import InputError
-
-from conftest import run_cli
 
 
 def test_check_feedback_values():

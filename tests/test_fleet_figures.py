@@ -17,6 +17,9 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from conftest import run_cli  # noqa: E402
+from test_agent import build_mlp_package  # noqa: E402
+
 from edgeship import protocol  # noqa: E402
 from edgeship.fleet import figures  # noqa: E402
 from edgeship.fleet.console import auth  # noqa: E402
@@ -27,9 +30,6 @@ from edgeship.fleet.console.server import ConsoleServer  # noqa: E402
 from edgeship.fleet.controller import RolloutController  # noqa: E402
 from edgeship.fleet.db import FleetDB  # noqa: E402
 from edgeship.metrics import Histogram  # noqa: E402
-
-from conftest import run_cli  # noqa: E402
-from test_agent import build_mlp_package  # noqa: E402
 
 
 def _msg(fleet: str, kind: str, device: str, body: dict, ts: float) -> protocol.Message:

@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli
 
 from edgeship import protocol
 from edgeship.errors import DataError
 from edgeship.fleet.db import FleetDB
 from edgeship.fleet.report import Section, build_report, is_negative, parse_since, pick_bucket, summarize
 from edgeship.metrics import Histogram
-
-from conftest import run_cli
 
 T0 = 1_790_000_000.0
 

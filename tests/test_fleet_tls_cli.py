@@ -14,16 +14,15 @@ import sys
 import time
 
 import pytest
+from conftest import run_cli
+from test_secure_broker import _link, secure  # noqa: F401 - secure is a fixture
+from waiting import wait_until
 
 from edgeship import protocol
 from edgeship.errors import ConfigError
 from edgeship.fleet.db import FleetDB
 from edgeship.fleet.stack import FleetStack
 from edgeship.mqtt import LinkOptions
-
-from conftest import run_cli
-from test_secure_broker import _link, secure  # noqa: F401 - secure is a fixture
-from waiting import wait_until
 
 pytestmark = pytest.mark.mqtt
 

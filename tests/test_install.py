@@ -479,9 +479,9 @@ def test_agent_only_install_from_the_wheel_serves_without_the_workstation_stack(
 
 def _tiny_package(out: Path) -> Path:
     import numpy as np
+    from models import make_mlp_onnx
 
     from edgeship import package
-    from models import make_mlp_onnx
 
     onnx_path = make_mlp_onnx(out / "mlp.onnx")
     return package.build(out / "tiny-1.0.0.edgepkg", onnx_path, name="tiny", version="1.0.0",

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from edgeship import protocol
 from edgeship.lifecycle import STOP_TIMEOUT_S, Loop
 from edgeship.mqtt import LinkOptions, MqttLink
-
-from waiting import wait_until
 
 FAST = LinkOptions(backoff_base=0.05, backoff_cap=0.5)
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
+from waiting import wait_until
 
 from edgeship import protocol
 from edgeship.agent.outbox import Forwarder, Outbox, TokenBucket
@@ -18,8 +18,6 @@ from edgeship.errors import TransportError
 from edgeship.fleet.collector import Collector
 from edgeship.fleet.db import FleetDB
 from edgeship.mqtt import LinkOptions, MqttLink
-
-from waiting import wait_until
 
 FLEET = "tf"
 FAST = LinkOptions(backoff_base=0.05, backoff_cap=0.5)
@@ -318,9 +316,8 @@ def test_agent_process_sigkilled_during_outage_delivers_after_restart(mosquitto_
     broker back, agent restarted: every accepted message reaches the fleet DB exactly once."""
     import sqlite3
 
-    from test_agent import build_mlp_package
-
     from conftest import free_port
+    from test_agent import build_mlp_package
 
     pkg = build_mlp_package(tmp_path / "pkg", "1.0.0")
     db = FleetDB.open(tmp_path / "fleet.sqlite")

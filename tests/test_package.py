@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from models import make_mlp_int8_tflite, make_mlp_onnx
 
 from edgeship import package as P
 from edgeship import signing
-from edgeship.errors import (ConfigError, IntegrityError, ModelError, PackageError, PackageFormatError,
-                             SignatureError)
-
-from models import make_mlp_int8_tflite, make_mlp_onnx
+from edgeship.errors import ConfigError, IntegrityError, ModelError, PackageError, PackageFormatError, SignatureError
 
 LABELS = [f"class{i}" for i in range(10)]
 

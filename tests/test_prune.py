@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from edgeship.converters import checkpoints
+from edgeship.converters import checkpoints  # noqa: E402
 from edgeship.converters import pruning as P  # noqa: E402
 from edgeship.errors import AccuracyBudgetError, ConversionError  # noqa: E402
 

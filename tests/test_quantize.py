@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from edgeship.errors import AccuracyBudgetError, ConversionError, DataError, EdgeshipError
-from edgeship.converters import evaluate as ev
-from edgeship.converters.data import Dataset, InputSpec, check_against, load_data
-from edgeship.converters import quantize
-from edgeship.converters.quantization import Candidate, choose, node_errors
-
 from conftest import run_cli
+
+from edgeship.converters import evaluate as ev
+from edgeship.converters import quantize
+from edgeship.converters.data import Dataset, InputSpec, check_against, load_data
+from edgeship.converters.quantization import Candidate, choose, node_errors
+from edgeship.errors import AccuracyBudgetError, ConversionError, DataError, EdgeshipError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,9 +42,9 @@ def digits(tmp_path_factory):
     import sys
 
     sys.path.insert(0, str(ROOT))
-    from examples.digits.model import Student, load_digits_split, train_classifier
-
     import torch
+
+    from examples.digits.model import Student, load_digits_split, train_classifier
 
     d = load_digits_split()
     torch.manual_seed(0)  # the initial weights too (train_classifier seeds the rest): not what earlier tests drew
@@ -70,7 +69,6 @@ def _save(model, path: Path) -> Path:
 
 def _mlp_onnx(path: Path, sizes=(64, 48, 10), seed=0, col_scale=None) -> Path:
     """A tiny MLP built with onnx.helper (~5k params); ``col_scale`` multiplies input columns first."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)

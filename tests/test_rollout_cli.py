@@ -7,14 +7,13 @@ import sys
 import urllib.request
 
 import pytest
+from conftest import free_port, run_cli, wait_port
+from test_agent import build_mlp_package
 
 from edgeship import rollout as ro
 from edgeship.errors import RolloutError
 from edgeship.fleet.controller import RolloutController
 from edgeship.fleet.db import FleetDB
-
-from conftest import free_port, run_cli, wait_port
-from test_agent import build_mlp_package
 
 
 @pytest.fixture()

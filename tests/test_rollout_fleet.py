@@ -12,14 +12,13 @@ import random
 import time
 
 import pytest
+from rollout_fleet import Device, Users, wait_for
+from test_agent import build_mlp_package
 
 from edgeship import rollout as ro
 from edgeship.fleet.collector import Collector
 from edgeship.fleet.controller import RolloutController
 from edgeship.fleet.db import FleetDB
-
-from rollout_fleet import Device, Users, wait_for
-from test_agent import build_mlp_package
 
 pytestmark = pytest.mark.mqtt
 
@@ -434,8 +433,8 @@ def test_cleared_newest_plan_cannot_downgrade_a_restarted_device(make_fleet, pkg
 
 def test_fleet_flags_a_device_that_runs_another_model_than_a_completed_rollout(make_fleet, pkgs):
     """#17.4: desired vs reported version per device; a mismatch is an alert (audit log + rollout status)."""
-    from paho.mqtt import publish
     import paho.mqtt.client as mqtt
+    from paho.mqtt import publish
 
     from edgeship import protocol
 

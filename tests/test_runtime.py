@@ -5,14 +5,21 @@ import threading
 
 import numpy as np
 import pytest
+from models import (
+    make_image_mlp_onnx,
+    make_mlp_int8_tflite,
+    make_mlp_onnx,
+    make_mlp_tflite,
+    make_multi_io_onnx,
+    make_stateful_onnx,
+    mlp_reference,
+    stateful_reference,
+)
 
 from edgeship import package as P
 from edgeship import signing
-from edgeship.errors import (BackendUnavailableError, ConfigError, InputError, ModelError, SignatureError)
+from edgeship.errors import BackendUnavailableError, ConfigError, InputError, ModelError, SignatureError
 from edgeship.runtime import OnnxRunner, TensorSpec, TFLiteRunner, load
-
-from models import (make_image_mlp_onnx, make_mlp_int8_tflite, make_mlp_onnx, make_mlp_tflite, make_multi_io_onnx,
-                    make_stateful_onnx, mlp_reference, stateful_reference)
 
 
 @pytest.fixture(scope="session")

@@ -6,16 +6,15 @@ import os
 import time
 
 import pytest
+from conftest import MosquittoBroker
+from test_mqtt import _tls_files
+from waiting import wait_until
 
 from edgeship import protocol
 from edgeship.fleet import broker_auth
 from edgeship.fleet.collector import Collector
 from edgeship.fleet.db import FleetDB
 from edgeship.mqtt import LinkOptions, MqttLink
-
-from conftest import MosquittoBroker
-from test_mqtt import _tls_files
-from waiting import wait_until
 
 pytestmark = pytest.mark.mqtt
 

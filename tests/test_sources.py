@@ -8,8 +8,17 @@ import time
 import numpy as np
 import pytest
 
-from edgeship.agent.sources import (CameraSource, CsvSource, FakeCapture, FolderSource, JsonLinesSource,
-                                    StreamSource, SyntheticSource, make_source, source_class)
+from edgeship.agent.sources import (
+    CameraSource,
+    CsvSource,
+    FakeCapture,
+    FolderSource,
+    JsonLinesSource,
+    StreamSource,
+    SyntheticSource,
+    make_source,
+    source_class,
+)
 from edgeship.errors import ConfigError
 
 

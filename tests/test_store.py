@@ -7,11 +7,10 @@ import zipfile
 
 import numpy as np
 import pytest
+from test_agent import build_mlp_package
 
 from edgeship.agent.store import ModelStore, atomic_write_json, file_sha256
 from edgeship.errors import IntegrityError, PackageError, SignatureError, StoreError
-
-from test_agent import build_mlp_package
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +147,9 @@ def test_state_dir_unwritable(tmp_path):
 
 def _two_variant_package(d, signing_key=None):
     """A package with two ONNX variants of different sizes (the MLP, and a wider one)."""
-    from edgeship import package
-
     from models import make_mlp_onnx
+
+    from edgeship import package
 
     d.mkdir(parents=True, exist_ok=True)
     a = make_mlp_onnx(d / "a.onnx", seed=0)

@@ -9,8 +9,14 @@ import pytest
 
 from edgeship import protocol
 from edgeship.agent.outbox import Outbox
-from edgeship.agent.telemetry import (TELEMETRY_REV, Telemetry, WindowAggregator, build_telemetry_body,
-                                      counter_delta, hist_delta)
+from edgeship.agent.telemetry import (
+    TELEMETRY_REV,
+    Telemetry,
+    WindowAggregator,
+    build_telemetry_body,
+    counter_delta,
+    hist_delta,
+)
 from edgeship.metrics import BATCH_BOUNDS, Histogram
 
 

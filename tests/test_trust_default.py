@@ -12,14 +12,13 @@ import logging
 import urllib.request
 
 import pytest
+from conftest import free_port, run_cli
+from test_agent import build_mlp_package
 
 from edgeship import signing
 from edgeship.agent import Agent, doctor
 from edgeship.agent.config import example_config, load_config, parse_config
 from edgeship.errors import SignatureError
-
-from conftest import free_port, run_cli
-from test_agent import build_mlp_package
 
 
 def _cfg(tmp_path, pkg, **agent):

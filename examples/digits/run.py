@@ -22,9 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the recipe plan, run nothing")
     ap.add_argument("--quiet", "-q", action="store_true")
     args = ap.parse_args(argv)
+    from prepare import prepare
+
     from edgeship.converters.recipe import run_recipe
     from edgeship.errors import EdgeshipError
-    from prepare import prepare
 
     t0 = time.monotonic()
     try:

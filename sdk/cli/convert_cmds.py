@@ -153,8 +153,8 @@ def run_cmd(recipe, dry_run, quiet) -> None:
 def prune_cmd(model, weights, data, eval_, ratio, target_params, target_latency, distill, finetune_epochs, lr,
               max_drop, metric, sweep, out_dir, quiet) -> None:
     """Prune whole channels by magnitude, fine-tune, and gate on accuracy (exits non-zero over --max-drop)."""
-    from edgeship.converters.checkpoints import load_student
     from edgeship.converters import prune
+    from edgeship.converters.checkpoints import load_student
     from edgeship.errors import ConfigError
 
     try:

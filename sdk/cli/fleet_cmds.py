@@ -16,8 +16,15 @@ import time
 
 import click
 
-from ._common import (DEFAULT_DB, EdgeshipGroup, broker_option, broker_or_embedded, cli_link_options, db_option,
-                      fleet_option)
+from ._common import (
+    DEFAULT_DB,
+    EdgeshipGroup,
+    broker_option,
+    broker_or_embedded,
+    cli_link_options,
+    db_option,
+    fleet_option,
+)
 
 __all__ = ["fleet", "DEFAULT_DB", "db_option", "broker_option", "fleet_option", "broker_or_embedded"]
 
@@ -185,7 +192,8 @@ from .console_cmds import console as _console  # noqa: E402
 fleet.add_command(_console)
 
 # `edgeship fleet rollout ...` and `edgeship fleet serve` live in their own module (issue 8).
-from .rollout_cmds import rollout as _rollout, serve as _serve  # noqa: E402
+from .rollout_cmds import rollout as _rollout  # noqa: E402
+from .rollout_cmds import serve as _serve  # noqa: E402
 
 fleet.add_command(_rollout)
 fleet.add_command(_serve)

@@ -77,7 +77,7 @@ def _print_status(st: dict, as_json: bool) -> None:
                    + ", ".join(f"{k}: {v}" for k, v in f["by_reason"].items()))
     click.echo("  gates:")
     for g in st["gates"]:
-        def fig(v):
+        def fig(v, g=g):
             if v is None:
                 return "-"
             if g["unit"] == "rate":

@@ -484,7 +484,7 @@ def rollout_section(rollout_id: str) -> SectionFn:
         if gates:
             lines += ["", "gates (canary vs control, last evaluation):"]
             for g in gates:
-                def fig(v: Any) -> str:
+                def fig(v: Any, g: dict = g) -> str:
                     if v is None:
                         return "-"
                     if g["unit"] == "rate":

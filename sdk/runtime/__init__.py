@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ModelError
-from ._backends import OPTIMIZATION_LEVELS, TFLITE_BACKENDS, default_threads, resolve_tflite
 from ..tensorspec import TensorSpec, specs_from_dicts
+from ._backends import OPTIMIZATION_LEVELS, TFLITE_BACKENDS, default_threads, resolve_tflite
 from .base import Runner, dequantize, quantize
 
 __all__ = ["load", "Runner", "TensorSpec", "OnnxRunner", "TFLiteRunner", "quantize", "dequantize",

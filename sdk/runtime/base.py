@@ -216,8 +216,8 @@ class Runner:
         """The package's preprocessing for the (single) input, built on first use."""
         with self._pre_lock:
             if self._preprocessor is None:
-                from ..preprocess import Preprocessor, check_preprocess
                 from ..errors import PackageFormatError
+                from ..preprocess import Preprocessor, check_preprocess
 
                 if len(self.inputs) != 1:
                     raise InputError(f"predict() preprocesses single-input models; this one takes "

@@ -20,8 +20,9 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from edgeship import protocol
 from test_console_api import PASSWORD, TOKEN, Client, _msg, console  # noqa: F401 - console is a fixture
+
+from edgeship import protocol
 
 AREA = "console"  # tests/hostile/ counts tried/held per area
 
@@ -513,9 +514,10 @@ def test_api_responses_never_carry_server_internals(hostile):
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, mosquitto, signing_keys):
     """The whole console process (collector, controller, package server) with one running rollout."""
+    from test_agent import build_mlp_package
+
     from edgeship.fleet.console import FleetConsole, auth
     from edgeship.fleet.console.config import ConsoleConfig
-    from test_agent import build_mlp_package
 
     d = tmp_path_factory.mktemp("hostile-fleet")
     priv, _ = signing_keys

@@ -9,14 +9,13 @@ import http.client
 import json
 
 import pytest
+from waiting import wait_until
 
 from edgeship import protocol
 from edgeship.errors import TransportError
 from edgeship.fleet.collector import Collector
 from edgeship.fleet.db import FleetDB
 from edgeship.mqtt import LinkOptions, MqttLink
-
-from waiting import wait_until
 
 AREA = "faults"
 FLEET = "hf"
@@ -50,11 +49,11 @@ def test_outbox_on_a_full_disk_says_so_and_recovers(tiny_disk):
 
 def test_agent_health_and_telemetry_report_a_full_state_disk(tiny_disk, tmp_path):
     """#17.19: /v1/health said "ok" while the state disk was full."""
+    from test_agent import build_mlp_package
+
     from edgeship.agent import Agent
     from edgeship.agent.config import parse_config
     from edgeship.agent.link import FleetLink
-
-    from test_agent import build_mlp_package
 
     pkg = build_mlp_package(tmp_path / "pkg")
     state = tiny_disk.path / "state"

@@ -17,10 +17,8 @@ import zlib
 
 import numpy as np
 import pytest
-
-from test_agent_api import (GOOD, connect, multipart, npy_bytes, png_bytes, raw, read_response, start_agent,
-                            strict_loads)
 from test_agent import build_mlp_package
+from test_agent_api import GOOD, connect, multipart, npy_bytes, png_bytes, raw, read_response, start_agent, strict_loads
 from waiting import wait_until
 
 AREA = "local API"  # tests/hostile/ counts tried/held per area

@@ -15,13 +15,12 @@ import random
 import time
 
 import pytest
+from waiting import wait_until
 
 from edgeship import protocol
 from edgeship.fleet.collector import Collector
 from edgeship.fleet.db import FleetDB
 from edgeship.mqtt import LinkOptions, MqttLink
-
-from waiting import wait_until
 
 AREA = "MQTT/collector"
 FLEET = "hq"
@@ -293,7 +292,7 @@ def test_flood_of_junk_then_good_messages_all_good_ones_stored(rig):
     db, col, pub = rig
     rng = random.Random(7)
     before = col.stats()["rejected"]
-    for i in range(300):
+    for _ in range(300):
         pub.publish(T(rng.choice(protocol.DEVICE_KINDS)), rng.randbytes(rng.randint(0, 300)))
     good = [protocol.make_message("feedback", "flood", {"prediction_id": f"f{i}", "kind": "correct"})
             for i in range(100)]

@@ -14,13 +14,12 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from test_agent import build_mlp_package
 
 from edgeship import package as P
 from edgeship import signing
 from edgeship.errors import IntegrityError, PackageError, PackageFormatError, SignatureError
-
 from hostile import zipcraft as Z
-from test_agent import build_mlp_package
 
 AREA = "packages"
 MODEL = "model.onnx"
