@@ -315,6 +315,14 @@ def _resolve(base: Path | None, p: str | None) -> str | None:
     return str(path if path.is_absolute() else (base / path))
 
 
+def _tables(data: dict, key: str, cls: type) -> list:
+    """``[[key]]`` entries built as ``cls`` (unknown keys become its options)."""
+    raw = data.get(key, [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"[[{key}]]: must be an array of tables ([[{key}]])")
+    return [_build(cls, s, f"{key}.{i}", extra_to_options=True) for i, s in enumerate(raw)]
+
+
 def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike | None = None,
                  source_path: str | None = None) -> AgentConfig:
     """Validate a parsed TOML mapping into an :class:`AgentConfig`."""
@@ -331,11 +339,7 @@ def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike | None = N
     r = sections["rollout"]
     sections["rollout"] = dataclasses.replace(r, plan_keys=[_resolve(base, k) for k in r.plan_keys])
     sources = []
-    raw_sources = data.get("sources", [])
-    if not isinstance(raw_sources, list):
-        raise ConfigError("[[sources]]: must be an array of tables ([[sources]])")
-    for i, s in enumerate(raw_sources):
-        src = _build(SourceConfig, s, f"sources.{i}", extra_to_options=True)
+    for i, src in enumerate(_tables(data, "sources", SourceConfig)):
         opts = dict(src.options)
         if isinstance(opts.get("path"), str):
             opts["path"] = _resolve(base, opts["path"])
@@ -345,11 +349,7 @@ def parse_config(data: Mapping[str, Any], base_dir: str | os.PathLike | None = N
     if dup:
         raise ConfigError(f"[[sources]] id: {sorted(dup)[0]!r} is used twice; give each source its own id")
     sinks = []
-    raw_sinks = data.get("sinks", [])
-    if not isinstance(raw_sinks, list):
-        raise ConfigError("[[sinks]]: must be an array of tables ([[sinks]])")
-    for i, s in enumerate(raw_sinks):
-        sink = _build(SinkConfig, s, f"sinks.{i}", extra_to_options=True)
+    for i, sink in enumerate(_tables(data, "sinks", SinkConfig)):
         if sink.type == "jsonl" and not sink.path:
             raise ConfigError(f"[sinks.{i}] path: a jsonl sink needs path = \"results.jsonl\" (or type = \"stdout\")")
         sinks.append(dataclasses.replace(sink, path=_resolve(base, sink.path)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
 
 import pytest
@@ -89,6 +90,25 @@ def make_fleet(tmp_path, mosquitto, pkgs, signing_keys):
     yield make
     for f in made:
         f.close()
+
+
+def _spawner(request, cmd: list[str]):
+    """A function that starts ``cmd`` again each call; whatever still runs is killed when the test ends."""
+    procs: list[subprocess.Popen] = []
+
+    def spawn() -> subprocess.Popen:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        return p
+
+    def cleanup() -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+    request.addfinalizer(cleanup)
+    return spawn
 
 
 def _sha(path) -> str:
@@ -284,7 +304,6 @@ def test_zero_drop_switch_under_steady_flow(tmp_path):
 
 def test_controller_process_sigkilled_mid_stage_resumes(make_fleet, pkgs, request):
     """`edgeship fleet rollout run` killed with SIGKILL mid-stage; a new one finishes the rollout exactly once."""
-    import subprocess
     import sys
 
     from edgeship.fleet.server import PackageServer
@@ -297,20 +316,7 @@ def test_controller_process_sigkilled_mid_stage_resumes(make_fleet, pkgs, reques
         pkgs["v2"], stages="20,60,100", soak_s=2.0, gates=GATES, rollout_id="sk", salt="k")
     cmd = [sys.executable, "-m", "edgeship.cli", "fleet", "rollout", "run", "--broker", f.broker.url,
            "--db", f.db.where, "--fleet", f.fleet, "--key", str(f.priv)]
-    procs = []
-
-    def spawn():
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(p)
-        return p
-
-    def cleanup():
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-
-    request.addfinalizer(cleanup)
+    spawn = _spawner(request, cmd)
     first = spawn()
     wait_for(lambda: f.db.rollout_get("sk")["stage_index"] == 1, 60, step=0.2, what="stage 2 opened")
     first.kill()
@@ -324,7 +330,6 @@ def test_controller_process_sigkilled_mid_stage_resumes(make_fleet, pkgs, reques
 
 def test_agent_process_sigkilled_around_the_switch_resumes(make_fleet, pkgs, tmp_path, request):
     """A real `edgeship agent run` (rollout client wired from its config) is SIGKILLed right around its switch."""
-    import subprocess
     import sys
 
     f = make_fleet(0, "agent-kill")
@@ -358,21 +363,7 @@ id = "syn"
 shape = [64]
 rate_hz = 100
 """)
-    procs = []
-
-    def spawn():
-        p = subprocess.Popen([sys.executable, "-m", "edgeship.cli", "agent", "run", "--config", str(cfg)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(p)
-        return p
-
-    def cleanup():
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-
-    request.addfinalizer(cleanup)
+    spawn = _spawner(request, [sys.executable, "-m", "edgeship.cli", "agent", "run", "--config", str(cfg)])
     first = spawn()
     wait_for(lambda: f.db.devices(f.fleet), 30, what="the agent online")
     ctl = f.controller_start()
