@@ -94,6 +94,7 @@ def _prepare_job(job: Path) -> None:
     # Paths are relative to the config file, so the config works wherever the job is mounted.
     (job / "agent.toml").write_text(
         '[agent]\ndevice_id = "pi-aarch64"\nstate_dir = "state"\npackage = "tiny.edgepkg"\n'
+        'allow_unsigned = true  # an unsigned test package: this check is about the platform\n'
         '[api]\nenabled = false\n[rollout]\nenabled = false\n'
         '[[sources]]\ntype = "jsonl"\nid = "rows"\npath = "rows.jsonl"\n'
         '[[sources]]\ntype = "folder"\nid = "files"\npath = "incoming"\nwatch = false\n'
