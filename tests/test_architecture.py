@@ -298,3 +298,18 @@ def test_the_converter_entry_points_are_functions():
         importlib.import_module(f"edgeship.converters.{mod}")
     assert (conv.distill, conv.quantize, conv.prune) == (distill, quantize, prune)
     assert all(type(getattr(conv, n)).__name__ == "function" for n in ("distill", "quantize", "prune"))
+
+
+def test_agent_files_and_all_functions_stay_small():
+    """#21.6: no file in the agent folder over 800 lines, no function anywhere over 150 (split by layer)."""
+    big_files = [f"{p.relative_to(ROOT)}: {n} lines" for p in sorted((ROOT / "device_agent").glob("*.py"))
+                 if (n := len(p.read_text().splitlines())) > 800]
+    long_functions = []
+    for folder in FOLDERS.values():
+        for p in sorted(folder.rglob("*.py")):
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > 150:
+                        long_functions.append(f"{p.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
+    assert big_files == [] and long_functions == [], big_files + long_functions
