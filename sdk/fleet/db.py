@@ -489,10 +489,15 @@ class FleetDB:
         return [(r["device"], r["msg_id"]) for r in self._rows(sql, params)]
 
     # ------------------------------------------------------------ telemetry
-    def telemetry(self, since: float = 0.0, until: float | None = None, device: str | None = None) -> list[dict]:
-        """Telemetry windows in time order (``body`` is the full JSON message)."""
-        sql = ("SELECT device, msg_id, ts, window_s, model_name, model_version, inferences, errors, rejected, "
-               "dropped, outbox_dropped, p50_ms, p95_ms, p99_ms, body FROM telemetry WHERE ts >= ?")
+    def telemetry(self, since: float = 0.0, until: float | None = None, device: str | None = None, *,
+                  devices: Sequence[str] | None = None, body: bool = True) -> list[dict]:
+        """Telemetry windows in time order (``body`` is the full JSON message; ``body=False`` leaves it out).
+
+        ``devices``: only these devices' windows (the console re-reads bodies only for devices whose
+        windows changed since its last look)."""
+        cols = ("device, msg_id, ts, window_s, model_name, model_version, inferences, errors, rejected, "
+                "dropped, outbox_dropped, p50_ms, p95_ms, p99_ms" + (", body" if body else ""))
+        sql = f"SELECT {cols} FROM telemetry WHERE ts >= ?"
         params: list[Any] = [since]
         if until is not None:
             sql += " AND ts < ?"
@@ -500,7 +505,23 @@ class FleetDB:
         if device:
             sql += " AND device = ?"
             params.append(device)
-        return self._rows(sql + " ORDER BY ts, device", params)
+        if devices is None:
+            return self._rows(sql + " ORDER BY ts, device", params)
+        out: list[dict] = []
+        names = list(devices)
+        for i in range(0, len(names), 500):  # bounded IN lists
+            chunk = names[i:i + 500]
+            out += self._rows(sql + f" AND device IN ({', '.join('?' * len(chunk))})", [*params, *chunk])
+        return sorted(out, key=lambda r: (r["ts"], r["device"]))
+
+    def telemetry_sums(self, since: float) -> dict[str, dict]:
+        """Per device over windows since ``since``: ``windows``, ``inferences``, ``errors``, ``first``/``last`` ts.
+
+        ``(windows, first, last)`` changes whenever a window arrives or ages out, so callers can
+        keep what they derived from a device's windows until it does (the console's p95)."""
+        rows = self._rows("SELECT device, COUNT(*) AS windows, SUM(inferences) AS inferences, SUM(errors) AS errors, "
+                          "MIN(ts) AS first, MAX(ts) AS last FROM telemetry WHERE ts >= ? GROUP BY device", (since,))
+        return {r["device"]: r for r in rows}
 
     def drift_windows(self, since: float = 0.0, until: float | None = None) -> list[dict]:
         """Telemetry windows that carry a ``drift`` field (issue 10), in time order, with the device's fleet.
