@@ -41,7 +41,7 @@ def run(hidden: int = 270_000, repeats: int = 3) -> dict:
                         example_input=np.zeros((1, 64), np.float32),
                         variants=[{"id": "small", "file": "small.onnx", "default": True},
                                   {"id": "big", "file": "big.onnx"}])
-    cfg = parse_config({"agent": {"package": str(pkg), "state_dir": str(d / "state")},
+    cfg = parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(d / "state")},
                         "runtime": {"threads": 1, "warmup": 1}})
     t0 = time.perf_counter()
     agent = Agent(cfg).start()
