@@ -490,14 +490,13 @@ class FleetDB:
 
     # ------------------------------------------------------------ telemetry
     def telemetry(self, since: float = 0.0, until: float | None = None, device: str | None = None, *,
-                  devices: Sequence[str] | None = None, body: bool = True) -> list[dict]:
-        """Telemetry windows in time order (``body`` is the full JSON message; ``body=False`` leaves it out).
+                  devices: Sequence[str] | None = None) -> list[dict]:
+        """Telemetry windows in time order (``body`` is the full JSON message).
 
         ``devices``: only these devices' windows (the console re-reads bodies only for devices whose
         windows changed since its last look)."""
-        cols = ("device, msg_id, ts, window_s, model_name, model_version, inferences, errors, rejected, "
-                "dropped, outbox_dropped, p50_ms, p95_ms, p99_ms" + (", body" if body else ""))
-        sql = f"SELECT {cols} FROM telemetry WHERE ts >= ?"
+        sql = ("SELECT device, msg_id, ts, window_s, model_name, model_version, inferences, errors, rejected, "
+               "dropped, outbox_dropped, p50_ms, p95_ms, p99_ms, body FROM telemetry WHERE ts >= ?")
         params: list[Any] = [since]
         if until is not None:
             sql += " AND ts < ?"
