@@ -57,6 +57,8 @@ def _controller(db_url, broker, fleet, key_path, *, loop: bool = False, serve_ho
 
 
 def _print_status(st: dict, as_json: bool) -> None:
+    from ..fleet.figures import gate_value
+
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
@@ -77,15 +79,9 @@ def _print_status(st: dict, as_json: bool) -> None:
                    + ", ".join(f"{k}: {v}" for k, v in f["by_reason"].items()))
     click.echo("  gates:")
     for g in st["gates"]:
-        def fig(v, g=g):
-            if v is None:
-                return "-"
-            if g["unit"] == "rate":
-                return f"{100 * v:.2f}%"
-            return f"{v:.2f} ms" if g["name"] == "latency_p95" else f"{v:.4g}"
         thr = f"+{100 * g['threshold']:.2f}%" if g["unit"] == "rate" else f"x{g['threshold']:g}"
-        click.echo(f"    {g['name']:<18} {g['verdict']:<12} canary {fig(g['canary'])} (n={g['canary_n']})  "
-                   f"control {fig(g['control'])} (n={g['control_n']})  allowed {thr}")
+        click.echo(f"    {g['name']:<18} {g['verdict']:<12} canary {gate_value(g, g['canary'])} (n={g['canary_n']})  "
+                   f"control {gate_value(g, g['control'])} (n={g['control_n']})  allowed {thr}")
     click.echo(f"  next: {st['decision']['action']} ({st['decision']['reason']})")
 
 

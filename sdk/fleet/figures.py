@@ -10,6 +10,7 @@ rollout ended. The rules live here now, as plain functions over DB rows:
 * :func:`is_negative` / :func:`feedback_counts` — negative feedback;
 * :func:`window_histogram` / :func:`latency_percentile` — latency over windows;
 * :func:`error_rate` — errors among all attempts;
+* :func:`gate_value` — a gate's canary/control figure as text;
 * :func:`count_device_states` (pure) and :func:`rollout_device_states` (reads
   the DB) — devices per state of a rollout.
 """
@@ -21,7 +22,7 @@ from typing import Any, Iterable, Mapping
 from ..metrics import Histogram
 
 __all__ = ["VERDICT_KINDS", "is_negative", "feedback_counts", "negative_rate", "error_rate", "window_body",
-           "window_histogram", "latency_percentile", "count_device_states", "rollout_device_states"]
+           "window_histogram", "latency_percentile", "gate_value", "count_device_states", "rollout_device_states"]
 
 #: Feedback kinds that judge a prediction; the negative rate is over these only.
 VERDICT_KINDS = ("correct", "incorrect", "label")
@@ -107,6 +108,15 @@ def latency_percentile(windows: Iterable[Mapping], q: float = 95) -> float | Non
     if merged is not None:
         return merged.percentile(q)
     return reported
+
+
+def gate_value(gate: Mapping, v: float | None) -> str:
+    """A gate's canary or control figure as ``rollout status`` and ``fleet report`` print it."""
+    if v is None:
+        return "-"
+    if gate["unit"] == "rate":
+        return f"{100 * v:.2f}%"
+    return f"{v:.2f} ms" if gate["name"] == "latency_p95" else f"{v:.4g}"
 
 
 def count_device_states(devices: Iterable[str], reports: Iterable[Mapping], *, in_target) -> dict:

@@ -30,7 +30,15 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import DataError, EdgeshipError
 from ..metrics import Histogram
-from .figures import VERDICT_KINDS, error_rate, is_negative, negative_rate, rollout_device_states, window_histogram
+from .figures import (
+    VERDICT_KINDS,
+    error_rate,
+    gate_value,
+    is_negative,
+    negative_rate,
+    rollout_device_states,
+    window_histogram,
+)
 
 __all__ = ["parse_since", "is_negative", "summarize", "render_table", "plot_versions", "build_report",
            "Section", "Report", "export_feedback", "pick_bucket", "rollout_section"]
@@ -484,14 +492,9 @@ def rollout_section(rollout_id: str) -> SectionFn:
         if gates:
             lines += ["", "gates (canary vs control, last evaluation):"]
             for g in gates:
-                def fig(v: Any, g: dict = g) -> str:
-                    if v is None:
-                        return "-"
-                    if g["unit"] == "rate":
-                        return f"{100 * v:.2f}%"
-                    return f"{v:.2f} ms" if g["name"] == "latency_p95" else f"{v:.3g}"
-                lines.append(f"  {g['name']:<18} {g['verdict']:<12} canary {fig(g['canary'])} (n={g['canary_n']}) "
-                             f"control {fig(g['control'])} (n={g['control_n']})  {g.get('detail', '')}")
+                lines.append(f"  {g['name']:<18} {g['verdict']:<12} canary {gate_value(g, g['canary'])} "
+                             f"(n={g['canary_n']}) control {gate_value(g, g['control'])} (n={g['control_n']})  "
+                             f"{g.get('detail', '')}")
         decisions = [e for e in events if e["kind"] in ("promote", "complete", "abort", "pause", "force_promote",
                                                         "force_complete")]
         plots: list[Path] = []
