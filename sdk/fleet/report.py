@@ -197,6 +197,18 @@ def render_table(summary: dict) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+def _save(fig, path: Path, paths: list[Path], *, dates: bool = False) -> None:
+    """Lay out, write ``path`` as PNG, free the figure (pyplot keeps every open one) and record it."""
+    import matplotlib.pyplot as plt
+
+    if dates:
+        fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    paths.append(path)
+
+
 def plot_versions(summary: dict, out_dir: Path) -> list[Path]:
     """PNG plots: latency p50/p95 over time, inferences and error rate over time, feedback per version."""
     import matplotlib
@@ -227,12 +239,7 @@ def plot_versions(summary: dict, out_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    p = out_dir / "latency.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    _save(fig, out_dir / "latency.png", paths, dates=True)
 
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for v in vs:
@@ -250,12 +257,7 @@ def plot_versions(summary: dict, out_dir: Path) -> list[Path]:
         if a.lines:
             a.legend(fontsize=8)
     a2.set_xlabel("time (UTC)")
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    p = out_dir / "inferences_errors.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    _save(fig, out_dir / "inferences_errors.png", paths, dates=True)
 
     fig, ax = plt.subplots(figsize=(9, 4))
     kinds = ("correct", "incorrect", "label", "rating", "comment")
@@ -268,11 +270,7 @@ def plot_versions(summary: dict, out_dir: Path) -> list[Path]:
     ax.set_title("Feedback per model version")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    p = out_dir / "feedback.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    _save(fig, out_dir / "feedback.png", paths)
     return paths
 
 
@@ -554,11 +552,7 @@ def _plot_rollout(out: Path, t0: float, events: list, reports: list, evals: list
     ax.legend(loc="upper left", fontsize=8)
     ax2.legend(loc="center right", fontsize=8)
     ax.set_title("rollout timeline")
-    fig.tight_layout()
-    p = out / "rollout_timeline.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    _save(fig, out / "rollout_timeline.png", paths)
     names = sorted({g["name"] for ev in evals for g in ev["results"]})
     if names:
         fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.2 * len(names)), squeeze=False)
@@ -582,11 +576,7 @@ def _plot_rollout(out: Path, t0: float, events: list, reports: list, evals: list
             ax.set_title(f"{name} (allowed {'+' if name != 'latency_p95' else 'x'}{thr:g})", fontsize=9)
             ax.legend(fontsize=7)
         axes[-1, 0].set_xlabel("seconds since start")
-        fig.tight_layout()
-        p = out / "rollout_gates.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        paths.append(p)
+        _save(fig, out / "rollout_gates.png", paths)
     return paths
 
 
