@@ -17,9 +17,9 @@ from typing import Any
 from ..errors import ConfigError, ModelError
 from ..tensorspec import TensorSpec, specs_from_dicts
 from ._backends import OPTIMIZATION_LEVELS, TFLITE_BACKENDS, default_threads, resolve_tflite
-from .base import Runner, dequantize, quantize
+from .base import Runner, Stream, dequantize, quantize
 
-__all__ = ["load", "Runner", "TensorSpec", "OnnxRunner", "TFLiteRunner", "quantize", "dequantize",
+__all__ = ["load", "Runner", "Stream", "TensorSpec", "OnnxRunner", "TFLiteRunner", "quantize", "dequantize",
            "TFLITE_BACKENDS", "OPTIMIZATION_LEVELS", "default_threads", "resolve_tflite"]
 
 _ONNX_BACKENDS = ("onnxruntime", "onnx", "ort")
@@ -118,6 +118,11 @@ def load(path_or_package: Any, *, variant: str | None = None, backend: str | Non
                    manifest=pkg.manifest, variant=var, package=pkg,
                    model_input_specs=m_in, model_output_specs=m_out)
     _apply_logical_names(runner, top_in, top_out, m_in, m_out)
+    try:
+        runner._check_shapes()
+    except BaseException:
+        runner.close()
+        raise
     return runner
 
 
