@@ -25,6 +25,7 @@ from test_model_shapes import (
 from edgeship import package as P
 from edgeship.agent import Agent
 from edgeship.agent.config import parse_config
+from edgeship.agent.sources import RawBlock, Source
 from edgeship.errors import InputError
 
 pytest.importorskip("torch")
@@ -192,3 +193,50 @@ def test_http_api_labels_where_there_are_labels_arrays_otherwise(tmp_path, pkgs,
         want_q = agent.handle.runner.run(x[None])["logits"][0]  # the runner: quantize in, dequantize out
         assert status == 200 and body["label"] == f"c{int(np.argmax(want_q))}"
         np.testing.assert_allclose(body["outputs"]["logits"], want_q, atol=1e-4)
+
+
+class WindowSource(Source):
+    """Consecutive windows of one audio stream, read in blocks (a microphone's reader)."""
+
+    kind = "windows"
+
+    def __init__(self, source_id: str, windows: np.ndarray) -> None:
+        super().__init__(source_id)
+        self.windows = windows
+        self.pos = 0
+
+    def read(self, max_n: int, timeout: float) -> RawBlock | None:
+        if self.pos >= len(self.windows):
+            self.exhausted = True
+            return None
+        block = self.windows[self.pos:self.pos + min(max_n, 3)]
+        self.pos += len(block)
+        return RawBlock(data=block, ts=float(self.pos))
+
+
+class Collect:
+    def __init__(self):
+        self.rows: dict = {}
+
+    def start(self):
+        pass
+
+    def stop(self, timeout):
+        pass
+
+    def on_result(self, r):
+        self.rows.setdefault(r.source, []).append(r.outputs["logits"])
+
+
+def test_each_source_of_a_stateful_model_is_one_stream(tmp_path, pkgs, zoo_models):
+    a, b = gru_windows(7, seed=20), gru_windows(7, seed=21)
+    got = Collect()
+    agent = Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkgs["gru"]),
+                                          "state_dir": str(tmp_path / "st")},
+                                "batcher": {"max_batch": 8, "max_delay_ms": 5}}),
+                  components=[got], sources=[WindowSource("mic1", a), WindowSource("mic2", b)])
+    with agent:
+        assert agent.wait_idle(30)
+    for name, xs in (("mic1", a), ("mic2", b)):
+        want, _ = gru_reference(zoo_models["gru"], xs)
+        np.testing.assert_allclose(np.stack(got.rows[name]), np.stack(want), atol=1e-4)
