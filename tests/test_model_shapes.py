@@ -326,3 +326,48 @@ def test_batch_policy_takes_one_group_and_one_row_per_stream():
     assert [(x.start, x.count) for x in p.take(0.0)] == [(1, 1)]
     p.take(0.0)
     assert p.pending == 0 and p.keyed == 0 and blk.done
+
+
+@pytest.mark.slow
+def test_int8_io_tflite_from_litert_torch_through_runtime_and_agent(tmp_path):
+    """A real full-integer export (litert-torch PT2E, int8 input and output) of the zoo's 1-D audio CNN."""
+    pytest.importorskip("litert_torch")
+    from edgeship.agent import Agent
+    from edgeship.agent.config import parse_config
+    from edgeship.converters.tflite_export import export_tflite_int8
+    from edgeship.demo_data import zoo
+    from edgeship.runtime._backends import open_tflite
+
+    torch.manual_seed(0)
+    model = zoo.AudioCNN1D(num_classes=4).eval()
+    rng = np.random.default_rng(6)
+    calib = rng.standard_normal((16, 1, 1024)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the converter stack's deprecation notes
+        path = export_tflite_int8(model, calib[:1], calib, tmp_path / "audio_int8.tflite", int8_io=True)
+    pkg = P.build(tmp_path / "audio.edgepkg", {"model.tflite": path}, name="audio", version="1",
+                  labels=["yes", "no", "up", "down"])
+    xs = rng.standard_normal((3, 1, 1024)).astype(np.float32)
+    interp, _ = open_tflite(path)
+    i, o = interp.get_input_details()[0], interp.get_output_details()[0]
+    (s_in, z_in), (s_out, z_out) = i["quantization"], o["quantization"]
+    assert i["dtype"] == o["dtype"] == np.int8 and s_in > 0 and s_out > 0
+    want = []
+    for x in xs:
+        interp.set_tensor(i["index"], np.clip(np.rint(x[None] / s_in) + z_in, -128, 127).astype(np.int8))
+        interp.invoke()
+        want.append((interp.get_tensor(o["index"])[0].astype(np.float32) - z_out) * s_out)
+    with load(pkg) as r:
+        assert r.quantized_io and r.inputs[0].dtype == "float32" and r.batch_size == 1
+        got = np.stack([r.run(x[None])[r.output_names[0]][0] for x in xs])
+    np.testing.assert_allclose(got, np.stack(want), atol=1e-4)
+    with torch.no_grad():
+        fp32 = model(torch.from_numpy(xs)).numpy()
+    assert np.abs(got - fp32).max() < 0.1 * (np.abs(fp32).max() + 1e-3) + 4 * s_out  # int8 tracks the float model
+    with Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(tmp_path / "st")},
+                             "batcher": {"max_batch": 4, "max_delay_ms": 10}})) as agent:
+        futs = [agent.submit(x, preprocess=False) for x in xs]
+        for f, w in zip(futs, want):
+            res = f.result(10)
+            np.testing.assert_allclose(next(iter(res.outputs.values())), w, atol=1e-4)
+            assert res.label == ["yes", "no", "up", "down"][int(np.argmax(w))]
