@@ -502,9 +502,10 @@ class Agent:
             raise
         fut: concurrent.futures.Future = concurrent.futures.Future()
         keys = None
+        full = xs  # the cache key covers scalar inputs too (they leave xs for the batch group)
         xs, group, stream = handle.split(xs, stream)
         if self.cache is not None and handle.states is None:  # a stateful answer depends on more than x
-            key = input_key(xs, handle.sha256.encode())
+            key = input_key(full, handle.sha256.encode())
             hit = self.cache.get(key)
             if hit is not None:
                 self.metrics.counters.inc("cache_hits")

@@ -78,7 +78,9 @@ class ModelHandle:
         key = max_batch if group is None else (max_batch, group[0])
         p = self.packers.get(key)
         if p is None:
-            if len(self.packers) >= 16:  # bounded: many distinct sizes rebuild buffers instead of piling them up
+            # Bounded: buffers of many distinct sizes (max_batch full-size images each) are rebuilt
+            # rather than piled up on a small device.
+            if len(self.packers) >= (4 if self.dynamic else 16):
                 self.packers.clear()
             shapes = [self.sample_shapes[i] for i in self.packed] if not self.dynamic or group is None \
                 else list(group[0])

@@ -45,9 +45,9 @@ def pkgs(tmp_path_factory, zoo_models):
     return out
 
 
-def make_agent(tmp_path, pkg, api: bool = False, max_delay_ms: float = 20.0) -> Agent:
+def make_agent(tmp_path, pkg, api: bool = False, max_delay_ms: float = 20.0, **sections) -> Agent:
     cfg = {"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(tmp_path / "st")},
-           "batcher": {"max_batch": 8, "max_delay_ms": max_delay_ms}}
+           "batcher": {"max_batch": 8, "max_delay_ms": max_delay_ms}, **sections}
     if api:
         cfg["api"] = {"enabled": True, "port": 0}
     return Agent(parse_config(cfg)).start()
@@ -138,11 +138,16 @@ def test_mixed_detector_sizes_batch_only_when_compatible(tmp_path, pkgs, zoo_mod
 def test_scalar_values_never_share_a_batch(tmp_path, pkgs):
     x = np.random.default_rng(14).standard_normal((10, 16)).astype(np.float32)
     rates = [8000.0, 16000.0] * 5
-    with make_agent(tmp_path, pkgs["scalar"]) as agent:
+    with make_agent(tmp_path, pkgs["scalar"], cache={"enabled": True}) as agent:
         futs = [agent.submit({"audio": xi, "rate": r}, preprocess=False) for xi, r in zip(x, rates)]
         for xi, r, f in zip(x, rates, futs):
             np.testing.assert_allclose(f.result(10).outputs["scaled"], xi * r / 16000, atol=1e-6)
         assert agent.batcher.policy.counts["batches"] < 10
+        # The result cache tells the same audio at another rate apart.
+        for r in (8000.0, 16000.0, 8000.0):
+            np.testing.assert_allclose(agent.infer({"audio": x[0], "rate": r}, preprocess=False).outputs["scaled"],
+                                       x[0] * r / 16000, atol=1e-6)
+        assert agent.metrics.counters.snapshot()["cache_hits"] >= 1
 
 
 # ------------------------------------------------------------------ the HTTP API
