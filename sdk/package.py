@@ -962,6 +962,7 @@ def inspect(path: str | os.PathLike) -> dict:
                      for v in pkg.variants],
         "inputs": m.get("inputs", []), "outputs": m.get("outputs", []),
         "preprocess": m.get("preprocess"), "labels": m.get("labels"),
+        "state": m.get("state"), "postprocess": m.get("postprocess"),
         "example_input": m.get("example_input"), "provenance": m.get("provenance"),
         "has_reference_stats": "reference_stats" in m,
     }
@@ -1000,8 +1001,9 @@ def format_inspect(info: Mapping) -> str:
     lines.extend(f"  {_fmt_spec(s)}" for s in info["inputs"])
     lines.append("outputs:")
     lines.extend(f"  {_fmt_spec(s)}" for s in info["outputs"])
-    if info.get("preprocess"):
-        lines.append(f"preprocess: {json.dumps(info['preprocess'])}")
+    for key in ("preprocess", "state", "postprocess"):
+        if info.get(key):
+            lines.append(f"{key}: {json.dumps(info[key])}")
     labels = info.get("labels")
     if labels:
         shown = ", ".join(labels[:10]) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")

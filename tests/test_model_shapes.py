@@ -371,3 +371,29 @@ def test_int8_io_tflite_from_litert_torch_through_runtime_and_agent(tmp_path):
             res = f.result(10)
             np.testing.assert_allclose(next(iter(res.outputs.values())), w, atol=1e-4)
             assert res.label == ["yes", "no", "up", "down"][int(np.argmax(w))]
+
+
+def test_state_postprocess_and_steps_from_a_package_toml(tmp_path, zoo_models):
+    (tmp_path / "pkg.toml").write_text(f'''
+name = "kws"
+version = "3"
+model = "{zoo_models['gru']}"
+output = "kws.edgepkg"
+
+[[state]]
+input = "h"
+output = "h_out"
+batch_axis = 1
+
+[postprocess]
+kind = "topk"
+k = 3
+''')
+    out = P.build_from_config(tmp_path / "pkg.toml")
+    info = P.inspect(out)
+    assert info["state"] == [{"input": "h", "output": "h_out", "batch_axis": 1}]
+    assert info["postprocess"]["k"] == 3 and info["postprocess"]["activation"] == "softmax"
+    text = P.format_inspect(info)
+    assert 'state: [{"input": "h", "output": "h_out", "batch_axis": 1}]' in text and "postprocess:" in text
+    with load(out) as r:
+        assert r.state[0].batch_axis == 1 and r.postprocess_spec["k"] == 3
