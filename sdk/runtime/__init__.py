@@ -5,6 +5,14 @@
         runner.run({"input": x})          # validated, float in / float out
         runner.predict("digit.png")       # the package's preprocessing, then run
 
+Model shapes (issue 20.4): several inputs go in as ``{name: array}``
+(int64 ids + mask), a scalar input as a 0-d array; a stateful package
+(``state`` in its manifest, :mod:`edgeship.runtime.state`) runs a stream with
+``s = runner.stream(); s.run(window)`` (the state carried between calls);
+variable sizes are checked against an input's ``multiple_of``; int8 IO is
+(de)quantized; ``runner.postprocess(outputs)`` applies the package's hook
+(:mod:`edgeship.runtime.postprocess`: top-k labels, boxes + NMS, threshold).
+
 ``import edgeship.runtime`` imports numpy only; onnxruntime and the TFLite
 interpreter load when a model of that kind is loaded.
 """
