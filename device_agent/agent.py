@@ -252,6 +252,8 @@ class Agent:
                         handle.sample_shapes, old.sample_shapes)
         if old is None:
             self._set_max_batch(handle)  # the first model: nothing was batched for another one yet
+        if handle.states is not None:
+            handle.states.reset()  # a model switch starts every stream afresh (also a rollback to a kept handle)
         self._handle = handle  # the swap point (see _process)
         if self.cache is not None:
             self.cache.clear()
@@ -478,13 +480,16 @@ class Agent:
             raise OverloadError("no model yet: the agent waits for a rollout to install its first model")
 
     def submit(self, x, deadline: float | None = None, *, preprocess: bool = True, source: str = "api",
-               timeout: float | None = None) -> concurrent.futures.Future:
+               timeout: float | None = None, stream: str | None = None) -> concurrent.futures.Future:
         """Queue one sample; returns a Future[Result].
 
         ``x``: one raw sample (array-like; the manifest preprocess is applied
         unless ``preprocess=False``) or ``{input name: array}``. ``deadline``:
         seconds from now the answer is wanted within (the batcher flushes
-        early for it). Raises :class:`InputError` for a bad sample and
+        early for it). ``stream``: for a stateful model, the id of the stream
+        this sample continues (its state is carried from the stream's last
+        call; without one, the sample starts from the initial state);
+        stateless models ignore it. Raises :class:`InputError` for a bad sample and
         :class:`OverloadError` when the queue refuses it.
         """
         now = time.monotonic()  # request in: validation and preprocessing count in its latency
@@ -497,8 +502,10 @@ class Agent:
             raise
         fut: concurrent.futures.Future = concurrent.futures.Future()
         keys = None
-        if self.cache is not None:
-            key = input_key(xs, handle.sha256.encode())
+        full = xs  # the cache key covers scalar inputs too (they leave xs for the batch group)
+        xs, group, stream = handle.split(xs, stream)
+        if self.cache is not None and handle.states is None:  # a stateful answer depends on more than x
+            key = input_key(full, handle.sha256.encode())
             hit = self.cache.get(key)
             if hit is not None:
                 self.metrics.counters.inc("cache_hits")
@@ -507,7 +514,7 @@ class Agent:
             self.metrics.counters.inc("cache_misses")
             keys = [key]
         w = Work([x_[None] for x_ in xs], 1, t_in=now, deadline=None if deadline is None else now + deadline,
-                 source=source, future=fut, keys=keys)
+                 source=source, future=fut, keys=keys, group=group, stream=stream)
         try:
             # inline: with the runner free and the batch due now, this thread runs it
             # (no hand-off to the batcher thread and back; see batcher.py).
@@ -525,6 +532,15 @@ class Agent:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError as exc:
             raise OverloadError(f"no result within {timeout:g} s; the agent is overloaded or stalled") from exc
+
+    def reset_stream(self, stream: str | None = None) -> bool:
+        """Forget a stream's state (``None``: every stream's) on the active stateful model.
+
+        The stream's next sample starts from the initial state. True when
+        there was a state to forget.
+        """
+        h = self._handle
+        return h is not None and h.states is not None and h.states.reset(stream)
 
     def feedback(self, prediction_id: str, kind: str, value: Any = None) -> Any:
         """Hand feedback on a prediction to the feedback component (see the module docstring)."""
@@ -546,7 +562,7 @@ class Agent:
         n = len(x)
         now = time.monotonic()
         keys = None
-        if self.cache is not None:
+        if self.cache is not None and handle.states is None:
             keys = row_keys([x], 0, n, handle.sha256.encode())
             hits = [self.cache.get(k) for k in keys]
             hit_idx = [i for i, h in enumerate(hits) if h is not None]
@@ -565,8 +581,10 @@ class Agent:
                 refs = [refs[i] for i in miss.tolist()] if refs is not None else None
                 ts = ts[miss] if isinstance(ts, np.ndarray) else ts
                 n = len(x)
+        # A stateful model: each source is one stream, its rows run one per batch, in order.
         w = Work([x], n, t_in=now, deadline=None if deadline_s is None else now + deadline_s, source=src.id,
-                 ts=ts, keys=keys, extra=refs)
+                 ts=ts, keys=keys, extra=refs, group=None if handle.plain else handle.group_of([x], rows=True),
+                 stream=src.id if handle.states is not None else None)
         return w, rejects
 
     def _on_source_reject(self, source: str, rejects: list) -> None:
@@ -610,10 +628,7 @@ class Agent:
         runs on its delivery thread while the next batch's model call runs.
         """
         handle = self._handle  # read once: a switch takes effect at the next batch
-        packer = handle.packer(self._max_batch)
-        n = packer.pack(segments)
-        t0 = time.monotonic()
-        outs = packer.run(handle.run_fn(), n)
+        packer, n, t0, outs = handle.run_segments(segments, self._max_batch)
         t_done = time.monotonic()
         if self.first_result_at is None:
             self.first_result_at = t_done
@@ -665,7 +680,7 @@ class Agent:
         deliver = self.sinks or self._hooks.any
         # Labels and scores for the whole batch only when a sink or hook reads them;
         # API callers get theirs computed on first read, in their own thread.
-        cls = classify(outs[0]) if deliver and len(outs) == 1 else None
+        cls = classify(outs[0]) if deliver and len(outs) == 1 and handle.post is None else None
         m = self.metrics
         m.counters.inc("inferences", n)
         m.counters.inc("batches")
@@ -677,7 +692,8 @@ class Agent:
                                 id_prefix=self._id_prefix, id_base=base, source=sources, ts=ts, latency_ms=lats,
                                 labels=handle.labels, refs=refs, model_json=handle.model_json, cls=cls,
                                 spans=spans)
-            self._deliver(batch, inputs, handle.input_names)
+            self._deliver(batch, inputs, handle.input_names if handle.plain else
+                          [handle.input_names[i] for i in handle.packed])
         # Futures last: waking a caller can preempt this thread (same core, GIL
         # handover), so everything else of the batch is done before.
         labels = handle.labels
@@ -690,7 +706,7 @@ class Agent:
                            label_name(labels, int(cls[0][p])), float(cls[1][p]), _top(outs[0][p], labels))
             else:
                 r = Result(f"{self._id_prefix}{base + p}", outputs, handle.model, lats[p], w.source, ts[p],
-                           labels=labels)
+                           labels=labels, post=handle.post)
             w.future.set_result(r)
 
     def _deliver(self, batch: ResultBatch, inputs: list[np.ndarray] | None, input_names: list[str] = ()) -> None:

@@ -395,7 +395,8 @@ class _Handler(BaseHTTPRequestHandler):
         pre = req.input == "raw"
         if not req.batch:
             try:
-                result = agent.submit(req.samples[0], deadline, preprocess=pre, source="http").result(cfg.timeout_s)
+                result = agent.submit(req.samples[0], deadline, preprocess=pre, source="http",
+                                      stream=req.stream).result(cfg.timeout_s)
             except EdgeshipError as exc:
                 return self._failed(exc)
             except TimeoutError:
@@ -406,7 +407,7 @@ class _Handler(BaseHTTPRequestHandler):
         futs: list = []
         for s in req.samples:
             try:
-                futs.append(agent.submit(s, deadline, preprocess=pre, source="http"))
+                futs.append(agent.submit(s, deadline, preprocess=pre, source="http", stream=req.stream))
             except EdgeshipError as exc:  # this sample is refused; the others go on
                 futs.append(exc)
         if all(isinstance(f, OverloadError) for f in futs):

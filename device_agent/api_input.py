@@ -31,7 +31,7 @@ INPUT_KINDS = ("raw", "model")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "PPM")
 MAX_IMAGE_PIXELS = 4096 * 4096  # above a 12 MP camera frame; checked from the header before decoding
 NPY_TYPES = ("application/x-npy", "application/octet-stream")
-_OPTIONS = ("input", "preprocess", "deadline_ms", "outputs", "batch")
+_OPTIONS = ("input", "preprocess", "deadline_ms", "outputs", "stream", "batch")
 _JSON_KEYS = ("x", "inputs", "samples") + _OPTIONS[:-1]
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # RFC 9110 parameter: name=token or name="quoted string"
@@ -48,6 +48,7 @@ class InferRequest:
     deadline_ms: float | None = None
     outputs: bool = True  # include the raw output tensors
     images: int = 0  # how many samples are uploaded images (raw input only)
+    stream: str | None = None  # a stateful model's stream id: its state carries from call to call
 
 
 # -- options ---------------------------------------------------------------------------------------
@@ -82,6 +83,12 @@ def _set_option(req: InferRequest, key: str, v: Any, seen: dict) -> None:
         return
     elif key == "outputs":
         req.outputs = _flag(v, "outputs")
+        return
+    elif key == "stream":
+        sid = str(v)
+        if not isinstance(v, (str, int)) or isinstance(v, bool) or not 0 < len(sid) <= 128 or not sid.isprintable():
+            raise InputError("stream must be a non-empty id of at most 128 printable characters")
+        req.stream = sid
         return
     else:  # batch
         req.batch = req.batch or _flag(v, "batch")

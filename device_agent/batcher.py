@@ -79,11 +79,11 @@ class Work:
     """One request or one source block: ``xs`` holds one array per model input, rows = samples."""
 
     __slots__ = ("xs", "n", "start", "t_in", "deadline", "source", "ts", "future", "keys", "done",
-                 "dropped", "seq", "extra")
+                 "dropped", "seq", "extra", "group", "stream")
 
     def __init__(self, xs: Sequence[np.ndarray], n: int, *, t_in: float, deadline: float | None = None,
                  source: str = "api", ts: float | np.ndarray | None = None, future=None, keys=None,
-                 extra=None) -> None:
+                 extra=None, group=None, stream=None) -> None:
         self.xs = xs
         self.n = n
         self.start = 0          # rows before this were taken or dropped
@@ -97,6 +97,14 @@ class Work:
         self.dropped = 0
         self.seq = 0
         self.extra = extra
+        # Only work of one group shares a batch (sample sizes, scalar inputs), and a stream of a
+        # stateful model has at most one row per batch: its next row needs this row's state.
+        self.group = group
+        self.stream = stream
+
+    @property
+    def keyed(self) -> bool:
+        return self.group is not None or self.stream is not None
 
     @property
     def remaining(self) -> int:
@@ -143,6 +151,7 @@ class BatchPolicy:
         self._seq = _seq()
         self.est_run_s = 0.0  # EWMA of one batch's run time, learnt from observe_run
         self.est_finish_s = 0.0  # EWMA of one batch's delivery time, learnt from observe_finish
+        self.keyed = 0  # pending works with a group or stream: take() then picks compatible ones
         self.counts = {"accepted": 0, "taken": 0, "dropped": 0, "rejected": 0, "batches": 0,
                        "flush_full": 0, "flush_delay": 0, "flush_deadline": 0, "flush_drain": 0}
 
@@ -176,12 +185,14 @@ class BatchPolicy:
                 evicted.append((old, k))
                 if old.remaining == 0:
                     old.done = True
+                    self.keyed -= old.keyed
                     self.items.popleft()
         self._admit(work, n)
         return Offer(ACCEPTED, tuple(evicted))
 
     def _admit(self, work: Work, n: int) -> None:
         work.seq = next(self._seq)
+        self.keyed += work.keyed
         self.items.append(work)
         self.pending += n
         self.counts["accepted"] += n
@@ -226,6 +237,8 @@ class BatchPolicy:
         if self.pending == 0:
             return []
         self.counts[reason or self.flush_reason(now)] += 1
+        if self.keyed:
+            return self._take_compatible()
         out: list[Segment] = []
         pos = 0
         items = self.items
@@ -243,6 +256,41 @@ class BatchPolicy:
         self.counts["batches"] += 1
         return out
 
+    def _take_compatible(self) -> list[Segment]:
+        """``take`` when some work is keyed: the oldest work's group, at most one row per stream.
+
+        Works left behind keep their order (a later batch takes them); the
+        oldest work is always taken, so nothing starves.
+        """
+        out: list[Segment] = []
+        pos = 0
+        items = self.items
+        group = items[0].group
+        streams: set = set()
+        skipped: list[Work] = []
+        while items and pos < self.max_batch:
+            w = items.popleft()
+            if w.group != group or (w.stream is not None and w.stream in streams):
+                skipped.append(w)
+                continue
+            k = min(w.remaining, self.max_batch - pos)
+            if w.stream is not None:
+                k = 1
+                streams.add(w.stream)
+            out.append(Segment(w, w.start, k, pos))
+            w.start += k
+            pos += k
+            if w.remaining == 0:
+                w.done = True
+                self.keyed -= w.keyed
+            else:
+                skipped.append(w)
+        items.extendleft(reversed(skipped))
+        self.pending -= pos
+        self.counts["taken"] += pos
+        self.counts["batches"] += 1
+        return out
+
     def drain_all(self) -> list[Work]:
         """Remove everything pending (on shutdown); the caller fails their futures."""
         left = list(self.items)
@@ -254,6 +302,7 @@ class BatchPolicy:
         self.items.clear()
         self._deadlines.clear()
         self.pending = 0
+        self.keyed = 0
         return left
 
     def observe_run(self, seconds: float) -> None:

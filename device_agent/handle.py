@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import EdgeshipError, ModelError
 from .batcher import Packer
 from .preprocessing import BlockPreprocessor
+from .streams import StreamStates
 
 __all__ = ["ModelHandle", "load_handle", "batch_mode"]
 
@@ -42,12 +43,118 @@ class ModelHandle:
     warmup_s: float = 0.0
     packers: dict = field(default_factory=dict)
     variant: str | None = None  # the package variant's id (adapt switches variants of one package)
+    # Model shapes beyond one batched tensor (issue 20.4); all empty for a plain model, which keeps the
+    # plain hot path (see ``plain``).
+    scalars: list[int] = field(default_factory=list)  # inputs without a batch axis next to batched ones
+    dynamic: bool = False          # some input has variable sizes besides the batch (a detector's H x W)
+    states: StreamStates | None = None  # per-stream state of a stateful model
+    post: dict | None = None       # the package's postprocess hook
 
-    def packer(self, max_batch: int) -> Packer:
-        p = self.packers.get(max_batch)
+    @property
+    def plain(self) -> bool:
+        """Every input batched, fixed sample shapes, no state: the original fast path."""
+        return not self.scalars and not self.dynamic and self.states is None
+
+    @property
+    def packed(self) -> list[int]:
+        """Indices (into ``input_names``) of the inputs packed row by row into batches."""
+        sc = set(self.scalars)
+        return [i for i in range(len(self.input_names)) if i not in sc]
+
+    def group_of(self, xs: list[np.ndarray], rows: bool = False) -> tuple | None:
+        """What samples must share to run in one batch: their variable sizes and scalar values.
+
+        ``xs``: one sample's arrays per input (``rows``: blocks with a leading row axis). None
+        for a model where every sample fits every batch.
+        """
+        if not self.dynamic and not self.scalars:
+            return None
+        sc = set(self.scalars)
+        shapes = tuple(tuple(x.shape[1:] if rows else x.shape) for i, x in enumerate(xs) if i not in sc) \
+            if self.dynamic else ()
+        return shapes, tuple(xs[i].item() for i in self.scalars)
+
+    def packer(self, max_batch: int, group: tuple | None = None) -> Packer:
+        key = max_batch if group is None else (max_batch, group[0])
+        p = self.packers.get(key)
         if p is None:
-            p = self.packers[max_batch] = Packer(self.sample_shapes, self.dtypes, max_batch, self.model_batch)
+            # Bounded: buffers of many distinct sizes (max_batch full-size images each) are rebuilt
+            # rather than piled up on a small device.
+            if len(self.packers) >= (4 if self.dynamic else 16):
+                self.packers.clear()
+            shapes = [self.sample_shapes[i] for i in self.packed] if not self.dynamic or group is None \
+                else list(group[0])
+            dtypes = [self.dtypes[i] for i in self.packed]
+            p = self.packers[key] = Packer(shapes, dtypes, max_batch, self.model_batch)
         return p
+
+    def run_packed(self, packer: Packer, n: int, group: tuple | None, streams: list | None) -> list[np.ndarray]:
+        """Run rows ``[0, n)`` of ``packer`` for a model that is not :attr:`plain`.
+
+        Scalar inputs come from ``group`` (one value per batch); a stateful
+        model's state rows are gathered per stream (``streams``: one id or
+        None per row) and its new state stored back before the outputs are
+        handed on, so the next batch of the same stream sees it.
+        """
+        names = [self.input_names[i] for i in self.packed]
+        scal = {self.input_names[i]: np.asarray(v, dtype=self.dtypes[i])
+                for i, v in zip(self.scalars, group[1] if group is not None else ())}
+        run = self.runner.run_unchecked
+        st = self.states
+        if st is None:
+            return packer.run(lambda arrs: run({**dict(zip(names, arrs)), **scal}), n)
+        mb = self.model_batch
+        rows = list(streams or [None] * n)
+        if mb:
+            rows += [None] * (-n % mb)  # padding rows start from the initial state and are dropped
+        state_in = st.gather(rows)
+        out_names = list(self.runner.output_names)
+        data_idx = [out_names.index(name) for name in self.output_names]
+        state_idx = [out_names.index(p.output) for p in st.pairs]
+        pos = 0
+        state_out: list[list[np.ndarray]] = [[] for _ in st.pairs]
+
+        def fn(arrs: list[np.ndarray]) -> list[np.ndarray]:
+            nonlocal pos
+            k = len(arrs[0]) if arrs else 1
+            feed = dict(zip(names, arrs))
+            feed.update(scal)
+            for p, a in zip(st.pairs, state_in):
+                feed[p.input] = np.take(a, range(pos, pos + k), axis=p.batch_axis)
+            pos += k
+            outs = run(feed)
+            for j, i in enumerate(state_idx):
+                state_out[j].append(outs[i])
+            return [outs[i] for i in data_idx]
+
+        outs = packer.run(fn, n)
+        st.scatter(rows[:n], [np.concatenate(parts, axis=p.batch_axis) for p, parts in zip(st.pairs, state_out)])
+        return outs
+
+    def split(self, xs: list[np.ndarray], stream: Any) -> tuple[list[np.ndarray], tuple | None, Any]:
+        """One validated sample -> (arrays to pack, batch group, stream id or None for a stateless model)."""
+        if self.plain:
+            return xs, None, None
+        group = self.group_of(xs)
+        if self.scalars:
+            xs = [xs[i] for i in self.packed]  # scalar values travel in the group
+        return xs, group, stream if self.states is not None else None
+
+    def run_segments(self, segments: list, max_batch: int) -> tuple[Packer, int, float, list[np.ndarray]]:
+        """Pack and run one batch: ``(packer, rows, monotonic start of the model call, outputs)``."""
+        if self.plain:
+            packer = self.packer(max_batch)
+            n = packer.pack(segments)
+            t0 = time.monotonic()
+            return packer, n, t0, packer.run(self.run_fn(), n)
+        group = segments[0].work.group  # take() put only one group into this batch
+        packer = self.packer(max_batch, group)
+        n = packer.pack(segments)
+        streams = None
+        if self.states is not None:
+            streams = [s for seg in segments for s in [seg.work.stream] * seg.count]
+        t0 = time.monotonic()
+        return packer, n, t0, self.run_packed(packer, n, group, streams)
 
     def run_fn(self) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
         names = self.input_names
@@ -70,6 +177,9 @@ def batch_mode(spec, batch_size) -> tuple[int | None, tuple[int, ...]]:
     By the package contract the first axis is always the batch axis: ``-1``
     takes any batch, a fixed size takes exactly that many rows (padded and
     split by the packer; 1 = one by one). Only a scalar input has none.
+    Other axes of any size (a detector's H x W, a text model's length) keep
+    their ``-1`` in the sample shape; the agent then batches only samples of
+    one size together (``ModelHandle.group_of``).
     """
     shape = tuple(int(d) for d in spec.shape)
     if not shape:
@@ -78,9 +188,6 @@ def batch_mode(spec, batch_size) -> tuple[int | None, tuple[int, ...]]:
         mode, sample = None, shape[1:]
     else:
         mode, sample = shape[0], shape[1:]
-    if any(d < 0 for d in sample):
-        raise ModelError(f"input {spec.name} has a variable dimension besides the batch axis ({shape}); "
-                         "the agent needs fixed sample shapes: export the model with fixed sizes")
     return mode, sample
 
 
@@ -101,10 +208,20 @@ def load_handle(store: Any, sha: str, rt: Any, variant: str | None = None) -> Mo
         raise ModelError(f"cannot load model {manifest.get('name')} {manifest.get('version')}: {exc}") from exc
     load_s = time.perf_counter() - t0
     try:
-        specs = list(runner.inputs)
+        state = list(getattr(runner, "state", None) or [])
+        st_names = {p.input for p in state}
+        specs = [s for s in runner.inputs if s.name not in st_names]
         specs = [s.logical() if hasattr(s, "logical") else s for s in specs]
         modes, shapes = zip(*(batch_mode(s, runner.batch_size) for s in specs))
+        batched = [i for i, s in enumerate(specs) if s.shape]
+        scalars = [i for i, s in enumerate(specs) if not s.shape] if batched else []
         dtypes = [np.dtype(s.dtype) for s in specs]
+        states = None
+        if state:
+            if all(modes[i] == 0 for i in batched) or not batched:
+                raise ModelError(f"{manifest.get('name')}: a stateful model needs a batch axis on its data inputs")
+            by_name = {s.name: s for s in runner.inputs}
+            states = StreamStates(state, [by_name[p.input] for p in state])
         pre = manifest.get("preprocess") or {}
         preprocessors = [BlockPreprocessor(pre if i == 0 else None, shapes[i], dtypes[i]) for i in range(len(specs))]
         t1 = time.perf_counter()
@@ -116,10 +233,15 @@ def load_handle(store: Any, sha: str, rt: Any, variant: str | None = None) -> Mo
         raise
     labels = manifest.get("labels") or None
     model = {"name": manifest.get("name"), "version": manifest.get("version"), "sha256": sha}
+    st_out = {p.output for p in state}
+    bmodes = [modes[i] for i in range(len(modes)) if i not in set(scalars)]
     handle = ModelHandle(
         sha256=sha, manifest=manifest, runner=runner, input_names=[s.name for s in specs],
-        output_names=[s.name for s in runner.outputs], sample_shapes=list(shapes), dtypes=dtypes,
-        model_batch=None if all(m is None for m in modes) else max(m or 0 for m in modes), preprocessors=preprocessors, labels=list(labels) if labels else None,
+        output_names=[s.name for s in runner.outputs if s.name not in st_out], sample_shapes=list(shapes),
+        dtypes=dtypes, model_batch=None if all(m is None for m in bmodes) else max(m or 0 for m in bmodes),
+        preprocessors=preprocessors, labels=list(labels) if labels else None,
+        scalars=scalars, dynamic=any(-1 in sh for sh in shapes), states=states,
+        post=getattr(runner, "postprocess_spec", None),
         model=model, model_json=json.dumps({"name": model["name"], "version": model["version"]}, separators=(",", ":")),
         load_s=load_s, warmup_s=warm_s, variant=(getattr(runner, "variant", None) or {}).get("id"))
     log.info("loaded %s %s (%s) with %s in %.0f ms, warm-up %.0f ms", model["name"], model["version"], sha[:12],

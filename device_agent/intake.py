@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from .handle import ModelHandle
+from .preprocessing import fits
 from .sources import RawBlock, Source
 
 __all__ = ["validate_one", "decode_block"]
@@ -38,13 +39,13 @@ def validate_one(handle: ModelHandle, x: Any, preprocess: bool) -> list[np.ndarr
         if a.dtype.kind not in "biuf":
             raise InputError(f"input {name}: dtype {a.dtype} is not numeric", input_name=name,
                              expected=str(dt), got=str(a.dtype))
-        if a.shape == (1, *shape):
+        if a.shape == (1, *shape) or (a.ndim == len(shape) + 1 and a.shape[0] == 1 and fits(a.shape[1:], shape)):
             a = a[0]
         if preprocess:
             a = pre.one(a)
         else:
-            if a.shape != shape:
-                if a.size == int(np.prod(shape)) and a.ndim <= 1:
+            if a.shape != shape and not fits(a.shape, shape):
+                if a.size == int(np.prod(shape)) and a.ndim <= 1 and -1 not in shape:
                     a = a.reshape(shape)
                 else:
                     raise InputError(f"input {name}: shape {tuple(a.shape)} does not match the model's {shape}",
@@ -53,7 +54,20 @@ def validate_one(handle: ModelHandle, x: Any, preprocess: bool) -> list[np.ndarr
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise InputError(f"input {name}: contains NaN or infinity; send finite numbers", input_name=name)
         out.append(a)
+    if handle.dynamic:
+        _check_steps(handle, out)
     return out
+
+
+def _check_steps(handle: ModelHandle, arrays: list[np.ndarray]) -> None:
+    """Variable sizes must be multiples of the input's declared step (a detector's 32)."""
+    from ..runtime.base import check_multiple  # noqa: PLC0415 - numpy only; just not needed by fixed-size models
+
+    specs = {s.name: s for s in handle.runner.inputs}
+    for name, a in zip(handle.input_names, arrays):
+        spec = specs.get(name)
+        if spec is not None and spec.multiple_of:
+            check_multiple(name, (1, *a.shape), spec)
 
 
 def decode_block(handle: ModelHandle, block: RawBlock, src: Source) -> tuple[tuple | None, list]:

@@ -21,6 +21,11 @@ from ..preprocess import Preprocessor
 __all__ = ["BlockPreprocessor"]
 
 
+def fits(shape: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """``shape`` matches ``want``, where ``-1`` in ``want`` takes any size (a detector's H and W)."""
+    return len(shape) == len(want) and all(w == -1 or w == s for s, w in zip(shape, want))
+
+
 class BlockPreprocessor:
     def __init__(self, preprocess: Mapping[str, Any] | None, sample_shape: tuple[int, ...], dtype) -> None:
         self.sample_shape = tuple(sample_shape)
@@ -75,8 +80,8 @@ class BlockPreprocessor:
         if a_arr is not None and a_arr.shape == self.sample_shape and a_arr.dtype.kind in "biuf":
             return self.numeric(a_arr[None])[0]
         y = self.ref.one(a)
-        if y.shape != self.sample_shape:
-            if y.size == self.size:
+        if y.shape != self.sample_shape and not fits(y.shape, self.sample_shape):
+            if y.size == self.size and -1 not in self.sample_shape:
                 y = y.reshape(self.sample_shape)
             else:
                 raise InputError(f"sample of shape {tuple(np.shape(a))} gives {y.shape} after preprocessing; "

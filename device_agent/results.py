@@ -54,12 +54,12 @@ class Result:
     """
 
     __slots__ = ("prediction_id", "outputs", "model", "latency_ms", "source", "ts", "_label", "_score", "_top",
-                 "ref", "cached", "inputs", "_labels")
+                 "ref", "cached", "inputs", "_labels", "_post_spec", "_post")
 
     def __init__(self, prediction_id: str, outputs: dict[str, np.ndarray], model: dict, latency_ms: float,
                  source: str, ts: float, label: Any = _UNSET, score: Any = _UNSET, top: Any = _UNSET,
                  ref: str | None = None, cached: bool = False, inputs: dict | None = None, *,
-                 labels: Sequence[str] | None = None) -> None:
+                 labels: Sequence[str] | None = None, post: dict | None = None) -> None:
         self.prediction_id = prediction_id
         self.outputs = outputs
         self.model = model
@@ -73,8 +73,23 @@ class Result:
         self.cached = cached
         self.inputs = inputs  # the preprocessed input, only when a component asks (wants_inputs)
         self._labels = labels
+        self._post_spec = post  # the package's postprocess hook, run on first read (caller's thread)
+        self._post = None
+
+    @property
+    def post(self) -> dict | None:
+        """The package's ``postprocess`` answer for this sample (labels, detections or a mask), or None."""
+        if self._post is None and self._post_spec is not None:
+            from ..runtime.postprocess import apply  # noqa: PLC0415 - only models that declare a hook
+
+            self._post = apply(self._post_spec, self.outputs, self._labels)
+        return self._post
 
     def _classify(self) -> None:
+        post = self.post
+        if post is not None:
+            self._label, self._score, self._top = post.get("label"), post.get("score"), post.get("top")
+            return
         label = score = top = None
         if len(self.outputs) == 1:
             row = next(iter(self.outputs.values()))
@@ -102,7 +117,11 @@ class Result:
             d["label"] = self.label
             d["score"] = self.score
             d["top"] = [[lab, s] for lab, s in (self.top or [])]
-        if outputs or self.label is None:
+        post = self.post
+        if post is not None:
+            d.update({k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in post.items()
+                      if k not in ("label", "score", "top")})
+        if outputs or (self.label is None and post is None):
             d["outputs"] = {k: np.asarray(v).tolist() for k, v in self.outputs.items()}
         if self.cached:
             d["cached"] = True

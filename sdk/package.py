@@ -782,7 +782,8 @@ def build(out_path: str | os.PathLike, model_files, *, name: str, version: str,
           inputs: Sequence | None = None, outputs: Sequence | None = None, preprocess: Mapping | None = None,
           labels=None, example_input=None, report=None, provenance: Mapping | None = None,
           variants: Sequence[Mapping] | None = None, reference_stats: Mapping | None = None,
-          extra_files: Mapping[str, Any] | None = None, signing_key=None) -> Path:
+          extra_files: Mapping[str, Any] | None = None, signing_key=None, state: Sequence | None = None,
+          postprocess: Mapping | None = None) -> Path:
     """Write a ``.edgepkg`` and return its path.
 
     ``model_files``: a path (stored as ``model.onnx``/``model.tflite``) or
@@ -795,6 +796,11 @@ def build(out_path: str | os.PathLike, model_files, *, name: str, version: str,
     JSON file. ``example_input``: ndarray, ``{name: ndarray}`` or a .npy/.npz
     path. ``extra_files``: ``{member: path | bytes}``. ``signing_key``: a
     private key or its path; the package is signed when given.
+    ``state``: a stateful model's ``[{"input", "output", "batch_axis"}]``
+    (see :mod:`edgeship.runtime.state`; ``[]`` = stateless on purpose); a
+    model that looks stateful without it is refused. ``postprocess``: a
+    built-in hook (see :mod:`edgeship.runtime.postprocess`). An input dict
+    may carry ``multiple_of`` for its variable axes.
     """
     from .runtime._backends import runtime_for
 
@@ -875,6 +881,7 @@ def build(out_path: str | os.PathLike, model_files, *, name: str, version: str,
         "inputs": specs_to_dicts(specs_from_dicts(list(inputs), "inputs")),
         "outputs": specs_to_dicts(specs_from_dicts(list(outputs), "outputs")),
     }
+    _shape_fields(manifest, state, postprocess, f"build {out}")
     pre = _load_json_arg(preprocess, "preprocess")
     if pre is not None:
         from .preprocess import check_preprocess
@@ -915,6 +922,25 @@ def build(out_path: str | os.PathLike, model_files, *, name: str, version: str,
     return out
 
 
+def _shape_fields(manifest: dict, state, postprocess, where: str) -> None:
+    """Check and record ``state`` and ``postprocess`` against the logical IO (one line when wrong)."""
+    from .runtime.postprocess import check_postprocess
+    from .runtime.state import check_declared
+
+    ins, outs = specs_from_dicts(manifest["inputs"]), specs_from_dicts(manifest["outputs"])
+    if state is not None:
+        manifest["state"] = [dict(d) for d in state]
+    try:
+        pairs = check_declared(manifest, ins, outs, where)
+        post = check_postprocess(_load_json_arg(postprocess, "postprocess"), outs, where)
+    except PackageFormatError as exc:
+        raise ConfigError(str(exc)) from None
+    if state is not None:
+        manifest["state"] = [p.to_dict() for p in pairs]
+    if post is not None:
+        manifest["postprocess"] = post
+
+
 # ---------------------------------------------------------------- inspect
 
 def inspect(path: str | os.PathLike) -> dict:
@@ -936,6 +962,7 @@ def inspect(path: str | os.PathLike) -> dict:
                      for v in pkg.variants],
         "inputs": m.get("inputs", []), "outputs": m.get("outputs", []),
         "preprocess": m.get("preprocess"), "labels": m.get("labels"),
+        "state": m.get("state"), "postprocess": m.get("postprocess"),
         "example_input": m.get("example_input"), "provenance": m.get("provenance"),
         "has_reference_stats": "reference_stats" in m,
     }
@@ -974,8 +1001,9 @@ def format_inspect(info: Mapping) -> str:
     lines.extend(f"  {_fmt_spec(s)}" for s in info["inputs"])
     lines.append("outputs:")
     lines.extend(f"  {_fmt_spec(s)}" for s in info["outputs"])
-    if info.get("preprocess"):
-        lines.append(f"preprocess: {json.dumps(info['preprocess'])}")
+    for key in ("preprocess", "state", "postprocess"):
+        if info.get(key):
+            lines.append(f"{key}: {json.dumps(info[key])}")
     labels = info.get("labels")
     if labels:
         shown = ", ".join(labels[:10]) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
@@ -996,7 +1024,8 @@ def _short(v) -> str:
 # ----------------------------------------------------------- build config
 
 _CONFIG_KEYS = {"name", "version", "model", "models", "output", "inputs", "outputs", "preprocess", "labels",
-                "example_input", "report", "provenance", "variants", "reference_stats", "extra_files", "key"}
+                "example_input", "report", "provenance", "variants", "reference_stats", "extra_files", "key",
+                "state", "postprocess"}
 
 
 def load_build_config(path: str | os.PathLike) -> dict:
@@ -1006,7 +1035,7 @@ def load_build_config(path: str | os.PathLike) -> dict:
     (member = path), ``output``, ``labels`` (list or file), ``example_input``,
     ``report``, ``key`` (paths relative to the TOML file), tables
     ``[preprocess]``, ``[provenance]``, ``[reference_stats]``,
-    ``[extra_files]``, and ``[[variants]]``.
+    ``[extra_files]``, ``[postprocess]``, and ``[[variants]]``, ``[[state]]``.
     """
     import tomllib
 
@@ -1034,7 +1063,8 @@ def load_build_config(path: str | os.PathLike) -> dict:
         if not isinstance(data["models"], dict):
             raise ConfigError(f"{p}: [models] must map member names to paths")
         out["model_files"] = {k: rel(v) for k, v in data["models"].items()}
-    for key in ("name", "version", "inputs", "outputs", "preprocess", "provenance", "variants", "reference_stats"):
+    for key in ("name", "version", "inputs", "outputs", "preprocess", "provenance", "variants", "reference_stats",
+                "state", "postprocess"):
         if key in data:
             out[key] = data[key]
     for key in ("example_input", "report", "output"):

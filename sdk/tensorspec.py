@@ -35,12 +35,15 @@ class TensorSpec:
     axis 0 is the batch axis (the manifest writes it as ``"batch"``).
     ``quantization`` is ``(scale, zero_point)`` for an int8/uint8 tensor that
     stands for float values (``real = scale * (q - zero_point)``), else None.
+    ``multiple_of``: every variable (``-1``) axis besides the batch must be a
+    multiple of this (a detector taking H x W in steps of 32), else None.
     """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     quantization: tuple[float, int] | None = field(default=None)
+    multiple_of: int | None = field(default=None)
 
     @property
     def rank(self) -> int:
@@ -49,6 +52,11 @@ class TensorSpec:
     @property
     def dynamic_batch(self) -> bool:
         return bool(self.shape) and self.shape[0] == -1
+
+    @property
+    def variable_dims(self) -> tuple[int, ...]:
+        """The axes of any size besides the batch axis (a detector's H and W)."""
+        return tuple(i for i, d in enumerate(self.shape) if d == -1 and i > 0)
 
     @property
     def is_float(self) -> bool:
@@ -63,7 +71,7 @@ class TensorSpec:
         """The float interface of this tensor (what ``run()`` takes/returns without ``raw``)."""
         if self.quantization is None:
             return self
-        return TensorSpec(self.name, "float32", self.shape, None)
+        return TensorSpec(self.name, "float32", self.shape, None, self.multiple_of)
 
     def shape_str(self) -> str:
         return "[" + ", ".join("batch" if (i == 0 and d == -1) else ("?" if d == -1 else str(d))
@@ -76,6 +84,8 @@ class TensorSpec:
         }
         if self.quantization is not None:
             d["quantization"] = {"scale": float(self.quantization[0]), "zero_point": int(self.quantization[1])}
+        if self.multiple_of is not None:
+            d["multiple_of"] = int(self.multiple_of)
         return d
 
     def __str__(self) -> str:
@@ -103,10 +113,13 @@ def spec_from_dict(d: Mapping[str, Any], where: str = "manifest") -> TensorSpec:
         quant = (float(q["scale"]), int(q["zero_point"])) if q else None
         if not isinstance(name, str) or not name:
             raise ValueError("name must be a non-empty string")
+        mult = d.get("multiple_of")
+        if mult is not None and (isinstance(mult, bool) or not isinstance(mult, int) or mult < 1):
+            raise ValueError(f"multiple_of must be a positive integer, got {mult!r}")
     except (KeyError, TypeError, ValueError) as exc:
         raise PackageFormatError(f"{where}: bad tensor spec {dict(d) if isinstance(d, Mapping) else d!r}: {exc}; "
                                  "each needs name, dtype and shape") from exc
-    return TensorSpec(name, dtype, shape, quant)
+    return TensorSpec(name, dtype, shape, quant, mult)
 
 
 def specs_from_dicts(items: Sequence[Mapping[str, Any]] | None, where: str = "manifest") -> list[TensorSpec]:

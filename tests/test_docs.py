@@ -95,6 +95,10 @@ BLOCKS: dict[tuple[str, str], str] = {
     ("docs/http-api.md", '{"prediction_id": "...", "source": "http", "ts": 1767225600.1, "model": {"name": "digits", '
                          '"version": "1.2.0", "sha256": "..."},'): "a response body, not a command",
     ("docs/http-api.md", '{"input": "raw", "count": 3, "errors": 1,'): "a response body, not a command",
+    ("docs/http-api.md", '{"x": [[0.12, -0.40, ...], ...], "input": "model", "stream": "kitchen-mic"}'):
+        "a request body with elisions; streams are tested in tests/test_model_shapes_agent.py",
+    ("docs/http-api.md", '{"prediction_id": "...", "model": {"name": "det", "version": "1", "sha256": "..."}, '
+                         '"latency_ms": 14.2,'): "a response body, not a command",
     ("docs/http-api.md", 'curl -s -H "Authorization: Bearer $(cat /etc/edgeship/api-token)" '
                          "http://127.0.0.1:8765/v1/health"):
         "needs a running agent with a token file in /etc; token auth is tested in tests/test_agent_api.py",

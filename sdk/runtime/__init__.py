@@ -5,6 +5,14 @@
         runner.run({"input": x})          # validated, float in / float out
         runner.predict("digit.png")       # the package's preprocessing, then run
 
+Model shapes (issue 20.4): several inputs go in as ``{name: array}``
+(int64 ids + mask), a scalar input as a 0-d array; a stateful package
+(``state`` in its manifest, :mod:`edgeship.runtime.state`) runs a stream with
+``s = runner.stream(); s.run(window)`` (the state carried between calls);
+variable sizes are checked against an input's ``multiple_of``; int8 IO is
+(de)quantized; ``runner.postprocess(outputs)`` applies the package's hook
+(:mod:`edgeship.runtime.postprocess`: top-k labels, boxes + NMS, threshold).
+
 ``import edgeship.runtime`` imports numpy only; onnxruntime and the TFLite
 interpreter load when a model of that kind is loaded.
 """
@@ -17,9 +25,9 @@ from typing import Any
 from ..errors import ConfigError, ModelError
 from ..tensorspec import TensorSpec, specs_from_dicts
 from ._backends import OPTIMIZATION_LEVELS, TFLITE_BACKENDS, default_threads, resolve_tflite
-from .base import Runner, dequantize, quantize
+from .base import Runner, Stream, dequantize, quantize
 
-__all__ = ["load", "Runner", "TensorSpec", "OnnxRunner", "TFLiteRunner", "quantize", "dequantize",
+__all__ = ["load", "Runner", "Stream", "TensorSpec", "OnnxRunner", "TFLiteRunner", "quantize", "dequantize",
            "TFLITE_BACKENDS", "OPTIMIZATION_LEVELS", "default_threads", "resolve_tflite"]
 
 _ONNX_BACKENDS = ("onnxruntime", "onnx", "ort")
@@ -118,6 +126,11 @@ def load(path_or_package: Any, *, variant: str | None = None, backend: str | Non
                    manifest=pkg.manifest, variant=var, package=pkg,
                    model_input_specs=m_in, model_output_specs=m_out)
     _apply_logical_names(runner, top_in, top_out, m_in, m_out)
+    try:
+        runner._check_shapes()
+    except BaseException:
+        runner.close()
+        raise
     return runner
 
 

@@ -52,6 +52,11 @@ class Runner:
         self.variant = dict(variant or {})
         self.package = package
         self.source = source
+        # Size steps of variable axes come from the manifest (an ONNX file cannot say "multiples of 32").
+        self._multiples = {d.get("name"): d.get("multiple_of") for d in self.manifest.get("inputs") or ()
+                           if isinstance(d, Mapping) and d.get("multiple_of")}
+        self.state: list = []  # StatePair per declared state tensor (see edgeship.runtime.state)
+        self.postprocess_spec: dict | None = None
         # Callers use the package's logical names; a TFLite file may call the
         # same tensor "serving_default_input:0". Names map by position.
         self._set_names(input_names, output_names)
@@ -62,17 +67,56 @@ class Runner:
     def _set_names(self, input_names: Sequence[str] | None, output_names: Sequence[str] | None) -> None:
         in_names = list(input_names) if input_names else [s.name for s in self.model_inputs]
         out_names = list(output_names) if output_names else [s.name for s in self.model_outputs]
-        self.inputs = [TensorSpec(n, s.logical_dtype, s.shape, None) for n, s in zip(in_names, self.model_inputs)]
+        self.inputs = [TensorSpec(n, s.logical_dtype, s.shape, None, self._multiples.get(n) or s.multiple_of)
+                       for n, s in zip(in_names, self.model_inputs)]
         self.outputs = [TensorSpec(n, s.logical_dtype, s.shape, None) for n, s in zip(out_names, self.model_outputs)]
         self.input_names = [s.name for s in self.inputs]
         self.output_names = [s.name for s in self.outputs]
         self._in_index = {n: i for i, n in enumerate(self.input_names)}
 
+    def _check_shapes(self) -> None:
+        """Read the manifest's ``state`` and ``postprocess`` against the loaded IO (load calls it).
+
+        A model that looks stateful but declares no state is refused here
+        with one line (see :mod:`edgeship.runtime.state`).
+        """
+        from .postprocess import check_postprocess
+        from .state import check_declared
+
+        where = self.source or "model"
+        self.state = check_declared(self.manifest, self.inputs, self.outputs, where)
+        self.postprocess_spec = check_postprocess(self.manifest.get("postprocess"), self.outputs, where)
+
+    @property
+    def state_inputs(self) -> list[str]:
+        return [p.input for p in self.state]
+
+    @property
+    def data_inputs(self) -> list[TensorSpec]:
+        """The inputs a caller sends: all but the declared state."""
+        st = set(self.state_inputs)
+        return [s for s in self.inputs if s.name not in st]
+
+    @property
+    def data_outputs(self) -> list[TensorSpec]:
+        """The outputs a caller reads: all but the state handed to the next call."""
+        st = {p.output for p in self.state}
+        return [s for s in self.outputs if s.name not in st]
+
     # ------------------------------------------------------------ metadata
     @property
     def batch_size(self) -> int | None:
-        """None when every input takes any batch; the fixed batch otherwise (1 for inputs without a batch axis)."""
-        fixed = {s.shape[0] if s.shape else 1 for s in self.model_inputs if not s.dynamic_batch}
+        """None when every input takes any batch; the fixed batch otherwise (1 for inputs without a batch axis).
+
+        Declared state inputs (their batch axis is their own) and scalar
+        inputs next to batched ones (a sample rate: one value per call) do
+        not decide it.
+        """
+        st = set(self.state_inputs)
+        specs = [m for m, s in zip(self.model_inputs, self.inputs) if s.name not in st]
+        if any(s.shape for s in specs):
+            specs = [s for s in specs if s.shape]
+        fixed = {s.shape[0] if s.shape else 1 for s in specs if not s.dynamic_batch}
         if not fixed:
             return None
         return max(fixed)
@@ -107,6 +151,15 @@ class Runner:
         return any(s.quantization for s in [*self.model_inputs, *self.model_outputs])
 
     # ---------------------------------------------------------- validation
+    def _as_data_feed(self, feed) -> dict[str, Any]:
+        data = self.data_inputs
+        if isinstance(feed, Mapping):
+            return dict(feed)
+        if len(data) != 1:
+            raise InputError(f"the model takes {len(data)} data inputs ({', '.join(s.name for s in data)}); "
+                             "pass a dict {name: array}", input_name=None)
+        return {data[0].name: feed}
+
     def _as_feed(self, feed) -> dict[str, Any]:
         if isinstance(feed, Mapping):
             return dict(feed)
@@ -185,6 +238,7 @@ class Runner:
                                  f"({what} must be {want})", input_name=name, expected=spec.shape, got=arr.shape)
         if spec.dynamic_batch and arr.shape[0] == 0:
             raise InputError(f"input {name!r} has an empty batch", input_name=name, expected=">= 1", got=0)
+        check_multiple(name, arr.shape, spec)
 
     # ------------------------------------------------------------- running
     def run(self, feed, *, raw: bool = False) -> dict[str, np.ndarray]:
@@ -209,6 +263,30 @@ class Runner:
 
     def _invoke(self, arrays: list[np.ndarray]) -> list[np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # ----------------------------------------------- streams and post-processing
+    def initial_state(self, batch: int = 1) -> dict[str, np.ndarray]:
+        """The declared state of ``batch`` fresh streams, by state input name."""
+        from .state import initial_state
+
+        specs = {s.name: s for s in self.inputs}
+        return {p.input: initial_state(p, specs[p.input], batch) for p in self.state}
+
+    def stream(self) -> "Stream":
+        """A :class:`Stream`: calls on consecutive windows of one stream, the state carried between them."""
+        if not self.state:
+            raise InputError(f"{self.source or 'this model'} declares no state; run() it directly")
+        return Stream(self)
+
+    def postprocess(self, outputs: Mapping[str, np.ndarray]) -> list[dict]:
+        """The package's ``postprocess`` hook on a batch of outputs: one answer per row (see
+        :mod:`edgeship.runtime.postprocess`); ``[]`` when the package declares none."""
+        if self.postprocess_spec is None:
+            return []
+        from .postprocess import apply
+
+        n = len(next(iter(outputs.values())))
+        return [apply(self.postprocess_spec, {k: v[i] for k, v in outputs.items()}, self.labels) for i in range(n)]
 
     # ------------------------------------------------------- preprocessing
     @property
@@ -264,7 +342,9 @@ class Runner:
 
     def _zeros(self) -> dict[str, np.ndarray]:
         b = self.batch_size or 1
-        return {s.name: np.zeros([b if (i == 0 and d == -1) else (d if d != -1 else 1)
+        st = {p.input: p for p in self.state}
+        return {s.name: np.zeros([b if (i == (st[s.name].batch_axis if s.name in st else 0) and d == -1)
+                                  else (d if d != -1 else (s.multiple_of or 1))
                                   for i, d in enumerate(s.shape)], dtype=s.dtype if s.dtype != "str" else object)
                 for s in self.inputs}
 
@@ -304,3 +384,49 @@ class Runner:
         ins = ", ".join(str(s) for s in self.inputs)
         outs = ", ".join(str(s) for s in self.outputs)
         return f"<{type(self).__name__} {self.source} [{self.backend}] ({ins}) -> ({outs})>"
+
+
+def check_multiple(name: str, shape, spec: TensorSpec) -> None:
+    """Refuse a size on a variable axis that is not a multiple of the declared step."""
+    k = spec.multiple_of
+    if not k:
+        return
+    for axis in spec.variable_dims:
+        if axis < len(shape) and shape[axis] % k:
+            raise InputError(f"input {name!r} has shape {list(shape)}: axis {axis} must be a multiple of {k} "
+                             f"(got {shape[axis]}); pad or resize the sample", input_name=name,
+                             expected=f"multiple of {k}", got=tuple(shape))
+
+
+class Stream:
+    """One stream through a stateful model: each ``run`` feeds the state the last one returned.
+
+    ``run(feed)`` takes the data inputs of one window (batch 1 or the
+    stream's own batch), returns the data outputs; ``reset()`` starts over
+    from the initial state. Not shared between threads (one per stream).
+    """
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.state: dict[str, np.ndarray] | None = None
+        self.calls = 0
+
+    def reset(self) -> None:
+        self.state = None
+        self.calls = 0
+
+    def run(self, feed) -> dict[str, np.ndarray]:
+        r = self.runner
+        feed = r._as_data_feed(feed)
+        given = set(feed) & set(r.state_inputs)
+        if given:
+            raise InputError(f"the stream carries {sorted(given)[0]!r} itself; send only "
+                             f"{', '.join(s.name for s in r.data_inputs)}")
+        if self.state is None:
+            first = next(iter(feed.values()))
+            self.state = r.initial_state(int(np.shape(first)[0]) if np.ndim(first) else 1)
+        out = r.run({**feed, **self.state})
+        self.state = {p.input: out[p.output] for p in r.state}
+        self.calls += 1
+        st = {p.output for p in r.state}
+        return {k: v for k, v in out.items() if k not in st}
