@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import ConversionError
 
-__all__ = ["onnx_to_tflite", "OnnxTfliteResult", "agreement", "ATOL", "RTOL"]
+__all__ = ["onnx_to_tflite", "tflite_from_onnx_data", "OnnxTfliteResult", "agreement", "ATOL", "RTOL"]
 
 # Float conversion reorders sums (and XNNPACK fuses ops); 1e-4 absolute plus 1e-3 of the output's range
 # passes every exact conversion of the model set and fails any real mistake (a wrong axis, a dropped bias).
@@ -275,3 +275,24 @@ def _fx_runs(gm, args) -> bool:
         return True
     except Exception:  # noqa: BLE001 - only decides whether a per-layer comparison is possible
         return False
+
+
+def tflite_from_onnx_data(onnx_path, data, out_path, preprocess: Mapping | None = None, *,
+                          quiet: bool = True) -> Path:
+    """:func:`onnx_to_tflite` with batch 1, gated on the first sample of ``data`` (what ``load_data`` takes)."""
+    import onnxruntime as ort
+
+    from .data import load_data
+
+    try:
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's pybind errors share no base class
+        raise ConversionError(f"{onnx_path}: onnxruntime cannot load it ({_one_line(exc)})") from exc
+    names = [i.name for i in sess.get_inputs()]
+    ds = load_data(data, input_names=names, preprocess=preprocess)
+    types = {i.name: i.type for i in sess.get_inputs()}
+    feed = {}
+    for n in names:
+        a = np.asarray(ds.inputs[n][:1])
+        feed[n] = a.astype(np.float32) if "float" in types[n] and a.dtype.kind == "f" else a
+    return onnx_to_tflite(onnx_path, out_path, feed, quiet=quiet).path

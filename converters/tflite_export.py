@@ -94,10 +94,15 @@ def _write(out_path, edge_model, quiet: bool = True) -> Path:
 
 def litert_convert(module, args: tuple, *, quiet: bool = True):
     """litert-torch's conversion of ``module`` traced with ``args``; its errors become one line."""
+    import warnings
+
     import litert_torch
 
     try:
-        with _litert_progress(not quiet):
+        with _litert_progress(not quiet), warnings.catch_warnings():
+            # torch.export's deprecations (raised from copyreg / torch internals) are not the user's to act on.
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
             return litert_torch.convert(module, args)
     except Exception as exc:  # litert-torch surfaces torch.export / MLIR errors of many types
         raise ConversionError(f"TFLite conversion failed ({_one_line(exc)}); the model must be torch.export-able "
