@@ -99,6 +99,13 @@ def _fix_shapes(model, sample: Mapping[str, np.ndarray]):
         model = onnxscript.optimizer.optimize(model)
     except Exception as exc:  # the optimizer raises many types on odd graphs; folding is only a help
         raise ConversionError(f"cannot fold the model's shape computations ({_one_line(exc)})") from exc
+    # onnx2fx tags each fx node with its ONNX node's *name*: make names unique so a diverging
+    # fx node can be traced back to one ONNX node.
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
     return model
 
 
@@ -174,18 +181,19 @@ def _first_divergence(gm, model, feed: Mapping[str, np.ndarray], atol: float, rt
         def run_node(self, n):
             out = super().run_node(n)
             name = n.meta.get("onnx_name")
-            if name and n.op != "get_attr" and isinstance(out, torch.Tensor):
+            if name and n.op == "call_function" and isinstance(out, torch.Tensor):
+                # One ONNX node may become several fx nodes; the last one computes its output.
                 captured[name] = out.detach().numpy()
             return out
 
     with torch.no_grad():
         Capture(gm).run(*[torch.from_numpy(np.ascontiguousarray(v)) for v in feed.values()])
-    order = [(node, out) for node in model.graph.node for out in node.output if out in captured]
+    order = [(node, node.output[0]) for node in model.graph.node if node.name in captured and node.output]
     ref = _ort_run(model, feed, [out for _, out in order])
     for node, out in order:
-        if out not in ref:
-            continue
-        ok, diff = agreement(captured[out], ref[out], atol, rtol)
+        if out not in ref or captured[node.name].shape != ref[out].shape:
+            continue  # a multi-output node whose fx value is another of its outputs: not comparable
+        ok, diff = agreement(captured[node.name], ref[out], atol, rtol)
         if not ok:
             return f"{node.op_type} node {node.name or out!r} (output {out!r}, max abs diff {diff:.3g})"
     return None

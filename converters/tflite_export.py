@@ -97,13 +97,16 @@ def litert_convert(module, args: tuple, *, quiet: bool = True):
     import warnings
 
     import litert_torch
+    import torch
 
     try:
         with _litert_progress(not quiet), warnings.catch_warnings():
             # torch.export's deprecations (raised from copyreg / torch internals) are not the user's to act on.
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            return litert_torch.convert(module, args)
+            # int64 inputs (token ids, masks) stay int64, as the user declared them, instead of int32.
+            x64 = any(getattr(a, "dtype", None) == torch.int64 for a in args)
+            return litert_torch.convert(module, args, enable_x64=x64)
     except Exception as exc:  # litert-torch surfaces torch.export / MLIR errors of many types
         raise ConversionError(f"TFLite conversion failed ({_one_line(exc)}); the model must be torch.export-able "
                               "with the sample input") from exc
