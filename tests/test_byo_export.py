@@ -165,3 +165,21 @@ def test_cli_torch_route_without_input_spec_is_one_line(tmp_path):
     line = one_error_line(run("convert", "export", "net.py:Net", "--out", "n.edgepkg", cwd=tmp_path))
     assert "needs --input specs" in line
     assert not (tmp_path / "n.edgepkg").exists()
+
+
+@pytest.mark.slow
+def test_quantize_target_tflite_takes_an_onnx_model(tmp_path):
+    """`convert quantize model.onnx --target tflite` (refused before #20) converts through the gated route."""
+    model = make_mlp_onnx(tmp_path / "mlp.onnx")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", input=x[:32])
+    np.savez(tmp_path / "eval.npz", input=x[32:], labels=mlp_reference(x[32:]).argmax(1))
+    proc = run("convert", "quantize", str(model), "--calib", "calib.npz", "--eval", "eval.npz", "--target", "tflite",
+               "--allow-fp32", "--out", "q.edgepkg", "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    pkg = pkgmod.verify(tmp_path / "q.edgepkg")
+    assert [v["runtime"] for v in pkg.variants] == ["tflite"]
+    with runtime.load(pkg.path) as r:
+        got = r.predict(x[32:40])["logits"]
+    assert (got.argmax(1) == mlp_reference(x[32:40]).argmax(1)).mean() >= 0.75
