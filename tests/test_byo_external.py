@@ -23,15 +23,18 @@ from edgeship.errors import ConfigError, IntegrityError
 
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgeship.cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+                          timeout=280, cwd=cwd)
 
 
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
+def one_error_line(proc: subprocess.CompletedProcess, *, only: bool = True) -> str:
+    """The CLI's one ``error:`` line and no traceback; with ``only``, nothing else on stderr either
+    (``only=False`` where torch/LiteRT log their own start-up lines first)."""
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("INFO: ")]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ")
+    if not only:
+        lines = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     return lines[0]
 
 
