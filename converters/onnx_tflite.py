@@ -140,6 +140,21 @@ def _static_shape_args(gm) -> None:
     gm.recompile()
 
 
+def _check_sample_shapes(model, feed: Mapping[str, np.ndarray], what: str) -> None:
+    """The sample must have the model's fixed dimensions: a graph exported for batch 2 may bake
+    the 2 into its Reshape constants, and then converts to nonsense at batch 1."""
+    for inp in model.graph.input:
+        if inp.name not in feed:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim]
+        got = feed[inp.name].shape
+        if len(dims) != len(got) or any(d > 0 and d != g for d, g in zip(dims, got)):
+            shown = tuple(d if d > 0 else "?" for d in dims)
+            raise ConversionError(f"{what}: the sample for input {inp.name!r} has shape {tuple(got)} but the model "
+                                  f"fixes {shown}; give a sample of that shape (re-export with a dynamic batch "
+                                  "for another batch)")
+
+
 def _unsupported(model) -> list[str]:
     import onnx2fx
 
@@ -230,6 +245,7 @@ def onnx_to_tflite(onnx_path, out_path, sample: Mapping[str, np.ndarray], *, ato
     if missing:
         raise ConversionError(f"{onnx_path}: no sample for input(s) {', '.join(missing)}; give one array per input")
     feed = {n: np.ascontiguousarray(sample[n]) for n in graph_inputs}
+    _check_sample_shapes(model, feed, Path(onnx_path).name)
     outputs = [o.name for o in model.graph.output]
     fixed = _fix_shapes(model, feed)
     bad = _unsupported(fixed)

@@ -170,3 +170,12 @@ def test_quantize_target_tflite_takes_an_onnx_model(tmp_path):
     with runtime.load(pkg.path) as r:
         got = r.predict(x[32:40])["logits"]
     assert (got.argmax(1) == mlp_reference(x[32:40]).argmax(1)).mean() >= 0.75
+
+
+def test_a_sample_that_contradicts_the_models_fixed_shape_is_refused(tmp_path):
+    from edgeship.converters.onnx_tflite import onnx_to_tflite
+
+    model = make_mlp_onnx(tmp_path / "mlp.onnx", dynamic_batch=False)  # input fixed at [1, 64]
+    with pytest.raises(ConversionError, match=r"has shape \(2, 64\) but the model fixes \(1, 64\)"):
+        onnx_to_tflite(model, tmp_path / "mlp.tflite", {"input": np.zeros((2, 64), np.float32)})
+    assert not (tmp_path / "mlp.tflite").exists()
