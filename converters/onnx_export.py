@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,7 +55,7 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 def export_onnx(model, sample_input, out_path, *, input_names: Sequence[str] = ("input",),
                 output_names: Sequence[str] = ("logits",), opset: int = DEFAULT_OPSET,
-                dynamic_batch: bool = True, exporter: str = "auto") -> dict:
+                dynamic_batch: bool = True, exporter: str = "auto", external_data: bool = False) -> dict:
     """Export ``model`` (a torch module) to ``out_path`` and check it with onnxruntime.
 
     ``sample_input``: one array/tensor (or a tuple for several inputs) with a
@@ -63,7 +64,9 @@ def export_onnx(model, sample_input, out_path, *, input_names: Sequence[str] = (
     ``"dynamo"`` or ``"torchscript"``. Returns ``{"path", "exporter", "opset",
     "max_abs_diff", "inputs", "outputs"}``. Raises :class:`ConversionError`
     naming the cause when neither exporter produces a model onnxruntime runs
-    with the same outputs.
+    with the same outputs. ``external_data``: the dynamo exporter writes the
+    weights to ``<out_path>.data`` beside the graph, as torch does by default
+    (``edgeship package build`` inlines them again).
     """
     import torch
 
@@ -85,9 +88,25 @@ def export_onnx(model, sample_input, out_path, *, input_names: Sequence[str] = (
     if len(expected) != len(output_names):
         output_names = [f"output_{i}" for i in range(len(expected))] if len(expected) > 1 else list(output_names)[:1]
 
-    tried: list[str] = []
     order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[exporter]
-    tmp = out_path.with_name(f".{out_path.name}.partial")
+    # Exported under the final file name inside a private folder: an external data file is
+    # referenced by name from the graph, so the graph cannot be renamed after export.
+    tmp_dir = out_path.with_name(f".{out_path.name}.partial")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    tmp = tmp_dir / out_path.name
+    try:
+        return _export(model, args, expected, out_path, tmp, order, input_names, output_names, opset,
+                       dynamic_batch, external_data)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _export(model, args, expected, out_path: Path, tmp: Path, order, input_names, output_names, opset: int,
+            dynamic_batch: bool, external_data: bool) -> dict:
+    import torch
+
+    tried: list[str] = []
     for kind in order:
         try:
             with _quiet_exporter():
@@ -95,7 +114,7 @@ def export_onnx(model, sample_input, out_path, *, input_names: Sequence[str] = (
                     shapes = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
                     torch.onnx.export(model, args, str(tmp), input_names=list(input_names),
                                       output_names=list(output_names), dynamic_shapes=shapes, dynamo=True,
-                                      opset_version=opset, verbose=False, external_data=False)
+                                      opset_version=opset, verbose=False, external_data=external_data)
                 else:
                     axes = ({n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None)
                     torch.onnx.export(model, args, str(tmp), input_names=list(input_names),
@@ -108,16 +127,21 @@ def export_onnx(model, sample_input, out_path, *, input_names: Sequence[str] = (
         except Exception as exc:  # torch.export / the exporters raise many unrelated types
             tried.append(f"{kind}: {type(exc).__name__}: {_one_line(exc)}")
             continue
+        data = Path(str(tmp) + ".data")
+        target_data = Path(str(out_path) + ".data")
+        if kind == "dynamo" and external_data and data.is_file():
+            data.replace(target_data)
+        else:
+            # The dynamo exporter may leave an empty sidecar when external_data is off; never ship it,
+            # nor a stale one from an earlier export that the new graph does not reference.
+            target_data.unlink(missing_ok=True)
         tmp.replace(out_path)
-        # The dynamo exporter may leave an empty sidecar when external_data is off; never ship it.
-        Path(str(tmp) + ".data").unlink(missing_ok=True)
         import onnx
 
         m = onnx.load(str(out_path), load_external_data=False)
         got_opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), opset)
         return {"path": out_path, "exporter": kind, "opset": got_opset, "max_abs_diff": diff,
                 "inputs": list(input_names), "outputs": list(output_names)}
-    tmp.unlink(missing_ok=True)
     raise ConversionError(f"ONNX export of {type(model).__name__} failed ({'; '.join(tried)}); "
                           "make forward() traceable (no data-dependent Python control flow)")
 

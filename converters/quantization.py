@@ -1066,6 +1066,12 @@ def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = 
         if src.kind == "torch":
             for t in wanted:
                 src.files[t] = _export_torch(src, calib, t, work, quiet)
+        elif src.kind == "onnx" and "tflite" in wanted:
+            # ONNX -> float TFLite (#20), gated on agreement with onnxruntime on the first calibration sample.
+            from .onnx_tflite import tflite_from_onnx_data
+
+            src.files["tflite"] = tflite_from_onnx_data(src.path, calib, work / "source.tflite", src.preprocess,
+                                                        quiet=quiet)
         elif wanted != [src.kind]:
             raise ConversionError(
                 f"{src.path.name}: target {target} needs a {' and a '.join(wanted)} model but this is {src.kind}; "

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import ConversionError
 from .data import Dataset
 
-__all__ = ["export_tflite", "export_tflite_int8", "quantize_tflite"]
+__all__ = ["export_tflite", "export_tflite_int8", "quantize_tflite", "litert_convert", "rename_io"]
 
 # TFLite schema TensorType values used by modify_model_interface.
 _TFL_FLOAT32, _TFL_INT8 = 0, 9
@@ -92,18 +92,67 @@ def _write(out_path, edge_model, quiet: bool = True) -> Path:
     return out
 
 
-def export_tflite(torch_model, sample_input, out_path, *, quiet: bool = True) -> Path:
-    """Float export of ``torch_model`` (traced with ``sample_input``) to ``out_path``."""
-    import litert_torch
+def litert_convert(module, args: tuple, *, quiet: bool = True):
+    """litert-torch's conversion of ``module`` traced with ``args``; its errors become one line."""
+    import warnings
 
-    args = _as_args(sample_input)
+    import litert_torch
+    import torch
+
     try:
-        with _litert_progress(not quiet):
-            edge = litert_torch.convert(torch_model.eval(), args)
+        with _litert_progress(not quiet), warnings.catch_warnings():
+            # torch.export's deprecations (raised from copyreg / torch internals) are not the user's to act on.
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # int64 inputs (token ids, masks) stay int64, as the user declared them, instead of int32.
+            x64 = any(getattr(a, "dtype", None) == torch.int64 for a in args)
+            return litert_torch.convert(module, args, enable_x64=x64)
     except Exception as exc:  # litert-torch surfaces torch.export / MLIR errors of many types
-        raise ConversionError(f"TFLite export failed ({_one_line(exc)}); the model must be torch.export-able "
+        raise ConversionError(f"TFLite conversion failed ({_one_line(exc)}); the model must be torch.export-able "
                               "with the sample input") from exc
-    return _write(out_path, edge, quiet)
+
+
+def export_tflite(torch_model, sample_input, out_path, *, quiet: bool = True,
+                  input_names: "list[str] | None" = None, output_names: "list[str] | None" = None) -> Path:
+    """Float export of ``torch_model`` (traced with ``sample_input``) to ``out_path``.
+
+    The file's batch is the sample's (litert-torch fixes it). ``input_names``
+    / ``output_names`` replace litert-torch's ``args_0`` / ``output_0``.
+    """
+    args = _as_args(sample_input)
+    edge = litert_convert(torch_model.eval(), args, quiet=quiet)
+    out = _write(out_path, edge, quiet)
+    if input_names or output_names:
+        rename_io(out, input_names, output_names)
+    return out
+
+
+def rename_io(path, inputs: "list[str] | None", outputs: "list[str] | None") -> None:
+    """Put ``inputs``/``outputs`` names on a TFLite file's IO tensors and its signature, in order."""
+    from ai_edge_litert.tools import flatbuffer_utils as fu
+
+    path = Path(path)
+    model = fu.read_model(str(path))
+    sg = model.subgraphs[0]
+    sig = model.signatureDefs[0] if model.signatureDefs else None
+    for idx_list, names, sig_items in ((list(sg.inputs), inputs, sig.inputs if sig else None),
+                                       (list(sg.outputs), outputs, sig.outputs if sig else None)):
+        if not names:
+            continue
+        if len(idx_list) != len(names):
+            raise ConversionError(f"the TFLite model has {len(idx_list)} IO tensors where {len(names)} names were "
+                                  f"given ({', '.join(names)})")
+        for tensor_idx, name in zip(idx_list, names):
+            sg.tensors[tensor_idx].name = name.encode()
+        for item in sig_items or []:
+            if item.tensorIndex in idx_list:
+                item.name = names[idx_list.index(item.tensorIndex)].encode()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.renamed")
+    try:
+        fu.write_model(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def export_tflite_int8(torch_model, sample_input, calib_data, out_path, int8_io: bool = False, *,

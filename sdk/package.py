@@ -526,7 +526,18 @@ def read_verified(pkg: Package, member: str) -> bytes:
             _check_member(pkg, member, zf, hash=False)
     data = pkg.read(member)
     _check_digest(pkg, member, *_files.sha256_chunks([data]))
+    _check_self_contained(pkg, member, data)
     return data
+
+
+def _verify_member(pkg: Package, name: str, zf: zipfile.ZipFile | None, hash: bool) -> None:
+    """:func:`_check_member`, and for a hashed ONNX graph also that its weights are inside it
+    (the bytes are kept while they are hashed, so the graph is read once)."""
+    graph = hash and pkg.manifest["runtime"].get(name) == "onnxruntime"
+    sink = io.BytesIO() if graph else None
+    _check_member(pkg, name, zf, hash=hash, sink=sink)
+    if sink is not None:
+        _check_self_contained(pkg, name, sink.getvalue())
 
 
 def _check_members(pkg: Package) -> None:
@@ -553,7 +564,10 @@ def verify(path: str | os.PathLike | Package, trusted_keys=None, *, require_sign
       (:class:`SignatureError`); ``require_signature`` defaults to True when
       keys are given, so an unsigned package is refused,
     * no missing and no extra member, every member's size, and the sha256
-      of the members in ``members`` (default: all) (:class:`IntegrityError`).
+      of the members in ``members`` (default: all) (:class:`IntegrityError`),
+    * of each hashed ONNX graph, that no tensor keeps its bytes in an
+      external data file (:class:`IntegrityError`): the runtime loads the
+      graph from memory, so such a package would load nowhere.
       ``members=()`` hashes nothing: for a directory that :func:`unpack`
       verified, or before a step that hashes as it reads (:func:`unpack`,
       :func:`read_verified`), so no byte is hashed twice.
@@ -569,12 +583,12 @@ def verify(path: str | os.PathLike | Package, trusted_keys=None, *, require_sign
         raise IntegrityError(f"{pkg.path}: {unknown[0]} is not listed in the manifest")
     if pkg.is_dir:
         for name in pkg.files:
-            _check_member(pkg, name, hash=name in hashed)
+            _verify_member(pkg, name, None, name in hashed)
         return pkg
     _check_members(pkg)
     with _reopen(pkg) as zf:
         for name in pkg.files:
-            _check_member(pkg, name, zf, hash=name in hashed)
+            _verify_member(pkg, name, zf, name in hashed)
     return pkg
 
 
@@ -624,6 +638,9 @@ def unpack(path: str | os.PathLike, dest_dir: str | os.PathLike, trusted_keys=No
                     _check_member(pkg, name, zf, sink=f)
                     f.flush()
                     os.fsync(f.fileno())
+                if pkg.manifest["runtime"].get(name) == "onnxruntime":
+                    # Refused before it reaches the store, not at its first load on the device.
+                    _check_self_contained(pkg, name, target.read_bytes())
         write_synced(tmp / MANIFEST, pkg.manifest_bytes)
         if pkg.signature is not None:
             write_synced(tmp / SIGNATURE, pkg.signature)
@@ -692,6 +709,51 @@ def _as_member_map(model_files) -> dict[str, Path]:
             out[name] = p
         return out
     raise ConfigError(f"model_files must be a path or {{member: path}}, got {type(model_files).__name__}")
+
+
+def _self_contained_onnx(data: bytes, src: Path) -> bytes:
+    """An ONNX graph with its external data (``model.onnx.data`` beside it) stored inline.
+
+    Inlined rather than shipped beside the graph: the runtime loads a model
+    from the bytes it hashed (:func:`read_verified`), so one self-contained
+    member is what every loader can use, and an edge model is far below
+    protobuf's 2 GB limit. A data file missing now fails the build.
+    """
+    from ._onnx_external import external_refs, inline_external_data
+
+    refs = external_refs(data)
+    if not refs:
+        return data
+    files = sorted({r.location for r in refs})
+    try:
+        return inline_external_data(data, src.parent, what=str(src))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{src}: its weights are in external data file(s) {', '.join(files)} "
+                          f"({len(refs)} tensors) but {exc} does not exist; put the data file beside the model "
+                          "(as the exporter wrote it) and build again; no package written") from exc
+    except ImportError as exc:
+        raise ConfigError(f"{src}: keeps its weights in external data ({', '.join(files)}); inlining them needs "
+                          "the onnx package: pip install 'edgeship[convert]'") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{src}: {exc}; too large for a package") from exc
+
+
+def _check_self_contained(pkg: "Package", member: str, data: bytes) -> None:
+    """Refuse an ONNX member whose weights live in files outside it (the runtime loads from memory)."""
+    from ._onnx_external import external_refs
+
+    if pkg.manifest["runtime"].get(member) != "onnxruntime":
+        return
+    refs = external_refs(data)
+    if not refs:
+        return
+    where = sorted({r.location for r in refs})
+    present = [loc for loc in where if loc in pkg.files]
+    state = "is in the package, but edgeship loads a graph from memory and needs it inline" if present else \
+        "is not in the package"
+    raise IntegrityError(f"{pkg.path}: {member} keeps {len(refs)} tensors (e.g. {refs[0].tensor!r}) in external "
+                         f"data file {where[0]}, which {state}; rebuild the package with `edgeship package build` "
+                         "from the folder holding the data file (it inlines the weights)")
 
 
 def inspect_model(data: bytes, runtime: str, what: str = "model") -> tuple[list, list]:
@@ -819,6 +881,8 @@ def build(out_path: str | os.PathLike, model_files, *, name: str, version: str,
             raise ConfigError(f"{member!r} is a reserved member name")
         runtimes[member] = runtime_for(member)
         members[member] = _read_source(src, "model file")
+        if runtimes[member] == "onnxruntime":
+            members[member] = _self_contained_onnx(members[member], src)
 
     def model_io(member: str):
         if member not in io_cache:

@@ -24,7 +24,7 @@ rank; groups that share a rank are siblings and never import each other —
 so the agent never imports the converters or the fleet side, and the fleet
 side never imports the agent:
 
-    0 foundation   edgeship, errors, _version, _files, metrics
+    0 foundation   edgeship, errors, _version, _files, metrics, _onnx_external
     1 contracts    tensorspec, preprocess, signing, protocol, mqtt, drift, rollout
     2 model        package, runtime.*
     3 converters | agent | fleet
@@ -46,7 +46,7 @@ FOLDERS = {"edgeship": ROOT / "sdk", "edgeship.converters": ROOT / "converters",
 # (group, rank, module names or package prefixes ending in ".")
 LAYERS = [
     ("foundation", 0, ["edgeship", "edgeship.errors", "edgeship._version", "edgeship._files", "edgeship.metrics",
-                      "edgeship.lifecycle"]),
+                      "edgeship.lifecycle", "edgeship._onnx_external"]),
     ("contracts", 1, ["edgeship.tensorspec", "edgeship.preprocess", "edgeship.signing", "edgeship.protocol",
                       "edgeship.mqtt", "edgeship.drift", "edgeship.rollout"]),
     ("model", 2, ["edgeship.package", "edgeship.runtime", "edgeship.runtime."]),

@@ -102,6 +102,16 @@ BLOCKS: dict[tuple[str, str], str] = {
     ("docs/http-api.md", 'curl -s -H "Authorization: Bearer $(cat /etc/edgeship/api-token)" '
                          "http://127.0.0.1:8765/v1/health"):
         "needs a running agent with a token file in /etc; token auth is tested in tests/test_agent_api.py",
+    ("docs/bring-your-own-model.md", "edgeship convert export examples/digits/model.py:Student "
+                                     "--weights build/student.pt \\"):
+        "runs green in the tour (30 s) but would put it past its 300 s timeout on a loaded machine; the same "
+        "command form (file.py:Class + weights + --input specs, --target both) runs in tests/test_byo_export.py",
+    ("docs/bring-your-own-model.md", "edgeship convert export build/pruned/pruned.onnx --target both "
+                                     "--example x.npy --out digits-pruned.edgepkg"):
+        "runs green in the tour (40 s) but would put it past its 300 s timeout on a loaded machine; the same "
+        "command form (.onnx, --target both, --example) runs in tests/test_byo_export.py",
+    ("docs/bring-your-own-model.md", '{"ids": [101, 2023, 2003, 0], "mask": [1, 1, 1, 0], "label": "positive"}'):
+        "the lines of a .jsonl data file, not a command; .jsonl loading is tested in tests/test_byo_data.py",
     ("docs/keys.md", "edgeship package keygen packages-2026"): RUN,
     ("docs/secure-broker.md", "edgeship fleet device add kitchen-01 --passwd-file edgeship.passwd "
                               "--acl-file edgeship.acl"): RUN,

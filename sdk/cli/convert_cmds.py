@@ -35,6 +35,45 @@ def _json_arg(value: str | None, flag: str):
             from exc
 
 
+@convert.command("export")
+@click.argument("model")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="State dict (.pt) for a torch MODEL given as path/to/file.py:Class.")
+@click.option("--input", "inputs", multiple=True,
+              help="Input spec name:dtype[dims], repeatable, in forward() order; N on axis 0 = any batch "
+                   "(e.g. --input ids:int64[N,64]). Needed for a torch MODEL.")
+@click.option("--output", "outputs", multiple=True, help="Output names, repeatable (default: output, output_1...).")
+@click.option("--target", type=click.Choice(["onnx", "tflite", "both"]), default="onnx", show_default=True)
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The .edgepkg to write.")
+@click.option("--example", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A real sample (.npy, or .npz with one array per input): checks, warm-up, TFLite shapes.")
+@click.option("--tflite-batch", type=int, default=1, show_default=True,
+              help="The TFLite file's fixed batch (the runtime splits larger batches).")
+@click.option("--name", default=None, help="Package name (default: from the model).")
+@click.option("--version", "version", default="1.0.0", show_default=True, help="Package version.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text file with one class label per line.")
+@click.option("--preprocess", default=None, help="Manifest preprocess as JSON text or a .json file.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Ed25519 private key to sign the package with.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def export_cmd(model, weights, inputs, outputs, target, out, example, tflite_batch, name, version, labels,
+               preprocess, key, quiet) -> None:
+    """Export MODEL (path/to/file.py:Class + --weights, or an .onnx file) to a float ONNX/TFLite package.
+
+    Each exported file is compared with its source (torch or onnxruntime) on
+    a sample; when it disagrees, the command fails naming the output (and,
+    for ONNX to TFLite, the first diverging layer) and writes no package.
+    """
+    from edgeship.converters.export import export_model
+
+    result = export_model(model, inputs=list(inputs) or None, outputs=list(outputs) or None, weights=weights,
+                          target=target, out=out, name=name, version=version, labels=labels,
+                          preprocess=_json_arg(preprocess, "--preprocess"), signing_key=key, example=example,
+                          tflite_batch=tflite_batch, quiet=quiet)
+    click.echo(result.summary())
+
+
 @convert.command("quantize")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--calib", required=True, type=click.Path(exists=True),
