@@ -39,13 +39,7 @@ def test_migration_5_fills_predicted_of_existing_feedback(fleet_db_url):
     import json
 
     with FleetDB.open(fleet_db_url, migrate=False) as db:
-        assert db.schema_version() == 0
-        for version, _d, statements in MIGRATIONS:  # an existing DB at migration 4
-            if version <= 4:
-                with db.transaction():
-                    for st in statements:
-                        db._exec(db._ddl(st))  # noqa: SLF001 - building an old-schema DB
-                    db._exec("INSERT INTO schema_version(version) VALUES (?)", (version,))  # noqa: SLF001
+        assert db.migrate(to=4) == 4  # an existing DB from before migration 5
         rows = [("m1", "p1", "label", '"dog"', {"predicted": "cat", "value": "dog"}),
                 ("m2", "p2", "label", '"cat"', {"predicted": "cat", "value": "cat"}),
                 ("m3", "p3", "label", '"3"', {"predicted": 3}),  # an app's number stays a number

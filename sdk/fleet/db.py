@@ -323,11 +323,11 @@ class FleetDB:
         current = self.schema_version()
         return [(v, d) for v, d, _ in sorted(MIGRATIONS, key=lambda m: m[0]) if v > current]
 
-    def migrate(self) -> int:
-        """Apply pending :data:`MIGRATIONS` in order, each in its own transaction."""
+    def migrate(self, to: int | None = None) -> int:
+        """Apply pending :data:`MIGRATIONS` in order (up to version ``to``), each in its own transaction."""
         current = self.schema_version()
         for version, _desc, statements in sorted(MIGRATIONS, key=lambda m: m[0]):
-            if version <= current:
+            if version <= current or (to is not None and version > to):
                 continue
             with self._tx():
                 for st in statements:
