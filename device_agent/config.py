@@ -59,6 +59,12 @@ def _opt(default, fn):
 
 @dataclass(frozen=True)
 class AgentSection:
+    """[agent] of the agent's TOML config.
+
+    Every section has a docstring: without one, ``dataclass`` computes
+    ``inspect.signature`` for it at import, ~1 ms a section (#21 import time).
+    """
+
     device_id: str = field(default_factory=socket.gethostname)
     fleet: str = "default"
     state_dir: str = "edgeship-state"
@@ -73,6 +79,8 @@ class AgentSection:
 
 @dataclass(frozen=True)
 class RuntimeSection:
+    """[runtime] of the agent's TOML config."""
+
     backend: str | None = None  # "onnxruntime" | "tflite"; None = what the package's default variant says
     variant: str | None = None
     threads: int | None = None  # intra-op threads; None = the runtime's choice
@@ -82,6 +90,8 @@ class RuntimeSection:
 
 @dataclass(frozen=True)
 class BatcherSection:
+    """[batcher] of the agent's TOML config."""
+
     max_batch: int = _opt(32, _at_least(1))
     max_delay_ms: float = _opt(2.0, _at_least(0))
     queue_size: int = _opt(4096, _at_least(1))
@@ -94,6 +104,8 @@ class BatcherSection:
 
 @dataclass(frozen=True)
 class CacheSection:
+    """[cache] of the agent's TOML config."""
+
     enabled: bool = False
     max_entries: int = _opt(4096, _at_least(1))
     ttl_s: float = _opt(60.0, _positive)
@@ -101,6 +113,8 @@ class CacheSection:
 
 @dataclass(frozen=True)
 class SourceConfig:
+    """one [[sources]] table of the agent's TOML config."""
+
     type: str = _check(lambda v: None if v else "must name a source type (folder, jsonl, csv, stream, synthetic, camera)")
     id: str = ""
     deadline_ms: float | None = None
@@ -116,6 +130,8 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class SinkConfig:
+    """one [[sinks]] table of the agent's TOML config."""
+
     type: str = _check(_one_of("stdout", "jsonl", "callback", "mqtt"))
     path: str | None = None
     outputs: bool = False  # include raw output tensors in each line
@@ -125,6 +141,8 @@ class SinkConfig:
 
 @dataclass(frozen=True)
 class ApiSection:
+    """[api] of the agent's TOML config."""
+
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = _opt(8765, _at_least(0))
@@ -142,6 +160,8 @@ class ApiSection:
 
 @dataclass(frozen=True)
 class MqttSection:
+    """[mqtt] of the agent's TOML config."""
+
     broker: str | None = field(default=None, metadata={"check": lambda v: None if v is None or str(v).startswith(("mqtt://", "mqtts://")) else f"must look like mqtt://host:port or mqtts://host:port (got {v!r})"})
     username: str | None = None
     password: str | None = None
@@ -154,17 +174,23 @@ class MqttSection:
 
 @dataclass(frozen=True)
 class OutboxSection:
+    """[outbox] of the agent's TOML config."""
+
     max_bytes: int = _opt(50_000_000, _positive)
     resend_rate: float = _opt(200, _positive)
 
 
 @dataclass(frozen=True)
 class TelemetrySection:
+    """[telemetry] of the agent's TOML config."""
+
     window_s: float = _opt(60, _positive)
 
 
 @dataclass(frozen=True)
 class FeedbackSection:
+    """[feedback] of the agent's TOML config."""
+
     ring_size: int = _opt(10000, _at_least(0))
     keep_inputs: bool = False
     max_input_bytes: int = _opt(50_000_000, _at_least(0))
@@ -172,6 +198,8 @@ class FeedbackSection:
 
 @dataclass(frozen=True)
 class RolloutSection:
+    """[rollout] of the agent's TOML config."""
+
     enabled: bool = True
     health_window_s: float = _opt(60, _at_least(0))
     jitter_s: float = _opt(30, _at_least(0))
@@ -182,6 +210,8 @@ class RolloutSection:
 
 @dataclass(frozen=True)
 class AdaptSection:
+    """[adapt] of the agent's TOML config."""
+
     latency_budget_ms: float | None = field(default=None, metadata={"check": lambda v: None if v is None or v > 0 else f"must be > 0 (got {v})"})
     # edgeship.agent.adapt: how the p95 is watched and when the variant changes (hysteresis)
     check_s: float = _opt(1.0, _positive)           # how often the request p95 (+ CPU wait) is checked
@@ -199,6 +229,8 @@ class AdaptSection:
 
 @dataclass(frozen=True)
 class AgentConfig:
+    """The whole agent config: one attribute per section."""
+
     agent: AgentSection = field(default_factory=AgentSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
     batcher: BatcherSection = field(default_factory=BatcherSection)

@@ -7,7 +7,7 @@ health and each telemetry window now carry :func:`disk_state`.
 from __future__ import annotations
 
 import os
-import sqlite3
+import sys
 from typing import Any
 
 __all__ = ["MIN_FREE_BYTES", "disk_state", "disk_verdict", "is_disk_full"]
@@ -39,6 +39,7 @@ def is_disk_full(exc: BaseException) -> bool:
     """True for an SQLite or OS error that means "no space left" (SQLITE_FULL, ENOSPC, EDQUOT)."""
     if isinstance(exc, OSError) and exc.errno in (28, 122):
         return True
-    if isinstance(exc, sqlite3.Error):
+    sqlite3 = sys.modules.get("sqlite3")  # not imported yet: exc cannot be one of its errors (and the import stays light)
+    if sqlite3 is not None and isinstance(exc, sqlite3.Error):
         return getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in str(exc)
     return False

@@ -52,8 +52,6 @@ from typing import Callable, Iterable, TypeVar
 
 from .._files import atomic_write_json, copy_hashed, file_sha256, fsync_dir
 from ..errors import IntegrityError, PackageError, StoreError
-from ..package import unpack
-from ..package import verify as verify_package
 
 __all__ = ["ModelStore", "atomic_write_json", "file_sha256"]
 
@@ -202,6 +200,8 @@ class ModelStore:
             try:
                 if copy_hashed(pkg_path, tmp / "package.edgepkg") != sha:
                     raise IntegrityError(f"package {pkg_path} changed while it was being installed; try again")
+                from ..package import unpack  # lazy: ~1,000 lines the agent's import need not compile (#21)
+
                 unpack(tmp / "package.edgepkg", tmp / "files", trusted_keys=_trust(trusted_keys), sha256=sha)
                 manifest = json.loads((tmp / "files" / "manifest.json").read_text())
                 info = {"name": manifest.get("name"), "version": manifest.get("version"),
@@ -241,6 +241,8 @@ class ModelStore:
         if actual != sha or (recorded is not None and size != recorded):
             raise IntegrityError(f"package {sha[:12]}: the stored file has sha256 {actual[:12]}, {size} bytes "
                                  f"(installed: {recorded}); corrupted on disk")
+        from ..package import verify as verify_package  # lazy, as in install()
+
         verify_package(self.files_dir(sha), _trust(trusted_keys), members=None if deep else ())
 
     # -- state changes ------------------------------------------------------------

@@ -397,12 +397,7 @@ def test_migration_keeps_the_newest_verdict_of_existing_feedback(tmp_path):
     path = tmp_path / "old.sqlite"
     db = FleetDB.open(path, migrate=False)
     assert db.schema_version() == 0
-    for version, _d, statements in MIGRATIONS:  # an existing DB at migration 3
-        if version <= 3:
-            with db.transaction():
-                for st in statements:
-                    db._exec(db._ddl(st))  # noqa: SLF001 - building an old-schema DB
-                db._exec("INSERT INTO schema_version(version) VALUES (?)", (version,))  # noqa: SLF001
+    assert db.migrate(to=3) == 3  # an existing DB at migration 3
     db.close()
     conn = sqlite3.connect(path)
     for i, kind in enumerate(["incorrect"] * 5 + ["correct"]):
