@@ -561,7 +561,8 @@ def _default_source_kw() -> dict:
     from edgeship.agent.config import SourceConfig
 
     d = SourceConfig(type="folder")
-    return {"block_size": d.block_size, "read_ahead": d.read_ahead, "workers": d.workers}
+    return {"block_size": d.block_size, "read_ahead": d.read_ahead, "workers": d.workers,
+            "read_ahead_bytes": d.read_ahead_bytes}
 
 
 def _peak_rss_run(argv: list, out: Path, timeout: float = 120) -> dict:

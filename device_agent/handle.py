@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import EdgeshipError, ModelError
+from .agent_metrics import batch_work_bytes, rss_bytes
 from .batcher import Packer
 from .preprocessing import BlockPreprocessor
 
@@ -42,6 +43,14 @@ class ModelHandle:
     warmup_s: float = 0.0
     packers: dict = field(default_factory=dict)
     variant: str | None = None  # the package variant's id (adapt switches variants of one package)
+    # Working memory one more sample in a batch costs (activations, arena growth), measured at load;
+    # 0 when not measured (fixed-batch models, no warm-up, no /proc).
+    work_bytes: float = 0.0
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one sample's model inputs."""
+        return int(sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for s, d in zip(self.sample_shapes, self.dtypes)))
 
     def packer(self, max_batch: int) -> Packer:
         p = self.packers.get(max_batch)
@@ -108,8 +117,12 @@ def load_handle(store: Any, sha: str, rt: Any, variant: str | None = None) -> Mo
         pre = manifest.get("preprocess") or {}
         preprocessors = [BlockPreprocessor(pre if i == 0 else None, shapes[i], dtypes[i]) for i in range(len(specs))]
         t1 = time.perf_counter()
+        work_bytes = 0.0
         if rt.warmup:
+            rss0 = rss_bytes()
             runner.warmup(rt.warmup)
+            if all(m is None for m in modes):
+                work_bytes = batch_work_bytes(runner, [s.name for s in specs], shapes, dtypes, rss0)
         warm_s = time.perf_counter() - t1
     except BaseException:
         runner.close()
@@ -121,7 +134,7 @@ def load_handle(store: Any, sha: str, rt: Any, variant: str | None = None) -> Mo
         output_names=[s.name for s in runner.outputs], sample_shapes=list(shapes), dtypes=dtypes,
         model_batch=None if all(m is None for m in modes) else max(m or 0 for m in modes), preprocessors=preprocessors, labels=list(labels) if labels else None,
         model=model, model_json=json.dumps({"name": model["name"], "version": model["version"]}, separators=(",", ":")),
-        load_s=load_s, warmup_s=warm_s, variant=(getattr(runner, "variant", None) or {}).get("id"))
+        load_s=load_s, warmup_s=warm_s, work_bytes=work_bytes, variant=(getattr(runner, "variant", None) or {}).get("id"))
     log.info("loaded %s %s (%s) with %s in %.0f ms, warm-up %.0f ms", model["name"], model["version"], sha[:12],
              getattr(runner, "backend", "?"), 1000 * load_s, 1000 * warm_s)
     return handle
