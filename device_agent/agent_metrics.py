@@ -24,7 +24,7 @@ def rss_bytes() -> int | None:
         return None
 
 
-def batch_work_bytes(runner: Any, names: list[str], shapes, dtypes, before: int | None, k: int = 4) -> float:
+def batch_work_bytes(runner: Any, names: list[str], shapes, dtypes, before: int | None, k: int = 2) -> float:
     """Working memory per sample in a batch: RSS growth from ``before`` (taken before the first run) to
     after a batch of ``k``, divided by ``k``.
 
@@ -46,18 +46,26 @@ def batch_work_bytes(runner: Any, names: list[str], shapes, dtypes, before: int 
     return max(0.0, (after - before) / k)
 
 
+QUEUE_MIN_BYTES = 4 << 20   # sensor rows keep their deep queue (4 MB = 16k 64-float rows > queue_size)
+QUEUE_BATCHES = 4
+
+
 def batch_cap(max_batch: int, max_bytes: int, sample_bytes: float, work_bytes: float) -> tuple[int, int]:
     """(batch size, queue byte bound) within ``max_bytes`` in flight (0 = unbounded) (pure).
 
     The batch (inputs + measured working memory per sample) gets at most
-    half the bound, never less than one sample; the queue holds the rest,
-    never less than one sample's inputs.
+    half the bound, never less than one sample; the queue holds the rest, at
+    most ``QUEUE_BATCHES`` batches of inputs (or ``QUEUE_MIN_BYTES``), never
+    less than one sample's inputs.
     """
     if not max_bytes:
         return max_batch, 0
     per = max(1.0, sample_bytes + work_bytes)
     b = max(1, min(max_batch, int((max_bytes // 2) // per)))
-    return b, int(max(sample_bytes, max_bytes - b * per))
+    # A queue of a few batches keeps the model busy through decode jitter; more only holds memory
+    # (2 workers decode 224x224 JPEGs faster than the model runs, so the queue sits full).
+    few = max(QUEUE_MIN_BYTES, QUEUE_BATCHES * b * sample_bytes)
+    return b, int(max(sample_bytes, min(few, max_bytes - b * per)))
 
 
 class AgentMetrics:

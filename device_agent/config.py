@@ -87,7 +87,7 @@ class BatcherSection:
     queue_size: int = _opt(4096, _at_least(1))
     # Bytes in flight (0 = unbounded): samples queued for the model plus the batch's working memory
     # (its inputs and the model's activations per sample, measured when the model loads). The batch
-    # gets at most half: max_batch is lowered to fit; the queue holds the rest.
+    # gets at most half: max_batch is lowered to fit; the queue holds the rest (at most 4 batches).
     max_bytes_in_flight: int = _opt(32 << 20, _at_least(0))
     overload: str = _opt("block", _one_of(*OVERLOAD_POLICIES))
     block_timeout_ms: float = _opt(1000.0, _at_least(0))
