@@ -208,3 +208,40 @@ def test_unbounded_bytes_keeps_max_batch(tmp_path, conv_pkg):
     agent = agent_for(tmp_path, conv_pkg, batcher={"max_batch": 64, "max_bytes_in_flight": 0})
     with agent:
         assert agent.metrics.snapshot()["memory"]["batch_cap"] == 64
+
+
+def _measured_agent_rate(tmp_path, pkg, shape, n: int) -> float:
+    """An agent run as a user would measure one: a finite synthetic stream, samples/s from its first
+    result to the last (default prefetch settings, max_batch 8)."""
+    import time
+
+    agent = agent_for(tmp_path, pkg, batcher={"max_batch": 8})
+    with agent:
+        agent.add_source(SyntheticSource("s", shape=list(shape), count=n, distinct=8))
+        m = agent.metrics.counters
+        deadline = time.monotonic() + 60
+        while m["inferences"] < 16 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        n0, t0 = m["inferences"], time.perf_counter()
+        assert agent.wait_idle(120)
+        return (m["inferences"] - n0) / (time.perf_counter() - t0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_bench_agent_throughput_agrees_with_a_measured_agent_run(tmp_path, conv_pkg, model):
+    """``edgeship bench``'s agent figure at b=8 against a real agent run on the same model, on two models
+    whose costs differ ~1000x. The issue's target is 15 %; on a 2-core machine shared with other jobs the
+    test allows 35 % (the two measurements are seconds apart), still far inside the old error of 2.5-10x.
+    Marked slow: ~20 s of measuring."""
+    from edgeship.agent.bench import run_bench
+
+    from test_agent import build_mlp_package
+
+    pkg, shape, n = (build_mlp_package(tmp_path / "p"), (64,), 200_000) if model == "mlp" else \
+        (conv_pkg, (3, SIZE, SIZE), 600)
+    before = _measured_agent_rate(tmp_path / "a", pkg, shape, n)
+    bench = run_bench(pkg, seconds=1.5, quiet=True)["agent_throughput"]["8"]
+    after = _measured_agent_rate(tmp_path / "b", pkg, shape, n)
+    measured = (before + after) / 2
+    assert abs(bench - measured) / measured < 0.35, (bench, before, after)
