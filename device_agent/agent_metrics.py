@@ -9,7 +9,8 @@ import numpy as np
 
 from ..metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Counters, Histogram
 
-__all__ = ["AgentMetrics", "COUNTER_NAMES", "rss_bytes", "batch_work_bytes", "batch_cap"]
+__all__ = ["AgentMetrics", "COUNTER_NAMES", "rss_bytes", "batch_work_bytes", "batch_cap",
+           "fixed_mmap_threshold"]
 
 COUNTER_NAMES = ("inferences", "batches", "requests", "errors", "rejected", "dropped", "overload_rejected",
                  "cache_hits", "cache_misses", "deadline_missed", "source_errors", "switches", "rollbacks")
@@ -48,6 +49,29 @@ def batch_work_bytes(runner: Any, names: list[str], shapes, dtypes, before: int 
 
 QUEUE_MIN_BYTES = 4 << 20   # sensor rows keep their deep queue (4 MB = 16k 64-float rows > queue_size)
 QUEUE_BATCHES = 4
+
+
+MMAP_THRESHOLD = 128 << 10
+
+
+def fixed_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
+    """Keep glibc's mmap threshold at ``nbytes`` (its initial value) in this process; True when set.
+
+    glibc raises the threshold each time a mmapped block is freed (up to 32 MB),
+    so after the first few, every decoded image (600 KB as float32) comes
+    from the heap, and freed heap memory in the worker threads' arenas stays
+    resident: 20 MB of a 224x224 folder run's peak RSS (measured, 142 -> 122
+    MB). A fixed threshold gives big buffers back to the kernel when freed.
+    Only for the agent's own process (``edgeship agent run``): the setting is
+    process-wide. No-op off glibc.
+    """
+    try:
+        import ctypes  # noqa: PLC0415
+
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(-3, int(nbytes)))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def batch_cap(max_batch: int, max_bytes: int, sample_bytes: float, work_bytes: float) -> tuple[int, int]:
