@@ -10,7 +10,8 @@ import numpy as np
 from ..metrics import BATCH_BOUNDS, LATENCY_BOUNDS_MS, Counters, Histogram
 
 __all__ = ["AgentMetrics", "COUNTER_NAMES", "rss_bytes", "batch_work_bytes", "batch_cap",
-           "fixed_mmap_threshold"]
+           "fixed_mmap_threshold",
+           "heap_in_use", "memory_mark"]
 
 COUNTER_NAMES = ("inferences", "batches", "requests", "errors", "rejected", "dropped", "overload_rejected",
                  "cache_hits", "cache_misses", "deadline_missed", "source_errors", "switches", "rollbacks")
@@ -25,30 +26,59 @@ def rss_bytes() -> int | None:
         return None
 
 
-def batch_work_bytes(runner: Any, names: list[str], shapes, dtypes, before: int | None, k: int = 2) -> float:
-    """Working memory per sample in a batch: RSS growth from ``before`` (taken before the first run) to
-    after a batch of ``k``, divided by ``k``.
+def heap_in_use() -> int | None:
+    """Bytes this process holds from malloc (glibc ``mallinfo2``: in-use heap chunks + mmapped blocks).
 
-    onnxruntime keeps its arena (and glibc the freed blocks) at the largest
-    batch seen, so this is what every sample of ``max_batch`` costs for good:
-    ~5 MB for a 224x224 MobileNet-style CNN, so a batch of 32 held 150 MB.
-    From the first run on, not from a batch-1 warm-up: the arena grows in
-    steps and a small batch often fits in what the warm-up left (measured:
-    1.7 MB instead of 4.3). It includes the fixed cost of a first run, so it errs
-    towards a smaller batch. Measured, not estimated from the graph (no onnx
-    import on the device).
+    Unlike RSS it grows when an allocation reuses memory freed earlier, so a
+    model's working memory is seen in a process that already served (an app
+    embedding the agent, a benchmark). None off glibc (or before 2.33).
     """
-    if before is None:
-        return 0.0
+    try:
+        import ctypes  # noqa: PLC0415
+
+        class _MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        fn = ctypes.CDLL(None).mallinfo2
+        fn.restype = _MallInfo2
+        m = fn()
+        return int(m.uordblks + m.hblkhd)
+    except (OSError, AttributeError):
+        return None
+
+
+def memory_mark() -> tuple[int | None, int | None]:
+    """(heap in use, RSS) now: the starting point of :func:`batch_work_bytes`."""
+    return heap_in_use(), rss_bytes()
+
+
+def batch_work_bytes(runner: Any, names: list[str], shapes, dtypes, before: tuple[int | None, int | None],
+                     k: int = 2) -> float:
+    """Working memory per sample in a batch: growth from ``before`` (a :func:`memory_mark` taken before
+    the model's first run) to after a batch of ``k``, divided by ``k``.
+
+    onnxruntime keeps its arena at the largest batch seen, so this is what
+    every sample of ``max_batch`` costs for good: ~4.3 MB for a 224x224
+    MobileNet-style CNN, so a batch of 32 held 150 MB. From the first run
+    on, not from a batch-1 warm-up: the arena grows in steps and a small
+    batch often fits in what the warm-up left (measured: 1.7 MB instead of
+    4.3). It includes the fixed cost of a first run, so it errs towards a
+    smaller batch. Heap in use where glibc tells it (RSS does not grow when
+    freed memory is reused, e.g. in a process that served before), else RSS.
+    Measured, not estimated from the graph (no onnx import on the device).
+    """
     feed = {n: np.zeros((k, *s), d) for n, s, d in zip(names, shapes, dtypes)}
     for _ in range(2):  # twice: onnxruntime plans a new shape's memory on its first run, allocates on the second
         runner.run_unchecked(feed)
-    after = rss_bytes() or before
-    return max(0.0, (after - before) / k)
-
-
-QUEUE_MIN_BYTES = 4 << 20   # sensor rows keep their deep queue (4 MB = 16k 64-float rows > queue_size)
-QUEUE_BATCHES = 4
+    heap0, rss0 = before
+    if heap0 is not None:
+        after = heap_in_use()
+        if after is not None:
+            return max(0.0, (after - heap0) / k)
+    if rss0 is None:
+        return 0.0
+    return max(0.0, ((rss_bytes() or rss0) - rss0) / k)
 
 
 MMAP_THRESHOLD = 128 << 10
@@ -72,6 +102,10 @@ def fixed_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
         return bool(libc.mallopt(-3, int(nbytes)))  # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+QUEUE_MIN_BYTES = 4 << 20   # sensor rows keep their deep queue (4 MB = 16k 64-float rows > queue_size)
+QUEUE_BATCHES = 4
 
 
 def batch_cap(max_batch: int, max_bytes: int, sample_bytes: float, work_bytes: float) -> tuple[int, int]:

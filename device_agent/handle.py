@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import EdgeshipError, ModelError
-from .agent_metrics import batch_work_bytes, rss_bytes
+from .agent_metrics import batch_work_bytes, memory_mark
 from .batcher import Packer
 from .preprocessing import BlockPreprocessor
 
@@ -119,10 +119,10 @@ def load_handle(store: Any, sha: str, rt: Any, variant: str | None = None) -> Mo
         t1 = time.perf_counter()
         work_bytes = 0.0
         if rt.warmup:
-            rss0 = rss_bytes()
+            mark = memory_mark()
             runner.warmup(rt.warmup)
             if all(m is None for m in modes):
-                work_bytes = batch_work_bytes(runner, [s.name for s in specs], shapes, dtypes, rss0)
+                work_bytes = batch_work_bytes(runner, [s.name for s in specs], shapes, dtypes, mark)
         warm_s = time.perf_counter() - t1
     except BaseException:
         runner.close()
