@@ -158,7 +158,9 @@ class BatchPolicy:
         n = work.remaining
         if n <= 0:
             return Offer(ACCEPTED)
-        work.row_bytes = sum(int(x.nbytes) for x in work.xs) / max(1, work.n)
+        xs = work.xs  # the API path offers one row at a time: no generator for the common single input
+        nb = xs[0].nbytes if len(xs) == 1 else sum(x.nbytes for x in xs)
+        work.row_bytes = nb / work.n if work.n > 1 else nb
         if self.max_bytes and self.pending and self.pending_bytes + n * work.row_bytes > self.max_bytes:
             over = self._over_bytes(work, n)
             if over is not None:
