@@ -120,8 +120,11 @@ def load_handle(store: Any, sha: str, rt: Any, variant: str | None = None) -> Mo
         work_bytes = 0.0
         if rt.warmup:
             mark = memory_mark()
-            runner.warmup(rt.warmup)
-            if all(m is None for m in modes):
+            probe = all(m is None for m in modes)
+            # The memory probe's two batch runs count as warm-up runs (start-up time: each costs a
+            # model call before the first result).
+            runner.warmup(max(1, rt.warmup - 2) if probe else rt.warmup)
+            if probe:
                 work_bytes = batch_work_bytes(runner, [s.name for s in specs], shapes, dtypes, mark)
         warm_s = time.perf_counter() - t1
     except BaseException:
