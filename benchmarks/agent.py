@@ -1,6 +1,6 @@
-"""Benchmark for issue 6 (device agent): the agent against hand-written loops, in one run.
+"""Benchmark for issues 6 and 19 (device agent): the agent against hand-written loops, in one run.
 
-    python benchmarks/agent.py [--quick]
+    python benchmarks/agent.py [--quick] [--only digits|real] [--reps 3]
 
 Builds two packages here with ``onnx.helper`` (random He-initialised
 weights: throughput does not depend on what the weights learnt):
@@ -35,7 +35,18 @@ and measures, printing every figure with its target:
 6. ``edgeship agent run`` as a process with the digits CNN: time from spawn
    to the first result line (<= 1.5 s) and RSS while serving (<= 120 MB).
 
-Writes ``benchmarks/out/agent.json`` and ``benchmarks/out/agent.png``.
+7. real-size workloads (issue 19; ``--only real`` runs just these), the agent
+   with the DEFAULT config, ratios from ``--reps`` interleaved repetitions:
+   a MobileNetV3-style 224x224 CNN (benchmarks/real_models.py) over 300 JPEG
+   photo crops: hand loop (read, resize, ``session.run``, write a line) vs a
+   2-thread decode prefetch loop vs the agent (>= 1.3x and >= the pool loop);
+   ``edgeship agent run --until-done`` vs the raw script as processes: spawn
+   -> first result (<= 1.5x) and peak RSS (VmHWM, <= raw + 40 MB); a 640x480
+   camera at 30 fps (FakeCapture behind CameraSource) with a 100 ms deadline
+   while a busy process holds one core (>= 99 % met); a 1-D audio CNN over a
+   WAV file in 1 s windows (a WAV source behind the Source interface).
+
+Writes ``benchmarks/out/agent.json`` (``agent_<only>.json`` with ``--only``) and ``benchmarks/out/agent.png``.
 """
 from __future__ import annotations
 
