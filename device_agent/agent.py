@@ -84,7 +84,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from ..errors import FeedbackUnavailableError, InputError, OverloadError, SignatureError, StoreError
-from .agent_metrics import COUNTER_NAMES, AgentMetrics  # noqa: F401 - re-exported: edgeship.agent.agent.AgentMetrics
+from .agent_metrics import COUNTER_NAMES, AgentMetrics, batch_cap, rss_bytes  # noqa: F401 - re-exported: AgentMetrics
 from .batcher import BatchPolicy, MicroBatcher, Segment, Work
 from .cache import ResultCache, input_key, row_keys
 from .config import AgentConfig, load_config, parse_config
@@ -331,7 +331,7 @@ class Agent:
         if cfg.cache.enabled:
             self.cache = ResultCache(cfg.cache.max_entries, cfg.cache.ttl_s)
         policy = self._policy = BatchPolicy(b.max_batch, b.max_delay_ms / 1000.0, b.queue_size, b.overload,
-                                            margin_s=b.deadline_margin_ms / 1000.0)
+                                            margin_s=b.deadline_margin_ms / 1000.0, max_bytes=b.max_bytes_in_flight)
         if first is not None:
             self._handle = first
             self._set_max_batch(self._handle)
@@ -343,6 +343,7 @@ class Agent:
                                     on_error=self._on_batch_error, on_evicted=self._on_evicted,
                                     on_tick=self._tick, tick_s=min(1.0, tick))
         self.metrics.queue_depth = lambda: policy.pending
+        self.metrics.memory = self._memory
         self.sinks = [make_sink(s, callbacks=self.callbacks, factories=self.sink_factories) for s in cfg.sinks]
         self.sinks += self._extra_sinks
         for c in self.components:
@@ -368,10 +369,28 @@ class Agent:
         return any(getattr(c, "installs_models", False) for c in self.components)
 
     def _set_max_batch(self, handle: ModelHandle) -> None:
-        # A model without a batch axis takes one sample per call.
-        self._max_batch = 1 if handle.model_batch == 0 else self.config.batcher.max_batch
+        # A model without a batch axis takes one sample per call; a big one as many as fit in
+        # [batcher] max_bytes_in_flight (its measured working memory per sample; see batch_cap).
+        b = self.config.batcher
+        cap, queue_bytes = batch_cap(b.max_batch, b.max_bytes_in_flight, handle.sample_bytes, handle.work_bytes)
+        self._max_batch = 1 if handle.model_batch == 0 else cap
         if self._policy is not None:
             self._policy.max_batch = self._max_batch
+            self._policy.max_bytes = queue_bytes
+        if cap < b.max_batch:
+            log.info("batch capped at %d (of max_batch %d): %.1f MB per sample (inputs + working memory) within "
+                     "[batcher] max_bytes_in_flight = %.0f MB", cap, b.max_batch,
+                     (handle.sample_bytes + handle.work_bytes) / 1e6, b.max_bytes_in_flight / 1e6)
+
+    def _memory(self) -> dict:
+        """Memory figures for /v1/metrics and telemetry: RSS, bytes in flight and their bounds."""
+        p, h = self._policy, self._handle
+        queued = sum(pf._q.nbytes for pf in self.prefetchers)
+        batch = (h.sample_bytes + h.work_bytes) * self._max_batch if h is not None else 0
+        return {"rss_bytes": rss_bytes(), "queue_bytes": int(p.pending_bytes) if p else 0,
+                "read_ahead_bytes": int(queued), "batch_bytes": int(batch),
+                "bytes_in_flight": int((p.pending_bytes if p else 0) + queued + batch),
+                "max_bytes_in_flight": self.config.batcher.max_bytes_in_flight, "batch_cap": self._max_batch}
 
     def _start_deferred_sources(self) -> None:
         sources, self._deferred_sources = self._deferred_sources, []
@@ -383,13 +402,14 @@ class Agent:
         if scfg.reader == "process":
             from .procsource import ProcessSource  # noqa: PLC0415 - only for this option
 
-            return ProcessSource(scfg.type, scfg.id, scfg.options, block_size=scfg.block_size)
+            return ProcessSource(scfg.type, scfg.id, scfg.options, block_size=scfg.block_size or 256)
         return make_source(scfg.type, scfg.id, **scfg.options)
 
     def _start_source(self, src: Source, scfg) -> Prefetcher:
         kw = {}
         if scfg is not None:
             kw = dict(block_size=scfg.block_size, read_ahead=scfg.read_ahead, workers=scfg.workers,
+                      read_ahead_bytes=scfg.read_ahead_bytes,
                       restart=scfg.restart, max_restarts=scfg.max_restarts)
         deadline_s = scfg.deadline_ms / 1000.0 if scfg is not None and scfg.deadline_ms else None
         pf = Prefetcher(src, lambda block, s, _d=deadline_s: self._prepare(block, s, _d),

@@ -71,6 +71,9 @@ def prometheus_text(snapshot: Mapping[str, Any], model: Mapping[str, Any] | None
     for name, value in sorted((snapshot.get("counters") or {}).items()):
         lines += [f"# TYPE {prefix}_{name}_total counter", f"{prefix}_{name}_total {int(value)}"]
     lines += [f"# TYPE {prefix}_queue_depth gauge", f"{prefix}_queue_depth {int(snapshot.get('queue_depth') or 0)}"]
+    for name, value in sorted((snapshot.get("memory") or {}).items()):  # rss_bytes, bytes_in_flight, ...
+        if value is not None:
+            lines += [f"# TYPE {prefix}_memory_{name} gauge", f"{prefix}_memory_{name} {int(value)}"]
     for key in ("latency_ms", "inference_ms", "batch_size"):
         d = snapshot.get(key)
         if not d:

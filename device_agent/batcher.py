@@ -79,7 +79,7 @@ class Work:
     """One request or one source block: ``xs`` holds one array per model input, rows = samples."""
 
     __slots__ = ("xs", "n", "start", "t_in", "deadline", "source", "ts", "future", "keys", "done",
-                 "dropped", "seq", "extra", "group", "stream")
+                 "dropped", "seq", "extra", "group", "stream", "row_bytes")
 
     def __init__(self, xs: Sequence[np.ndarray], n: int, *, t_in: float, deadline: float | None = None,
                  source: str = "api", ts: float | np.ndarray | None = None, future=None, keys=None,
@@ -97,6 +97,7 @@ class Work:
         self.dropped = 0
         self.seq = 0
         self.extra = extra
+        self.row_bytes = 0.0    # bytes one row holds (set at admission, for the queue's byte bound)
         # Only work of one group shares a batch (sample sizes, scalar inputs), and a stream of a
         # stateful model has at most one row per batch: its next row needs this row's state.
         self.group = group
@@ -135,7 +136,7 @@ class BatchPolicy:
     """Pure micro-batching policy. Times are ``time.monotonic()`` seconds passed in by the caller."""
 
     def __init__(self, max_batch: int = 32, max_delay_s: float = 0.002, queue_size: int = 4096,
-                 overload: str = "block", margin_s: float = 0.001) -> None:
+                 overload: str = "block", margin_s: float = 0.001, max_bytes: int = 0) -> None:
         if max_batch < 1 or queue_size < 1:
             raise ValueError("max_batch and queue_size must be >= 1")
         if overload not in ("block", "drop_oldest", "reject"):
@@ -147,6 +148,11 @@ class BatchPolicy:
         self.margin_s = margin_s
         self.items: deque[Work] = deque()
         self.pending = 0  # samples waiting
+        # Bytes of the samples waiting, bounded by max_bytes (0 = no bound) besides queue_size: a
+        # queue of 4096 preprocessed 224x224 images is 2.4 GB. Work that alone exceeds the bound
+        # is still admitted into an empty queue (else it could never run).
+        self.max_bytes = max_bytes
+        self.pending_bytes = 0.0
         self._deadlines: list[tuple[float, int, Work]] = []  # heap, lazily cleaned
         self._seq = _seq()
         self.est_run_s = 0.0  # EWMA of one batch's run time, learnt from observe_run
@@ -161,6 +167,13 @@ class BatchPolicy:
         n = work.remaining
         if n <= 0:
             return Offer(ACCEPTED)
+        xs = work.xs  # the API path offers one row at a time: no generator for the common single input
+        nb = xs[0].nbytes if len(xs) == 1 else sum(x.nbytes for x in xs)
+        work.row_bytes = nb / work.n if work.n > 1 else nb
+        if self.max_bytes and self.pending and self.pending_bytes + n * work.row_bytes > self.max_bytes:
+            over = self._over_bytes(work, n)
+            if over is not None:
+                return over
         free = self.queue_size - self.pending
         evicted: list[tuple[Work, int]] = []
         if n > free:
@@ -180,6 +193,7 @@ class BatchPolicy:
                 old.start += k
                 old.dropped += k
                 self.pending -= k
+                self.pending_bytes -= k * old.row_bytes
                 need -= k
                 self.counts["dropped"] += k
                 evicted.append((old, k))
@@ -190,10 +204,34 @@ class BatchPolicy:
         self._admit(work, n)
         return Offer(ACCEPTED, tuple(evicted))
 
+    def _over_bytes(self, work: Work, n: int) -> Offer | None:
+        """The byte bound is hit: the overload policy decides (None = room was made, admit)."""
+        reason = f"queue full ({self.pending_bytes / 1e6:.1f}/{self.max_bytes / 1e6:.1f} MB in flight)"
+        if self.overload == "reject":
+            self.counts["rejected"] += n
+            return Offer(REJECTED, reason=reason)
+        if self.overload == "block":
+            return Offer(WAIT, reason=reason)
+        evicted = []
+        while self.items and self.pending_bytes + n * work.row_bytes > self.max_bytes:
+            old = self.items.popleft()  # drop_oldest: whole pieces of work until the new one fits
+            k = old.remaining
+            old.start += k
+            old.dropped += k
+            old.done = True
+            self.keyed -= old.keyed
+            self.pending -= k
+            self.pending_bytes -= k * old.row_bytes
+            self.counts["dropped"] += k
+            evicted.append((old, k))
+        self._admit(work, n)
+        return Offer(ACCEPTED, tuple(evicted))
+
     def _admit(self, work: Work, n: int) -> None:
         work.seq = next(self._seq)
         self.keyed += work.keyed
         self.items.append(work)
+        self.pending_bytes += n * work.row_bytes
         self.pending += n
         self.counts["accepted"] += n
         if work.deadline is not None:
@@ -248,10 +286,13 @@ class BatchPolicy:
             out.append(Segment(w, w.start, k, pos))
             w.start += k
             pos += k
+            self.pending_bytes -= k * w.row_bytes
             if w.remaining == 0:
                 w.done = True
                 items.popleft()
         self.pending -= pos
+        if self.pending == 0:
+            self.pending_bytes = 0.0  # no float drift across millions of blocks
         self.counts["taken"] += pos
         self.counts["batches"] += 1
         return out
@@ -280,6 +321,7 @@ class BatchPolicy:
             out.append(Segment(w, w.start, k, pos))
             w.start += k
             pos += k
+            self.pending_bytes -= k * w.row_bytes
             if w.remaining == 0:
                 w.done = True
                 self.keyed -= w.keyed
@@ -287,6 +329,8 @@ class BatchPolicy:
                 skipped.append(w)
         items.extendleft(reversed(skipped))
         self.pending -= pos
+        if self.pending == 0:
+            self.pending_bytes = 0.0
         self.counts["taken"] += pos
         self.counts["batches"] += 1
         return out
@@ -303,6 +347,7 @@ class BatchPolicy:
         self._deadlines.clear()
         self.pending = 0
         self.keyed = 0
+        self.pending_bytes = 0.0
         return left
 
     def observe_run(self, seconds: float) -> None:

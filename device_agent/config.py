@@ -95,6 +95,10 @@ class BatcherSection:
     max_batch: int = _opt(32, _at_least(1))
     max_delay_ms: float = _opt(2.0, _at_least(0))
     queue_size: int = _opt(4096, _at_least(1))
+    # Bytes in flight (0 = unbounded): samples queued for the model plus the batch's working memory
+    # (its inputs and the model's activations per sample, measured when the model loads). The batch
+    # gets at most half: max_batch is lowered to fit; the queue holds the rest (at most 4 batches).
+    max_bytes_in_flight: int = _opt(32 << 20, _at_least(0))
     overload: str = _opt("block", _one_of(*OVERLOAD_POLICIES))
     block_timeout_ms: float = _opt(1000.0, _at_least(0))
     # Time kept in hand before a deadline when deciding to flush early; the
@@ -119,8 +123,9 @@ class SourceConfig:
     id: str = ""
     deadline_ms: float | None = None
     read_ahead: int = _opt(1024, _at_least(1))
-    workers: int = _opt(1, _at_least(1))
-    block_size: int = _opt(256, _at_least(1))
+    read_ahead_bytes: int = _opt(16 << 20, _at_least(1))  # raw blocks queued ahead (frames, rows)
+    workers: int = _opt(0, _at_least(0))      # 0 = auto: 2 for decoding sources (folder, camera), else 1
+    block_size: int = _opt(0, _at_least(0))   # 0 = auto: sized from measured bytes and time per sample
     restart: bool = True
     max_restarts: int = _opt(10, _at_least(0))
     # "process": read and parse in a child process (numeric line sources; see procsource.py)
@@ -426,6 +431,7 @@ warmup = 3                        # runs of the package's example input before s
 max_batch = 32                    # samples per model call
 max_delay_ms = 2.0                # wait at most this long to fill a batch
 queue_size = 4096                 # pending samples across all sources and the API
+max_bytes_in_flight = 33554432    # queued samples + the batch's working memory (max_batch is lowered to fit)
 overload = "block"                # block | drop_oldest | reject (every drop is counted)
 block_timeout_ms = 1000           # "block": how long a producer may wait before it is rejected
 
@@ -442,6 +448,8 @@ path = "/run/sensors/imu.jsonl"   # a file, a FIFO, or "-" for stdin
 follow = false                    # keep reading as the file grows
 deadline_ms = 50                  # optional per-sample deadline
 read_ahead = 1024                 # samples read and preprocessed ahead of the batcher
+# read_ahead_bytes = 16777216     # and at most this many bytes of raw blocks (frames, rows)
+# block_size = 0                  # samples per block; 0 = auto (small for images, 256 for sensor rows)
 # reader = "process"              # parse in a child process: frees the agent's GIL for fast
                                   # streams on a multi-core board (costs ~30 MB and one process)
 
@@ -450,7 +458,7 @@ read_ahead = 1024                 # samples read and preprocessed ahead of the b
 # id = "cam"
 # path = "/data/incoming"         # a folder or a glob ("/data/*.png"); images or .npy files
 # watch = true                    # pick up new files as they arrive
-# workers = 2                     # decode/preprocess threads
+# workers = 0                     # decode/preprocess threads; 0 = auto (2 for folder/camera)
 
 [[sinks]]
 type = "jsonl"                    # stdout | jsonl | callback (Python API) | mqtt

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import EdgeshipError, ModelError
+from .agent_metrics import batch_work_bytes, memory_mark
 from .batcher import Packer
 from .preprocessing import BlockPreprocessor
 from .streams import StreamStates
@@ -49,6 +50,17 @@ class ModelHandle:
     dynamic: bool = False          # some input has variable sizes besides the batch (a detector's H x W)
     states: StreamStates | None = None  # per-stream state of a stateful model
     post: dict | None = None       # the package's postprocess hook
+    # Working memory one more sample in a batch costs (activations, arena growth), measured at load;
+    # 0 when not measured (fixed-batch models, no warm-up, no /proc).
+    work_bytes: float = 0.0
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one sample's model inputs."""
+        # A variable axis (-1) counts as 1: the byte bound then under-counts a detector's images,
+        # which the per-request shapes would have to tell (not known before a request arrives).
+        return int(sum(int(np.prod([max(1, d) for d in s], dtype=np.int64)) * t.itemsize
+                       for s, t in zip(self.sample_shapes, self.dtypes)))
 
     @property
     def plain(self) -> bool:
@@ -225,8 +237,18 @@ def load_handle(store: Any, sha: str, rt: Any, variant: str | None = None) -> Mo
         pre = manifest.get("preprocess") or {}
         preprocessors = [BlockPreprocessor(pre if i == 0 else None, shapes[i], dtypes[i]) for i in range(len(specs))]
         t1 = time.perf_counter()
+        work_bytes = 0.0
         if rt.warmup:
-            runner.warmup(rt.warmup)
+            mark = memory_mark()
+            # Only a plain model is probed: zeros of the sample shapes cannot feed state inputs,
+            # scalars or variable sizes.
+            probe = (all(m is None for m in modes) and not state and not scalars
+                     and not any(-1 in sh for sh in shapes))
+            # The memory probe's two batch runs count as warm-up runs (start-up time: each costs a
+            # model call before the first result).
+            runner.warmup(max(1, rt.warmup - 2) if probe else rt.warmup)
+            if probe:
+                work_bytes = batch_work_bytes(runner, [s.name for s in specs], shapes, dtypes, mark)
         warm_s = time.perf_counter() - t1
     except BaseException:
         runner.close()
@@ -243,7 +265,7 @@ def load_handle(store: Any, sha: str, rt: Any, variant: str | None = None) -> Mo
         scalars=scalars, dynamic=any(-1 in sh for sh in shapes), states=states,
         post=getattr(runner, "postprocess_spec", None),
         model=model, model_json=json.dumps({"name": model["name"], "version": model["version"]}, separators=(",", ":")),
-        load_s=load_s, warmup_s=warm_s, variant=(getattr(runner, "variant", None) or {}).get("id"))
+        load_s=load_s, warmup_s=warm_s, work_bytes=work_bytes, variant=(getattr(runner, "variant", None) or {}).get("id"))
     log.info("loaded %s %s (%s) with %s in %.0f ms, warm-up %.0f ms", model["name"], model["version"], sha[:12],
              getattr(runner, "backend", "?"), 1000 * load_s, 1000 * warm_s)
     return handle

@@ -13,6 +13,7 @@ import gc
 import logging
 
 from .agent import Agent
+from .agent_metrics import fixed_mmap_threshold
 from .config import AgentConfig
 from .wiring import wire_components
 
@@ -23,6 +24,7 @@ log = logging.getLogger("edgeship.agent")
 
 def run_agent(cfg: AgentConfig, *, until_done: bool = False) -> int:
     """Start, serve until SIGTERM/SIGINT (or the end of finite sources with ``until_done``), drain; exit code."""
+    fixed_mmap_threshold()  # this process is the agent's own: it may set how its C heap behaves
     agent = Agent(cfg)
     wire_components(agent, cfg)
     agent.start()

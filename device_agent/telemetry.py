@@ -317,6 +317,8 @@ class Telemetry(Loop):
                     extra.update(p() or {})
                 except Exception as exc:  # noqa: BLE001 - a provider bug must not lose the window
                     log.warning("telemetry field provider failed: %s", exc)
+            if snap.get("memory"):
+                extra.setdefault("memory", dict(snap["memory"]))  # bytes in flight and their bounds
             cpu, rss = self.sampler.sample()
             dropped = self.outbox.take_dropped()
             body = build_telemetry_body(w, now=now, counters=delta, outbox_dropped=dropped,
