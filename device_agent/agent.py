@@ -26,31 +26,8 @@ with NaN/inf, is refused with an :class:`~edgeship.errors.InputError`
 (``submit`` raises it; source rows are logged and counted as
 ``rejected``) and everything else goes on.
 
-Components (for the telemetry, feedback, rollout and drift engineers)
----------------------------------------------------------------------
-``agent.add_component(obj)`` (or ``Agent(..., components=[...])``) plugs in
-anything with ``start()`` and ``stop(timeout)``, and optionally:
-
-* ``on_batch(batch: ResultBatch)`` — called once per batch (fast path;
-  ``batch.results()`` materialises per-sample results), or
-  ``on_result(result: Result)`` — called per sample (simple, slower);
-* ``on_batch_inputs(batch, inputs)`` — called on the batcher thread with
-  the packed input rows of the batch (one array per model input, row i =
-  ``batch`` row i); valid only during the call (the buffers are reused);
-* ``wants_inputs = True`` — per-sample results given to ``on_result``
-  carry ``result.inputs`` (a copy of the preprocessed input), e.g. for
-  feedback capture;
-* ``health() -> dict`` — merged into ``agent.health()["components"]``;
-* ``feedback(prediction_id, kind, value=None)`` — the first component
-  with this method receives ``agent.feedback(...)`` and ``POST
-  /v1/feedback``; without one, both raise/return "feedback not enabled".
-
-Components are started after the model is loaded and stopped before the
-sinks close. ``agent.metrics.snapshot()`` gives the cumulative counters and
-histograms (the telemetry window takes deltas); ``agent.store`` is the
-:class:`~edgeship.agent.store.ModelStore`; ``agent.model`` names the active
-model. Sink types other than stdout/jsonl/callback (e.g. ``mqtt``) come
-from ``Agent(..., sink_factories={"mqtt": factory})``.
+Components (telemetry, feedback, rollout, drift) plug in with
+``agent.add_component(obj)``; their contract is in :mod:`.hooks`.
 
 Model swaps (rollout): ``load_candidate(sha)`` loads and warms a stored
 package beside the running one and returns a handle; ``switch_to(handle

@@ -2,7 +2,32 @@
 
 Runs on the batcher's delivery path: a sink or hook that raises is logged
 (and a failing sink counted as an error), never allowed to stop inference.
-See the "Components" part of :mod:`edgeship.agent.agent` for the contract.
+
+Components: the contract
+------------------------
+``agent.add_component(obj)`` (or ``Agent(..., components=[...])``) plugs in
+anything with ``start()`` and ``stop(timeout)``, and optionally:
+
+* ``on_batch(batch: ResultBatch)`` — called once per batch (fast path;
+  ``batch.results()`` materialises per-sample results), or
+  ``on_result(result: Result)`` — called per sample (simple, slower);
+* ``on_batch_inputs(batch, inputs)`` — called on the batcher thread with
+  the packed input rows of the batch (one array per model input, row i =
+  ``batch`` row i); valid only during the call (the buffers are reused);
+* ``wants_inputs = True`` — per-sample results given to ``on_result``
+  carry ``result.inputs`` (a copy of the preprocessed input), e.g. for
+  feedback capture;
+* ``health() -> dict`` — merged into ``agent.health()["components"]``;
+* ``feedback(prediction_id, kind, value=None)`` — the first component
+  with this method receives ``agent.feedback(...)`` and ``POST
+  /v1/feedback``; without one, both raise/return "feedback not enabled".
+
+Components are started after the model is loaded and stopped before the
+sinks close. ``agent.metrics.snapshot()`` gives the cumulative counters and
+histograms (the telemetry window takes deltas); ``agent.store`` is the
+:class:`~edgeship.agent.store.ModelStore`; ``agent.model`` names the active
+model. Sink types other than stdout/jsonl/callback (e.g. ``mqtt``) come
+from ``Agent(..., sink_factories={"mqtt": factory})``.
 """
 from __future__ import annotations
 
