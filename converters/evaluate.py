@@ -118,9 +118,10 @@ def choose_metric(output_shape: Sequence, has_labels: bool, requested: str | Non
     """The metric to gate on: the user's choice, else from the output shape and the labels.
 
     A classifier (one score vector of >= 2 classes per sample) is judged by
-    ``top1`` with labels, by ``agreement`` without; a sequence of score
-    vectors (N, T, C) by ``step_agreement``; anything else by ``cosine``
-    (a dense detector should ask for ``iou``).
+    ``top1`` with labels, by ``agreement`` without; anything else by
+    ``cosine`` — ask for ``iou`` (dense detector maps) or ``step_agreement`` /
+    ``seq_exact`` (sequences): a cosine near 1 says little about a map that
+    is thresholded or a sequence that is decoded step by step.
     """
     if requested is not None:
         if requested not in METRICS:
@@ -133,8 +134,6 @@ def choose_metric(output_shape: Sequence, has_labels: bool, requested: str | Non
     classifier = len(dims) == 1 and isinstance(dims[0], int) and dims[0] >= 2
     if classifier:
         return "top1" if has_labels else "agreement"
-    if len(dims) == 2 and isinstance(dims[-1], int) and dims[-1] >= 2:
-        return "step_agreement"
     return "cosine"
 
 
