@@ -134,3 +134,22 @@ def transformer(folder: Path, *, n_calib: int = 64, n_eval: int = 128, seq: int 
 
 
 BUILDERS = {"mobilenet": mobilenet, "detector": detector, "recognizer": recognizer, "transformer": transformer}
+
+
+def digits(folder: Path) -> tuple:
+    """The existing 8x8 digits Teacher CNN (trained here on scikit-learn's digits), gated on top-1."""
+    p = folder / "digits.onnx"
+    c, e = folder / "digits.calib.npz", folder / "digits.eval.npz"
+    if not p.is_file():
+        from edgeship.demo_data.model import Teacher, load_digits_split, train_classifier
+
+        _torch_seed()
+        d = load_digits_split()
+        m = train_classifier(Teacher(), d["x_train"], d["y_train"], epochs=8)
+        _export(m, d["x_calib"][:2].astype(np.float32), p)
+        _save_sets(folder, "digits", {"input": d["x_calib"][:64].astype(np.float32)},
+                   {"input": d["x_eval"].astype(np.float32), "labels": d["y_eval"]})
+    return p, c, e, "top1", {}
+
+
+BUILDERS["digits"] = digits

@@ -3,30 +3,45 @@
 ``quantize(model, calib, eval, max_drop=1.0)`` tries every candidate that
 makes sense for the model, measures each on the user's eval data and on this
 machine, and keeps the fastest one within the accuracy budget — or says why
-none qualified. Steps (issue 4):
+none qualified. edgeship's value is the search, the gate, the report and the
+package; the quantizing itself is done by well-kept engines (issue 18):
 
-1. **ONNX static int8** — QDQ, per-channel weights, after onnxruntime's
+1. **onnxruntime static int8** — QDQ, per-channel weights, after
    ``quant_pre_process`` (symbolic shape inference falls back to plain ONNX
    shape inference, then to no optimisation, instead of stopping); opset < 13
-   is upgraded first. Calibrations MinMax, Percentile and Entropy; a
-   calibration whose scales equal an earlier one is dropped as a duplicate.
-2. **ONNX dynamic int8** (weights only).
-3. **Accuracy recovery** — for a family that misses the budget, compare the
-   fp32 and int8 activations node by node (:func:`node_errors`), keep the
-   nodes that add the most error in float, re-quantize (reusing the
-   calibration cache) and re-measure, for at most ``recovery_steps`` steps.
-4. **Choice** (:func:`choose`, pure) — the fastest candidate within the
-   budget, latency = geometric mean of the batch-1 and batch-N ratios to
-   fp32 (medians of repeated runs). In ``auto`` mode fp32 competes too: a
-   model where int8 is slower stays fp32 and the report says why. When no
-   int8 candidate meets the budget: :class:`AccuracyBudgetError` (no package
-   written) unless ``allow_fp32``.
-5. **TFLite int8** — from a float ``.tflite`` with ai-edge-quantizer
+   is upgraded first. Unsigned (u8, onnxruntime's default and the fast kernels)
+   and signed activations share one MinMax calibration pass (the calibration
+   cache holds ranges, not scales). Percentile and Entropy run only when no
+   cheaper candidate meets the budget (or when asked for); a calibration whose
+   scales and zero points equal an earlier one is dropped as a duplicate.
+2. **NNCF** (optional, ``pip install nncf``) — its ONNX post-training
+   quantization: default preset, fast bias correction, its own ignored
+   patterns, transformer model type when the graph has attention.
+3. **onnxruntime dynamic int8** (weights only) — for MatMul/RNN-heavy models;
+   auto mode skips it on conv nets, where it is several times slower than fp32.
+4. **Accuracy recovery** — for an onnxruntime family that misses the budget,
+   compare fp32 and int8 activations node by node (:func:`node_errors`,
+   streamed over a few samples), keep the nodes adding the most error in
+   float, re-quantize and re-measure, for at most ``recovery_steps`` steps.
+5. **Choice** (:func:`choose`, pure) — the fastest candidate within the
+   budget, latency = geometric mean of the batch-1 and batch-8 ratios to fp32
+   (medians of short interleaved runs). In ``auto`` mode fp32 competes too: a
+   model where int8 is slower stays fp32 and the report says on which machine.
+   ``target_bench`` (``edgeship bench --json`` of both variants on the device)
+   lets the device decide instead. When no int8 candidate meets the budget:
+   :class:`AccuracyBudgetError` (no package written) unless ``allow_fp32``.
+6. **TFLite int8** — from a float ``.tflite`` with ai-edge-quantizer
    (static a8w8 and dynamic w8), see :mod:`edgeship.converters.tflite_export`
    (torch models go through litert-torch's PT2E quantizer there).
-6. **Report** — ``report.json`` in the package, ``<out>.report.md`` and PNG
-   plots next to it; the manifest records provenance and the int8
-   scale/zero-point of quantized IO.
+7. **Report and package** — ``report.json`` in the package (with the time per
+   phase and peak RSS), ``<out>.report.md`` and PNG plots next to it; the
+   package carries the chosen model and the other precision as variants; the
+   manifest records provenance and the int8 scale/zero-point of quantized IO.
+
+Cost: the fp32 model runs once over the eval data (its outputs are the
+reference and the baseline's score) and once over the calibration data when a
+package is written (for its reference statistics); the per-node error table of
+the chosen model is made only on demand (``analyze``).
 
 The package is built under a temporary name and renamed, so a failure never
 leaves a half-built ``.edgepkg``.

@@ -5,6 +5,7 @@ onnx.helper, run by real onnxruntime sessions and TFLite interpreters.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -805,3 +806,33 @@ def test_reference_stats_reuse_known_outputs(mlp):
     assert reused == fresh
     with pytest.raises(DataError, match="output rows"):
         compute_reference_stats(mlp["onnx"], [calib, evald], outputs=[outs[0], outs[0][:3]])
+
+
+@pytest.mark.slow
+def test_target_bench_from_the_device_decides_fp32_vs_int8(cnn, tmp_path):
+    """The whole loop: a package with fp32 + int8 variants, `edgeship bench --variant --json` of each
+    (here this machine stands in for the device), then quantize --target-bench decides by those figures."""
+    import json
+
+    from edgeship.agent.bench import run_bench
+    from edgeship.package import open_package
+
+    out = tmp_path / "both.edgepkg"
+    kw = dict(engines=("onnxruntime",), activation_types=("uint8",), quiet=True, repeats=3, recovery_steps=0,
+              max_drop=50.0, metric="cosine", method="static")
+    quantize(cnn["onnx"], cnn["calib"], cnn["eval"], out=out, **kw)
+    variants = {v["id"]: v for v in open_package(out).manifest["variants"]}
+    assert set(variants) == {"onnx-int8", "onnx-fp32"} and variants["onnx-int8"]["default"]
+    files = []
+    for vid in ("onnx-fp32", "onnx-int8"):
+        r = run_bench(out, variant=vid, seconds=0.2, quiet=True)
+        assert r["variant"] == vid and r["precision"] == vid.split("-")[1]
+        files.append(tmp_path / f"{vid}.json")
+        files[-1].write_text(json.dumps(r))
+    res = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], target_bench=files, **{**kw, "method": "auto"})
+    dec = res.decisions["onnx"]
+    ratio = json.loads(files[1].read_text())["raw_latency_ms_b1"]["p50"] / \
+        json.loads(files[0].read_text())["raw_latency_ms_b1"]["p50"]
+    assert (dec.chosen == "fp32") == (ratio > 1.05)                    # the device's figures decided
+    assert f"{os.uname().machine} with {os.cpu_count()} CPUs" in dec.reason and "edgeship bench" in dec.reason
+    assert res.report["targets"]["onnx"]["decided_on"]["machine"].startswith(os.uname().machine)
