@@ -16,7 +16,10 @@ package; the quantizing itself is done by well-kept engines (issue 18):
    scales and zero points equal an earlier one is dropped as a duplicate.
 2. **NNCF** (optional, ``pip install nncf``) — its ONNX post-training
    quantization: default preset, fast bias correction, its own ignored
-   patterns, transformer model type when the graph has attention.
+   patterns, transformer model type when the graph has attention. Without an
+   explicit ``engines`` it is tried only when no onnxruntime MinMax candidate
+   meets the budget (it costs 1.2-1.8x a plain onnxruntime run and was never
+   the faster int8 model in ``benchmarks/quantize_real.py``).
 3. **onnxruntime dynamic int8** (weights only) — for MatMul/RNN-heavy models;
    auto mode skips it on conv nets, where it is several times slower than fp32.
 4. **Accuracy recovery** — for an onnxruntime family that misses the budget,
@@ -904,7 +907,7 @@ def _attempt(c: Candidate, build, measure) -> None:
 def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None, method: str, batch: int,
               threads_batch: int, repeats: int, calibrations: Sequence[str] | None, recovery_steps: int,
               work: Path, quiet: bool, metric_options: Mapping | None = None,
-              engines: Sequence[str] = ENGINES, activation_types: Sequence[str] = ACTIVATION_TYPES,
+              engines: Sequence[str] | None = None, activation_types: Sequence[str] = ACTIVATION_TYPES,
               knobs: _Knobs = _Knobs(), samples: int | None = None, analyze: bool = False,
               device: DeviceBench | None = None, machine: str = "this machine", model_type: str | None = None,
               packaging: bool = False) -> dict:
@@ -966,7 +969,12 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
 
             _attempt(c, build, lambda c=c, out=out: _measure(c, out, eval_d, fp32_points=fp32_points, **measure_kw))
 
-    engines = [e for e in engines if e != "nncf" or nncf_available()]
+    # Staged search (engines not given): onnxruntime's MinMax candidates first — one calibration pass
+    # serves u8 and s8, and on the real models they were never slower than NNCF's. NNCF (bias
+    # correction, its ignored patterns) and then the histogram calibrations (a pass each, holding
+    # every activation of the calibration set) are tried only while nothing meets the budget.
+    staged = engines is None
+    engines = [e for e in (engines or ENGINES) if e != "nncf" or nncf_available()]
     notes["engines"] = list(engines)
     explicit = calibrations is not None
     first_cals = tuple(calibrations) if explicit else ("minmax",)
@@ -974,18 +982,24 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
     if method in ("auto", "static"):
         if "onnxruntime" in engines:
             plan += [("onnxruntime", "static", cal, act) for cal in first_cals for act in activation_types]
-        if "nncf" in engines:
+        if "nncf" in engines and not staged:
             plan.append(("nncf", "static", None, None))
     if method == "dynamic" or (method == "auto" and "onnxruntime" in engines and _dynamic_worth_trying(prepped)):
         plan.append(("onnxruntime", "dynamic", None, None))
+    later = []
+    if method != "dynamic":
+        if staged and "nncf" in engines:
+            later.append([("nncf", "static", None, None)])
+        if not explicit and "onnxruntime" in engines:
+            later.append([("onnxruntime", "static", cal, act) for cal in ("percentile", "entropy")
+                          for act in activation_types])
     with _phase(phases, "candidates"):
         run(plan)
-        in_budget = any(c.meets_budget for c in candidates if c.method != "fp32")
-        if not explicit and not in_budget and method != "dynamic" and "onnxruntime" in engines:
-            # The histogram calibrations cost a pass each and hold every activation of the
-            # calibration set; they are tried only when the cheap candidates all miss the budget.
-            notes["escalated"] = "percentile and entropy calibrations: no minmax/NNCF candidate met the budget"
-            run([("onnxruntime", "static", cal, act) for cal in ("percentile", "entropy") for act in activation_types])
+        for step in later:
+            if any(c.meets_budget for c in candidates if c.method != "fp32"):
+                break
+            notes.setdefault("escalated", []).append(", ".join(_candidate_name(*x) for x in step))
+            run(step)
 
     # Accuracy recovery (onnxruntime candidates): per family, take the most accurate candidate when
     # none of the family is in budget, and keep the nodes adding the most error in float.
@@ -1336,8 +1350,9 @@ def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = 
     ``preprocess``/``labels``: the manifest's (image folders are decoded with
     ``preprocess``); taken from the package when ``model`` is an ``.edgepkg``.
 
-    The ONNX search (issue 18): every engine in ``engines`` (default
-    onnxruntime, and NNCF when installed) gives candidates — onnxruntime QDQ
+    The ONNX search (issue 18): every engine in ``engines`` gives
+    candidates (default: onnxruntime first, NNCF when installed only if no
+    onnxruntime MinMax candidate meets the budget) — onnxruntime QDQ
     static with each of ``activation_types`` (u8 first, s8) and
     ``per_channel`` ``weight_type`` weights, NNCF's default preset with fast
     bias correction (``model_type="transformer"`` is detected from attention
@@ -1421,7 +1436,8 @@ def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = 
         for t in wanted:
             if t == "onnx":
                 runs.append(_run_onnx(src, calib, eval, calibrations=calibrations, recovery_steps=recovery_steps,
-                                      engines=tuple(engines or ENGINES), activation_types=tuple(activation_types),
+                                      engines=tuple(engines) if engines else None,
+                                      activation_types=tuple(activation_types),
                                       knobs=knobs, analyze=analyze, model_type=model_type, **common))
             else:
                 runs.append(_run_tflite(src, calib, eval, **common))

@@ -836,3 +836,16 @@ def test_target_bench_from_the_device_decides_fp32_vs_int8(cnn, tmp_path):
     assert (dec.chosen == "fp32") == (ratio > 1.05)                    # the device's figures decided
     assert f"{os.uname().machine} with {os.cpu_count()} CPUs" in dec.reason and "edgeship bench" in dec.reason
     assert res.report["targets"]["onnx"]["decided_on"]["machine"].startswith(os.uname().machine)
+
+
+def test_staged_search_tries_nncf_only_when_onnxruntime_misses_the_budget(cnn, tmp_path):
+    pytest.importorskip("nncf")
+    kw = dict(method="static", quiet=True, repeats=3, recovery_steps=0, allow_fp32=True, metric="cosine",
+              activation_types=("uint8",))
+    easy = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], max_drop=50.0, work_dir=tmp_path / "a", **kw)
+    assert [c.name for c in easy.candidates] == ["fp32", "ort-u8-minmax"]          # in budget: no escalation
+    assert "escalated" not in easy.report["targets"]["onnx"]["notes"]
+    hard = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], max_drop=0.0, work_dir=tmp_path / "b", **kw)
+    names = [c.name for c in hard.candidates]
+    assert names[:3] == ["fp32", "ort-u8-minmax", "nncf"]                           # NNCF next, then histograms
+    assert hard.report["targets"]["onnx"]["notes"]["escalated"][0] == "nncf"
