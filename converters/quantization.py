@@ -873,12 +873,16 @@ def _fixes(row: Mapping, quantizable: Mapping[str, str], excluded: Sequence[str]
 
 
 @contextlib.contextmanager
-def _phase(phases: dict, name: str):
-    """Wall time of one phase of the run, for the report (where the minutes went)."""
+def _phase(phases: dict, name: str, quiet: bool = True):
+    """Wall time of one phase of the run, for the report (where the minutes went); a progress line
+    per phase on a terminal (phases with steps show their own bar inside)."""
     t = time.monotonic()
+    bar = _progress(None, desc=name, quiet=quiet, total=1)
     try:
         yield
     finally:
+        bar.update(1)
+        bar.close()
         phases[name] = round(phases.get(name, 0.0) + time.monotonic() - t, 2)
 
 
@@ -914,7 +918,7 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
     t0 = time.monotonic()
     phases: dict[str, float] = {}
     fp32_path = src.file_for("onnx")
-    with _phase(phases, "prepare"):
+    with _phase(phases, "prepare", quiet):
         prepped, notes = _prepare_onnx(fp32_path, work, quiet=quiet)
         specs, out_specs = _onnx_specs(fp32_path)
         calib_d, eval_d = _load_sets(calib, evald, specs, src.preprocess)
@@ -925,7 +929,7 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
     # Latency is compared at batch 1 and at a serving-size batch; 8 ranks candidates like 32 does
     # at a quarter of the cost (a batch of 32 224x224 images takes a second per run).
     timing_batch = fixed or min(batch, TIMING_BATCH)
-    with _phase(phases, "fp32 reference"):
+    with _phase(phases, "fp32 reference", quiet):
         # The fp32 model runs once over the eval data (its outputs are the reference *and* the
         # baseline's score) and, only when a package is written, once over the calibration data
         # for the reference statistics.
@@ -993,7 +997,7 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
         if not explicit and "onnxruntime" in engines:
             later.append([("onnxruntime", "static", cal, act) for cal in ("percentile", "entropy")
                           for act in activation_types])
-    with _phase(phases, "candidates"):
+    with _phase(phases, "candidates", quiet):
         run(plan)
         for step in later:
             if any(c.meets_budget for c in candidates if c.method != "fp32"):
@@ -1049,13 +1053,13 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
     if recovery_log:
         phases["recovery"] = round(time.monotonic() - t_rec, 2)
 
-    with _phase(phases, "timing"):
+    with _phase(phases, "timing", quiet):
         _time_all(candidates, eval_d, batch=timing_batch, threads_batch=threads_batch, repeats=repeats, quiet=quiet)
     decision = choose(candidates, max_drop=max_drop, fp32_competes=(method == "auto"), device=device,
                       machine=machine)
     chosen = next(c for c in candidates if c.name == decision.chosen)
     if analyze and chosen.method != "fp32" and chosen.name not in node_tables:
-        with _phase(phases, "per-node error"):
+        with _phase(phases, "per-node error", quiet):
             try:
                 node_tables[chosen.name] = node_errors(prepped, Path(chosen.path), calib_d, work_dir=work,
                                                        quiet=quiet)
