@@ -11,7 +11,19 @@ metric         value                                         points
 ``agreement``  argmax agreement with the fp32 outputs         100 * value
 ``cosine``     mean cosine similarity with the fp32 outputs   100 * value
 ``mse``        mean squared error against the fp32 outputs    100 * (1 - mse / var(fp32)) (R²)
+``iou``        IoU of thresholded maps vs the fp32 maps        100 * value
+               (dense detectors: ``threshold``, ``channel``)
+``seq_exact``  share of sequences whose per-step argmax        100 * value
+               equals fp32's at every step
+``step_agreement``  share of steps (N, T, C) whose argmax      100 * value
+               equals fp32's
 =============  ============================================  ================
+
+``iou``, ``seq_exact`` and ``step_agreement`` are the task metrics a dense
+output needs: a cosine near 1 can hide a detection map that no longer finds
+anything once thresholded. Options (``metric_options``): ``threshold``
+(default 0.0, i.e. a logit of 0 = probability 0.5) and ``channel`` (the map's
+channel on axis 1, default 0 = objectness; ``None`` = every channel).
 
 :func:`predict` runs any artifact (ONNX file, TFLite file, torch module) on
 the same :class:`~edgeship.converters.data.Dataset`; :func:`measure_latency`
@@ -32,11 +44,11 @@ from ..errors import ConversionError, DataError, ModelError
 from .data import Dataset, InputSpec
 
 __all__ = [
-    "METRICS", "top1", "agreement", "mse", "cosine", "choose_metric", "metric_value", "to_points",
+    "METRICS", "top1", "agreement", "mse", "cosine", "iou", "seq_exact", "step_agreement", "choose_metric", "metric_value", "to_points",
     "measure_latency", "predict", "open_model", "OnnxModel", "TfliteModel", "TorchModel", "evaluate",
 ]
 
-METRICS = ("top1", "agreement", "mse", "cosine")
+METRICS = ("top1", "agreement", "mse", "cosine", "iou", "seq_exact", "step_agreement")
 
 
 def _2d(x: np.ndarray) -> np.ndarray:
@@ -68,11 +80,48 @@ def cosine(outputs: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(sim))
 
 
+def iou(outputs: np.ndarray, reference: np.ndarray, *, threshold: float = 0.0, channel: int | None = 0) -> float:
+    """Mean per-sample IoU of ``outputs > threshold`` vs ``reference > threshold`` (1.0 when both are empty).
+
+    ``channel`` picks one map on axis 1 (e.g. a detector's objectness); None keeps every channel.
+    """
+    a, b = np.asarray(outputs), np.asarray(reference)
+    if channel is not None and a.ndim >= 3:
+        if not -a.shape[1] <= channel < a.shape[1]:
+            raise ConversionError(f"metric iou: channel {channel} is outside the output's {a.shape[1]} channels")
+        a, b = a[:, channel], b[:, channel]
+    a, b = _2d(a) > threshold, _2d(b) > threshold
+    inter = np.sum(a & b, axis=1)
+    union = np.sum(a | b, axis=1)
+    return float(np.mean(np.where(union == 0, 1.0, inter / np.maximum(union, 1))))
+
+
+def _steps(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim < 3:
+        raise ConversionError(f"sequence metrics need (N, T, classes) outputs, got shape {x.shape}; "
+                              "use agreement or cosine")
+    return x.reshape(len(x), -1, x.shape[-1]).argmax(axis=-1)
+
+
+def seq_exact(outputs: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of sequences (N, T, C) whose argmax equals the fp32 argmax at every step."""
+    return float(np.mean(np.all(_steps(outputs) == _steps(reference), axis=1)))
+
+
+def step_agreement(outputs: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of steps of (N, T, C) sequences whose argmax equals the fp32 argmax."""
+    return float(np.mean(_steps(outputs) == _steps(reference)))
+
+
 def choose_metric(output_shape: Sequence, has_labels: bool, requested: str | None = None) -> str:
     """The metric to gate on: the user's choice, else from the output shape and the labels.
 
     A classifier (one score vector of >= 2 classes per sample) is judged by
-    ``top1`` with labels, by ``agreement`` without; anything else by ``cosine``.
+    ``top1`` with labels, by ``agreement`` without; anything else by
+    ``cosine`` — ask for ``iou`` (dense detector maps) or ``step_agreement`` /
+    ``seq_exact`` (sequences): a cosine near 1 says little about a map that
+    is thresholded or a sequence that is decoded step by step.
     """
     if requested is not None:
         if requested not in METRICS:
@@ -88,7 +137,20 @@ def choose_metric(output_shape: Sequence, has_labels: bool, requested: str | Non
     return "cosine"
 
 
-def metric_value(metric: str, outputs: np.ndarray, *, labels: np.ndarray | None, reference: np.ndarray) -> float:
+def metric_value(metric: str, outputs: np.ndarray, *, labels: np.ndarray | None, reference: np.ndarray,
+                 options: Mapping | None = None) -> float:
+    """``metric`` of ``outputs``; ``options`` are the metric's own (``iou``: ``threshold``, ``channel``)."""
+    opts = dict(options or {})
+    unknown = set(opts) - ({"threshold", "channel"} if metric == "iou" else set())
+    if unknown:
+        raise ConversionError(f"metric {metric} takes no option {sorted(unknown)[0]!r}"
+                              + ("; iou takes threshold and channel" if metric == "iou" else ""))
+    if metric == "iou":
+        return iou(outputs, reference, **opts)
+    if metric == "seq_exact":
+        return seq_exact(outputs, reference)
+    if metric == "step_agreement":
+        return step_agreement(outputs, reference)
     if metric == "top1":
         return top1(outputs, labels)
     if metric == "agreement":
@@ -313,10 +375,16 @@ def predict(artifact, data: Dataset, *, batch: int = 32, threads: int | None = N
     return merged if output is None else merged[output]
 
 
-def evaluate(artifact, data: Dataset, *, metric: str, reference: np.ndarray, batch: int = 32) -> dict:
-    """Metric of ``artifact`` on ``data``: ``{"metric", "value", "points"}`` (fp32 outputs as ``reference``)."""
-    outputs = predict(artifact, data, batch=batch)
-    value = metric_value(metric, outputs, labels=data.labels, reference=reference)
+def evaluate(artifact, data: Dataset, *, metric: str, reference: np.ndarray, batch: int = 32,
+             options: Mapping | None = None, outputs: np.ndarray | None = None) -> dict:
+    """Metric of ``artifact`` on ``data``: ``{"metric", "value", "points"}`` (fp32 outputs as ``reference``).
+
+    ``outputs``: the artifact's outputs when already computed (the fp32 baseline's are the reference
+    itself, so it is never run twice).
+    """
+    if outputs is None:
+        outputs = predict(artifact, data, batch=batch)
+    value = metric_value(metric, outputs, labels=data.labels, reference=reference, options=options)
     return {"metric": metric, "value": value, "points": to_points(metric, value, reference=reference)}
 
 

@@ -3,30 +3,48 @@
 ``quantize(model, calib, eval, max_drop=1.0)`` tries every candidate that
 makes sense for the model, measures each on the user's eval data and on this
 machine, and keeps the fastest one within the accuracy budget — or says why
-none qualified. Steps (issue 4):
+none qualified. edgeship's value is the search, the gate, the report and the
+package; the quantizing itself is done by well-kept engines (issue 18):
 
-1. **ONNX static int8** — QDQ, per-channel weights, after onnxruntime's
+1. **onnxruntime static int8** — QDQ, per-channel weights, after
    ``quant_pre_process`` (symbolic shape inference falls back to plain ONNX
    shape inference, then to no optimisation, instead of stopping); opset < 13
-   is upgraded first. Calibrations MinMax, Percentile and Entropy; a
-   calibration whose scales equal an earlier one is dropped as a duplicate.
-2. **ONNX dynamic int8** (weights only).
-3. **Accuracy recovery** — for a family that misses the budget, compare the
-   fp32 and int8 activations node by node (:func:`node_errors`), keep the
-   nodes that add the most error in float, re-quantize (reusing the
-   calibration cache) and re-measure, for at most ``recovery_steps`` steps.
-4. **Choice** (:func:`choose`, pure) — the fastest candidate within the
-   budget, latency = geometric mean of the batch-1 and batch-N ratios to
-   fp32 (medians of repeated runs). In ``auto`` mode fp32 competes too: a
-   model where int8 is slower stays fp32 and the report says why. When no
-   int8 candidate meets the budget: :class:`AccuracyBudgetError` (no package
-   written) unless ``allow_fp32``.
-5. **TFLite int8** — from a float ``.tflite`` with ai-edge-quantizer
+   is upgraded first. Unsigned (u8, onnxruntime's default and the fast kernels)
+   and signed activations share one MinMax calibration pass (the calibration
+   cache holds ranges, not scales). Percentile and Entropy run only when no
+   cheaper candidate meets the budget (or when asked for); a calibration whose
+   scales and zero points equal an earlier one is dropped as a duplicate.
+2. **NNCF** (optional, ``pip install nncf``) — its ONNX post-training
+   quantization: default preset, fast bias correction, its own ignored
+   patterns, transformer model type when the graph has attention. Without an
+   explicit ``engines`` it is tried only when no onnxruntime MinMax candidate
+   meets the budget (it costs 1.2-1.8x a plain onnxruntime run and was never
+   the faster int8 model in ``benchmarks/quantize_real.py``).
+3. **onnxruntime dynamic int8** (weights only) — for MatMul/RNN-heavy models;
+   auto mode skips it on conv nets, where it is several times slower than fp32.
+4. **Accuracy recovery** — for an onnxruntime family that misses the budget,
+   compare fp32 and int8 activations node by node (:func:`node_errors`,
+   streamed over a few samples), keep the nodes adding the most error in
+   float, re-quantize and re-measure, for at most ``recovery_steps`` steps.
+5. **Choice** (:func:`choose`, pure) — the fastest candidate within the
+   budget, latency = geometric mean of the batch-1 and batch-8 ratios to fp32
+   (medians of short interleaved runs). In ``auto`` mode fp32 competes too: a
+   model where int8 is slower stays fp32 and the report says on which machine.
+   ``target_bench`` (``edgeship bench --json`` of both variants on the device)
+   lets the device decide instead. When no int8 candidate meets the budget:
+   :class:`AccuracyBudgetError` (no package written) unless ``allow_fp32``.
+6. **TFLite int8** — from a float ``.tflite`` with ai-edge-quantizer
    (static a8w8 and dynamic w8), see :mod:`edgeship.converters.tflite_export`
    (torch models go through litert-torch's PT2E quantizer there).
-6. **Report** — ``report.json`` in the package, ``<out>.report.md`` and PNG
-   plots next to it; the manifest records provenance and the int8
-   scale/zero-point of quantized IO.
+7. **Report and package** — ``report.json`` in the package (with the time per
+   phase and peak RSS), ``<out>.report.md`` and PNG plots next to it; the
+   package carries the chosen model and the other precision as variants; the
+   manifest records provenance and the int8 scale/zero-point of quantized IO.
+
+Cost: the fp32 model runs once over the eval data (its outputs are the
+reference and the baseline's score) and once over the calibration data when a
+package is written (for its reference statistics); the per-node error table of
+the chosen model is made only on demand (``analyze``).
 
 The package is built under a temporary name and renamed, so a failure never
 leaves a half-built ``.edgepkg``.
@@ -52,12 +70,22 @@ from ..errors import AccuracyBudgetError, ConversionError, EdgeshipError, ModelE
 from . import evaluate as ev
 from .data import Dataset, InputSpec, check_against, load_data
 
-__all__ = ["quantize", "QuantizeResult", "Candidate", "Decision", "choose", "node_errors",
-           "MIN_CALIB_SAMPLES", "MIN_EVAL_SAMPLES", "CALIBRATIONS"]
+__all__ = ["quantize", "QuantizeResult", "Candidate", "Decision", "DeviceBench", "choose", "node_errors",
+           "load_target_bench", "nncf_available", "MIN_CALIB_SAMPLES", "MIN_EVAL_SAMPLES", "CALIBRATIONS",
+           "ENGINES", "ACTIVATION_TYPES"]
 
 MIN_CALIB_SAMPLES = 16
 MIN_EVAL_SAMPLES = 20
 CALIBRATIONS = ("minmax", "percentile", "entropy")
+ENGINES = ("onnxruntime", "nncf")
+#: uint8 first: onnxruntime's own default, and on x86 and ARM its u8 x s8 kernels are the fast ones
+#: (signed activations made the detector/recognizer 1.4-1.6x fp32 against 0.7-0.9x, issue 18).
+ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_TYPES = ("int8", "uint8")
+#: Samples the per-node error analysis streams through (it never holds more than one batch of
+#: intermediates); enough to rank nodes, far from the 64 x all-tensors that cost 11.9 GB.
+NODE_ERROR_SAMPLES = 8
+TIMING_BATCH = 8
 TARGETS = ("onnx", "tflite", "both")
 METHODS = ("auto", "static", "dynamic")
 #: int8 must be at least this much slower than fp32 (geometric-mean latency ratio)
@@ -80,6 +108,9 @@ class Candidate:
     calibration: str | None = None   # "minmax" | "percentile" | "entropy" | None
     path: str | None = None
     excluded_nodes: list[str] = dataclasses.field(default_factory=list)
+    engine: str = "onnxruntime"      # "onnxruntime" | "nncf" | "ai-edge-quantizer" | ...
+    activation_type: str | None = None   # "uint8" | "int8" (static ONNX)
+    per_channel: bool | None = None
     size: int | None = None
     metric_value: float | None = None
     points: float | None = None
@@ -110,6 +141,7 @@ class Decision:
     ok: bool
     reason: str
     speed: Mapping[str, float]
+    best_int8: str | None = None     # the fastest int8 candidate within budget, also when fp32 was kept
 
 
 @dataclasses.dataclass
@@ -146,6 +178,58 @@ class QuantizeResult:
         return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceBench:
+    """fp32 and int8 batch-1 latency measured on the target device (``edgeship bench --json`` files)."""
+
+    machine: str
+    fp32_ms: float
+    int8_ms: float
+    source: str
+
+    @property
+    def ratio(self) -> float:
+        return self.int8_ms / self.fp32_ms
+
+
+def load_target_bench(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> DeviceBench:
+    """Read ``edgeship bench --json`` outputs of an fp32 and an int8 variant measured on one device.
+
+    One file may hold a list of bench results; several files are merged. Each
+    result names its variant's ``precision`` (``edgeship bench --variant ID
+    --json``) and its ``device``; the p50 of ``raw_latency_ms_b1`` is compared.
+    """
+    import json
+
+    from ..errors import ConfigError
+
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    found: dict[str, tuple[float, str, str]] = {}
+    for p in items:
+        try:
+            data = json.loads(Path(p).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--target-bench {p}: not a readable bench JSON file ({_one_line(exc, 120)})") from exc
+        for r in data if isinstance(data, list) else [data]:
+            lat = ((r or {}).get("raw_latency_ms_b1") or {}).get("p50") if isinstance(r, dict) else None
+            prec = r.get("precision") if isinstance(r, dict) else None
+            if lat is None or prec not in ("fp32", "int8"):
+                raise ConfigError(f"--target-bench {p}: no precision and raw_latency_ms_b1.p50; make it on the "
+                                  "device with: edgeship bench PACKAGE --variant ID --json")
+            dev = r.get("device") or {}
+            machine = r.get("device_name") or f"{dev.get('machine', '?')} with {dev.get('cpus', '?')} CPUs"
+            found[prec] = (float(lat), machine, str(p))
+    missing = [k for k in ("fp32", "int8") if k not in found]
+    if missing:
+        raise ConfigError(f"--target-bench: no {missing[0]} measurement; bench both variants of the package on "
+                          "the device (edgeship bench PACKAGE --variant onnx-fp32 / onnx-int8 --json)")
+    if found["fp32"][1] != found["int8"][1]:
+        raise ConfigError(f"--target-bench: fp32 was measured on {found['fp32'][1]} but int8 on "
+                          f"{found['int8'][1]}; compare them on one device")
+    return DeviceBench(machine=found["fp32"][1], fp32_ms=found["fp32"][0], int8_ms=found["int8"][0],
+                       source=", ".join(dict.fromkeys(Path(found[k][2]).name for k in ("fp32", "int8"))))
+
+
 # --------------------------------------------------------------------------- the decision (pure)
 
 def _speed(c: Candidate, base: Candidate) -> float | None:
@@ -160,7 +244,8 @@ def _speed(c: Candidate, base: Candidate) -> float | None:
 
 
 def choose(candidates: Sequence[Candidate], *, max_drop: float, fp32_competes: bool = True,
-           tolerance: float = SLOWER_TOLERANCE) -> Decision:
+           tolerance: float = SLOWER_TOLERANCE, device: DeviceBench | None = None,
+           machine: str = "this machine") -> Decision:
     """Pick the fastest candidate within ``max_drop`` points; pure, given measured numbers.
 
     ``candidates`` must hold exactly one ``method == "fp32"`` baseline. With
@@ -168,6 +253,11 @@ def choose(candidates: Sequence[Candidate], *, max_drop: float, fp32_competes: b
     within budget is more than ``tolerance`` slower than fp32. ``ok`` is False
     only when no int8 candidate met the budget (the caller then refuses, or
     ships fp32 with ``allow_fp32``).
+
+    ``device``: int8 vs fp32 measured on the target device; then *that*
+    machine decides fp32 vs int8 (the int8 candidates are still ranked by
+    this machine's timings). ``machine`` names where the timings were taken,
+    for the reason.
     """
     base = next((c for c in candidates if c.method == "fp32"), None)
     if base is None:
@@ -192,13 +282,24 @@ def choose(candidates: Sequence[Candidate], *, max_drop: float, fp32_competes: b
            f"batch {best.latency_batch_ms:.3g} ms vs {base.latency_batch_ms:.3g} ms"
            if None not in (best.latency_b1_ms, base.latency_b1_ms, best.latency_batch_ms, base.latency_batch_ms)
            else "")
+    if device is not None:
+        on_dev = (f"on {device.machine} (edgeship bench: int8 {device.int8_ms:.3g} ms vs fp32 "
+                  f"{device.fp32_ms:.3g} ms at batch 1, {device.source})")
+        if fp32_competes and device.ratio > 1.0 + tolerance:
+            return Decision(chosen=base.name, ok=True, speed=speed, best_int8=best.name,
+                            reason=(f"kept fp32: int8 is {device.ratio:.2f}x the fp32 latency {on_dev}; "
+                                    f"{best.name} stays in the package as a variant"))
+        return Decision(chosen=best.name, ok=True, speed=speed, best_int8=best.name,
+                        reason=(f"{best.name} is the fastest candidate within {max_drop:g} pt here "
+                                f"({s:.2f}x fp32 on {machine}), {best.drop:.2f} pt drop; int8 takes "
+                                f"{device.ratio:.2f}x the fp32 latency {on_dev}"))
     if fp32_competes and s > 1.0 + tolerance:
-        return Decision(chosen=base.name, ok=True, speed=speed,
-                        reason=(f"kept fp32: int8 is slower on this machine — the fastest int8 candidate within "
+        return Decision(chosen=base.name, ok=True, speed=speed, best_int8=best.name,
+                        reason=(f"kept fp32: int8 is slower on {machine} — the fastest int8 candidate within "
                                 f"{max_drop:g} pt ({best.name}) takes {s:.2f}x the fp32 latency ({lat})"))
-    return Decision(chosen=best.name, ok=True, speed=speed,
+    return Decision(chosen=best.name, ok=True, speed=speed, best_int8=best.name,
                     reason=(f"{best.name} is the fastest candidate within {max_drop:g} pt: "
-                            f"{s:.2f}x fp32 latency ({lat}), {best.drop:.2f} pt drop"))
+                            f"{s:.2f}x fp32 latency on {machine} ({lat}), {best.drop:.2f} pt drop"))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -371,7 +472,9 @@ def _scale_digest(path: Path) -> str:
 
     m = onnx.load(str(path))
     h = hashlib.sha1()
-    for init in sorted((i for i in m.graph.initializer if i.name.endswith("_scale")), key=lambda i: i.name):
+    # Zero points too: u8 and s8 activations share their scales and differ only there.
+    for init in sorted((i for i in m.graph.initializer if i.name.endswith(("_scale", "_zero_point"))),
+                       key=lambda i: i.name):
         h.update(init.name.encode())
         h.update(np.ascontiguousarray(numpy_helper.to_array(init)).tobytes())
     return h.hexdigest()
@@ -420,18 +523,40 @@ def _quantizable_nodes(prepped: Path, method: str) -> dict[str, str]:
     return {n.name: n.op_type for n in m.graph.node}
 
 
+_QTYPES = {"uint8": "QUInt8", "int8": "QInt8"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Knobs:
+    """What the user may set, as onnxruntime's quantize_static users expect (all optional)."""
+
+    exclude_nodes: tuple[str, ...] = ()
+    op_types: tuple[str, ...] | None = None
+    per_channel: bool = True
+    weight_type: str = "int8"
+
+
 def _build_candidate(prepped: Path, out: Path, *, method: str, calibration: str | None, feeds, cache_dir: Path,
-                     exclude: Sequence[str], quiet: bool) -> None:
+                     exclude: Sequence[str], quiet: bool, activation_type: str = "int8",
+                     knobs: _Knobs = _Knobs()) -> None:
+    """One onnxruntime int8 model (QDQ static or dynamic) from the prepared fp32 model."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    exclude = list(dict.fromkeys([*knobs.exclude_nodes, *exclude]))
+    op_types = list(knobs.op_types) if knobs.op_types else None
+    wtype = getattr(QuantType, _QTYPES[knobs.weight_type])
     with _quiet_ort_logging():
         if method == "dynamic":
-            quantize_dynamic(str(prepped), str(out), weight_type=QuantType.QInt8, per_channel=False,
-                             nodes_to_exclude=list(exclude))
+            quantize_dynamic(str(prepped), str(out), weight_type=wtype, per_channel=False,
+                             nodes_to_exclude=exclude, op_types_to_quantize=op_types)
             return
         cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[calibration]
+        # Not CalibMaxIntermediateOutputs: onnxruntime 1.32's MinMax calibrator drops the chunk it
+        # clears instead of folding it into the ranges ("No data is collected").
         extra = {"CalibPercentile": 99.999} if calibration == "percentile" else {}
+        # The cache holds tensor ranges, which do not depend on the activation type: u8 and s8
+        # candidates of one calibration share a single calibration pass.
         cache = cache_dir / f"calib-{calibration}.json"
         if calibration != "minmax" and len({len(next(iter(f.values()))) for f in feeds}) > 1:
             # The histogram calibrators stack per-run outputs into one array, so every run
@@ -441,67 +566,134 @@ def _build_candidate(prepped: Path, out: Path, *, method: str, calibration: str 
         # onnxruntime prints calibration chatter to stdout; our stdout belongs to the CLI's result
         # and our progress bar already says what is happening.
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-            quantize_static(str(prepped), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=cm,
-                            nodes_to_exclude=list(exclude), extra_options=extra,
-                            calibration_cache_path=str(cache))
+            quantize_static(str(prepped), str(out), reader, quant_format=QuantFormat.QDQ,
+                            per_channel=knobs.per_channel, activation_type=getattr(QuantType, _QTYPES[activation_type]),
+                            weight_type=wtype, calibrate_method=cm, nodes_to_exclude=exclude,
+                            op_types_to_quantize=op_types, extra_options=extra, calibration_cache_path=str(cache))
+
+
+def _dynamic_worth_trying(path: Path) -> bool:
+    """Dynamic int8 pays off for MatMul/Gemm/RNN-heavy models; on a conv net it becomes ConvInteger,
+    several times slower than fp32 (7x on a 224x224 MobileNet), so auto mode does not spend time on it."""
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    dense = sum(op in ("MatMul", "Gemm", "LSTM", "GRU", "Attention") for op in ops)
+    return dense >= sum(op == "Conv" for op in ops)
+
+
+def nncf_available() -> bool:
+    """Whether NNCF (the optional engine, ``pip install nncf``) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("nncf") is not None
+
+
+def _looks_like_transformer(path: Path) -> bool:
+    """Attention present (Softmax fed by a MatMul): NNCF's transformer model type then applies."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    producers = {o: n.op_type for n in m.graph.node for o in n.output}
+    return any(n.op_type == "Softmax" and any(producers.get(t) in ("MatMul", "Add", "Div", "Where")
+                                               for t in n.input) for n in m.graph.node) and \
+        sum(n.op_type == "MatMul" for n in m.graph.node) >= 2
+
+
+def _build_nncf(src: Path, out: Path, *, feeds, exclude: Sequence[str], transformer: bool,
+                knobs: _Knobs = _Knobs()) -> None:
+    """NNCF post-training quantization (ONNX backend): default preset, fast bias correction,
+    its own model-aware ignored patterns, plus the user's excluded nodes / op types."""
+    import logging
+
+    import nncf
+    import onnx
+
+    nncf.set_log_level(logging.ERROR)
+    model = onnx.load(str(src))
+    names = [n.name for n in model.graph.node]
+    ignored = list(dict.fromkeys([*knobs.exclude_nodes, *exclude]))
+    if knobs.op_types:
+        wanted = set(knobs.op_types)
+        ignored += [n.name for n in model.graph.node if n.op_type not in wanted and n.name in names]
+    # Whole batches per item: NNCF's statistics and fast bias correction then run a few batched
+    # inferences instead of one per sample (4x less time on a 224x224 CNN); subset_size counts samples.
+    items = list(feeds)
+    n = sum(len(next(iter(f.values()))) for f in feeds)
+    kwargs = {}
+    if ignored:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(names=ignored, validate=False)
+    if transformer:
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), warnings.catch_warnings():
+        # NNCF reports progress through rich on stdout and warns about optional backends it does not find.
+        warnings.simplefilter("ignore")
+        q = nncf.quantize(model, nncf.Dataset(items), subset_size=n, fast_bias_correction=True, **kwargs)
+    onnx.save(q, str(out))
 
 
 # --------------------------------------------------------------------------- per-node error
 
-def _sqnr(ref: np.ndarray, other: np.ndarray) -> float:
-    ref = ref.astype(np.float64).ravel()
-    other = other.astype(np.float64).ravel()
-    if ref.shape != other.shape:
-        return float("nan")
-    noise = np.linalg.norm(ref - other)
-    signal = np.linalg.norm(ref)
+def _sqnr_db(signal_ss: float, noise_ss: float) -> float:
+    """SQNR in dB from sums of squares of the reference and of the error (capped)."""
+    signal, noise = math.sqrt(signal_ss), math.sqrt(noise_ss)
     if noise <= 1e-12 * max(signal, 1e-12):
         return _SQNR_CAP_DB
     return float(min(_SQNR_CAP_DB, 20.0 * math.log10(max(signal, 1e-30) / noise)))
 
 
-def node_errors(fp32_path, int8_path, data: Dataset, *, work_dir, batch: int = 32,
-                max_samples: int = 64) -> list[dict]:
+def node_errors(fp32_path, int8_path, data: Dataset, *, work_dir, batch: int = 4,
+                max_samples: int = NODE_ERROR_SAMPLES, quiet: bool = True) -> list[dict]:
     """Per-node error of an int8 model against its fp32 source, in graph order.
 
-    Both models run with every intermediate tensor as an output (optimisation
-    off, so tensors keep their names). For each fp32 node: ``sqnr_db`` is the
+    Both models run with every intermediate tensor as an output on the first
+    ``max_samples`` samples, ``batch`` at a time; only running sums of squares
+    per tensor are kept, so memory is one batch of intermediates whatever the
+    sample count. For each fp32 node: ``sqnr_db`` is the
     signal-to-quantisation-noise ratio of its output in the int8 model (after
     its QDQ pair when it has one), ``added_db`` how much SQNR the node loses
     relative to its worst activation input — the error this node adds, the
     ranking used to choose nodes to keep in float.
     """
     import onnx
-    from onnxruntime.quantization.qdq_loss_debug import collect_activations, modify_model_output_intermediate_tensors
+    from onnxruntime.quantization.qdq_loss_debug import modify_model_output_intermediate_tensors
     from onnxruntime.quantization.quant_utils import DEQUANT_OUTPUT_SUFFIX
 
     work = Path(work_dir)
     sample = data.take(max_samples)
     fixed = ev.OnnxModel(fp32_path).fixed_batch
-    acts = {}
+    models = {}
     for tag, path in (("fp32", fp32_path), ("int8", int8_path)):
         aug = work / f"aug-{tag}-{os.getpid()}.onnx"
-        with _quiet_ort_logging():
-            modify_model_output_intermediate_tensors(str(path), str(aug))
-            acts[tag] = {k: np.concatenate([np.ravel(x) for x in v])
-                         for k, v in collect_activations(str(aug), _reader(_feeds(sample, batch, fixed),
-                                                                             desc=f"activations {tag}",
-                                                                             quiet=True)).items()}
-        aug.unlink(missing_ok=True)
-    f, q = acts["fp32"], acts["int8"]
-    for name, arr in sample.inputs.items():  # graph inputs: their own QDQ error counts too
-        if np.asarray(arr).dtype.kind == "f":
-            f.setdefault(name, np.ravel(np.concatenate([np.asarray(x[name]) for x in _feeds(sample, batch, fixed)])))
-
-    def quant_value(t):
-        return q.get(t + DEQUANT_OUTPUT_SUFFIX, q.get(t))
-
-    sqnr = {}
-    for t, ref in f.items():
-        other = quant_value(t)
-        if other is not None:
-            sqnr[t] = _sqnr(ref, other)
+        try:
+            with _quiet_ort_logging():
+                modify_model_output_intermediate_tensors(str(path), str(aug))
+            models[tag] = ev.OnnxModel(aug)
+        finally:
+            aug.unlink(missing_ok=True)
+    names = {tag: [o.name for o in m.session.get_outputs()] for tag, m in models.items()}
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    mismatch: set[str] = set()
+    for feed in _progress(_feeds(sample, batch, fixed), desc="per-node error", quiet=quiet):
+        f = dict(zip(names["fp32"], models["fp32"].run(feed)))
+        q = dict(zip(names["int8"], models["int8"].run(feed)))
+        for name, arr in feed.items():   # graph inputs: their own QDQ error counts too
+            if np.asarray(arr).dtype.kind == "f":
+                f.setdefault(name, np.asarray(arr))
+        for t, ref in f.items():
+            other = q.get(t + DEQUANT_OUTPUT_SUFFIX, q.get(t))
+            if other is None:
+                continue
+            if np.shape(other) != np.shape(ref):
+                mismatch.add(t)
+                continue
+            r = np.asarray(ref, np.float64)
+            signal[t] = signal.get(t, 0.0) + float(np.sum(r * r))
+            noise[t] = noise.get(t, 0.0) + float(np.sum((r - np.asarray(other, np.float64)) ** 2))
+        del f, q
+    sqnr = {t: _sqnr_db(signal[t], noise[t]) for t in signal if t not in mismatch}
+    sqnr.update({t: float("nan") for t in mismatch})
     model = onnx.load(str(fp32_path))
     # A node whose output has no int8 counterpart (e.g. a Conv whose Relu the QDQ quantizer
     # fused away) is merged into its consumer's row: the group is measured, and excluded, together.
@@ -537,34 +729,33 @@ def node_errors(fp32_path, int8_path, data: Dataset, *, work_dir, batch: int = 3
 # --------------------------------------------------------------------------- measuring
 
 def _measure(c: Candidate, model_path: Path, evald: Dataset, *, metric: str, reference: np.ndarray,
-             fp32_points: float | None, batch: int, threads_batch: int, repeats: int, max_drop: float,
-             latency: bool = False) -> None:
-    """Accuracy (and size) of one candidate; latency is timed later for all at once (:func:`_time_all`)."""
+             fp32_points: float | None, batch: int, max_drop: float, metric_options: Mapping | None = None,
+             outputs: np.ndarray | None = None) -> None:
+    """Accuracy and size of one candidate; latency is timed later for all at once (:func:`_time_all`)."""
     c.path = str(model_path)
     c.size = model_path.stat().st_size
-    res = ev.evaluate(model_path, evald, metric=metric, reference=reference, batch=batch)
+    res = ev.evaluate(model_path, evald, metric=metric, reference=reference, batch=batch, options=metric_options,
+                      outputs=outputs)
     c.metric_value = res["value"]
     c.points = res["points"]
     c.drop = 0.0 if fp32_points is None else round(fp32_points - c.points, 6)
     c.meets_budget = c.drop <= max_drop
-    if latency:
-        c.latency_b1_ms = ev.measure_latency(model_path, evald.inputs, threads=1, batch=1, repeats=repeats)
-        c.latency_batch_ms = ev.measure_latency(model_path, evald.inputs, threads=threads_batch, batch=batch,
-                                                repeats=max(5, repeats // 3))
 
 
 def _time_all(cands: Sequence[Candidate], evald: Dataset, *, batch: int, threads_batch: int, repeats: int,
-              quiet: bool, rounds: int = 5) -> None:
+              quiet: bool, rounds: int = 3) -> None:
     """Median latency at batch 1 (1 thread) and ``batch`` (``threads_batch``) of every candidate.
 
     Candidates are timed in interleaved rounds rather than one after another,
     so a burst of load from another process lands on all of them instead of
-    deciding the choice by itself.
+    deciding the choice by itself. ``repeats`` batch-1 runs in all (the
+    batch-``batch`` runs are a third of that): the phase stays a few seconds
+    even for a 224x224 CNN.
     """
     live = [c for c in cands if c.error is None and c.duplicate_of is None and c.path]
     if not live:
         return
-    per_round = max(3, repeats // rounds)
+    per_round = max(2, repeats // rounds)
     b1 = {c.name: [] for c in live}
     bn = {c.name: [] for c in live}
     m1 = {c.name: ev.open_model(c.path, threads=1) for c in live}
@@ -574,7 +765,7 @@ def _time_all(cands: Sequence[Candidate], evald: Dataset, *, batch: int, threads
             b1[c.name].append(ev.measure_latency(m1[c.name], evald.inputs, threads=1, batch=1, repeats=per_round,
                                                  warmup=1))
             bn[c.name].append(ev.measure_latency(mn[c.name], evald.inputs, threads=threads_batch, batch=batch,
-                                                 repeats=max(2, per_round // 2), warmup=1))
+                                                 repeats=max(1, per_round // 3), warmup=1))
     for c in live:
         c.latency_b1_ms = float(np.median(b1[c.name]))
         c.latency_batch_ms = float(np.median(bn[c.name]))
@@ -681,70 +872,157 @@ def _fixes(row: Mapping, quantizable: Mapping[str, str], excluded: Sequence[str]
             if n in quantizable and n not in excluded]
 
 
+@contextlib.contextmanager
+def _phase(phases: dict, name: str, quiet: bool = True):
+    """Wall time of one phase of the run, for the report (where the minutes went); a progress line
+    per phase on a terminal (phases with steps show their own bar inside)."""
+    t = time.monotonic()
+    bar = _progress(None, desc=name, quiet=quiet, total=1)
+    try:
+        yield
+    finally:
+        bar.update(1)
+        bar.close()
+        phases[name] = round(phases.get(name, 0.0) + time.monotonic() - t, 2)
+
+
+def _candidate_name(engine: str, method: str, calibration: str | None, act: str | None) -> str:
+    if engine == "nncf":
+        return "nncf"
+    if method == "dynamic":
+        return "dynamic"
+    return f"ort-{'u8' if act == 'uint8' else 's8'}-{calibration}"
+
+
+def _attempt(c: Candidate, build, measure) -> None:
+    """Build and measure one candidate; a failure is recorded on it and never sinks the search."""
+    t = time.monotonic()
+    try:
+        if build() is not False:
+            measure()
+    except EdgeshipError as exc:
+        c.error = str(exc)
+    except Exception as exc:  # onnxruntime.quantization / NNCF raise bare Exceptions; keep the other candidates
+        c.error = f"{type(exc).__name__}: {_one_line(exc)}"
+    finally:
+        c.seconds = round(time.monotonic() - t, 2)
+
+
 def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None, method: str, batch: int,
-              threads_batch: int, repeats: int, calibrations: Sequence[str], recovery_steps: int,
-              work: Path, quiet: bool) -> dict:
+              threads_batch: int, repeats: int, calibrations: Sequence[str] | None, recovery_steps: int,
+              work: Path, quiet: bool, metric_options: Mapping | None = None,
+              engines: Sequence[str] | None = None, activation_types: Sequence[str] = ACTIVATION_TYPES,
+              knobs: _Knobs = _Knobs(), samples: int | None = None, analyze: bool = False,
+              device: DeviceBench | None = None, machine: str = "this machine", model_type: str | None = None,
+              packaging: bool = False) -> dict:
     t0 = time.monotonic()
+    phases: dict[str, float] = {}
     fp32_path = src.file_for("onnx")
-    prepped, notes = _prepare_onnx(fp32_path, work, quiet=quiet)
-    specs, out_specs = _onnx_specs(fp32_path)
-    calib_d, eval_d = _load_sets(calib, evald, specs, src.preprocess)
-    fixed = ev.OnnxModel(fp32_path).fixed_batch
+    with _phase(phases, "prepare", quiet):
+        prepped, notes = _prepare_onnx(fp32_path, work, quiet=quiet)
+        specs, out_specs = _onnx_specs(fp32_path)
+        calib_d, eval_d = _load_sets(calib, evald, specs, src.preprocess)
+        if samples is not None:
+            calib_d = calib_d.take(samples)
+        fixed = ev.OnnxModel(fp32_path).fixed_batch
     bs = fixed or batch
-    reference = ev.predict(fp32_path, eval_d, batch=bs)
+    # Latency is compared at batch 1 and at a serving-size batch; 8 ranks candidates like 32 does
+    # at a quarter of the cost (a batch of 32 224x224 images takes a second per run).
+    timing_batch = fixed or min(batch, TIMING_BATCH)
+    with _phase(phases, "fp32 reference", quiet):
+        # The fp32 model runs once over the eval data (its outputs are the reference *and* the
+        # baseline's score) and, only when a package is written, once over the calibration data
+        # for the reference statistics.
+        reference = ev.predict(fp32_path, eval_d, batch=bs)
+        calib_reference = ev.predict(fp32_path, calib_d, batch=bs) if packaging else None
     metric = ev.choose_metric(reference.shape, eval_d.labels is not None, metric)
-    base = Candidate(name="fp32", target="onnx", method="fp32")
-    _measure(base, fp32_path, eval_d, metric=metric, reference=reference, fp32_points=None, batch=bs,
-             threads_batch=threads_batch, repeats=repeats, max_drop=max_drop)
+    ev.metric_value(metric, reference, labels=eval_d.labels, reference=reference, options=metric_options)
+    base = Candidate(name="fp32", target="onnx", method="fp32", engine="fp32")
+    measure_kw = dict(metric=metric, reference=reference, batch=bs, max_drop=max_drop, metric_options=metric_options)
+    _measure(base, fp32_path, eval_d, fp32_points=None, outputs=reference, **measure_kw)
     fp32_points = base.points
     feeds = _feeds(calib_d, batch, fixed)
-    plan = []
-    if method in ("auto", "static"):
-        plan += [("static", cal) for cal in calibrations]
-    if method in ("auto", "dynamic"):
-        plan.append(("dynamic", None))
+    transformer = model_type == "transformer" or (model_type is None and _looks_like_transformer(prepped))
+    notes["model_type"] = "transformer" if transformer else "default"
     candidates = [base]
     digests: dict[str, str] = {}
-    for meth, cal in _progress(plan, desc="candidates", quiet=quiet):
-        name = f"{meth}-{cal}" if cal else meth
-        c = Candidate(name=name, target="onnx", method=meth, calibration=cal)
-        candidates.append(c)
-        out = work / f"{name}.onnx"
-        t = time.monotonic()
-        try:
-            _build_candidate(prepped, out, method=meth, calibration=cal, feeds=feeds, cache_dir=work,
-                             exclude=[], quiet=quiet)
-            if meth == "static":
-                dig = _scale_digest(out)
-                if dig in digests:
-                    c.duplicate_of = digests[dig]
-                    c.path, c.size = str(out), out.stat().st_size
-                    continue
-                digests[dig] = name
-            _measure(c, out, eval_d, metric=metric, reference=reference, fp32_points=fp32_points, batch=bs,
-                     threads_batch=threads_batch, repeats=repeats, max_drop=max_drop)
-        except EdgeshipError as exc:
-            c.error = str(exc)
-        except Exception as exc:  # onnxruntime.quantization raises bare Exceptions; keep the other candidates
-            c.error = f"{type(exc).__name__}: {_one_line(exc)}"
-        finally:
-            c.seconds = round(time.monotonic() - t, 2)
 
-    # Accuracy recovery: per family, take the most accurate candidate when none of the family is in budget.
+    def run(plan) -> None:
+        for engine, meth, cal, act in _progress(plan, desc="candidates", quiet=quiet):
+            name = _candidate_name(engine, meth, cal, act)
+            c = Candidate(name=name, target="onnx", method=meth, calibration=cal, engine=engine,
+                          activation_type=act if meth == "static" else None,
+                          per_channel=(True if engine == "nncf" else knobs.per_channel) if meth == "static" else False)
+            candidates.append(c)
+            out = work / f"{name}.onnx"
+
+            def build(c=c, out=out, engine=engine, meth=meth, cal=cal, act=act):
+                if engine == "nncf":
+                    _build_nncf(prepped, out, feeds=feeds, exclude=[], transformer=transformer, knobs=knobs)
+                    return True
+                _build_candidate(prepped, out, method=meth, calibration=cal, feeds=feeds, cache_dir=work,
+                                 exclude=[], quiet=quiet, activation_type=act or "int8", knobs=knobs)
+                if meth == "static":
+                    dig = _scale_digest(out)
+                    if dig in digests:
+                        c.duplicate_of = digests[dig]
+                        c.path, c.size = str(out), out.stat().st_size
+                        return False
+                    digests[dig] = c.name
+                return True
+
+            _attempt(c, build, lambda c=c, out=out: _measure(c, out, eval_d, fp32_points=fp32_points, **measure_kw))
+
+    # Staged search (engines not given): onnxruntime's MinMax candidates first — one calibration pass
+    # serves u8 and s8, and on the real models they were never slower than NNCF's. NNCF (bias
+    # correction, its ignored patterns) and then the histogram calibrations (a pass each, holding
+    # every activation of the calibration set) are tried only while nothing meets the budget.
+    staged = engines is None
+    engines = [e for e in (engines or ENGINES) if e != "nncf" or nncf_available()]
+    notes["engines"] = list(engines)
+    explicit = calibrations is not None
+    first_cals = tuple(calibrations) if explicit else ("minmax",)
+    plan = []
+    if method in ("auto", "static"):
+        if "onnxruntime" in engines:
+            plan += [("onnxruntime", "static", cal, act) for cal in first_cals for act in activation_types]
+        if "nncf" in engines and not staged:
+            plan.append(("nncf", "static", None, None))
+    if method == "dynamic" or (method == "auto" and "onnxruntime" in engines and _dynamic_worth_trying(prepped)):
+        plan.append(("onnxruntime", "dynamic", None, None))
+    later = []
+    if method != "dynamic":
+        if staged and "nncf" in engines:
+            later.append([("nncf", "static", None, None)])
+        if not explicit and "onnxruntime" in engines:
+            later.append([("onnxruntime", "static", cal, act) for cal in ("percentile", "entropy")
+                          for act in activation_types])
+    with _phase(phases, "candidates", quiet):
+        run(plan)
+        for step in later:
+            if any(c.meets_budget for c in candidates if c.method != "fp32"):
+                break
+            notes.setdefault("escalated", []).append(", ".join(_candidate_name(*x) for x in step))
+            run(step)
+
+    # Accuracy recovery (onnxruntime candidates): per family, take the most accurate candidate when
+    # none of the family is in budget, and keep the nodes adding the most error in float.
     node_tables: dict[str, list[dict]] = {}
     recovery_log = []
+    t_rec = time.monotonic()
     for fam in ("static", "dynamic"):
         fam_cands = [c for c in candidates if c.method == fam and c.error is None and c.drop is not None]
-        if not fam_cands or any(c.meets_budget for c in fam_cands) or recovery_steps <= 0:
+        ort_cands = [c for c in fam_cands if c.engine == "onnxruntime"]
+        if not ort_cands or any(c.meets_budget for c in fam_cands) or recovery_steps <= 0:
             continue
-        start = min(fam_cands, key=lambda c: c.drop)
+        start = min(ort_cands, key=lambda c: c.drop)
         quantizable = _quantizable_nodes(prepped, fam)
         per_step = max(1, math.ceil(0.1 * len(quantizable)))
         excluded: list[str] = []
         current = start
         for step in range(1, recovery_steps + 1):
             try:
-                rows = node_errors(prepped, Path(current.path), calib_d, work_dir=work, batch=bs)
+                rows = node_errors(prepped, Path(current.path), calib_d, work_dir=work, quiet=quiet)
             except Exception as exc:  # analysis is best effort: report it, keep the candidates we have
                 recovery_log.append({"from": current.name, "step": step, "error": _one_line(exc)})
                 break
@@ -758,43 +1036,50 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
             excluded = excluded + worst
             name = f"{start.name}+float{len(excluded)}"
             c = Candidate(name=name, target="onnx", method=fam, calibration=start.calibration,
-                          excluded_nodes=list(excluded))
+                          excluded_nodes=list(excluded), engine="onnxruntime", activation_type=start.activation_type,
+                          per_channel=start.per_channel)
             candidates.append(c)
             out = work / f"{name}.onnx"
-            t = time.monotonic()
-            try:
-                _build_candidate(prepped, out, method=fam, calibration=start.calibration, feeds=feeds,
-                                 cache_dir=work, exclude=excluded, quiet=quiet)
-                _measure(c, out, eval_d, metric=metric, reference=reference, fp32_points=fp32_points, batch=bs,
-                         threads_batch=threads_batch, repeats=repeats, max_drop=max_drop)
-            except EdgeshipError as exc:
-                c.error = str(exc)
-            except Exception as exc:  # as above: one failed step does not sink the search
-                c.error = f"{type(exc).__name__}: {_one_line(exc)}"
-            c.seconds = round(time.monotonic() - t, 2)
+            _attempt(c, lambda c=c, out=out: _build_candidate(
+                         prepped, out, method=c.method, calibration=c.calibration, feeds=feeds, cache_dir=work,
+                         exclude=c.excluded_nodes, quiet=quiet, activation_type=c.activation_type or "int8",
+                         knobs=knobs),
+                     lambda c=c, out=out: _measure(c, out, eval_d, fp32_points=fp32_points, **measure_kw))
             recovery_log.append({"from": current.name, "step": step, "excluded": worst, "candidate": name,
                                  "drop": c.drop, "meets_budget": c.meets_budget})
             if c.error is not None or c.meets_budget:
                 break
             current = c
+    if recovery_log:
+        phases["recovery"] = round(time.monotonic() - t_rec, 2)
 
-    _time_all(candidates, eval_d, batch=bs, threads_batch=threads_batch, repeats=repeats, quiet=quiet)
-    decision = choose(candidates, max_drop=max_drop, fp32_competes=(method == "auto"))
+    with _phase(phases, "timing", quiet):
+        _time_all(candidates, eval_d, batch=timing_batch, threads_batch=threads_batch, repeats=repeats, quiet=quiet)
+    decision = choose(candidates, max_drop=max_drop, fp32_competes=(method == "auto"), device=device,
+                      machine=machine)
     chosen = next(c for c in candidates if c.name == decision.chosen)
-    if chosen.method != "fp32" and chosen.name not in node_tables:
-        try:
-            node_tables[chosen.name] = node_errors(prepped, Path(chosen.path), calib_d, work_dir=work, batch=bs)
-        except Exception as exc:  # the table is a report nicety, never a reason to fail
-            recovery_log.append({"from": chosen.name, "error": f"per-node analysis failed: {_one_line(exc)}"})
+    if analyze and chosen.method != "fp32" and chosen.name not in node_tables:
+        with _phase(phases, "per-node error", quiet):
+            try:
+                node_tables[chosen.name] = node_errors(prepped, Path(chosen.path), calib_d, work_dir=work,
+                                                       quiet=quiet)
+            except Exception as exc:  # the table is a report nicety, never a reason to fail
+                recovery_log.append({"from": chosen.name, "error": f"per-node analysis failed: {_one_line(exc)}"})
     return {"target": "onnx", "candidates": candidates, "decision": decision, "chosen": chosen, "metric": metric,
-            "reference": reference, "calib": calib_d, "eval": eval_d, "specs": specs, "out_specs": out_specs,
+            "metric_options": dict(metric_options or {}),
+            "reference": reference, "calib_reference": calib_reference, "calib": calib_d, "eval": eval_d,
+            "specs": specs, "out_specs": out_specs,
             "node_errors": node_tables.get(chosen.name, []), "recovery": recovery_log, "notes": notes,
             "io_quantization": _io_quantization(Path(chosen.path)) if chosen.method == "static" else {},
-            "fp32_path": fp32_path, "seconds": round(time.monotonic() - t0, 2), "batch": bs}
+            "fp32_path": fp32_path, "seconds": round(time.monotonic() - t0, 2), "batch": timing_batch,
+            "phases": phases,
+            "device": device}
 
 
 def _run_tflite(src: _Source, calib, evald, *, max_drop: float, metric: str | None, method: str, batch: int,
-                threads_batch: int, repeats: int, work: Path, quiet: bool) -> dict:
+                threads_batch: int, repeats: int, work: Path, quiet: bool, metric_options: Mapping | None = None,
+                samples: int | None = None, device: DeviceBench | None = None, machine: str = "this machine",
+                packaging: bool = False, **_onnx_only) -> dict:
     from .tflite_export import quantize_tflite
 
     t0 = time.monotonic()
@@ -802,11 +1087,14 @@ def _run_tflite(src: _Source, calib, evald, *, max_drop: float, metric: str | No
     fp32_model = ev.TfliteModel(fp32_path)
     specs, out_specs = fp32_model.inputs, fp32_model.outputs
     calib_d, eval_d = _load_sets(calib, evald, specs, src.preprocess)
+    if samples is not None:
+        calib_d = calib_d.take(samples)
     reference = ev.predict(fp32_path, eval_d, batch=batch)
+    calib_reference = ev.predict(fp32_path, calib_d, batch=batch) if packaging else None
     metric = ev.choose_metric(reference.shape, eval_d.labels is not None, metric)
-    base = Candidate(name="tflite-fp32", target="tflite", method="fp32")
-    _measure(base, fp32_path, eval_d, metric=metric, reference=reference, fp32_points=None, batch=batch,
-             threads_batch=threads_batch, repeats=repeats, max_drop=max_drop)
+    base = Candidate(name="tflite-fp32", target="tflite", method="fp32", engine="fp32")
+    measure_kw = dict(metric=metric, reference=reference, batch=batch, max_drop=max_drop, metric_options=metric_options)
+    _measure(base, fp32_path, eval_d, fp32_points=None, outputs=reference, **measure_kw)
     plan = []
     if method in ("auto", "static"):
         plan.append("static")
@@ -817,11 +1105,12 @@ def _run_tflite(src: _Source, calib, evald, *, max_drop: float, metric: str | No
     candidates = [base]
     for meth in _progress(plan, desc="tflite candidates", quiet=quiet):
         c = Candidate(name=f"tflite-{meth}", target="tflite", method="static" if meth == "pt2e" else meth,
-                      calibration={"static": "minmax", "pt2e": "histogram"}.get(meth))
+                      calibration={"static": "minmax", "pt2e": "histogram"}.get(meth),
+                      engine="litert-torch" if meth == "pt2e" else "ai-edge-quantizer")
         candidates.append(c)
         out = work / f"tflite-{meth}.tflite"
-        t = time.monotonic()
-        try:
+
+        def build(meth=meth, out=out):
             if meth == "pt2e":
                 from .tflite_export import export_tflite_int8
 
@@ -830,15 +1119,11 @@ def _run_tflite(src: _Source, calib, evald, *, max_drop: float, metric: str | No
                 export_tflite_int8(src.torch_module, tuple(a[:1] for a in arrays), tuple(arrays), out, quiet=quiet)
             else:
                 quantize_tflite(fp32_path, calib_d, out, mode=meth, quiet=quiet)
-            _measure(c, out, eval_d, metric=metric, reference=reference, fp32_points=base.points, batch=batch,
-                     threads_batch=threads_batch, repeats=repeats, max_drop=max_drop)
-        except EdgeshipError as exc:
-            c.error = str(exc)
-        except Exception as exc:  # ai-edge-quantizer raises plain ValueError/RuntimeError; keep the others
-            c.error = f"{type(exc).__name__}: {_one_line(exc)}"
-        c.seconds = round(time.monotonic() - t, 2)
+
+        _attempt(c, build, lambda c=c, out=out: _measure(c, out, eval_d, fp32_points=base.points, **measure_kw))
     _time_all(candidates, eval_d, batch=batch, threads_batch=threads_batch, repeats=repeats, quiet=quiet)
-    decision = choose(candidates, max_drop=max_drop, fp32_competes=(method == "auto"))
+    decision = choose(candidates, max_drop=max_drop, fp32_competes=(method == "auto"), device=device,
+                      machine=machine)
     chosen = next(c for c in candidates if c.name == decision.chosen)
     io_q = {}
     if chosen.method != "fp32":
@@ -846,6 +1131,8 @@ def _run_tflite(src: _Source, calib, evald, *, max_drop: float, metric: str | No
         io_q = {"inputs": {s.name: q for s, q in zip(m.inputs, m.quantization("inputs")) if q},
                 "outputs": {s.name: q for s, q in zip(m.outputs, m.quantization("outputs")) if q}}
     return {"target": "tflite", "candidates": candidates, "decision": decision, "chosen": chosen, "metric": metric,
+            "metric_options": dict(metric_options or {}), "calib_reference": calib_reference, "phases": {},
+            "device": device,
             "reference": reference, "calib": calib_d, "eval": eval_d, "specs": specs, "out_specs": out_specs,
             "node_errors": [], "recovery": [],
             "notes": {"tool": "ai-edge-quantizer" + (" + litert-torch PT2E" if src.torch_module is not None else "")},
@@ -872,7 +1159,10 @@ def _report_dict(runs: list[dict], *, src: _Source, max_drop: float, method: str
         base = next(c for c in r["candidates"] if c.method == "fp32")
         ch = r["chosen"]
         rep["targets"][r["target"]] = {
-            "metric": r["metric"], "batch": r["batch"],
+            "metric": r["metric"], "metric_options": r["metric_options"], "batch": r["batch"],
+            "decided_on": (dataclasses.asdict(r["device"]) if r["device"] is not None
+                           else {"machine": machine.get("cpu") or machine.get("machine"), "source": "this machine"}),
+            "phases": r["phases"],
             "calibration_samples": len(r["calib"]), "eval_samples": len(r["eval"]),
             "chosen": ch.name, "ok": r["decision"].ok, "reason": r["decision"].reason,
             "fp32": {"metric": base.metric_value, "points": base.points, "size": base.size,
@@ -893,6 +1183,10 @@ def _report_dict(runs: list[dict], *, src: _Source, max_drop: float, method: str
             "io_quantization": r["io_quantization"],
             "seconds": r["seconds"],
         }
+    import resource
+
+    # ru_maxrss is the process's peak so far (kB on Linux): the quantize run's cost in memory.
+    rep["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return rep
 
 
@@ -920,8 +1214,8 @@ def _write_side_report(out_base: Path, rep: dict, runs: list[dict]) -> tuple[Pat
             plots.append(rp.plot_bars(png, ["+".join(x.get("nodes") or [x["node"]]) for x in rows],
                                       [x["added_db"] for x in rows], ylabel="SQNR lost at this node (dB)",
                                       title=f"per-node error of {tr['chosen']}"))
-        cols = ["name", "method", "calibration", "points", "drop", "latency_b1_ms", "latency_batch_ms", "size",
-                "meets_budget", "note"]
+        cols = ["name", "engine", "activation_type", "calibration", "points", "drop", "latency_b1_ms",
+                "latency_batch_ms", "size", "meets_budget", "note"]
         rows = []
         for c in r["candidates"]:
             d = c.to_dict()
@@ -931,13 +1225,17 @@ def _write_side_report(out_base: Path, rep: dict, runs: list[dict]) -> tuple[Pat
         body = [f"**Chosen: {tr['chosen']}** — {tr['reason']}", "",
                 f"Metric `{tr['metric']}` on {tr['eval_samples']} eval samples; calibration on "
                 f"{tr['calibration_samples']} samples; budget {rep['max_drop']:g} points.", "",
-                rp.markdown_table(rows, cols, ["candidate", "method", "calibration", "points", "drop (pt)",
+                rp.markdown_table(rows, cols, ["candidate", "engine", "activations", "calibration", "points",
+                                               "drop (pt)",
                                                "b1 ms", f"b{tr['batch']} ms", "bytes", "in budget", "note"])]
         if tr["int8"]:
             i8 = tr["int8"]
             body += ["", f"Size {rp.fmt(i8['size_ratio'])}x fp32, latency {rp.fmt(i8['latency_b1_ratio'])}x "
                          f"(batch 1, 1 thread) and {rp.fmt(i8['latency_batch_ratio'])}x (batch {tr['batch']}, "
                          f"{rep['latency']['batch_threads']} threads)."]
+        if tr["phases"]:
+            body += ["", "Time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in tr["phases"].items())
+                     + f"; peak RSS {rep['peak_rss_mb']:.0f} MB."]
         if tr["excluded_nodes"]:
             body += ["", "Kept in float: " + ", ".join(f"`{n}`" for n in tr["excluded_nodes"])]
         if tr["node_errors"]:
@@ -954,30 +1252,46 @@ def _write_side_report(out_base: Path, rep: dict, runs: list[dict]) -> tuple[Pat
     return md, plots
 
 
-def _package(out: Path, runs: list[dict], rep: dict, src: _Source, *, signing_key) -> Path:
+def _variant(r: dict, c: Candidate, member: str, default: bool) -> dict:
+    io_q = r["io_quantization"] if r["target"] == "tflite" and c is r["chosen"] else {}
+    if r["target"] == "tflite" and c.method != "fp32":
+        m = ev.TfliteModel(c.path)
+        v_in = [_spec_dict(s, (io_q.get("inputs") or {}).get(s.name), s.dtype) for s in m.inputs]
+        v_out = [_spec_dict(s, (io_q.get("outputs") or {}).get(s.name), s.dtype) for s in m.outputs]
+    else:
+        v_in = [_spec_dict(s) for s in r["specs"]]
+        v_out = [_spec_dict(s) for s in r["out_specs"]]
+    metrics = {r["metric"]: c.metric_value, "points": c.points, "drop": c.drop,
+               "latency_ms_b1": c.latency_b1_ms, f"latency_ms_b{r['batch']}": c.latency_batch_ms, "size": c.size}
+    return {"id": f"{r['target']}-{c.precision}", "file": member,
+            "runtime": "onnxruntime" if r["target"] == "onnx" else "tflite", "precision": c.precision,
+            "default": default, "metrics": metrics, "inputs": v_in, "outputs": v_out}
+
+
+def _package(out: Path, runs: list[dict], rep: dict, src: _Source, *, signing_key, both_precisions: bool = True
+             ) -> Path:
+    """Write the package: per target the chosen model, and (``both_precisions``) the other precision as a
+    second variant — fp32 beside int8, or the best int8 beside a kept fp32 — so the agent can measure
+    both on the device and pick (``adapt``)."""
     from .. import package as pkgmod
 
     files: dict[str, str] = {}
     variants = []
     for r in runs:
         ch = r["chosen"]
-        member = "model.onnx" if r["target"] == "onnx" else "model.tflite"
+        ext = "onnx" if r["target"] == "onnx" else "tflite"
+        member = f"model.{ext}"
         files[member] = ch.path
-        io_q = r["io_quantization"] if r["target"] == "tflite" else {}
-        if r["target"] == "tflite" and ch.method != "fp32":
-            m = ev.TfliteModel(ch.path)
-            v_in = [_spec_dict(s, (io_q.get("inputs") or {}).get(s.name), s.dtype) for s in m.inputs]
-            v_out = [_spec_dict(s, (io_q.get("outputs") or {}).get(s.name), s.dtype) for s in m.outputs]
-        else:
-            v_in = [_spec_dict(s) for s in r["specs"]]
-            v_out = [_spec_dict(s) for s in r["out_specs"]]
-        metrics = {r["metric"]: ch.metric_value, "points": ch.points, "drop": ch.drop,
-                   "latency_ms_b1": ch.latency_b1_ms, f"latency_ms_b{r['batch']}": ch.latency_batch_ms,
-                   "size": ch.size}
-        variants.append({"id": f"{r['target']}-{ch.precision}", "file": member,
-                         "runtime": "onnxruntime" if r["target"] == "onnx" else "tflite",
-                         "precision": ch.precision, "default": not variants, "metrics": metrics,
-                         "inputs": v_in, "outputs": v_out})
+        variants.append(_variant(r, ch, member, default=not variants))
+        other = None
+        if both_precisions and r["decision"].ok:
+            other_name = "fp32" if ch.method != "fp32" else r["decision"].best_int8
+            other = next((c for c in r["candidates"] if c.name == other_name or
+                          (other_name == "fp32" and c.method == "fp32")), None) if other_name else None
+        if other is not None and other is not ch:
+            member = f"model.{other.precision}.{ext}"
+            files[member] = other.path
+            variants.append(_variant(r, other, member, default=False))
     first = runs[0]
     example = first["eval"].take(1)
     example_input = next(iter(example.inputs.values())) if len(example.inputs) == 1 else dict(example.inputs)
@@ -985,7 +1299,8 @@ def _package(out: Path, runs: list[dict], rep: dict, src: _Source, *, signing_ke
                   "quantization": {
                       r["target"]: {"method": r["chosen"].method, "calibration": r["chosen"].calibration,
                                     "candidate": r["chosen"].name, "calibration_samples": len(r["calib"]),
-                                    "per_channel": (r["chosen"].method == "static") if r["target"] == "onnx" else None,
+                                    "engine": r["chosen"].engine, "activation_type": r["chosen"].activation_type,
+                                    "per_channel": r["chosen"].per_channel if r["target"] == "onnx" else None,
                                     "format": "QDQ" if r["target"] == "onnx" and r["chosen"].method == "static"
                                     else None,
                                     "excluded_nodes": r["chosen"].excluded_nodes, "metric": r["metric"],
@@ -997,7 +1312,9 @@ def _package(out: Path, runs: list[dict], rep: dict, src: _Source, *, signing_ke
 
     # What the model was built for (fp32 outputs on calib + eval data), for on-device drift monitoring.
     ref_stats = compute_reference_stats(first["fp32_path"], [first["calib"], first["eval"]], labels=labels,
-                                        preprocess=src.preprocess)
+                                        preprocess=src.preprocess,
+                                        outputs=None if first["calib_reference"] is None
+                                        else [first["calib_reference"], first["reference"]])
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
         pkgmod.build(tmp, files, name=src.name, version=src.version,
@@ -1015,9 +1332,14 @@ def _package(out: Path, runs: list[dict], rep: dict, src: _Source, *, signing_ke
 def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = None,  # noqa: A002 - issue's name
              method: str = "auto", target: str = "onnx", out=None, allow_fp32: bool = False, batch: int = 32,
              signing_key=None, name: str | None = None, version: str | None = None, quiet: bool = False,
-             work_dir=None, threads: int | None = None, repeats: int = 30,
-             calibrations: Sequence[str] = CALIBRATIONS, recovery_steps: int = 3,
-             preprocess: Mapping | None = None, labels: Sequence[str] | None = None) -> QuantizeResult:
+             work_dir=None, threads: int | None = None, repeats: int = 12,
+             calibrations: Sequence[str] | None = None, recovery_steps: int = 3,
+             preprocess: Mapping | None = None, labels: Sequence[str] | None = None,
+             metric_options: Mapping | None = None, engines: Sequence[str] | None = None,
+             activation_types: Sequence[str] = ACTIVATION_TYPES, weight_type: str = "int8",
+             per_channel: bool = True, exclude_nodes: Sequence[str] = (), op_types: Sequence[str] | None = None,
+             samples: int | None = None, analyze: bool = False, target_bench=None,
+             model_type: str | None = None, both_precisions: bool = True) -> QuantizeResult:
     """Quantize ``model`` to int8, keeping the fastest candidate within ``max_drop`` points of fp32.
 
     ``model``: ``.onnx``, float ``.tflite``, ``.edgepkg`` or a torch module
@@ -1032,6 +1354,25 @@ def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = 
     ``preprocess``/``labels``: the manifest's (image folders are decoded with
     ``preprocess``); taken from the package when ``model`` is an ``.edgepkg``.
 
+    The ONNX search (issue 18): every engine in ``engines`` gives
+    candidates (default: onnxruntime first, NNCF when installed only if no
+    onnxruntime MinMax candidate meets the budget) — onnxruntime QDQ
+    static with each of ``activation_types`` (u8 first, s8) and
+    ``per_channel`` ``weight_type`` weights, NNCF's default preset with fast
+    bias correction (``model_type="transformer"`` is detected from attention
+    when not given), onnxruntime dynamic — each gated on ``metric``
+    (``metric_options`` e.g. ``{"threshold": 0.0, "channel": 0}`` for
+    ``iou``). ``calibrations``: default MinMax, escalating to Percentile and
+    Entropy only when nothing meets the budget; given explicitly, all are
+    tried. ``exclude_nodes``/``op_types``: nodes kept in float / the only op
+    types quantized, for every engine. ``samples``: calibration samples
+    used (default all). ``analyze``: per-node error table of the chosen
+    model in the report (streamed over a few samples). ``target_bench``:
+    ``edgeship bench --json`` file(s) of the fp32 and int8 variants measured
+    on the target device — that machine then decides fp32 vs int8.
+    ``both_precisions``: the package also carries the other precision as a
+    variant (fp32 beside int8, or the best int8 beside a kept fp32).
+
     Raises :class:`DataError` for unusable data, :class:`ConversionError`
     for a model it cannot handle, :class:`AccuracyBudgetError` when no int8
     candidate meets the budget and ``allow_fp32`` is False — in every error
@@ -1045,9 +1386,24 @@ def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = 
         raise ConversionError(f"max_drop must be >= 0 points, got {max_drop}")
     if batch < 1:
         raise ConversionError(f"batch must be >= 1, got {batch}")
-    bad = [c for c in calibrations if c not in CALIBRATIONS]
+    bad = [c for c in calibrations or () if c not in CALIBRATIONS]
     if bad:
         raise ConversionError(f"unknown calibration {bad[0]!r}; use {', '.join(CALIBRATIONS)}")
+    if calibrations is not None and not calibrations:
+        raise ConversionError("calibrations: give at least one of " + ", ".join(CALIBRATIONS))
+    for what, given, allowed in (("activation type", activation_types, ACTIVATION_TYPES),
+                                 ("weight type", [weight_type], WEIGHT_TYPES),
+                                 ("engine", engines or (), ENGINES)):
+        bad = [x for x in given if x not in allowed]
+        if bad or not given and what != "engine":
+            raise ConversionError(f"unknown {what} {bad[0] if bad else '(none)'!r}; use {', '.join(allowed)}")
+    if engines is not None and "nncf" in engines and not nncf_available():
+        raise ConversionError("engine nncf is not installed: pip install 'edgeship[convert]' (or pip install nncf)")
+    if samples is not None and samples < MIN_CALIB_SAMPLES:
+        raise ConversionError(f"samples must be >= {MIN_CALIB_SAMPLES} calibration samples, got {samples}")
+    if model_type not in (None, "transformer", "default"):
+        raise ConversionError(f"unknown model type {model_type!r}; use transformer or default")
+    device = load_target_bench(target_bench) if target_bench else None
     out = Path(out) if out is not None else None
     if out is not None and out.suffix != ".edgepkg":
         raise ConversionError(f"{out}: the output must be an .edgepkg file")
@@ -1077,18 +1433,25 @@ def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = 
                 f"{src.path.name}: target {target} needs a {' and a '.join(wanted)} model but this is {src.kind}; "
                 "ONNX and TFLite are not converted into each other here — pass the torch model (library call) "
                 f"or the float .tflite/.onnx, or use --target {src.kind}")
+        from .report import machine_info
+
+        machine = machine_info()
         common = dict(max_drop=max_drop, metric=metric, method=method, batch=batch, threads_batch=threads_batch,
-                      repeats=repeats, work=work, quiet=quiet)
+                      repeats=repeats, work=work, quiet=quiet, metric_options=metric_options, samples=samples,
+                      device=device, machine=f"this machine ({machine.get('cpu') or machine.get('machine')})",
+                      packaging=out is not None)
+        knobs = _Knobs(exclude_nodes=tuple(exclude_nodes), op_types=tuple(op_types) if op_types else None,
+                       per_channel=per_channel, weight_type=weight_type)
         runs = []
         for t in wanted:
             if t == "onnx":
                 runs.append(_run_onnx(src, calib, eval, calibrations=calibrations, recovery_steps=recovery_steps,
-                                      **common))
+                                      engines=tuple(engines) if engines else None,
+                                      activation_types=tuple(activation_types),
+                                      knobs=knobs, analyze=analyze, model_type=model_type, **common))
             else:
                 runs.append(_run_tflite(src, calib, eval, **common))
-        from .report import machine_info
-
-        rep = _report_dict(runs, src=src, max_drop=max_drop, method=method, machine=machine_info(),
+        rep = _report_dict(runs, src=src, max_drop=max_drop, method=method, machine=machine,
                            threads_batch=threads_batch)
         report_md, plots = (None, [])
         if out is not None:
@@ -1108,7 +1471,7 @@ def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = 
         if out is not None:
             if failed:  # the markdown must say what was shipped
                 report_md, plots = _write_side_report(out, rep, runs)
-            package = _package(out, runs, rep, src, signing_key=signing_key)
+            package = _package(out, runs, rep, src, signing_key=signing_key, both_precisions=both_precisions)
         artifacts = {r["target"]: Path(r["chosen"].path) for r in runs} if keep_work else {}
         return QuantizeResult(chosen={r["target"]: r["chosen"].name for r in runs}, artifacts=artifacts,
                               decisions={r["target"]: r["decision"] for r in runs},

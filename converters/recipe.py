@@ -86,7 +86,9 @@ _SECTIONS: dict[str, dict[str, Opt]] = {
                 "hint_weight": Opt(_NUM, 1.0), "weight_decay": Opt(_NUM, 0.0)},
     "export": {"opset": Opt((int,), 18), "exporter": Opt((str,), "auto", choices=("auto", "dynamo", "torchscript"))},
     "quantize": {"max_drop": Opt(_NUM, 1.0),
-                 "metric": Opt((str,), None, choices=("top1", "agreement", "mse", "cosine")),
+                 "metric": Opt((str,), None, choices=("top1", "agreement", "mse", "cosine", "iou", "seq_exact",
+                                                      "step_agreement")),
+                 "metric_options": Opt((dict,), None),   # e.g. iou: {threshold = 0.0, channel = 0}
                  "method": Opt((str,), "static", choices=("auto", "static", "dynamic")),
                  "calibrations": Opt((list,), ["minmax", "percentile", "entropy"]), "batch": Opt((int,), 32),
                  "recovery_steps": Opt((int,), 3)},
@@ -351,6 +353,7 @@ def _quantize_run(ctx: Ctx) -> tuple[dict, dict]:
     q = ctx.recipe["quantize"]
     res = quantize(ctx.artifacts["onnx_fp32"], ctx.recipe["data"]["calib"], ctx.recipe["data"]["eval"],
                    max_drop=float(q["max_drop"]), metric=q["metric"], method=q["method"], target="onnx", out=None,
+                   metric_options=q["metric_options"],
                    batch=q["batch"], work_dir=ctx.work / "work", quiet=ctx.quiet,
                    calibrations=tuple(q["calibrations"]), recovery_steps=q["recovery_steps"],
                    name=ctx.recipe.name, version=ctx.recipe.version)
@@ -419,7 +422,8 @@ def _evaluate_run(ctx: Ctx) -> tuple[dict, dict]:
     table = []
     for key, label, path, params in rows:
         out = teacher_out if key == "teacher" else ev.predict(path, evald)
-        value = ev.metric_value(metric, out, labels=evald.labels, reference=teacher_out)
+        value = ev.metric_value(metric, out, labels=evald.labels, reference=teacher_out,
+                                options=r["quantize"]["metric_options"])
         table.append({
             "id": key, "model": label, "file": Path(path).name, "params": params, "size": Path(path).stat().st_size,
             "latency_ms_b1": ev.measure_latency(path, evald.inputs, threads=1, batch=1, repeats=repeats),

@@ -34,14 +34,17 @@ def _datasets(data, input_names: Sequence[str] | None, preprocess: Mapping | Non
 
 
 def compute_reference_stats(model, data, *, labels: Sequence[str] | None = None, preprocess: Mapping | None = None,
-                            task: str = "auto", batch: int = 64, max_samples: int = 20000) -> dict:
+                            task: str = "auto", batch: int = 64, max_samples: int = 20000,
+                            outputs: Sequence[np.ndarray] | None = None) -> dict:
     """Reference stats of ``data`` (one data set or a list, e.g. ``[calib, eval]``) and ``model``'s outputs.
 
     ``model``: the fp32 model — an ``.onnx``/``.tflite`` path or a torch
     module. ``preprocess``: the package's (its ``layout`` says where image
     channels are; it also decodes image folders). At most ``max_samples``
     samples are used (evenly spaced), which bounds conversion time, not
-    accuracy: the histograms are of quantile bins.
+    accuracy: the histograms are of quantile bins. ``outputs``: the fp32
+    model's (first) outputs for each data set, when the caller already has
+    them (quantize does) — the model is then not run again.
     """
     from . import evaluate as ev
 
@@ -60,11 +63,21 @@ def compute_reference_stats(model, data, *, labels: Sequence[str] | None = None,
             parts.append(np.asarray(arr))
         inputs[name] = np.concatenate(parts)
     n = len(next(iter(inputs.values())))
+    known = None
+    if outputs is not None:
+        if len(outputs) != len(sets):
+            raise DataError(f"reference statistics: {len(outputs)} output arrays for {len(sets)} data sets")
+        known = np.concatenate([np.asarray(o) for o in outputs])
+        if len(known) != n:
+            raise DataError(f"reference statistics: {len(known)} output rows for {n} input samples")
     if n > max_samples:
         idx = np.linspace(0, n - 1, max_samples).astype(np.int64)
         inputs = {k: v[idx] for k, v in inputs.items()}
-    outs = ev.predict(model_obj, Dataset(inputs=inputs), batch=batch, output=None)
+        known = None if known is None else known[idx]
+    outs = [known] if known is not None else ev.predict(model_obj, Dataset(inputs=inputs), batch=batch, output=None)
     out_names = [getattr(s, "name", f"output{j}") for j, s in enumerate(getattr(model_obj, "outputs", []) or [])]
+    if known is not None:   # the first output only, as recorded below
+        out_names = out_names[:1]
     if len(out_names) != len(outs):
         out_names = [f"output{j}" for j in range(len(outs))]
     label_names = labels

@@ -57,7 +57,7 @@ def _sample(runner) -> np.ndarray:
 
 
 def run_bench(package: str | os.PathLike, *, threads: int | None = None, backend: str | None = None,
-              seconds: float = 1.0, quiet: bool = False) -> dict[str, Any]:
+              seconds: float = 1.0, quiet: bool = False, variant: str | None = None) -> dict[str, Any]:
     from ..runtime import load  # noqa: PLC0415
     from .agent import Agent
     from .config import parse_config
@@ -72,7 +72,7 @@ def run_bench(package: str | os.PathLike, *, threads: int | None = None, backend
     out: dict[str, Any] = {"package": str(package), "device": {"machine": os.uname().machine,
                                                                "cpus": os.cpu_count()}}
     t0 = time.perf_counter()
-    runner = load(str(package), backend=backend, threads=threads)
+    runner = load(str(package), backend=backend, threads=threads, variant=variant)
     out["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     runner.warmup(3)
@@ -80,6 +80,9 @@ def run_bench(package: str | os.PathLike, *, threads: int | None = None, backend
     out["backend"] = runner.backend
     out["threads"] = threads if threads is not None else "runtime default"
     out["model"] = {"name": runner.name, "version": runner.version}
+    # Which variant was measured: `edgeship convert quantize --target-bench` compares fp32 and int8 by these.
+    out["variant"] = runner.variant.get("id")
+    out["precision"] = runner.variant.get("precision")
     tick()
     x1 = _sample(runner)
     name = runner.input_names[0]
@@ -115,7 +118,7 @@ def run_bench(package: str | os.PathLike, *, threads: int | None = None, backend
     caps: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as state:
         base = {"agent": {"allow_unsigned": True, "package": str(package), "state_dir": state, "device_id": "bench"},
-                "runtime": {"threads": threads, "backend": backend} if threads or backend else {}}
+                "runtime": {"threads": threads, "backend": backend, "variant": variant}}
         base["runtime"] = {k: v for k, v in base["runtime"].items() if v is not None}
         cfg = parse_config({**base, "batcher": {"max_batch": 1, "max_delay_ms": 0}})
         with Agent(cfg) as agent:

@@ -5,6 +5,7 @@ onnx.helper, run by real onnxruntime sessions and TFLite interpreters.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -242,15 +243,15 @@ def test_quantize_digits_student_produces_a_valid_package(digits, tmp_path, sign
     out = tmp_path / "student.edgepkg"
     res = quantize(digits["onnx"], digits["calib"], digits["eval"], out=out, max_drop=1.0, method="static",
                    quiet=True, repeats=5, calibrations=("minmax", "percentile"), signing_key=signing_keys[0],
-                   name="digits-student", version="2.0.0")
+                   name="digits-student", version="2.0.0", analyze=True)
     assert res.ok and res.package == out and out.is_file()
     chosen = res.chosen["onnx"]
-    assert chosen.startswith("static-")
+    assert chosen.startswith(("ort-", "nncf"))
     c = next(c for c in res.candidates if c.name == chosen)
     assert c.drop <= 1.0 and c.size < 0.5 * next(x for x in res.candidates if x.method == "fp32").size
     rep = res.report["targets"]["onnx"]
     assert rep["metric"] == "top1" and rep["calibration_samples"] == 197 and rep["node_errors"]
-    assert {x["name"] for x in rep["candidates"]} >= {"fp32", "static-minmax", "static-percentile"}
+    assert {x["name"] for x in rep["candidates"]} >= {"fp32", "ort-s8-minmax", "ort-s8-percentile"}
     # side report + plots next to the output
     assert res.report_md.is_file() and "Chosen" in res.report_md.read_text()
     assert all(p.is_file() and p.suffix == ".png" for p in res.plots) and len(res.plots) == 2
@@ -258,6 +259,8 @@ def test_quantize_digits_student_produces_a_valid_package(digits, tmp_path, sign
     pkg = open_package(out)
     man = pkg.manifest
     assert man["name"] == "digits-student" and man["version"] == "2.0.0"
+    # int8 is the default variant; fp32 rides along so the device can measure both and pick
+    assert [(v["precision"], v["default"]) for v in man["variants"]] == [("int8", True), ("fp32", False)]
     q = man["provenance"]["quantization"]["onnx"]
     assert q["method"] == "static" and q["calibration_samples"] == 197
     assert q["io"]["inputs"]["input"]["scale"] > 0      # scale/zero-point of the quantized input
@@ -295,16 +298,17 @@ def test_recovery_keeps_the_worst_nodes_in_float(tmp_path):
     model = _mlp_onnx(tmp_path / "outlier.onnx", sizes=(16, 32, 10), col_scale=scale)
     x = rng.standard_normal((160, 16)).astype(np.float32)
     res = quantize(model, x[:64], x[64:], method="static", calibrations=("minmax",), quiet=True, repeats=3,
+                   activation_types=("int8",), engines=("onnxruntime",),
                    recovery_steps=4, work_dir=tmp_path / "w")
     cands = {c.name: c for c in res.candidates}
-    assert cands["static-minmax"].drop > 1.0                  # plain static misses the budget
+    assert cands["ort-s8-minmax"].drop > 1.0                  # plain static misses the budget
     chosen = cands[res.chosen["onnx"]]
     assert chosen.excluded_nodes and chosen.drop <= 1.0      # a recovered candidate made it
     # (quant_pre_process fuses MatMul+Add into a Gemm named "matmul0/MatMulAddFusion")
     assert any(n.startswith(("scale_in", "matmul0")) for n in chosen.excluded_nodes)
     log = res.report["targets"]["onnx"]["recovery"]
-    assert log and log[0]["from"] == "static-minmax"
-    rows = node_errors(tmp_path / "w" / "fp32.prep.onnx", Path(cands["static-minmax"].path),
+    assert log and log[0]["from"] == "ort-s8-minmax"
+    rows = node_errors(tmp_path / "w" / "fp32.prep.onnx", Path(cands["ort-s8-minmax"].path),
                        load_data(x[:32], input_names=["input"]), work_dir=tmp_path)
     worst = max(rows, key=lambda r: r["added_db"])
     assert any(n.startswith(("scale_in", "matmul0")) for n in worst["nodes"])
@@ -436,9 +440,9 @@ def test_multi_input_int64_and_old_opset_model(tmp_path):
                    work_dir=tmp_path / "w")
     notes = res.report["targets"]["onnx"]["notes"]
     assert notes["source_opset"] == 11 and notes["upgraded_to"] == 13
-    static = next(c for c in res.candidates if c.name == "static-minmax")
+    static = next(c for c in res.candidates if c.name == "ort-s8-minmax")
     assert static.error is None and static.drop is not None
-    prepped = onnx.load(str(tmp_path / "w" / "static-minmax.onnx"))
+    prepped = onnx.load(str(tmp_path / "w" / "ort-s8-minmax.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in prepped.graph.node)
 
 
@@ -507,7 +511,7 @@ def test_cli_quantize_writes_package(digits, tmp_path):
     out = tmp_path / "cli.edgepkg"
     proc = run_cli("convert", "quantize", str(digits["onnx"]), "--calib", str(digits["calib"]),
                    "--eval", str(digits["eval"]), "--out", str(out), "--method", "static", "-q")
-    assert out.is_file() and "onnx: static-" in proc.stdout
+    assert out.is_file() and "onnx: " in proc.stdout
     assert (tmp_path / "cli.edgepkg.report.md").is_file()
 
 
@@ -522,11 +526,13 @@ def test_torch_module_to_both_targets(digits, tmp_path):
                    work_dir=tmp_path / "w")
     assert set(res.chosen) == {"onnx", "tflite"}
     names = {c.name for c in res.candidates}
-    assert {"static-minmax", "tflite-static", "tflite-pt2e"} <= names
+    assert {"ort-s8-minmax", "tflite-static", "tflite-pt2e"} <= names
     pt2e = next(c for c in res.candidates if c.name == "tflite-pt2e")
     assert pt2e.error is None and pt2e.drop <= 1.0
     man = open_package(out).manifest
-    assert {v["file"] for v in man["variants"]} == {"model.onnx", "model.tflite"}
+    assert {v["file"] for v in man["variants"] if v["precision"] == "int8"} == {"model.onnx", "model.tflite"}
+    assert {v["file"] for v in man["variants"] if v["precision"] == "fp32"} == {"model.fp32.onnx",
+                                                                               "model.fp32.tflite"}
     assert set(man["provenance"]["quantization"]) == {"onnx", "tflite"}
     tfl = next(v for v in man["variants"] if v["file"] == "model.tflite")
     chosen = next(c for c in res.candidates if c.name == res.chosen["tflite"])
@@ -584,5 +590,262 @@ def test_symbolic_shape_inference_failure_falls_back(tmp_path):
     notes = res.report["targets"]["onnx"]["notes"]
     assert "symbolic shape inference failed" in notes["pre_process"]
     assert notes["pre_process_errors"] and res.report["targets"]["onnx"]["metric"] == "cosine"
-    static = next(c for c in res.candidates if c.name == "static-minmax")
+    static = next(c for c in res.candidates if c.name == "ort-s8-minmax")
     assert static.error is None and static.points is not None
+
+
+# --------------------------------------------------------------------------- issue 18: engines, cost, task metrics
+
+def _conv_onnx(path: Path, seed: int = 0) -> Path:
+    """A tiny CNN built with onnx.helper: Conv-Relu-Conv-Relu-GlobalAveragePool-Flatten-Gemm on 1x12x12."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("w1", (8, 1, 3, 3)), ("b1", (8,)), ("w2", (8, 8, 3, 3)), ("b2", (8,)), ("wf", (4, 8)),
+                          ("bf", (4,)))]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 12, 12])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], inits)
+    return _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cnn")
+    x = np.random.default_rng(2).standard_normal((80, 1, 12, 12)).astype(np.float32)
+    np.save(tmp / "calib.npy", x[:40])
+    np.save(tmp / "eval.npy", x[40:])
+    return {"onnx": _conv_onnx(tmp / "cnn.onnx"), "calib": tmp / "calib.npy", "eval": tmp / "eval.npy"}
+
+
+def test_task_metrics_iou_and_sequences():
+    ref = np.full((2, 3, 4, 4), -1.0)
+    ref[:, 0, :2, :2] = 2.0                       # objectness: 4 cells on per sample
+    useless = ref.copy()
+    useless[:, 0, :2, :2] = -0.1                  # int8 map that finds nothing once thresholded
+    assert ev.cosine(useless, ref) > 0.8          # cosine would call it nearly fine ...
+    assert ev.iou(useless, ref) == 0.0            # ... IoU of the thresholded objectness map says it is useless
+    assert ev.iou(ref, ref) == 1.0
+    half = ref.copy()
+    half[:, 0, 0, :2] = -1.0                      # 2 of 4 cells lost
+    assert ev.iou(half, ref) == pytest.approx(0.5)
+    assert ev.iou(half, ref, channel=None) == pytest.approx(0.5)
+    assert ev.iou(np.full_like(ref, -3.0), np.full_like(ref, -2.0)) == 1.0   # both empty agree
+    assert ev.metric_value("iou", half, labels=None, reference=ref, options={"threshold": 0.0, "channel": 0}) == 0.5
+    with pytest.raises(ConversionError, match="no option 'thr'"):
+        ev.metric_value("iou", half, labels=None, reference=ref, options={"thr": 0.5})
+    with pytest.raises(ConversionError, match="channel 7"):
+        ev.iou(half, ref, channel=7)
+    seq = np.zeros((2, 5, 3))
+    seq[..., 0] = 1.0
+    other = seq.copy()
+    other[0, 4] = [0.0, 2.0, 0.0]                 # one step of one sequence differs
+    assert ev.step_agreement(other, seq) == pytest.approx(0.9)
+    assert ev.seq_exact(other, seq) == pytest.approx(0.5)
+    with pytest.raises(ConversionError, match="N, T, classes"):
+        ev.seq_exact(np.zeros((4, 3)), np.zeros((4, 3)))
+    assert ev.choose_metric((None, 4, 16), has_labels=False, requested="step_agreement") == "step_agreement"
+
+
+def _dev(fp32_ms, int8_ms):
+    from edgeship.converters.quantization import DeviceBench
+
+    return DeviceBench(machine="aarch64 with 4 CPUs", fp32_ms=fp32_ms, int8_ms=int8_ms, source="pi.json")
+
+
+def test_choose_lets_the_target_device_decide_and_says_which_machine():
+    # slower here (x86), faster on the device: int8 wins, and the reason names both machines
+    cands = [_cand("fp32", "fp32", 0.0, 1.0, 1.0), _cand("ort-u8-minmax", "static", 0.2, 1.6, 1.5)]
+    here = choose(cands, max_drop=1.0, machine="this machine (x86)")
+    assert here.chosen == "fp32" and "this machine (x86)" in here.reason
+    dev = choose(cands, max_drop=1.0, machine="this machine (x86)", device=_dev(10.0, 6.0))
+    assert dev.chosen == "ort-u8-minmax" and "aarch64 with 4 CPUs" in dev.reason and "0.60x" in dev.reason
+    # faster here, slower on the device: never an int8 default slower than fp32 where it was measured
+    cands = [_cand("fp32", "fp32", 0.0, 1.0, 1.0), _cand("ort-u8-minmax", "static", 0.2, 0.5, 0.5)]
+    dev = choose(cands, max_drop=1.0, device=_dev(10.0, 13.0))
+    assert dev.chosen == "fp32" and dev.best_int8 == "ort-u8-minmax"
+    assert "aarch64 with 4 CPUs" in dev.reason and "1.30x" in dev.reason
+
+
+def test_load_target_bench_reads_bench_json_and_refuses_bad_files(tmp_path):
+    import json
+
+    from edgeship.converters.quantization import load_target_bench
+    from edgeship.errors import ConfigError
+
+    def bench(name, precision, p50, machine="aarch64"):
+        p = tmp_path / name
+        p.write_text(json.dumps({"package": "m.edgepkg", "device": {"machine": machine, "cpus": 4},
+                                 "variant": f"onnx-{precision}", "precision": precision,
+                                 "raw_latency_ms_b1": {"count": 50, "p50": p50, "p95": p50 * 1.2}}))
+        return p
+
+    d = load_target_bench([bench("f.json", "fp32", 8.0), bench("i.json", "int8", 5.0)])
+    assert (d.fp32_ms, d.int8_ms, d.machine) == (8.0, 5.0, "aarch64 with 4 CPUs") and d.ratio == pytest.approx(0.625)
+    with pytest.raises(ConfigError, match="no int8 measurement"):
+        load_target_bench([tmp_path / "f.json"])
+    with pytest.raises(ConfigError, match="measured on"):
+        load_target_bench([tmp_path / "f.json", bench("x.json", "int8", 5.0, machine="x86_64")])
+    (tmp_path / "old.json").write_text(json.dumps({"raw_latency_ms_b1": {"p50": 3.0}}))
+    with pytest.raises(ConfigError, match="--variant ID --json") as info:
+        load_target_bench([tmp_path / "old.json"])
+    assert "\n" not in str(info.value)
+
+
+def test_unsigned_and_signed_activations_share_one_calibration(mlp, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    res = quantize(mlp["onnx"], mlp["calib"], mlp["eval"], method="static", engines=("onnxruntime",), quiet=True,
+                   repeats=3, recovery_steps=0, work_dir=tmp_path / "w", allow_fp32=True, max_drop=5.0)
+    cands = {c.name: c for c in res.candidates}
+    u8, s8 = cands["ort-u8-minmax"], cands["ort-s8-minmax"]
+    assert u8.error is None and s8.error is None and u8.duplicate_of is None and s8.duplicate_of is None
+    assert (u8.activation_type, s8.activation_type) == ("uint8", "int8") and u8.points is not None
+    zps = {n: {numpy_helper.to_array(i).dtype for i in onnx.load(cands[n].path).graph.initializer
+               if i.name.endswith("_zero_point") and numpy_helper.to_array(i).size == 1} for n in cands if n != "fp32"}
+    assert np.dtype("uint8") in zps["ort-u8-minmax"] and np.dtype("uint8") not in zps["ort-s8-minmax"]
+    assert [p.name for p in (tmp_path / "w").glob("calib-*.json")] == ["calib-minmax.json"]   # one pass, shared
+    rep = res.report["targets"]["onnx"]
+    assert not rep["node_errors"] and "per-node error" not in rep["phases"]   # analysis only on demand
+    assert set(rep["phases"]) >= {"prepare", "fp32 reference", "candidates", "timing"}
+    assert res.report["peak_rss_mb"] > 0
+
+
+def test_dynamic_is_skipped_in_auto_on_a_conv_net_and_node_errors_stream(cnn, tmp_path):
+    from edgeship.converters.quantization import _dynamic_worth_trying
+
+    assert not _dynamic_worth_trying(cnn["onnx"])
+    res = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], engines=("onnxruntime",), activation_types=("uint8",),
+                   quiet=True, repeats=3, recovery_steps=0, work_dir=tmp_path / "w", allow_fp32=True,
+                   max_drop=50.0, analyze=True, metric="cosine")
+    assert {c.name for c in res.candidates} == {"fp32", "ort-u8-minmax"}
+    rep = res.report["targets"]["onnx"]
+    if res.chosen["onnx"] != "fp32":
+        assert rep["node_errors"] and "per-node error" in rep["phases"]
+    rows = node_errors(tmp_path / "w" / "fp32.prep.onnx", tmp_path / "w" / "ort-u8-minmax.onnx",
+                       load_data(np.load(cnn["calib"]), input_names=["input"]), work_dir=tmp_path, max_samples=3,
+                       batch=2)
+    grouped = {n for r in rows for n in r["nodes"]}        # a Conv fused with its Relu shares the Relu's row
+    assert {"conv1", "conv2", "fc"} <= grouped and all(r["sqnr_db"] > 0 for r in rows)
+    assert not list(tmp_path.glob("aug-*.onnx"))   # the augmented copies are gone
+
+
+def test_nncf_is_a_candidate_with_its_ignored_scope(cnn, tmp_path):
+    pytest.importorskip("nncf")
+    import onnx
+
+    res = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], method="static", engines=("nncf",), quiet=True,
+                   repeats=3, recovery_steps=0, work_dir=tmp_path / "w", allow_fp32=True, max_drop=50.0,
+                   metric="cosine", exclude_nodes=["fc"])
+    c = next(c for c in res.candidates if c.name == "nncf")
+    assert c.error is None and c.engine == "nncf" and c.points is not None and c.drop is not None
+    m = onnx.load(c.path)
+    producers = {o: n for n in m.graph.node for o in n.output}
+    fc = next(n for n in m.graph.node if n.name == "fc")
+    conv2 = next(n for n in m.graph.node if n.name == "conv2")
+    # the excluded Gemm reads float weights; the convolutions read dequantized int8 ones
+    assert fc.input[1] not in producers or producers[fc.input[1]].op_type != "DequantizeLinear"
+    assert producers[conv2.input[1]].op_type == "DequantizeLinear"
+
+
+def test_quantize_knob_errors_are_one_line(mlp):
+    for kw, msg in [({"activation_types": ("int4",)}, "activation type"), ({"weight_type": "fp8"}, "weight type"),
+                    ({"engines": ("tvm",)}, "engine"), ({"samples": 3}, "samples"),
+                    ({"model_type": "cnn"}, "model type"), ({"calibrations": ()}, "calibrations")]:
+        with pytest.raises(ConversionError, match=msg) as info:
+            quantize(mlp["onnx"], mlp["calib"], mlp["eval"], quiet=True, **kw)
+        assert "\n" not in str(info.value)
+
+
+def test_cli_quantize_knobs_reach_the_model(cnn, tmp_path):
+    import json
+
+    import onnx
+
+    out = tmp_path / "knobs.edgepkg"
+    run_cli("convert", "quantize", str(cnn["onnx"]), "--calib", str(cnn["calib"]), "--eval", str(cnn["eval"]),
+            "--out", str(out), "--method", "static", "--engine", "onnxruntime", "--activation-type", "uint8",
+            "--no-per-channel", "--calibration-method", "minmax", "--exclude-nodes", "fc", "--op-types", "Conv,Gemm",
+            "--samples", "16", "--max-drop", "50", "--metric", "cosine", "--allow-fp32", "--no-fp32-variant", "-q")
+    from edgeship.package import open_package
+
+    pkg = open_package(out)
+    rep = json.loads(pkg.read("report.json"))["targets"]["onnx"]
+    assert [c["name"] for c in rep["candidates"]] == ["fp32", "ort-u8-minmax"]
+    assert rep["calibration_samples"] == 16 and len(pkg.manifest["variants"]) == 1
+    if rep["chosen"] != "fp32":
+        m = onnx.load_from_string(pkg.read("model.onnx"))
+        ops = {n.name: n.op_type for n in m.graph.node}
+        producers = {o: n for n in m.graph.node for o in n.output}
+        fc = next(n for n in m.graph.node if n.name == "fc")
+        assert producers.get(fc.input[0]) is None or producers[fc.input[0]].op_type != "DequantizeLinear"
+        w_scales = [i for i in m.graph.initializer if i.name.startswith("w1") and i.name.endswith("_scale")]
+        assert w_scales and all(len(i.dims) == 0 or i.dims == [1] for i in w_scales)   # per-tensor weights
+        assert "QuantizeLinear" in ops.values()
+    bad = run_cli("convert", "quantize", str(cnn["onnx"]), "--calib", str(cnn["calib"]), "--eval", str(cnn["eval"]),
+                  "--out", str(tmp_path / "bad.edgepkg"), "--iou-threshold", "0.5", check=False)
+    assert bad.returncode != 0 and "only apply with --metric iou" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_reference_stats_reuse_known_outputs(mlp):
+    from edgeship.converters.refstats import compute_reference_stats
+
+    calib, evald = np.load(mlp["calib"]), np.load(mlp["eval"])
+    fresh = compute_reference_stats(mlp["onnx"], [calib, evald])
+    outs = [ev.predict(mlp["onnx"], load_data(a, input_names=["input"])) for a in (calib, evald)]
+    reused = compute_reference_stats(mlp["onnx"], [calib, evald], outputs=outs)
+    assert reused == fresh
+    with pytest.raises(DataError, match="output rows"):
+        compute_reference_stats(mlp["onnx"], [calib, evald], outputs=[outs[0], outs[0][:3]])
+
+
+@pytest.mark.slow
+def test_target_bench_from_the_device_decides_fp32_vs_int8(cnn, tmp_path):
+    """The whole loop: a package with fp32 + int8 variants, `edgeship bench --variant --json` of each
+    (here this machine stands in for the device), then quantize --target-bench decides by those figures."""
+    import json
+
+    from edgeship.agent.bench import run_bench
+    from edgeship.package import open_package
+
+    out = tmp_path / "both.edgepkg"
+    kw = dict(engines=("onnxruntime",), activation_types=("uint8",), quiet=True, repeats=3, recovery_steps=0,
+              max_drop=50.0, metric="cosine", method="static")
+    quantize(cnn["onnx"], cnn["calib"], cnn["eval"], out=out, **kw)
+    variants = {v["id"]: v for v in open_package(out).manifest["variants"]}
+    assert set(variants) == {"onnx-int8", "onnx-fp32"} and variants["onnx-int8"]["default"]
+    files = []
+    for vid in ("onnx-fp32", "onnx-int8"):
+        r = run_bench(out, variant=vid, seconds=0.2, quiet=True)
+        assert r["variant"] == vid and r["precision"] == vid.split("-")[1]
+        files.append(tmp_path / f"{vid}.json")
+        files[-1].write_text(json.dumps(r))
+    res = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], target_bench=files, **{**kw, "method": "auto"})
+    dec = res.decisions["onnx"]
+    ratio = json.loads(files[1].read_text())["raw_latency_ms_b1"]["p50"] / \
+        json.loads(files[0].read_text())["raw_latency_ms_b1"]["p50"]
+    assert (dec.chosen == "fp32") == (ratio > 1.05)                    # the device's figures decided
+    assert f"{os.uname().machine} with {os.cpu_count()} CPUs" in dec.reason and "edgeship bench" in dec.reason
+    assert res.report["targets"]["onnx"]["decided_on"]["machine"].startswith(os.uname().machine)
+
+
+def test_staged_search_tries_nncf_only_when_onnxruntime_misses_the_budget(cnn, tmp_path):
+    pytest.importorskip("nncf")
+    kw = dict(method="static", quiet=True, repeats=3, recovery_steps=0, allow_fp32=True, metric="cosine",
+              activation_types=("uint8",))
+    easy = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], max_drop=50.0, work_dir=tmp_path / "a", **kw)
+    assert [c.name for c in easy.candidates] == ["fp32", "ort-u8-minmax"]          # in budget: no escalation
+    assert "escalated" not in easy.report["targets"]["onnx"]["notes"]
+    hard = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], max_drop=0.0, work_dir=tmp_path / "b", **kw)
+    names = [c.name for c in hard.candidates]
+    assert names[:3] == ["fp32", "ort-u8-minmax", "nncf"]                           # NNCF next, then histograms
+    assert hard.report["targets"]["onnx"]["notes"]["escalated"][0] == "nncf"

@@ -74,11 +74,13 @@ def config_cmd(example: bool, package, state_dir, broker, source, port, trusted_
 @click.option("--threads", type=int, default=None, help="Intra-op threads of the runtime (default: its choice).")
 @click.option("--backend", default=None, help="onnxruntime or tflite (default: the package's default variant).")
 @click.option("--seconds", type=float, default=1.0, show_default=True, help="Time per throughput measurement.")
-def bench(package: str, as_json: bool, threads: int | None, backend: str | None, seconds: float) -> None:
+@click.option("--variant", default=None, help="Variant id to measure, e.g. onnx-int8 (default: the package's).")
+def bench(package: str, as_json: bool, threads: int | None, backend: str | None, seconds: float,
+          variant: str | None) -> None:
     """Measure a package on this device: load, warm-up, latency, throughput (raw and through the agent), RSS."""
     from ..agent.bench import format_bench, run_bench
 
-    result = run_bench(package, threads=threads, backend=backend, seconds=seconds, quiet=as_json)
+    result = run_bench(package, threads=threads, backend=backend, seconds=seconds, quiet=as_json, variant=variant)
     click.echo(json.dumps(result, indent=2) if as_json else format_bench(result))
 
 

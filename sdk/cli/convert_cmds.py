@@ -74,6 +74,27 @@ def export_cmd(model, weights, inputs, outputs, target, out, example, tflite_bat
     click.echo(result.summary())
 
 
+def _names(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _iou_options(metric: str | None, threshold: float | None, channel: str | None) -> dict | None:
+    from ..errors import ConfigError
+
+    if metric != "iou":
+        if threshold is not None or channel is not None:
+            raise ConfigError("--iou-threshold/--iou-channel only apply with --metric iou")
+        return None
+    opts: dict = {}
+    if threshold is not None:
+        opts["threshold"] = threshold
+    if channel is not None:
+        if channel != "all" and not channel.lstrip("-").isdigit():
+            raise ConfigError(f"--iou-channel: give a channel number or 'all' (got {channel!r})")
+        opts["channel"] = None if channel == "all" else int(channel)
+    return opts
+
+
 @convert.command("quantize")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--calib", required=True, type=click.Path(exists=True),
@@ -82,9 +103,39 @@ def export_cmd(model, weights, inputs, outputs, target, out, example, tflite_bat
               help="Held-out data the accuracy gate is measured on (same formats as --calib).")
 @click.option("--max-drop", type=float, default=1.0, show_default=True,
               help="Largest accepted metric drop vs fp32, in points (e.g. 1.0 = one top-1 percentage point).")
-@click.option("--metric", type=click.Choice(["top1", "agreement", "mse", "cosine"]), default=None,
-              help="Metric to gate on (default: top1 with labels, agreement without, cosine for non-classifiers).")
+@click.option("--metric", type=click.Choice(["top1", "agreement", "mse", "cosine", "iou", "seq_exact",
+                                            "step_agreement"]), default=None,
+              help="Metric to gate on (default: top1 with labels, agreement without, cosine for non-classifiers); "
+                   "iou for dense detector maps, step_agreement / seq_exact for (N, T, classes) sequences.")
+@click.option("--iou-threshold", type=float, default=None,
+              help="iou: threshold applied to both maps (default 0.0, a logit's p=0.5).")
+@click.option("--iou-channel", default=None,
+              help="iou: channel (axis 1) of the map, e.g. 0 for objectness; 'all' for every channel (default 0).")
 @click.option("--method", type=click.Choice(["auto", "static", "dynamic"]), default="auto", show_default=True)
+@click.option("--engine", "engines", multiple=True, type=click.Choice(["onnxruntime", "nncf"]),
+              help="Quantization engine(s) whose candidates compete (repeatable; default: onnxruntime, and NNCF "
+                   "when installed).")
+@click.option("--activation-type", "activation_types", multiple=True, type=click.Choice(["uint8", "int8"]),
+              help="Activation type(s) of the onnxruntime static candidates (repeatable; default: uint8 and int8).")
+@click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True)
+@click.option("--per-channel/--no-per-channel", default=True, show_default=True,
+              help="Per-channel weight scales (onnxruntime static candidates).")
+@click.option("--calibration-method", "calibrations", multiple=True,
+              type=click.Choice(["minmax", "percentile", "entropy"]),
+              help="Calibration(s) to try (repeatable; default: minmax, then percentile and entropy only when "
+                   "nothing meets the budget).")
+@click.option("--exclude-nodes", default=None, help="Node names to keep in float, separated by commas.")
+@click.option("--op-types", default=None, help="Only quantize these op types, e.g. Conv,MatMul (comma-separated).")
+@click.option("--samples", type=int, default=None, help="Calibration samples to use (default: all of --calib).")
+@click.option("--model-type", type=click.Choice(["transformer", "default"]), default=None,
+              help="NNCF model type (default: transformer when the graph has attention).")
+@click.option("--node-errors", "analyze", is_flag=True,
+              help="Add the chosen model's per-node error table to the report (a few samples, streamed).")
+@click.option("--target-bench", "target_bench", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="'edgeship bench --variant ID --json' output(s) of the fp32 and int8 variants measured on the "
+                   "target device: that device decides fp32 vs int8 (repeatable).")
+@click.option("--fp32-variant/--no-fp32-variant", "both_precisions", default=True, show_default=True,
+              help="Also ship the other precision as a package variant (fp32 beside int8, int8 beside fp32).")
 @click.option("--target", type=click.Choice(["onnx", "tflite", "both"]), default="onnx", show_default=True)
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The .edgepkg to write.")
 @click.option("--allow-fp32", is_flag=True, help="Ship fp32 (exit 0) when no int8 candidate meets the budget.")
@@ -96,8 +147,10 @@ def export_cmd(model, weights, inputs, outputs, target, out, example, tflite_bat
 @click.option("--preprocess", default=None,
               help="Manifest preprocess as JSON text or a .json file (decodes image folders; default: the package's).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def quantize_cmd(model, calib, eval_, max_drop, metric, method, target, out, allow_fp32, key, batch, name, version,
-                 preprocess, quiet) -> None:
+def quantize_cmd(model, calib, eval_, max_drop, metric, iou_threshold, iou_channel, method, engines,
+                 activation_types, weight_type, per_channel, calibrations, exclude_nodes, op_types, samples,
+                 model_type, analyze, target_bench, both_precisions, target, out, allow_fp32, key, batch, name,
+                 version, preprocess, quiet) -> None:
     """Quantize MODEL (.onnx, float .tflite or .edgepkg) to int8, gated on accuracy and measured speed.
 
     Exits non-zero, writing no package, when no int8 candidate stays within
@@ -107,7 +160,13 @@ def quantize_cmd(model, calib, eval_, max_drop, metric, method, target, out, all
 
     result = quantize(model, calib, eval_, max_drop=max_drop, metric=metric, method=method, target=target, out=out,
                       allow_fp32=allow_fp32, batch=batch, signing_key=key, name=name, version=version, quiet=quiet,
-                      preprocess=_json_arg(preprocess, "--preprocess"))
+                      preprocess=_json_arg(preprocess, "--preprocess"),
+                      metric_options=_iou_options(metric, iou_threshold, iou_channel),
+                      engines=engines or None, activation_types=activation_types or ("uint8", "int8"),
+                      weight_type=weight_type, per_channel=per_channel, calibrations=calibrations or None,
+                      exclude_nodes=_names(exclude_nodes), op_types=_names(op_types) or None, samples=samples,
+                      model_type=model_type, analyze=analyze, target_bench=list(target_bench) or None,
+                      both_precisions=both_precisions)
     click.echo(result.summary())
 
 

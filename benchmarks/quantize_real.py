@@ -1,0 +1,211 @@
+"""Benchmark for issue 18: edgeship's quantize vs plain onnxruntime vs NNCF on real-size models.
+
+    flock /tmp/bench.lock python benchmarks/quantize_real.py [--models mobilenet,detector,...] [--cache DIR]
+
+Models (``benchmarks/_real_models.py``, built from ``edgeship.demo_data.zoo`` and
+cached in ``--cache``): a MobileNetV3-style 224x224 CNN trained briefly on
+crops of scikit-learn's photos (gated on top-1 agreement), a dense detector
+with dynamic H/W at 256x256 (IoU of the thresholded objectness map), a CRNN
+sequence recognizer (per-step agreement), a two-input transformer encoder
+(agreement), and the existing 8x8 digits CNN (top-1).
+
+Each method quantizes in its own child process with the same 64 calibration
+samples, so quantize time and peak RSS are that method's alone:
+
+* **edgeship** — ``edgeship.converters.quantize`` (auto: the search over
+  onnxruntime u8/s8 and NNCF candidates, gate, timing); the table shows the
+  int8 model it ranked best (and says when auto kept fp32);
+* **plain ORT** — ``quant_pre_process`` + ``quantize_static`` with its
+  defaults (QDQ, u8 activations, s8 per-tensor weights, MinMax);
+* **NNCF** — ``nncf.quantize`` with its defaults (ONNX backend).
+
+Then every int8 model and fp32 are timed at batch 1 on 1 thread in
+interleaved rounds (medians) and scored on the eval data against fp32. Ratios
+are to fp32. Writes ``benchmarks/out/quantize_real.json`` and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+OUT = ROOT / "benchmarks" / "out"
+METHODS = ("edgeship", "ort", "nncf")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _feeds(calib: dict, batch: int = 1) -> list[dict]:
+    n = len(next(iter(calib.values())))
+    return [{k: v[i:i + batch] for k, v in calib.items()} for i in range(0, n, batch)]
+
+
+def child(method: str, model: Path, calib_npz: Path, eval_npz: Path, metric: str, options: dict, out: Path) -> dict:
+    """One quantization in this (fresh) process: seconds and peak RSS of it alone."""
+    calib = {k: v for k, v in np.load(calib_npz).items() if k != "labels"}
+    info: dict = {}
+    t = time.perf_counter()
+    if method == "edgeship":
+        from edgeship.converters import quantize
+
+        with tempfile.TemporaryDirectory(prefix="qreal-") as work:
+            res = quantize(model, calib_npz, eval_npz, metric=metric, metric_options=options or None, quiet=True,
+                           allow_fp32=True, work_dir=work)
+            dec = res.decisions["onnx"]
+            best = dec.best_int8 or res.chosen["onnx"]
+            shutil.copyfile(next(c.path for c in res.candidates if c.name == best), out)
+            info = {"chosen": res.chosen["onnx"], "int8_shown": best, "reason": dec.reason,
+                    "phases": res.report["targets"]["onnx"]["phases"]}
+    elif method == "ort":
+        from onnxruntime.quantization import CalibrationDataReader, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.it = iter(_feeds(calib))
+
+            def get_next(self):
+                return next(self.it, None)
+
+        with tempfile.TemporaryDirectory(prefix="qreal-") as work:
+            prep = Path(work) / "prep.onnx"
+            try:
+                quant_pre_process(str(model), str(prep))
+            except Exception as exc:  # noqa: BLE001 - plain ORT's own fallback: quantize the model as it is
+                info["pre_process"] = f"failed ({type(exc).__name__}), quantized without it"
+                shutil.copyfile(model, prep)
+            import contextlib
+
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                quantize_static(str(prep), str(out), Reader())
+    elif method == "nncf":
+        import contextlib
+        import logging
+
+        import nncf
+        import onnx
+
+        nncf.set_log_level(logging.ERROR)
+        items = _feeds(calib)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            q = nncf.quantize(onnx.load(str(model)), nncf.Dataset(items), subset_size=len(items))
+        onnx.save(q, str(out))
+    info.update(seconds=time.perf_counter() - t, peak_rss_mb=_peak_mb())
+    return info
+
+
+def run_child(method: str, spec: tuple, out: Path) -> dict:
+    model, calib, evald, metric, options = spec
+    cmd = [sys.executable, __file__, "--child", method, str(model), str(calib), str(evald), metric,
+           json.dumps(options), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def interleaved_b1(paths: dict[str, Path], feed: dict, rounds: int) -> dict[str, float]:
+    from edgeship.converters import evaluate as ev
+
+    models = {k: ev.open_model(p, threads=1) for k, p in paths.items()}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(rounds):
+        for k, m in models.items():
+            times[k].append(ev.measure_latency(m, feed, threads=1, batch=1, repeats=5, warmup=1))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_model(name: str, spec: tuple, work: Path, rounds: int) -> dict:
+    from edgeship.converters import evaluate as ev
+    from edgeship.converters.data import load_data
+
+    model, calib, evald, metric, options = spec
+    eval_d = load_data(evald, input_names=[s.name for s in ev.OnnxModel(model).inputs])
+    ref = ev.predict(model, eval_d, batch=8)
+    row: dict = {"model": name, "metric": metric, "fp32_size": model.stat().st_size, "methods": {}}
+    paths = {"fp32": model}
+    for method in METHODS:
+        out = work / f"{name}.{method}.onnx"
+        info = run_child(method, spec, out)
+        row["methods"][method] = info
+        if "error" in info:
+            continue
+        paths[method] = out
+        outs = ev.predict(out, eval_d, batch=8)
+        value = ev.metric_value(metric, outs, labels=eval_d.labels, reference=ref, options=options or None)
+        fp32_value = ev.metric_value(metric, ref, labels=eval_d.labels, reference=ref, options=options or None)
+        info.update(size_ratio=out.stat().st_size / row["fp32_size"], metric_value=value, fp32_metric=fp32_value)
+    feed = {k: v[:1] for k, v in eval_d.inputs.items()}
+    lat = interleaved_b1(paths, feed, rounds)
+    row["fp32_b1_ms"] = lat["fp32"]
+    for method in paths:
+        if method != "fp32":
+            row["methods"][method]["latency_b1_ratio"] = lat[method] / lat["fp32"]
+    ort_s = row["methods"]["ort"].get("seconds")
+    for info in row["methods"].values():
+        if ort_s and "seconds" in info:
+            info["time_vs_ort"] = info["seconds"] / ort_s
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | method | size x | latency b1/1thr x | task metric vs fp32 | quantize s (x ORT) | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for m, i in r["methods"].items():
+            if "error" in i:
+                lines.append(f"| {r['model']} | {m} | error: {i['error'][:80]} | | | | |")
+                continue
+            label = m if m != "edgeship" else (f"edgeship ({i['int8_shown']}"
+                                                + (", auto kept fp32" if i["chosen"] == "fp32" else "") + ")")
+            lines.append(f"| {r['model']} | {label} | {i['size_ratio']:.2f} | {i['latency_b1_ratio']:.2f} | "
+                         f"{r['metric']} {100 * i['metric_value']:.1f} % | {i['seconds']:.1f} "
+                         f"({i.get('time_vs_ort', float('nan')):.1f}x) | {i['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        method, model, calib, evald, metric, options, out = sys.argv[2:9]
+        print(json.dumps(child(method, Path(model), Path(calib), Path(evald), metric, json.loads(options),
+                               Path(out))))
+        return
+    import _real_models as rm
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="mobilenet,detector,recognizer,transformer,digits")
+    ap.add_argument("--cache", default=str(OUT / "real_models"), help="Folder for the built models (reused).")
+    ap.add_argument("--rounds", type=int, default=5, help="Interleaved latency rounds.")
+    args = ap.parse_args()
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qreal-") as work:
+        for name in args.models.split(","):
+            spec = rm.BUILDERS[name](cache)
+            t = time.perf_counter()
+            rows.append(bench_model(name, spec, Path(work), args.rounds))
+            print(f"{name}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    from edgeship.converters.report import machine_info
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "quantize_real.json").write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
