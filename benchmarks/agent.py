@@ -384,18 +384,22 @@ def max_submit_rate(pkg, state: Path, threads: int, seconds: float, x, batcher: 
             f.result(10)
 
     with agent:
-        ts = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-        for t in ts:
-            t.start()
-        time.sleep(0.2)  # ramp-up, then the measured window
-        a = sum(done)
-        t0 = time.perf_counter()
-        time.sleep(seconds)
-        b = sum(done)
-        rate = (b - a) / (time.perf_counter() - t0)
-        stop.set()
-        for t in ts:
-            t.join(30)
+        return _clients_rate(client, [(i,) for i in range(4)], done, stop, seconds)
+
+
+def _clients_rate(client, args: list[tuple], done: list[int], stop: threading.Event, seconds: float) -> float:
+    """Run one ``client`` thread per ``args``; completions per second over a window after a 0.2 s ramp-up."""
+    ts = [threading.Thread(target=client, args=a) for a in args]
+    for t in ts:
+        t.start()
+    time.sleep(0.2)  # ramp-up, then the measured window
+    a = sum(done)
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    rate = (sum(done) - a) / (time.perf_counter() - t0)
+    stop.set()
+    for t in ts:
+        t.join(30)
     return rate
 
 
@@ -419,18 +423,7 @@ def max_http_rate(pkg, state: Path, threads: int, seconds: float, x) -> dict:
         conn.close()
 
     with agent:
-        ts = [threading.Thread(target=client, args=(i, agent.api.port)) for i in range(4)]
-        for t in ts:
-            t.start()
-        time.sleep(0.2)
-        a = sum(done)
-        t0 = time.perf_counter()
-        time.sleep(seconds)
-        b = sum(done)
-        rate = (b - a) / (time.perf_counter() - t0)
-        stop.set()
-        for t in ts:
-            t.join(30)
+        rate = _clients_rate(client, [(i, agent.api.port) for i in range(4)], done, stop, seconds)
     return {"rate": rate, "errors": errors[0], "connections": 4}
 
 

@@ -283,13 +283,20 @@ class BatchPolicy:
         while items and pos < self.max_batch:
             w = items[0]
             k = min(w.remaining, self.max_batch - pos)
-            out.append(Segment(w, w.start, k, pos))
-            w.start += k
-            pos += k
-            self.pending_bytes -= k * w.row_bytes
+            pos = self._cut(w, k, pos, out)
             if w.remaining == 0:
                 w.done = True
                 items.popleft()
+        return self._taken(out, pos)
+
+    def _cut(self, w: Work, k: int, pos: int, out: list[Segment]) -> int:
+        """Take ``k`` rows of ``w`` into the batch at row ``pos``; returns the next free row."""
+        out.append(Segment(w, w.start, k, pos))
+        w.start += k
+        self.pending_bytes -= k * w.row_bytes
+        return pos + k
+
+    def _taken(self, out: list[Segment], pos: int) -> list[Segment]:
         self.pending -= pos
         if self.pending == 0:
             self.pending_bytes = 0.0  # no float drift across millions of blocks
@@ -318,22 +325,14 @@ class BatchPolicy:
             if w.stream is not None:
                 k = 1
                 streams.add(w.stream)
-            out.append(Segment(w, w.start, k, pos))
-            w.start += k
-            pos += k
-            self.pending_bytes -= k * w.row_bytes
+            pos = self._cut(w, k, pos, out)
             if w.remaining == 0:
                 w.done = True
                 self.keyed -= w.keyed
             else:
                 skipped.append(w)
         items.extendleft(reversed(skipped))
-        self.pending -= pos
-        if self.pending == 0:
-            self.pending_bytes = 0.0
-        self.counts["taken"] += pos
-        self.counts["batches"] += 1
-        return out
+        return self._taken(out, pos)
 
     def drain_all(self) -> list[Work]:
         """Remove everything pending (on shutdown); the caller fails their futures."""
