@@ -147,18 +147,12 @@ def metric_value(metric: str, outputs: np.ndarray, *, labels: np.ndarray | None,
                               + ("; iou takes threshold and channel" if metric == "iou" else ""))
     if metric == "iou":
         return iou(outputs, reference, **opts)
-    if metric == "seq_exact":
-        return seq_exact(outputs, reference)
-    if metric == "step_agreement":
-        return step_agreement(outputs, reference)
     if metric == "top1":
         return top1(outputs, labels)
-    if metric == "agreement":
-        return agreement(outputs, reference)
-    if metric == "mse":
-        return mse(outputs, reference)
-    if metric == "cosine":
-        return cosine(outputs, reference)
+    against_reference = {"seq_exact": seq_exact, "step_agreement": step_agreement, "agreement": agreement,
+                         "mse": mse, "cosine": cosine}
+    if metric in against_reference:
+        return against_reference[metric](outputs, reference)
     raise ConversionError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
 
 
