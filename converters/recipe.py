@@ -571,7 +571,7 @@ def _field_options(r: Recipe) -> dict:
 
 
 def _field_files(r: Recipe) -> list:
-    from ..fleet.field import sidecar_paths
+    from ..fielddata import sidecar_paths
 
     f = r["field"]
     if f["data"] is None:
@@ -583,7 +583,7 @@ def _field_files(r: Recipe) -> list:
 def _load_field(r: Recipe, names: list[str]) -> tuple[dict, np.ndarray, np.ndarray, dict]:
     """The field export: its arrays (renamed to the original data's input names), labels, split, provenance."""
     from ..errors import DataError
-    from ..fleet.field import load_field_provenance
+    from ..fielddata import load_field_provenance
     from .data import load_data
 
     path = r["field"]["data"]

@@ -499,11 +499,15 @@ class SimDevice:
     The agent is built from an agent config mapping and wired exactly as
     ``edgeship agent run`` wires it (:func:`edgeship.agent.runner_main.wire_components`:
     outbox, MQTT link, telemetry, feedback, rollout client); the demo adds
-    its sensor (:class:`DigitsStream`) and its user (:class:`SimulatedUser`).
+    its sensor (:class:`DigitsStream`, or ``stream``) and its user (:class:`SimulatedUser`;
+    ``corrections`` makes it send the right label). ``overrides`` replace
+    keys of the config's sections (``demo --loop`` turns on keep_inputs).
     """
 
     def __init__(self, device_id: str, state_dir: Path, *, broker: str, public_key: Path, settings: DemoSettings,
-                 images: np.ndarray, labels: np.ndarray, seed: int, package: Path | None = None) -> None:
+                 images: np.ndarray, labels: np.ndarray, seed: int, package: Path | None = None,
+                 stream: Source | None = None, overrides: Mapping[str, Mapping] | None = None,
+                 corrections: bool = False) -> None:
         from .agent.agent import Agent
         from .agent.config import parse_config
         from .agent.runner_main import wire_components
@@ -515,7 +519,7 @@ class SimDevice:
                                          "log_level": "warning"}
         if package is not None:
             agent_section["package"] = str(package)
-        self.config = parse_config({
+        sections: dict[str, dict] = {
             "agent": agent_section,
             # Many agents share two cores here: one intra-op thread each, one warm-up run.
             "runtime": {"threads": 1, "warmup": 1},
@@ -523,12 +527,16 @@ class SimDevice:
             "mqtt": {"broker": broker, "keepalive": 10},
             "telemetry": {"window_s": settings.window_s},
             "rollout": {"health_window_s": settings.health_window_s, "jitter_s": settings.jitter_s},
-        })
-        self.stream = DigitsStream("digits", images, labels, rate_hz=settings.rate_hz, seed=seed)
+        }
+        for name, values in (overrides or {}).items():
+            sections[name] = {**sections.get(name, {}), **values}
+        self.config = parse_config(sections)
+        self.stream = stream or DigitsStream("digits", images, labels, rate_hz=settings.rate_hz, seed=seed)
         self.agent = Agent(self.config, sources=[self.stream])
         wire_components(self.agent, self.config)
         self.rollout_client = _ensure_rollout_client(self.agent, self.config)
-        self.user = self.agent.add_component(SimulatedUser(self.agent, share=settings.feedback_share, seed=seed))
+        self.user = self.agent.add_component(SimulatedUser(self.agent, share=settings.feedback_share, seed=seed,
+                                                           corrections=corrections))
 
     def start(self) -> "SimDevice":
         self.agent.start()
@@ -599,10 +607,10 @@ class DemoResult:
 _OWNED = ("devices", "packages", "report", "fleet.sqlite", "fleet.sqlite-wal", "fleet.sqlite-shm", "demo.json")
 
 
-def _fresh_workdir(workdir: Path) -> None:
+def _fresh_workdir(workdir: Path, owned: Sequence[str] = _OWNED) -> None:
     """Remove what an earlier demo run left in ``workdir`` (only the demo's own entries)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in _OWNED:
+    for name in owned:
         p = workdir / name
         if p.is_dir():
             shutil.rmtree(p)

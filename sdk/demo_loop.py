@@ -46,7 +46,7 @@ import numpy as np
 from .errors import ConfigError, RolloutError
 
 __all__ = ["shift_digits", "partition", "SHIFTS", "LoopSettings", "loop_settings", "loop_gates", "phase_figures",
-           "phase_table", "LoopResult", "LoopDevice", "run_loop", "RETRAINED_VERSION", "SERVING_VERSION"]
+           "phase_table", "LoopResult", "loop_device", "run_loop", "RETRAINED_VERSION", "SERVING_VERSION"]
 
 #: The shifts :func:`shift_digits` knows: a quarter turn, a thicker pen, or both.
 SHIFTS = ("rotate", "thick", "rotate+thick")
@@ -258,50 +258,23 @@ def _shiftable_stream_cls():
     return _Stream
 
 
-class LoopDevice:
-    """A real agent (as ``edgeship agent run`` wires it) with ``keep_inputs`` on, a shiftable stream, a user
-    who corrects wrong answers."""
+def loop_device(device_id: str, state_dir: Path, *, broker: str, public_key: Path, s: LoopSettings,
+                images: np.ndarray, labels: np.ndarray, seed: int, package: Path, shift: bool):
+    """A :class:`~edgeship.demo.SimDevice` (a real agent, wired as ``edgeship agent run`` wires it) with
+    ``keep_inputs`` on, a stream that can shift, and a user who corrects wrong answers."""
+    from .demo import SimDevice, demo_settings
 
-    def __init__(self, device_id: str, state_dir: Path, *, broker: str, public_key: Path, s: LoopSettings,
-                 images: np.ndarray, labels: np.ndarray, seed: int, package: Path, shift: bool) -> None:
-        from .agent.agent import Agent
-        from .agent.config import parse_config
-        from .agent.runner_main import wire_components
-        from .demo import FLEET, SimulatedUser, _ensure_rollout_client
-
-        self.device_id = device_id
-        self.shift = shift
-        self.config = parse_config({
-            "agent": {"device_id": device_id, "fleet": FLEET, "state_dir": str(state_dir),
-                      "trusted_keys": [str(public_key)], "drain_timeout_s": 1.0, "log_level": "warning",
-                      "package": str(package)},
-            "runtime": {"threads": 1, "warmup": 1},
-            "batcher": {"max_batch": 16, "max_delay_ms": 5.0},
-            "mqtt": {"broker": broker, "keepalive": 10},
-            "telemetry": {"window_s": s.window_s},
-            # The privacy switch (off by default): this device keeps its inputs on disk, bounded, so a
-            # correction can carry the input it corrects.
-            "feedback": {"keep_inputs": True, "max_input_bytes": 5_000_000},
-            "rollout": {"health_window_s": 2.0 if s.fast else 5.0, "jitter_s": 0.3 if s.fast else 2.0},
-        })
-        self.stream = _shiftable_stream_cls()("digits", images, labels, shifted=shift_digits(images, s.shift),
-                                              rate_hz=s.rate_hz, seed=seed)
-        self.agent = Agent(self.config, sources=[self.stream])
-        wire_components(self.agent, self.config)
-        self.rollout_client = _ensure_rollout_client(self.agent, self.config)
-        self.user = self.agent.add_component(SimulatedUser(self.agent, share=s.feedback_share, seed=seed,
-                                                           corrections=True))
-
-    def start(self) -> "LoopDevice":
-        self.agent.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.agent.stop(timeout)
-
-    @property
-    def model(self) -> dict | None:
-        return self.agent.model
+    stream = _shiftable_stream_cls()("digits", images, labels, shifted=shift_digits(images, s.shift),
+                                     rate_hz=s.rate_hz, seed=seed)
+    settings = dataclasses.replace(demo_settings(s.fast), rate_hz=s.rate_hz, feedback_share=s.feedback_share,
+                                   window_s=s.window_s)
+    dev = SimDevice(device_id, state_dir, broker=broker, public_key=public_key, settings=settings, images=images,
+                    labels=labels, seed=seed, package=package, stream=stream, corrections=True,
+                    # The privacy switch (off by default): this device keeps its inputs on disk, bounded, so
+                    # a correction can carry the input it corrects.
+                    overrides={"feedback": {"keep_inputs": True, "max_input_bytes": 5_000_000}})
+    dev.shift = shift
+    return dev
 
 
 # ----------------------------------------------------------------------------- the run
@@ -351,7 +324,7 @@ def _fleet_cls():
                 for i in range(s.devices):
                     name = f"pi-{i + 1:02d}"
                     idx = partition(len(x), s.devices, i)
-                    dev = LoopDevice(name, self.workdir / "devices" / name, broker=self.broker_url,
+                    dev = loop_device(name, self.workdir / "devices" / name, broker=self.broker_url,
                                      public_key=b.public_key, s=s, images=x[idx], labels=y[idx], seed=2000 + i,
                                      package=self.served["v1"], shift=name in self.shifted)
                     self.devices.append(dev)
@@ -433,7 +406,15 @@ def run_loop(*, workdir: str | os.PathLike = "edgeship-demo-loop", devices: int 
     close: no alarm, the retrain refused by its field gate, or the rollout
     not completed with every device on the retrained version.
     """
-    from .demo import BuiltModels, _Narrator, build_packages, default_cache_dir, demo_health, demo_settings
+    from .demo import (
+        BuiltModels,
+        _fresh_workdir,
+        _Narrator,
+        build_packages,
+        default_cache_dir,
+        demo_health,
+        demo_settings,
+    )
     from .fleet.field import export_field_data
 
     t_start = time.monotonic()
@@ -446,13 +427,7 @@ def run_loop(*, workdir: str | os.PathLike = "edgeship-demo-loop", devices: int 
           f"recovery (in {workdir})")
     ds = demo_settings(fast)
     built = build_packages(cache, ds, quiet=quiet, say=lambda line: n.say("      " + line), only=("v1",))
-    workdir.mkdir(parents=True, exist_ok=True)
-    for name in _OWNED:
-        p = workdir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    _fresh_workdir(workdir, _OWNED)
     v1 = BuiltModels(packages={"v1": built.packages["v1"]}, top1={}, key=built.key, public_key=built.public_key,
                      teacher_top1=None, eval_inputs=built.eval_inputs, eval_labels=built.eval_labels, reused={},
                      seconds=0.0)

@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import run_cli  # noqa: E402
+from test_recipe import RECIPE as BASE  # noqa: E402
 
 from edgeship import protocol  # noqa: E402
 from edgeship.converters.recipe import run_recipe  # noqa: E402
@@ -25,52 +26,16 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "sdk" / "demo_data" / "model.py"
 
-RECIPE = """\
-name = "fielddigits"
-version = "{version}"
-out_dir = "{out}"
-labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
-preprocess = {{ scale = 0.0625, mean = [0.0], std = [1.0], layout = "NCHW", resize = [8, 8], color = "L" }}
-
-[data]
-train = "data/train.npz"
-val = "data/calib.npz"
-calib = "data/calib.npz"
-eval = "data/eval.npz"
-
-[teacher]
-onnx = "data/teacher.onnx"
-
-[student]
-factory = "{model}:Student"
-
-[distill]
-alpha = 0.0
-epochs = 8
-lr = 0.003
-
-[export]
-exporter = "torchscript"
-
-[quantize]
-max_drop = 3.0
-calibrations = ["minmax"]
-recovery_steps = 0
-
-[tflite]
-enabled = false
-
-[evaluate]
-repeats = 2
-
-[package]
-signing_key = "{key}"
-"""
+# test_recipe's recipe, retargeted: a version and folder per build, hard labels only (alpha 0: the teacher never
+# saw the field's shift), no TFLite (not what these tests are about).
+RECIPE = (BASE.replace('version = "0.1.0"', 'version = "{version}"').replace('out_dir = "build"', 'out_dir = "{out}"')
+          .replace("[distill]\nepochs = 4", "[distill]\nalpha = 0.0\nepochs = 8")
+          + '\n[export]\nexporter = "torchscript"\n\n[tflite]\nenabled = false\n')
 
 
 def _recipe(root: Path, key, *, version: str, out: str, field: str = "") -> Path:
     p = root / f"{out}.toml"
-    p.write_text(RECIPE.format(version=version, out=out, model=MODEL, key=key) + field)
+    p.write_text(RECIPE.format(version=version, out=out, model=MODEL, key=key, max_drop=3.0) + field)
     return p
 
 

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import DataError
+from ..fielddata import sidecar_paths
 
-__all__ = ["FieldExport", "export_field_data", "split_devices", "sidecar_paths", "load_field_provenance",
-           "SKIP_REASONS"]
+__all__ = ["FieldExport", "export_field_data", "split_devices", "SKIP_REASONS"]
 
 #: Why a feedback row with an input did not become a sample (counted per reason in the export).
 SKIP_REASONS = ("no_label", "unknown_label", "corrupt", "wrong_shape")
@@ -61,14 +61,6 @@ class FieldExport:
         return (f"wrote {self.samples} labelled samples from {len(self.devices)} device(s) to {self.path} "
                 f"({self.train} for training in {self.train_path.name}, {held}; provenance in "
                 f"{self.provenance.name}); skipped: {skipped or 'none'}")
-
-
-def sidecar_paths(out: str | os.PathLike) -> dict[str, Path]:
-    """The files an export to ``out`` writes: ``all``, ``train``, ``holdout``, ``provenance``."""
-    p = Path(out)
-    stem = p.name[:-4] if p.name.endswith(".npz") else p.name
-    return {"all": p, "train": p.with_name(stem + ".train.npz"), "holdout": p.with_name(stem + ".holdout.npz"),
-            "provenance": p.with_name(stem + ".json")}
 
 
 def split_devices(devices: Sequence[str], holdout: float, salt: str = "edgeship-field") -> set[str]:
@@ -214,16 +206,3 @@ def export_field_data(db: Any, out: str | os.PathLike, *, model_version: str | N
                        holdout_path=paths["holdout"] if hold else None, samples=len(good), train=len(train),
                        holdout=len(hold), devices=tuple(devices), holdout_devices=tuple(sorted(held)),
                        skipped=dict(skipped))
-
-
-def load_field_provenance(out: str | os.PathLike) -> dict:
-    """The ``field.json`` written next to an export; DataError when missing or unreadable."""
-    p = sidecar_paths(out)["provenance"]
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{p}: the export's provenance file is missing or unreadable ({exc}); "
-                        "export again with edgeship fleet export-feedback") from exc
-    if not isinstance(d, dict) or not isinstance(d.get("samples"), list):
-        raise DataError(f"{p}: not an edgeship field-export provenance file")
-    return d
