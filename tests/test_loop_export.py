@@ -120,3 +120,29 @@ def test_export_of_only_bad_samples_says_why(db, tmp_path):
     db.store_messages([_fb("a", 1, "label", value="cat", x=_good(1)), _fb("b", 2, "incorrect", x=_good(2))])
     with pytest.raises(DataError, match=r"1 unknown label.*--labels labels.txt"):
         export_field_data(db, tmp_path / "f.npz")
+
+
+def test_privacy_switch_off_keeps_no_input_and_sends_none(tmp_path):
+    """[feedback] keep_inputs = false (the default): nothing on disk, a correction carries no input."""
+    from edgeship.agent.config import parse_config
+    from edgeship.agent.feedback import FeedbackManager
+    from edgeship.agent.link import FleetLink
+    from edgeship.agent.outbox import Outbox
+
+    assert parse_config({"agent": {"device_id": "d", "state_dir": str(tmp_path)}}).feedback.keep_inputs is False
+    for keep in (False, True):
+        cfg = parse_config({"agent": {"device_id": f"d{keep}", "fleet": "f", "state_dir": str(tmp_path / str(keep))},
+                            "mqtt": {"broker": "mqtt://127.0.0.1:1"}, "feedback": {"keep_inputs": keep}})
+        link = FleetLink.from_config(cfg)
+        try:
+            assert (link.feedback_manager.writer is not None) is keep
+        finally:
+            link.outbox.close()
+    ob = Outbox(tmp_path / "o.sqlite", 1_000_000)
+    fm = FeedbackManager(ob, "f", "d1", ring_size=10, inputs_dir=None).start()
+    try:
+        fm.remember("p1", label="3", inputs={"input": _good(1)})
+        assert "input" not in fm.feedback("p1", "label", "7")
+    finally:
+        fm.stop(5)
+        ob.close()
