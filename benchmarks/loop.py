@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import re
 import sys
 import tempfile
@@ -60,6 +62,38 @@ def _curve_point(recipe: Path, n: str, work: Path) -> dict:
             "original_serving": g["original_serving"], "seconds": round(time.monotonic() - t, 1)}
 
 
+def _broker(how: str, work: Path):
+    """(process or None, broker URL or None for the embedded one)."""
+    import shutil
+    import socket
+    import subprocess
+
+    if how == "embedded":
+        return None, None
+    if how != "auto":
+        return None, how
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        return None, None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = work / "mosquitto.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    + ("user root\n" if os.geteuid() == 0 else ""))  # root: keep it, as tests/conftest.py does
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, f"mqtt://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    proc.terminate()
+    raise SystemExit(f"mosquitto did not start on port {port}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true", help="the --fast demo settings (fewer samples, shorter soaks)")
@@ -67,14 +101,30 @@ def main() -> int:
     ap.add_argument("--curve", default="0,25,50,100,200,400,all",
                     help="field samples used for the accuracy curve (comma-separated; 'all'; empty: no curve)")
     ap.add_argument("--workdir", default=None, help="keep the run here (default: a temporary folder)")
+    ap.add_argument("--broker", default="auto",
+                    help="MQTT broker: a URL, 'embedded' (amqtt, what `edgeship demo` starts), or 'auto': a local "
+                         "Mosquitto when installed (the embedded broker falls behind on a loaded machine)")
     args = ap.parse_args()
 
     from edgeship.demo_loop import RETRAINED_VERSION, SERVING_VERSION, phase_table, run_loop
 
+    # As `edgeship demo` does: the embedded broker's own QoS 1 retry chatter is noise here (the outbox resends,
+    # the collector de-duplicates); errors still show.
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.ERROR)
+    handler.addFilter(lambda record: not record.name.startswith(("amqtt", "transitions")))
+    logging.basicConfig(level=logging.ERROR, handlers=[handler])
+
     tmp = tempfile.TemporaryDirectory(prefix="edgeship-loop-bench-")
     work = Path(args.workdir or tmp.name)
     t0 = time.monotonic()
-    res = run_loop(workdir=work / "demo", devices=args.devices, fast=args.fast, quiet=True)
+    broker, url = _broker(args.broker, work)
+    try:
+        res = run_loop(workdir=work / "demo", devices=args.devices, fast=args.fast, quiet=True, broker_url=url)
+    finally:
+        if broker is not None:
+            broker.terminate()
+            broker.wait(10)
     loop_s = time.monotonic() - t0
     fig = {(r["phase"], r["version"]): r for r in res.figures}
     before = fig.get(("before", SERVING_VERSION), {})
@@ -82,7 +132,7 @@ def main() -> int:
     after = fig.get(("after", RETRAINED_VERSION), {})
     g = res.retrain["gate"]
     print(f"edgeship demo --loop{' --fast' if args.fast else ''}: {len(res.devices)} devices, "
-          f"{len(res.shifted_devices)} shifted; whole run {loop_s:.0f} s\n")
+          f"{len(res.shifted_devices)} shifted; broker {url or 'embedded amqtt'}; whole run {loop_s:.0f} s\n")
     print(phase_table(res.figures) + "\n")
     print("negative feedback           all devices   shifted devices")
     for name, r in (("before the shift (v1)", before), ("under the shift (v1)", under),
