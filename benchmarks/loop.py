@@ -49,7 +49,7 @@ def _curve_point(recipe: Path, n: str, work: Path) -> dict:
     text = re.sub(r'^out_dir = .*$', f"out_dir = {json.dumps(str(out))}", text, flags=re.M)
     text = re.sub(r"^mix = .*$", "mix = 0.0" if n == "0" else r"\g<0>", text, flags=re.M)
     # The curve wants the figures whatever they are: a gate that never refuses.
-    text += "min_gain = -1000.0\nmax_regress = 1000.0\n"
+    text = re.sub(r"^max_regress = .*$", "max_regress = 1000.0", text, flags=re.M) + "min_gain = -1000.0\n"
     if n not in ("0", "all"):
         text += f"max_samples = {int(n)}\n"
     path = work / f"curve-{n}.toml"
@@ -101,6 +101,8 @@ def main() -> int:
     ap.add_argument("--curve", default="0,25,50,100,200,400,all",
                     help="field samples used for the accuracy curve (comma-separated; 'all'; empty: no curve)")
     ap.add_argument("--workdir", default=None, help="keep the run here (default: a temporary folder)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --workdir: print the figures of the loop run already there and only draw the curve")
     ap.add_argument("--broker", default="auto",
                     help="MQTT broker: a URL, 'embedded' (amqtt, what `edgeship demo` starts), or 'auto': a local "
                          "Mosquitto when installed (the embedded broker falls behind on a loaded machine)")
@@ -118,22 +120,28 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory(prefix="edgeship-loop-bench-")
     work = Path(args.workdir or tmp.name)
     t0 = time.monotonic()
-    broker, url = _broker(args.broker, work)
-    try:
-        res = run_loop(workdir=work / "demo", devices=args.devices, fast=args.fast, quiet=True, broker_url=url)
-    finally:
-        if broker is not None:
-            broker.terminate()
-            broker.wait(10)
-    loop_s = time.monotonic() - t0
-    fig = {(r["phase"], r["version"]): r for r in res.figures}
+    url = None
+    if args.reuse and (work / "demo" / "loop.json").is_file():
+        res = json.loads((work / "demo" / "loop.json").read_text())
+        loop_s = res["seconds"]
+    else:
+        broker, url = _broker(args.broker, work)
+        try:
+            res = run_loop(workdir=work / "demo", devices=args.devices, fast=args.fast, quiet=True,
+                           broker_url=url).to_dict()
+        finally:
+            if broker is not None:
+                broker.terminate()
+                broker.wait(10)
+        loop_s = time.monotonic() - t0
+    fig = {(r["phase"], r["version"]): r for r in res["figures"]}
     before = fig.get(("before", SERVING_VERSION), {})
     under = fig.get(("shift", SERVING_VERSION), {})
     after = fig.get(("after", RETRAINED_VERSION), {})
-    g = res.retrain["gate"]
-    print(f"edgeship demo --loop{' --fast' if args.fast else ''}: {len(res.devices)} devices, "
-          f"{len(res.shifted_devices)} shifted; broker {url or 'embedded amqtt'}; whole run {loop_s:.0f} s\n")
-    print(phase_table(res.figures) + "\n")
+    g = res["retrain"]["gate"]
+    print(f"edgeship demo --loop{' --fast' if args.fast else ''}: {len(res['devices'])} devices, "
+          f"{len(res['shifted_devices'])} shifted; broker {url or 'embedded amqtt'}; whole run {loop_s:.0f} s\n")
+    print(phase_table(res["figures"]) + "\n")
     print("negative feedback           all devices   shifted devices")
     for name, r in (("before the shift (v1)", before), ("under the shift (v1)", under),
                     (f"after the rollout ({RETRAINED_VERSION})", after)):
@@ -142,13 +150,13 @@ def main() -> int:
     print(f"  v1 {SERVING_VERSION:<24}{g['original_serving']:>12.2f}   {g['field_serving']:>12.2f}")
     print(f"  retrained {RETRAINED_VERSION:<17}{g['original_new']:>12.2f}   {g['field_new']:>12.2f}")
     print(f"  ({g['original_samples']} original test samples, {g['field_samples']} held-out field samples from "
-          f"{len(res.export['holdout_devices'])} devices)")
-    print(f"\nalarm → completed rollout: {res.alarm_to_complete_s / 60:.2f} min "
-          f"(retrain {res.retrain['seconds']:.0f} s, rollout {res.rollout['seconds']:.0f} s)")
+          f"{len(res['export']['holdout_devices'])} devices)")
+    print(f"\nalarm → completed rollout: {res['alarm_to_complete_s'] / 60:.2f} min "
+          f"(retrain {res['retrain']['seconds']:.0f} s, rollout {res['rollout']['seconds']:.0f} s)")
     curve = []
     points = [p.strip() for p in args.curve.split(",") if p.strip()]
     if points:
-        recipe = Path(res.workdir) / "retrain" / "recipe.toml"
+        recipe = Path(res["workdir"]) / "retrain" / "recipe.toml"
         print("\nfield accuracy vs field samples used (distinct training samples from the export):")
         print("  used   held-out field   original test   seconds")
         for n in points:
@@ -158,9 +166,9 @@ def main() -> int:
                   f"{p['seconds']:>7.1f}")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "loop.json").write_text(json.dumps({
-        "settings": {"fast": args.fast, "devices": len(res.devices)}, "figures": res.figures,
-        "gate": g, "export": res.export, "alarm_to_complete_min": res.alarm_to_complete_s / 60,
-        "rollout": res.rollout, "curve": curve, "loop_seconds": round(loop_s, 1)}, indent=2, default=str))
+        "settings": {"fast": args.fast, "devices": len(res["devices"])}, "figures": res["figures"],
+        "gate": g, "export": res["export"], "alarm_to_complete_min": res["alarm_to_complete_s"] / 60,
+        "rollout": res["rollout"], "curve": curve, "loop_seconds": round(loop_s, 1)}, indent=2, default=str))
     print(f"\nwrote {OUT / 'loop.json'}")
     tmp.cleanup()
     return 0
