@@ -699,9 +699,6 @@ def _sec(name: str) -> Callable[[Recipe], dict]:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("field_data", needs=(), makes=("train_data", "field_holdout"), options=lambda r: _field_options(r),
-         files=lambda r: [r["data"]["train"], *_field_files(r)], run=lambda ctx: _field_data_run(ctx),
-         enabled=lambda r: _field_enabled(r)),
     Step("distill", needs=(), optional_needs=("train_data",), makes=("student", "learning_curve"),
          options=lambda r: {"distill": dict(r["distill"]), "student": r["student"]["factory"].rpartition(":")[2],
                             "teacher": r["teacher"]["factory"] and r["teacher"]["factory"].rpartition(":")[2]},
@@ -725,9 +722,6 @@ STEPS: tuple[Step, ...] = (
                             and r["teacher"]["factory"].rpartition(":")[2]},
          files=lambda r: [*_teacher_files(r), r["data"]["eval"], r["data"]["calib"]], run=_evaluate_run,
          uses_info=True),
-    Step("field_gate", needs=("onnx_int8", "field_holdout"), makes=(), options=lambda r: _field_options(r),
-         files=lambda r: [r["data"]["eval"], *_field_files(r)], run=lambda ctx: _field_gate_run(ctx),
-         enabled=lambda r: _field_enabled(r)),
     Step("package", needs=("onnx_fp32", "onnx_int8"), optional_needs=("tflite_int8", "train_data"),
          makes=("package",),
          options=lambda r: {"top": {k: v for k, v in r[""].items() if k != "out_dir"},
@@ -746,11 +740,30 @@ PRUNE_STEP = Step("prune", needs=("student",), makes=("student", "prune_tradeoff
                   run=_prune_run, enabled=_prune_enabled)
 
 
+#: Inserted only when the recipe has a ``[field]`` section (#22): the field export mixed into training before
+#: ``distill``, and the gate against the serving model between ``evaluate`` and ``package``.
+FIELD_DATA_STEP = Step("field_data", needs=(), makes=("train_data", "field_holdout"),
+                       options=_field_options, files=lambda r: [r["data"]["train"], *_field_files(r)],
+                       run=_field_data_run, enabled=_field_enabled)
+FIELD_GATE_STEP = Step("field_gate", needs=("onnx_int8", "field_holdout"), makes=(),
+                       options=_field_options, files=lambda r: [r["data"]["eval"], *_field_files(r)],
+                       run=_field_gate_run, enabled=_field_enabled)
+
+
+def _insert(steps: tuple[Step, ...], step: Step, *, after: str | None = None, before: str | None = None
+            ) -> tuple[Step, ...]:
+    names = [s.name for s in steps]
+    i = names.index(after) + 1 if after in names else names.index(before) if before in names else len(steps)
+    return (*steps[:i], step, *steps[i:])
+
+
 def _with_optional(steps: tuple[Step, ...], recipe: Recipe) -> tuple[Step, ...]:
-    if not _prune_enabled(recipe):
-        return steps
-    i = next((k for k, s in enumerate(steps) if s.name == "distill"), -1)
-    return (*steps[:i + 1], PRUNE_STEP, *steps[i + 1:])
+    """:data:`STEPS` plus the optional steps this recipe asks for; a plain recipe plans exactly STEPS."""
+    if _prune_enabled(recipe):
+        steps = _insert(steps, PRUNE_STEP, after="distill")
+    if _field_enabled(recipe):
+        steps = _insert(_insert(steps, FIELD_DATA_STEP, before="distill"), FIELD_GATE_STEP, before="package")
+    return steps
 
 # --------------------------------------------------------------------------- the engine
 
