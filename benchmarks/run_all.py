@@ -35,6 +35,8 @@ BENCHMARKS = {
     "adapt": ("adapt.py", "variant choice under a latency budget and CPU load", "monitoring"),
     "prune": ("prune.py", "channel pruning: accuracy/size/latency over ratios", "monitoring"),
     "console": ("console.py", "console page load with 1,000 devices / 100,000 telemetry rows", "console"),
+    "loop": ("loop.py", "field loop: shift → retrain on field corrections → rollout; feedback, accuracy, curve",
+             "field loop"),
 }
 
 

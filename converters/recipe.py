@@ -99,6 +99,10 @@ _SECTIONS: dict[str, dict[str, Opt]] = {
               "max_drop": Opt(_NUM, 1.0), "seed": Opt((int,), 0)},
     "evaluate": {"repeats": Opt((int,), 30), "threads": Opt((int,), 0)},
     "package": {"signing_key": Opt((str,), required=True, kind="file"), "out": Opt((str,), None, kind="path")},
+    # field data from the fleet (#22, edgeship.converters.field): mixed into training, gated against serving
+    "field": {"data": Opt((str,), None, kind="file"), "serving": Opt((str,), None, kind="file"),
+              "mix": Opt(_NUM, 0.3), "dedup": Opt((bool,), True), "max_samples": Opt((int,), 0),
+              "min_gain": Opt(_NUM, 0.0), "max_regress": Opt(_NUM, 1.0), "seed": Opt((int,), 0)},
 }
 
 
@@ -218,6 +222,14 @@ def load_recipe(path) -> Recipe:
         raise _err(path, text, "distill", "early_stopping", "give a patience in epochs, or false")
     if options["quantize"]["max_drop"] < 0:
         raise _err(path, text, "quantize", "max_drop", "must be >= 0 points")
+    f = options["field"]
+    if f["data"] is not None and f["serving"] is None:
+        raise _err(path, text, "field", "data", "field data needs serving = \"<the package serving now>.edgepkg\": "
+                                                "the new model must beat it on the held-out field set")
+    if not 0 <= f["mix"] < 1:
+        raise _err(path, text, "field", "mix", f"must be in [0, 1) (the share of field samples), got {f['mix']}")
+    if f["max_samples"] < 0 or f["max_regress"] < 0:
+        raise _err(path, text, "field", None, "max_samples and max_regress must be >= 0")
     return Recipe(path=path, base=base, options=options, text=text)
 
 
@@ -284,7 +296,8 @@ def _distill_run(ctx: Ctx) -> tuple[dict, dict]:
     d = r["distill"]
     student = load_factory(r["student"]["factory"])()
     hint = d["hint_layer"]
-    res = distill(_teacher_model(r), student, r["data"]["train"], val=r["data"]["val"], alpha=float(d["alpha"]),
+    train = ctx.artifacts.get("train_data") or r["data"]["train"]  # mixed with field data by field_data
+    res = distill(_teacher_model(r), student, train, val=r["data"]["val"], alpha=float(d["alpha"]),
                   temperature=float(d["temperature"]), epochs=d["epochs"], lr=float(d["lr"]),
                   batch_size=d["batch_size"], seed=d["seed"],
                   early_stopping=None if d["early_stopping"] is False else d["early_stopping"],
@@ -528,8 +541,16 @@ def _package_run(ctx: Ctx) -> tuple[dict, dict]:
     from .refstats import compute_reference_stats
 
     # What the model was built for, for on-device drift monitoring (fp32 student on calib + eval).
-    stats = compute_reference_stats(ctx.artifacts["onnx_fp32"], [r["data"]["calib"], r["data"]["eval"]],
-                                    labels=labels, preprocess=r[""]["preprocess"])
+    # With field data the model is built for the mixed set too: its share of field inputs is in the reference.
+    ref_data = [r["data"]["calib"], r["data"]["eval"]]
+    if "train_data" in ctx.artifacts:
+        ref_data.append(ctx.artifacts["train_data"])
+        report["field"] = {"data": ctx.infos.get("field_data"), "gate": ctx.infos.get("field_gate")}
+        fi = ctx.infos.get("field_data") or {}
+        provenance["field"] = {k: fi.get(k) for k in ("field_train", "field_holdout", "mix", "devices", "versions",
+                                                      "period")}
+    stats = compute_reference_stats(ctx.artifacts["onnx_fp32"], ref_data, labels=labels,
+                                    preprocess=r[""]["preprocess"])
     out = ctx.work / f"{r.name}-{r.version}.edgepkg"
     pkgmod.build(out, files, name=r.name, version=r.version, inputs=[_spec(s) for s in fp32.inputs],
                  outputs=[_spec(s) for s in fp32.outputs], preprocess=r[""]["preprocess"],
@@ -543,12 +564,146 @@ def _variant_metrics(row: Mapping) -> dict:
             "latency_ms_b32": row["latency_ms_b32"], "size": row["size"]}
 
 
+# -- field data (#22): the fleet's labelled samples, mixed in before distill and gated on after evaluate
+
+def _field_enabled(r: Recipe) -> bool:
+    return r["field"]["data"] is not None
+
+
+def _field_options(r: Recipe) -> dict:
+    return {k: v for k, v in r["field"].items() if k not in ("data", "serving")}
+
+
+def _field_files(r: Recipe) -> list:
+    from ..fielddata import sidecar_paths
+
+    f = r["field"]
+    if f["data"] is None:
+        return []
+    prov = sidecar_paths(f["data"])["provenance"]
+    return [f["data"], f["serving"], *([prov] if prov.is_file() else [])]
+
+
+def _load_field(r: Recipe, names: list[str]) -> tuple[dict, np.ndarray, np.ndarray, dict]:
+    """The field export: its arrays (renamed to the original data's input names), labels, split, provenance."""
+    from ..errors import DataError
+    from ..fielddata import load_field_provenance
+    from .data import load_data
+
+    path = r["field"]["data"]
+    ds = load_data(path)
+    if ds.labels is None:
+        raise DataError(f"{path}: field data has no labels; export it with edgeship fleet export-feedback")
+    prov = load_field_provenance(path)
+    rows = prov["samples"]
+    if len(rows) != len(ds.labels):
+        raise DataError(f"{path}: {len(ds.labels)} samples but its provenance lists {len(rows)}; export again")
+    if len(ds.inputs) != len(names):
+        raise DataError(f"{path}: {len(ds.inputs)} input arrays, the original data has {len(names)}")
+    arrays = {n: np.asarray(a) for n, a in zip(names, ds.inputs.values())}
+    split = np.asarray([row.get("split") == "holdout" for row in rows])
+    return arrays, np.asarray(ds.labels, dtype=np.int64), split, prov
+
+
+def _field_data_run(ctx: Ctx) -> tuple[dict, dict]:
+    from ..errors import DataError
+    from . import field as fd
+    from .data import load_data
+
+    r = ctx.recipe
+    f = r["field"]
+    orig = load_data(r["data"]["train"])
+    if orig.labels is None:
+        raise DataError(f"{r['data']['train']}: mixing field data needs labels in the original training data")
+    names = list(orig.inputs)
+    arrays, labels, held, prov = _load_field(r, names)
+    for n in names:
+        if arrays[n].shape[1:] != orig.inputs[n].shape[1:]:
+            raise DataError(f"{f['data']}: field input {n!r} has samples of shape {arrays[n].shape[1:]}, the original "
+                            f"data {orig.inputs[n].shape[1:]}; was it exported from another model?")
+        arrays[n] = arrays[n].astype(orig.inputs[n].dtype, copy=False)
+    keys = fd.row_keys(arrays)
+    train_idx = np.flatnonzero(~held)
+    hold_idx = np.flatnonzero(held)
+    dropped = 0
+    if f["dedup"]:
+        # A held-out input must not be learnt from, and an input already in the original set adds nothing.
+        exclude = set(fd.row_keys(orig.inputs)) | {keys[i] for i in hold_idx}
+        keep, dropped = fd.dedup([keys[i] for i in train_idx], exclude=exclude)
+        train_idx = train_idx[keep]
+    if f["max_samples"]:
+        rng = np.random.default_rng(f["seed"])
+        if len(train_idx) > f["max_samples"]:
+            train_idx = np.sort(rng.choice(train_idx, size=f["max_samples"], replace=False))
+    pick = train_idx[fd.mix(len(orig), len(train_idx), float(f["mix"]), seed=f["seed"])]
+    mixed = {n: np.concatenate([orig.inputs[n], arrays[n][pick]]) for n in names}
+    mixed["labels"] = np.concatenate([np.asarray(orig.labels, dtype=np.int64), labels[pick]])
+    train_out = ctx.work / "train_mixed.npz"
+    np.savez(train_out, **mixed)
+    hold_out = ctx.work / "field_holdout.npz"
+    np.savez(hold_out, **{n: arrays[n][hold_idx] for n in names}, labels=labels[hold_idx])
+    rows = prov["samples"]
+    info = {"original": len(orig), "field_samples": len(labels), "field_train": int(len(train_idx)),
+            "field_train_rows": int(len(pick)), "field_holdout": int(len(hold_idx)), "duplicates_dropped": dropped,
+            "mix": float(f["mix"]), "train_total": int(len(mixed["labels"])),
+            "devices": sorted({row["device"] for row in rows}), "holdout_devices": prov.get("holdout_devices", []),
+            "versions": sorted({str(row.get("model_version")) for row in rows}),
+            "period": [min(row["ts"] for row in rows), max(row["ts"] for row in rows)] if rows else None}
+    return {"train_data": train_out, "field_holdout": hold_out}, info
+
+
+def _serving_model(path: str, work: Path) -> Path:
+    """The serving package's default ONNX model as a file (a plain .onnx path is used as is)."""
+    from .. import package as pkgmod
+
+    if str(path).endswith(".onnx"):
+        return Path(path)
+    pkg = pkgmod.open_package(path)
+    variants = pkg.manifest.get("variants") or []
+    member = next((v["file"] for v in variants if v.get("default") and str(v.get("file", "")).endswith(".onnx")),
+                  "model.onnx")
+    out = work / "serving.onnx"
+    out.write_bytes(pkgmod.read_verified(pkg, member))
+    return out
+
+
+def _field_gate_run(ctx: Ctx) -> tuple[dict, dict]:
+    from . import evaluate as ev
+    from . import field as fd
+    from .data import load_data
+
+    r = ctx.recipe
+    f = r["field"]
+    serving = _serving_model(f["serving"], ctx.work)
+    new = ctx.artifacts["onnx_int8"]
+    orig = load_data(r["data"]["eval"])
+    held = load_data(ctx.artifacts["field_holdout"])
+
+    def points(model, data) -> float:
+        return 100.0 * ev.top1(ev.predict(model, data), data.labels)
+
+    verdict = fd.field_verdict(original_new=points(new, orig), original_serving=points(serving, orig),
+                               field_new=points(new, held) if len(held) else 0.0,  # the verdict refuses 0 samples
+                               field_serving=points(serving, held) if len(held) else 0.0,
+                               min_gain=float(f["min_gain"]), max_regress=float(f["max_regress"]),
+                               field_samples=len(held), original_samples=len(orig))
+    info = {**verdict.to_dict(), "serving": Path(f["serving"]).name, "min_gain": f["min_gain"],
+            "max_regress": f["max_regress"]}
+    if not verdict.ok:
+        # No package: and an earlier run's package at the same path would now look like this run's result.
+        r.package_path.unlink(missing_ok=True)
+        r.out_dir.mkdir(parents=True, exist_ok=True)
+        (r.out_dir / "field_gate.json").write_text(json.dumps(info, indent=1))
+        raise AccuracyBudgetError(f"field gate: {verdict.reason}; no package written")
+    return {}, info
+
+
 def _sec(name: str) -> Callable[[Recipe], dict]:
     return lambda r: dict(r[name])
 
 
 STEPS: tuple[Step, ...] = (
-    Step("distill", needs=(), makes=("student", "learning_curve"),
+    Step("distill", needs=(), optional_needs=("train_data",), makes=("student", "learning_curve"),
          options=lambda r: {"distill": dict(r["distill"]), "student": r["student"]["factory"].rpartition(":")[2],
                             "teacher": r["teacher"]["factory"] and r["teacher"]["factory"].rpartition(":")[2]},
          files=lambda r: [*_teacher_files(r), _factory_file(r["student"]["factory"]), r["data"]["train"],
@@ -571,7 +726,8 @@ STEPS: tuple[Step, ...] = (
                             and r["teacher"]["factory"].rpartition(":")[2]},
          files=lambda r: [*_teacher_files(r), r["data"]["eval"], r["data"]["calib"]], run=_evaluate_run,
          uses_info=True),
-    Step("package", needs=("onnx_fp32", "onnx_int8"), optional_needs=("tflite_int8",), makes=("package",),
+    Step("package", needs=("onnx_fp32", "onnx_int8"), optional_needs=("tflite_int8", "train_data"),
+         makes=("package",),
          options=lambda r: {"top": {k: v for k, v in r[""].items() if k != "out_dir"},
                             "teacher": r["teacher"]["factory"] and r["teacher"]["factory"].rpartition(":")[2]},
          files=lambda r: [r["package"]["signing_key"], *_teacher_files(r), r["data"]["eval"], r["data"]["calib"]],
@@ -588,11 +744,30 @@ PRUNE_STEP = Step("prune", needs=("student",), makes=("student", "prune_tradeoff
                   run=_prune_run, enabled=_prune_enabled)
 
 
+#: Inserted only when the recipe has a ``[field]`` section (#22): the field export mixed into training before
+#: ``distill``, and the gate against the serving model between ``evaluate`` and ``package``.
+FIELD_DATA_STEP = Step("field_data", needs=(), makes=("train_data", "field_holdout"),
+                       options=_field_options, files=lambda r: [r["data"]["train"], *_field_files(r)],
+                       run=_field_data_run, enabled=_field_enabled)
+FIELD_GATE_STEP = Step("field_gate", needs=("onnx_int8", "field_holdout"), makes=(),
+                       options=_field_options, files=lambda r: [r["data"]["eval"], *_field_files(r)],
+                       run=_field_gate_run, enabled=_field_enabled)
+
+
+def _insert(steps: tuple[Step, ...], step: Step, *, after: str | None = None, before: str | None = None
+            ) -> tuple[Step, ...]:
+    names = [s.name for s in steps]
+    i = names.index(after) + 1 if after in names else names.index(before) if before in names else len(steps)
+    return (*steps[:i], step, *steps[i:])
+
+
 def _with_optional(steps: tuple[Step, ...], recipe: Recipe) -> tuple[Step, ...]:
-    if not _prune_enabled(recipe):
-        return steps
-    i = next((k for k, s in enumerate(steps) if s.name == "distill"), -1)
-    return (*steps[:i + 1], PRUNE_STEP, *steps[i + 1:])
+    """:data:`STEPS` plus the optional steps this recipe asks for; a plain recipe plans exactly STEPS."""
+    if _prune_enabled(recipe):
+        steps = _insert(steps, PRUNE_STEP, after="distill")
+    if _field_enabled(recipe):
+        steps = _insert(_insert(steps, FIELD_DATA_STEP, before="distill"), FIELD_GATE_STEP, before="package")
+    return steps
 
 # --------------------------------------------------------------------------- the engine
 
@@ -643,6 +818,9 @@ class RecipeResult:
             lines.append(f"  {row['model']:<24} {row['metric']} {fmt(row['value'], 4):<7} "
                          f"b1 {fmt(row['latency_ms_b1'])} ms  b32 {fmt(row['latency_ms_b32'])} ms  "
                          f"{row['size'] / 1024:.1f} KiB  {row['params']:,} params")
+        gate = next((s.info for s in self.steps if s.name == "field_gate" and s.info), None)
+        if gate:
+            lines += ["", f"field gate: {gate['reason']}"]
         lines += ["", f"package: {self.package}", f"report:  {self.report_md}", f"took {self.seconds:.1f} s"]
         return "\n".join(lines)
 
@@ -851,6 +1029,27 @@ def _write_report(recipe: Recipe, result: RecipeResult, infos: Mapping[str, dict
                                         f"{tfl['points']:.2f} {tfl['metric']} points, "
                                         f"{tfl['drop_vs_fp32']:.2f} pt below the fp32 student (budget "
                                         f"{recipe['quantize']['max_drop']:g} pt)."))
+    fi, fg = infos.get("field_data"), infos.get("field_gate")
+    if fi:
+        sections.append(("Field data", (
+            f"{fi['field_samples']} labelled field samples from {len(fi['devices'])} devices (versions "
+            f"{', '.join(fi['versions'])}); {fi['field_holdout']} held out from devices "
+            f"{', '.join(fi['holdout_devices']) or '-'}; {fi['field_train']} distinct training samples "
+            f"({fi['duplicates_dropped']} duplicates dropped) make up {100 * fi['mix']:.0f}% of "
+            f"{fi['train_total']} training rows next to {fi['original']} original ones.")))
+    if fg:
+        rows = [{"set": f"original test set ({fg['original_samples']})", "new": f"{fg['original_new']:.2f}",
+                 "serving": f"{fg['original_serving']:.2f}",
+                 "diff": f"{fg['original_new'] - fg['original_serving']:+.2f}",
+                 "rule": f"may lose at most {fg['max_regress']:g} pt"},
+                {"set": f"held-out field set ({fg['field_samples']})", "new": f"{fg['field_new']:.2f}",
+                 "serving": f"{fg['field_serving']:.2f}", "diff": f"{fg['field_new'] - fg['field_serving']:+.2f}",
+                 "rule": f"must gain more than {fg['min_gain']:g} pt"}]
+        sections.append(("Field gate", "\n".join([
+            f"New int8 model vs the serving one ({fg['serving']}), top-1 points: "
+            f"{'passed' if fg['ok'] else 'FAILED'} — {fg['reason']}", "",
+            rp.markdown_table(rows, ["set", "new", "serving", "diff", "rule"],
+                              ["data", "new", "serving", "difference (pt)", "rule"])])))
     if ev:
         sections.append(("Plots", "![accuracy vs latency](plots/accuracy_latency.png)\n\n![file size](plots/size.png)"))
     sections.append(("Steps", "\n".join(f"- {s.name}: {s.status}" + (f" ({s.seconds:.1f} s)" if s.seconds else "")

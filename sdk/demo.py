@@ -278,8 +278,9 @@ def _top1(result) -> float | None:
 
 
 def build_packages(cache_dir: str | os.PathLike, settings: DemoSettings, *, quiet: bool = False,
-                   say: Callable[[str], None] = lambda line: None) -> BuiltModels:
-    """Teacher (cached), then the v0-v3 recipes; returns the signed packages. Reuses every cached step."""
+                   say: Callable[[str], None] = lambda line: None, only: Sequence[str] | None = None) -> BuiltModels:
+    """Teacher (cached), then the v0-v3 recipes (or ``only`` these tags); returns the signed packages.
+    Reuses every cached step."""
     t0 = time.monotonic()
     # Shipped in the package (not read from the source checkout's examples/), so the demo runs from a wheel.
     from . import demo_data
@@ -295,13 +296,13 @@ def build_packages(cache_dir: str | os.PathLike, settings: DemoSettings, *, quie
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _build(cache_dir, settings, ex, prepare, run_recipe, quiet=quiet, say=say, t0=t0)
+        return _build(cache_dir, settings, ex, prepare, run_recipe, quiet=quiet, say=say, t0=t0, only=only)
     finally:
         torch.set_num_threads(threads)
 
 
 def _build(cache_dir, settings: DemoSettings, ex: Path, prepare, run_recipe, *, quiet: bool,
-           say: Callable[[str], None], t0: float) -> BuiltModels:
+           say: Callable[[str], None], t0: float, only: Sequence[str] | None = None) -> BuiltModels:
     mode = "fast" if settings.fast else "full"
     cache = Path(cache_dir).expanduser().resolve()
     tdir = cache / f"teacher-e{settings.teacher_epochs}"
@@ -342,6 +343,8 @@ def _build(cache_dir, settings: DemoSettings, ex: Path, prepare, run_recipe, *, 
     }
     packages, top1, reused = {}, {}, {}
     for tag, p in plans.items():
+        if only is not None and tag not in only:
+            continue
         version = VERSIONS[tag]
         out = cache / mode / tag
         out.mkdir(parents=True, exist_ok=True)
@@ -434,15 +437,19 @@ class SimulatedUser(Loop):
     verdict) into a bounded queue; the user's own thread sends them with
     ``agent.feedback`` (which writes to the outbox), so feedback never slows
     inference. A full queue skips the prediction (counted in ``skipped``).
+    With ``corrections`` the user gives the right digit (``label``) instead
+    of a bare ``incorrect``: a labelled sample for the field loop (#22).
     """
 
-    def __init__(self, agent: Any, *, share: float = 0.3, seed: int = 0, queue_size: int = 1000) -> None:
+    def __init__(self, agent: Any, *, share: float = 0.3, seed: int = 0, queue_size: int = 1000,
+                 corrections: bool = False) -> None:
         super().__init__("demo-user")
         self.agent = agent
         self.share = float(share)
+        self.corrections = corrections
         self._rng = np.random.default_rng(seed)
-        self._q: queue.Queue[tuple[str, str]] = queue.Queue(maxsize=queue_size)
-        self.sent = {"correct": 0, "incorrect": 0}
+        self._q: queue.Queue[tuple[str, str, str]] = queue.Queue(maxsize=queue_size)
+        self.sent = {"correct": 0, "incorrect": 0, "label": 0}
         self.skipped = 0
         self.failed = 0
 
@@ -461,19 +468,23 @@ class SimulatedUser(Loop):
             if verdict is None:
                 continue
             try:
-                self._q.put_nowait((ids[i], verdict))
+                self._q.put_nowait((ids[i], verdict, refs[i].rsplit(":", 1)[1]))
             except queue.Full:
                 self.skipped += 1
 
     def run(self) -> None:
         while not self.stopping:
             try:
-                pid, verdict = self._q.get(timeout=0.2)
+                pid, verdict, truth = self._q.get(timeout=0.2)
             except queue.Empty:
                 continue
             try:
-                self.agent.feedback(pid, verdict)
-                self.sent[verdict] += 1
+                if verdict == "incorrect" and self.corrections:
+                    self.agent.feedback(pid, "label", truth)
+                    self.sent["label"] += 1
+                else:
+                    self.agent.feedback(pid, verdict)
+                    self.sent[verdict] += 1
             except EdgeshipError as exc:  # e.g. the prediction left the ring: a user who came back too late
                 self.failed += 1
                 log.debug("simulated feedback on %s not sent: %s", pid, exc)
@@ -488,11 +499,15 @@ class SimDevice:
     The agent is built from an agent config mapping and wired exactly as
     ``edgeship agent run`` wires it (:func:`edgeship.agent.runner_main.wire_components`:
     outbox, MQTT link, telemetry, feedback, rollout client); the demo adds
-    its sensor (:class:`DigitsStream`) and its user (:class:`SimulatedUser`).
+    its sensor (:class:`DigitsStream`, or ``stream``) and its user (:class:`SimulatedUser`;
+    ``corrections`` makes it send the right label). ``overrides`` replace
+    keys of the config's sections (``demo --loop`` turns on keep_inputs).
     """
 
     def __init__(self, device_id: str, state_dir: Path, *, broker: str, public_key: Path, settings: DemoSettings,
-                 images: np.ndarray, labels: np.ndarray, seed: int, package: Path | None = None) -> None:
+                 images: np.ndarray, labels: np.ndarray, seed: int, package: Path | None = None,
+                 stream: Source | None = None, overrides: Mapping[str, Mapping] | None = None,
+                 corrections: bool = False) -> None:
         from .agent.agent import Agent
         from .agent.config import parse_config
         from .agent.runner_main import wire_components
@@ -504,7 +519,7 @@ class SimDevice:
                                          "log_level": "warning"}
         if package is not None:
             agent_section["package"] = str(package)
-        self.config = parse_config({
+        sections: dict[str, dict] = {
             "agent": agent_section,
             # Many agents share two cores here: one intra-op thread each, one warm-up run.
             "runtime": {"threads": 1, "warmup": 1},
@@ -512,12 +527,16 @@ class SimDevice:
             "mqtt": {"broker": broker, "keepalive": 10},
             "telemetry": {"window_s": settings.window_s},
             "rollout": {"health_window_s": settings.health_window_s, "jitter_s": settings.jitter_s},
-        })
-        self.stream = DigitsStream("digits", images, labels, rate_hz=settings.rate_hz, seed=seed)
+        }
+        for name, values in (overrides or {}).items():
+            sections[name] = {**sections.get(name, {}), **values}
+        self.config = parse_config(sections)
+        self.stream = stream or DigitsStream("digits", images, labels, rate_hz=settings.rate_hz, seed=seed)
         self.agent = Agent(self.config, sources=[self.stream])
         wire_components(self.agent, self.config)
         self.rollout_client = _ensure_rollout_client(self.agent, self.config)
-        self.user = self.agent.add_component(SimulatedUser(self.agent, share=settings.feedback_share, seed=seed))
+        self.user = self.agent.add_component(SimulatedUser(self.agent, share=settings.feedback_share, seed=seed,
+                                                           corrections=corrections))
 
     def start(self) -> "SimDevice":
         self.agent.start()
@@ -588,10 +607,10 @@ class DemoResult:
 _OWNED = ("devices", "packages", "report", "fleet.sqlite", "fleet.sqlite-wal", "fleet.sqlite-shm", "demo.json")
 
 
-def _fresh_workdir(workdir: Path) -> None:
+def _fresh_workdir(workdir: Path, owned: Sequence[str] = _OWNED) -> None:
     """Remove what an earlier demo run left in ``workdir`` (only the demo's own entries)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in _OWNED:
+    for name in owned:
         p = workdir / name
         if p.is_dir():
             shutil.rmtree(p)

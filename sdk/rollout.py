@@ -29,7 +29,11 @@ Gates (canary = devices on the new version, control = devices still on the old)
                            ms of absolute difference below which a ratio is noise
     ``metric:<path>``      a numeric telemetry field (dotted path), window means: canary vs
                            control * ``threshold`` + ``slack``
-    ``drift``              evaluated by a hook passed in by the caller (later issue)
+    ``drift``              predicted-class PSI, canary vs control (issue 10)
+    ``drift_score``        the devices' input drift score (telemetry ``drift.score``, the figure that
+                           raises the drift alarm), window means: canary vs control * ``threshold`` +
+                           ``slack``, as ``metric:drift.score`` (issue 22: the field signal that
+                           started a retrain gates its rollout)
 
     Verdicts: ``insufficient`` (fewer than ``min_samples`` on either side),
     ``fail`` (the canary is worse than allowed *with confidence*: the lower
@@ -62,6 +66,7 @@ from .errors import RolloutError, SignatureError
 
 __all__ = [
     "PLAN_FORMAT", "PLAN_STATES", "ACTIVE_STATES", "GATE_VERDICTS", "DEFAULT_STAGES", "DEFAULT_GATES", "DRIFT_GATE",
+    "DRIFT_SCORE_GATE", "DRIFT_SCORE_FIELD",
     "PackageRef", "Stage", "GateSpec", "HealthPolicy", "Plan", "GateResult", "Decision",
     "RateFigures", "LatencyFigures", "MeanFigures", "CohortFigures",
     "bucket", "in_stage", "will_reach", "canonical_json", "sign_plan", "verify_plan_message",
@@ -76,7 +81,10 @@ PLAN_STATES = ("running", "paused", "aborted", "completed")
 ACTIVE_STATES = ("running", "paused")
 GATE_VERDICTS = ("pass", "hold", "fail", "insufficient")
 DEFAULT_STAGES = (1.0, 10.0, 50.0, 100.0)
-_GATE_NAME = re.compile(r"^(failures|error_rate|negative_feedback|latency_p95|drift|metric:[A-Za-z0-9_.]{1,128})$")
+_GATE_NAME = re.compile(r"^(failures|error_rate|negative_feedback|latency_p95|drift|drift_score"
+                        r"|metric:[A-Za-z0-9_.]{1,128})$")
+#: The telemetry field the ``drift_score`` gate reads (edgeship.agent.drift puts it in every window).
+DRIFT_SCORE_FIELD = "drift.score"
 
 
 # ----------------------------------------------------------------- plan
@@ -110,7 +118,7 @@ class GateSpec:
     def unit(self) -> str:
         if self.name == "drift":
             return "psi"
-        return "ratio" if self.name == "latency_p95" or self.name.startswith("metric:") else "rate"
+        return "ratio" if self.name in ("latency_p95", "drift_score") or self.name.startswith("metric:") else "rate"
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,9 @@ DEFAULT_GATES = default_gates()
 #: The optional prediction-drift gate (issue 10): PSI of the canary's predicted-class distribution against the
 #: control's must stay within ``threshold`` (edgeship.drift.PSI_ALARM), with ``min_samples`` predictions a side.
 DRIFT_GATE = GateSpec("drift", threshold=0.2, min_samples=200)
+#: The input-drift gate (issue 22): the canary's mean drift score per window may exceed the control's by at
+#: most ``slack`` (PSI units; threshold 1.0 = no worse than control), with ``min_samples`` windows a side.
+DRIFT_SCORE_GATE = GateSpec("drift_score", threshold=1.0, min_samples=10, slack=0.05)
 
 
 @dataclass(frozen=True)
@@ -220,7 +231,7 @@ def _check_plan(p: Plan) -> None:
     for g in p.gates:
         if not _GATE_NAME.match(g.name):
             raise RolloutError(f"gate {g.name!r} is unknown; use failures, error_rate, negative_feedback, "
-                               "latency_p95, metric:<telemetry field> or drift")
+                               "latency_p95, metric:<telemetry field>, drift or drift_score")
         if not (0.5 <= g.confidence < 1) or g.min_samples < 0 or not math.isfinite(g.threshold):
             raise RolloutError(f"gate {g.name}: confidence must be in [0.5, 1), min_samples >= 0, threshold finite")
     if p.state not in PLAN_STATES:
@@ -264,14 +275,14 @@ def parse_stages(text: str | Sequence[float], soak: str | float | Sequence = 180
 
 def parse_gate(text: str) -> GateSpec:
     """``NAME:THRESHOLD[:MIN_SAMPLES[:CONFIDENCE[:SLACK]]]``, e.g. ``negative_feedback:0.05:100``."""
-    base = {g.name: g for g in (*DEFAULT_GATES, DRIFT_GATE)}
+    base = {g.name: g for g in (*DEFAULT_GATES, DRIFT_GATE, DRIFT_SCORE_GATE)}
     parts = text.split(":")
     name = parts.pop(0)
     if name == "metric" and parts:
         name = f"metric:{parts.pop(0)}"
     if not _GATE_NAME.match(name):
         raise RolloutError(f"gate {text!r}: unknown gate {name!r}; use failures, error_rate, negative_feedback, "
-                           "latency_p95, metric:FIELD or drift")
+                           "latency_p95, metric:FIELD, drift or drift_score")
     d = base.get(name, GateSpec(name, threshold=1.2, min_samples=20))
     try:
         vals = [float(x) for x in parts]
@@ -608,6 +619,8 @@ def evaluate_gate(spec: GateSpec, canary: CohortFigures, control: CohortFigures,
         return _metric_gate(spec, canary.metrics.get(key), control.metrics.get(key))
     if spec.name == "drift":
         return _drift_gate(spec, canary.classes, control.classes)
+    if spec.name == "drift_score":
+        return _metric_gate(spec, canary.metrics.get(DRIFT_SCORE_FIELD), control.metrics.get(DRIFT_SCORE_FIELD))
     return GateResult(spec.name, "insufficient", None, None, 0, 0, spec.threshold, spec.min_samples, spec.unit,
                       detail="no evaluator for this gate in this controller")
 

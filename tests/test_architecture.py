@@ -25,10 +25,10 @@ so the agent never imports the converters or the fleet side, and the fleet
 side never imports the agent:
 
     0 foundation   edgeship, errors, _version, _files, metrics, _onnx_external
-    1 contracts    tensorspec, preprocess, signing, protocol, mqtt, drift, rollout
+    1 contracts    tensorspec, preprocess, signing, protocol, mqtt, drift, rollout, fielddata
     2 model        package, runtime.*
     3 converters | agent | fleet
-    4 app          cli.*, demo
+    4 app          cli.*, demo, demo_loop
 
 A new module must be given a layer here (the test says so), which is the
 moment to decide where it belongs.
@@ -48,12 +48,13 @@ LAYERS = [
     ("foundation", 0, ["edgeship", "edgeship.errors", "edgeship._version", "edgeship._files", "edgeship.metrics",
                       "edgeship.lifecycle", "edgeship._onnx_external"]),
     ("contracts", 1, ["edgeship.tensorspec", "edgeship.preprocess", "edgeship.signing", "edgeship.protocol",
-                      "edgeship.mqtt", "edgeship.drift", "edgeship.rollout"]),
+                      "edgeship.mqtt", "edgeship.drift", "edgeship.rollout", "edgeship.fielddata"]),
     ("model", 2, ["edgeship.package", "edgeship.runtime", "edgeship.runtime."]),
     ("converters", 3, ["edgeship.converters", "edgeship.converters."]),
     ("agent", 3, ["edgeship.agent", "edgeship.agent."]),
     ("fleet", 3, ["edgeship.fleet", "edgeship.fleet."]),
-    ("app", 4, ["edgeship.cli", "edgeship.cli.", "edgeship.demo", "edgeship.demo_data", "edgeship.demo_data."]),
+    ("app", 4, ["edgeship.cli", "edgeship.cli.", "edgeship.demo", "edgeship.demo_loop", "edgeship.demo_data",
+             "edgeship.demo_data."]),
 ]
 
 

@@ -68,6 +68,16 @@ BLOCKS: dict[tuple[str, str], str] = {
     ("README.md", "edgeship fleet collect --broker mqtt://broker:1883 --db fleet.sqlite     "
                   "# until stopped; or --db postgresql://user@host/db"): RUN,
     ("docs/architecture.md", "{"): "the manifest's schema (JSON data with elisions), not a command",
+    ("docs/field-loop.md", "edgeship demo --loop            # a few minutes on 2 cores; --fast for a shorter run"):
+        "minutes of training and a simulated fleet; run end to end by tests/test_loop_demo.py (--fast)",
+    ("docs/field-loop.md", "edgeship fleet export-feedback --db fleet.sqlite --out field.npz --labels labels.txt "
+                           "--holdout 0.2"):
+        "needs a fleet DB with field feedback; the command is run by tests/test_loop_export.py",
+    ("docs/field-loop.md", "[field]"): "a recipe section (TOML), not a command; run by tests/test_loop_recipe.py",
+    ("docs/field-loop.md", "edgeship fleet rollout start build/digits-1.1.0.edgepkg --db fleet.sqlite "
+                           "--broker mqtt://broker:1883 --key dev.key \\"):
+        "needs a broker and a fleet; these gates and on_insufficient=wait are run by tests/test_loop_rollout.py "
+        "and tests/test_loop_demo.py",
     ("docs/architecture.md", "from edgeship.runtime import load, Runner, TensorSpec"):
         "an API signature listing (keyword-only markers, elided arguments), not runnable code",
     ("docs/raspberry-pi.md", "sudo apt-get install -y python3-venv"):

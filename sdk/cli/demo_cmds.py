@@ -19,9 +19,12 @@ __all__ = ["demo"]
               help="Where the fleet DB, device states, served packages and the report go (replaced each run).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where built models are kept and reused (default: $EDGESHIP_CACHE_DIR or ~/.cache/edgeship/demo).")
+@click.option("--loop", is_flag=True,
+              help="The field loop instead: shift at some devices → drift alarm + corrections → export → retrain "
+                   "→ staged rollout → recovery.")
 @click.option("--quiet", "-q", is_flag=True, help="No narration and no progress bars.")
 @click.option("--verbose", "-v", is_flag=True, help="Also show the parts' own warnings (agents, collector, controller).")
-def demo(fast, keep, broker_url, devices, workdir, cache_dir, quiet, verbose) -> None:
+def demo(fast, keep, broker_url, devices, workdir, cache_dir, loop, quiet, verbose) -> None:
     """Walk the whole loop: teacher → distilled int8 packages → simulated fleet → staged rollouts → report.
 
     Builds (or reuses) the digits teacher and four signed packages — v0 that
@@ -31,6 +34,13 @@ def demo(fast, keep, broker_url, devices, workdir, cache_dir, quiet, verbose) ->
     devices with users giving feedback, then rolls out v1, promotes v2 to
     100 % and watches v3 get aborted and rolled back on the feedback gate.
     Ends with the fleet report (table, PNGs, HTML).
+
+    With --loop: devices on v1 meet a shift (digits turned and thicker at half
+    of them); the drift alarm and the users' corrections lead to a field
+    export, a retrain gated against v1 on the original and the held-out field
+    data, and a staged rollout gated on the same field signal, which
+    completes only on evidence. Prints the timeline and the negative-feedback
+    rate and drift score per phase and version.
     """
     from ..demo import run_demo
 
@@ -44,5 +54,13 @@ def demo(fast, keep, broker_url, devices, workdir, cache_dir, quiet, verbose) ->
         # the outbox resends and the collector de-duplicates, so they are noise here.
         handler.addFilter(lambda record: not record.name.startswith(("amqtt", "transitions")))
     logging.basicConfig(level=handler.level, handlers=[handler])
+    if loop:
+        if keep:
+            raise click.UsageError("--keep is not available with --loop")
+        from ..demo_loop import run_loop
+
+        run_loop(workdir=workdir, devices=devices, fast=fast, broker_url=broker_url, quiet=quiet,
+                 cache_dir=cache_dir, echo=click.echo)
+        return
     run_demo(workdir=workdir, devices=devices, fast=fast, broker_url=broker_url, keep=keep, quiet=quiet,
              cache_dir=cache_dir, echo=click.echo)

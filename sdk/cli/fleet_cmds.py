@@ -171,19 +171,27 @@ def report(db_url, since, out_dir, bucket_s, rollout_id) -> None:
 @click.option("--since", default=None, help="Only feedback since (24h, 7d, ISO date, epoch).")
 @click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="labels.txt (one class name per line) to map label names to class indices.")
-def export_feedback_cmd(db_url, out_path, model_version, since, labels_file) -> None:
-    """Labelled field samples (inputs attached by feedback) as an .npz the convert commands accept."""
+@click.option("--holdout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.2, show_default=True,
+              help="Share of devices whose samples are held out for evaluation (split by device).")
+def export_feedback_cmd(db_url, out_path, model_version, since, labels_file, holdout) -> None:
+    """Labelled field samples (inputs attached by feedback) as an .npz the convert commands accept.
+
+    Also writes OUT.train.npz / OUT.holdout.npz (split by device) and OUT.json
+    (device, model version and time of every sample; what was skipped).
+    """
     from pathlib import Path
 
     from ..fleet.db import FleetDB
-    from ..fleet.report import export_feedback, parse_since
+    from ..fleet.field import export_field_data
+    from ..fleet.report import parse_since
 
     labels = None
     if labels_file:
         labels = [ln.strip() for ln in Path(labels_file).read_text().splitlines() if ln.strip()]
     with FleetDB.open(db_url) as db:
-        path, n = export_feedback(db, out_path, model_version=model_version, since=parse_since(since), labels=labels)
-    click.echo(f"wrote {n} labelled samples to {path}")
+        res = export_field_data(db, out_path, model_version=model_version, since=parse_since(since), labels=labels,
+                                holdout=holdout)
+    click.echo(res.summary())
 
 
 # `edgeship fleet console` and `console init` live in their own module (issue 11).

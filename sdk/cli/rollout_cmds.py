@@ -100,7 +100,8 @@ def rollout() -> None:
 @click.option("--soak", default="30m", show_default=True, help="Soak per stage (30m, 2h, 45s), or one per stage.")
 @click.option("--gate", "gates", multiple=True,
               help="NAME:THRESHOLD[:MIN_SAMPLES[:CONFIDENCE[:SLACK]]], e.g. negative_feedback:0.05:100 "
-                   "(repeat; default: failures, error_rate, latency_p95, negative_feedback).")
+                   "(repeat; default: failures, error_rate, latency_p95, negative_feedback; also drift, "
+                   "drift_score, metric:FIELD).")
 @click.option("--url", default=None, help="Where devices download the package (default: served by this command).")
 @click.option("--id", "rollout_id", default=None, help="Rollout id (default: NAME-VERSION-random).")
 @click.option("--max-per-minute", type=int, default=0, show_default=True, help="Devices newly assigned per minute (0 = no limit).")

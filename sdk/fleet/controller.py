@@ -557,6 +557,8 @@ class RolloutController(Loop):
                for k in ("canary", "control")}
         want_classes = any(g.name == "drift" for g in plan.gates)  # the prediction-drift gate (issue 10)
         metric_keys = [g.name[len("metric:"):] for g in plan.gates if g.name.startswith("metric:")]
+        if any(g.name == "drift_score" for g in plan.gates):  # the input-drift gate reads one telemetry field
+            metric_keys.append(ro.DRIFT_SCORE_FIELD)
         for r in self.db.telemetry(since=since):
             if r["device"] not in fleet_devices:
                 continue

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from ..errors import DataError, EdgeshipError
+from ..errors import DataError
 from ..metrics import Histogram
 from .figures import (
     VERDICT_KINDS,
@@ -374,77 +374,18 @@ over all correct/incorrect/label feedback.</p>
 # ----------------------------------------------------------------- export
 
 def export_feedback(db: Any, out: str | Path, *, model_version: str | None = None, since: float = 0.0,
-                    labels: Sequence[str] | None = None) -> tuple[Path, int]:
+                    labels: Sequence[str] | None = None, holdout: float = 0.2) -> tuple[Path, int]:
     """Write labelled field samples to ``out`` (.npz); returns (path, number of samples).
 
     ``labels`` (the model's class names, in index order) maps label names to
-    class indices; without it every label must be an integer.
+    class indices; without it every label must be an integer. The train /
+    held-out files and the provenance are written beside it
+    (:func:`edgeship.fleet.field.export_field_data`, which says more).
     """
-    import numpy as np
+    from .field import export_field_data
 
-    from ..protocol import MessageError, parse_array_field
-
-    rows = db.feedback_samples(model_version=model_version, since=since)
-    index = {str(name): i for i, name in enumerate(labels)} if labels else None
-    inputs: dict[str, list] = {}
-    ys: list[int] = []
-    names: tuple[str, ...] | None = None
-    shapes: dict[str, tuple] = {}
-    skipped = 0
-    for r in rows:
-        if r["kind"] == "label":
-            lab = r["label"]
-        elif r["kind"] == "correct":
-            lab = r["label"]  # the predicted label the user confirmed
-        else:
-            continue
-        if lab is None:
-            skipped += 1
-            continue
-        if index is not None:
-            if str(lab) not in index:
-                skipped += 1
-                continue
-            y = index[str(lab)]
-        else:
-            try:
-                y = int(str(lab))
-            except ValueError as exc:
-                raise DataError(f"feedback label {str(lab)[:40]!r} is not a class index; pass the model's labels "
-                                "(--labels labels.txt) to map names to indices") from exc
-        try:
-            data = json.loads(r["data"])
-            arrays = {}
-            for name, f in data.items():
-                dtype, shape, raw = parse_array_field(f, what=f"input {name!r}")
-                arrays[name] = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
-        except (ValueError, MessageError):
-            skipped += 1
-            continue
-        keyset = tuple(sorted(arrays))
-        if names is None:
-            names = keyset
-        if keyset != names:
-            skipped += 1
-            continue
-        sample = arrays  # one sample each (the agent attaches a row, without the batch axis)
-        if any(shapes.setdefault(k, a.shape) != a.shape for k, a in sample.items()):
-            skipped += 1
-            continue
-        for k, a in sample.items():
-            inputs.setdefault(k, []).append(a)
-        ys.append(y)
-    if not ys:
-        raise EdgeshipError("no labelled feedback with attached inputs to export; inputs are attached when agents "
-                            "run with [feedback] keep_inputs = true and users send --label or --correct")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    arrays_out = {k: np.stack(v) for k, v in inputs.items()}
-    arrays_out["labels"] = np.asarray(ys, dtype=np.int64)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, **arrays_out)
-    tmp.replace(out)
-    return out, len(ys)
+    res = export_field_data(db, out, model_version=model_version, since=since, labels=labels, holdout=holdout)
+    return res.path, res.samples
 
 
 # ----------------------------------------------------------------- rollout section (issue 8)
