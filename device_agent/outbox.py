@@ -41,9 +41,10 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .. import protocol
 from ..errors import ConfigError, TransportError
@@ -297,25 +298,35 @@ class Outbox:
         if not keys:
             return 0
         gone = 0
+        with self._writing("a delete"):
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                b, c = self._db.execute(
+                    f"SELECT COALESCE(SUM(size),0), COUNT(*) FROM outbox WHERE {column} IN ({marks})",
+                    chunk).fetchone()
+                self._db.execute(f"DELETE FROM outbox WHERE {column} IN ({marks})", chunk)
+                self._bytes -= int(b)
+                self._count -= int(c)
+                gone += int(c)
+        return gone
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """One write transaction under the lock; an SQLite error rolls back and is a TransportError."""
         with self._lock:
             self._check_open()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                for i in range(0, len(keys), 500):
-                    chunk = keys[i:i + 500]
-                    marks = ",".join("?" * len(chunk))
-                    b, c = self._db.execute(
-                        f"SELECT COALESCE(SUM(size),0), COUNT(*) FROM outbox WHERE {column} IN ({marks})",
-                        chunk).fetchone()
-                    self._db.execute(f"DELETE FROM outbox WHERE {column} IN ({marks})", chunk)
-                    self._bytes -= int(b)
-                    self._count -= int(c)
-                    gone += int(c)
+                yield
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._rollback()
-                raise TransportError(f"outbox {self.path} refused a delete: {exc}") from exc
-        return gone
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                self._reload_totals()
+                raise TransportError(f"outbox {self.path} refused {what}: {exc}") from exc
 
     def mark_sent(self, ids: list[int], now: float, timeout_s: float, cap_s: float) -> None:
         """Receipt mode: the broker has these rows; resend each unless its receipt comes in time.
@@ -323,21 +334,12 @@ class Outbox:
         Try k (from 0) waits ``min(cap_s, timeout_s * 2**k)``: a collector that is down for long
         is asked at most every ``cap_s``, and the outbox bound still holds (rows stay counted).
         """
-        if not ids:
-            return
-        with self._lock:
-            self._check_open()
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                for i in range(0, len(ids), 500):
-                    chunk = ids[i:i + 500]
-                    self._db.execute(
-                        f"UPDATE outbox SET due = ? + MIN(?, ? * (1 << MIN(tries, 20))), tries = tries + 1 "
-                        f"WHERE id IN ({','.join('?' * len(chunk))})", (now, cap_s, timeout_s, *chunk))
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise TransportError(f"outbox {self.path} refused an update: {exc}") from exc
+        with self._writing("an update"):
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                self._db.execute(
+                    f"UPDATE outbox SET due = ? + MIN(?, ? * (1 << MIN(tries, 20))), tries = tries + 1 "
+                    f"WHERE id IN ({','.join('?' * len(chunk))})", (now, cap_s, timeout_s, *chunk))
 
     def next_due(self) -> float | None:
         """Earliest resend time of a row awaiting its receipt (None: no such row)."""
@@ -353,28 +355,14 @@ class Outbox:
 
     def set_receipt_mode(self, on: bool) -> None:
         """Remember the mode; leaving receipt mode sends every row awaiting a receipt again (at least once)."""
-        with self._lock:
-            self._check_open()
-            if self._receipt_mode is on:
-                return
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("INSERT INTO outbox_meta(key, value) VALUES ('receipts', ?) "
-                                 "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (int(on),))
-                if not on:
-                    self._db.execute("UPDATE outbox SET due = 0 WHERE due > 0")
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise TransportError(f"outbox {self.path} refused an update: {exc}") from exc
-            self._receipt_mode = on
-
-    def _rollback(self) -> None:
-        try:
-            self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
-        self._reload_totals()
+        if self._receipt_mode is on:
+            return
+        with self._writing("an update"):
+            self._db.execute("INSERT INTO outbox_meta(key, value) VALUES ('receipts', ?) "
+                             "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (int(on),))
+            if not on:
+                self._db.execute("UPDATE outbox SET due = 0 WHERE due > 0")
+        self._receipt_mode = on
 
     def wait_new(self, timeout: float) -> bool:
         hit = self._new.wait(timeout)

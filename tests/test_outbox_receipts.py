@@ -88,36 +88,55 @@ def ids_in_db(db) -> list[str]:
     return [m for _, m in db.message_ids("feedback")]
 
 
-def test_broker_without_persistence_restarted_while_the_collector_is_away_loses_nothing(bare_mosquitto, tmp_path):
+class Rig:
+    """A fleet DB, its collector (replaceable: ``rig.col = collector(...)``) and one device."""
+
+    def __init__(self, url: str, tmp_path, **device_kw) -> None:
+        self.db = FleetDB.open(tmp_path / "fleet.sqlite")
+        self.col = collector(self.db, url)
+        self.dev = Device(url, tmp_path / "agent", **device_kw)
+        assert wait_until(lambda: self.dev.outbox.receipt_mode is True, 10), "the announcement never arrived"
+
+    def all_arrive_once(self, sent: list[str]) -> None:
+        """The outbox empties (every row receipted) and the DB holds each sent message exactly once."""
+        assert wait_until(lambda: len(self.dev.outbox) == 0, 40), (self.dev.fw.health(), self.col.stats())
+        got = ids_in_db(self.db)
+        assert len(got) == len(set(got)) and set(got) == set(sent), (len(got), len(sent))
+
+    def close(self) -> None:
+        self.dev.stop()
+        self.col.stop()
+        self.db.close()
+
+
+@pytest.fixture()
+def rig(tmp_path):
+    made: list[Rig] = []
+    yield lambda url, **kw: made.append(Rig(url, tmp_path, **kw)) or made[-1]
+    for r in made:
+        r.close()
+
+
+def test_broker_without_persistence_restarted_while_the_collector_is_away_loses_nothing(bare_mosquitto, rig):
     """Broker restart + collector restart + agent restart: every message once in the DB."""
-    db = FleetDB.open(tmp_path / "fleet.sqlite")
-    col = collector(db, bare_mosquitto.url)
-    dev = Device(bare_mosquitto.url, tmp_path / "agent")
-    try:
-        assert wait_until(lambda: dev.outbox.receipt_mode is True, 10), "the announcement never arrived"
-        col.stop()  # the collector is away; its session queues in the broker (in memory only)
-        sent = [dev.put(i) for i in range(40)]
-        assert wait_until(lambda: dev.fw.acked >= 40, 10), dev.fw.health()
-        assert len(dev.outbox) == 40, "rows must stay until their receipt, not go on PUBACK"
-        dev.kill()  # the agent dies with every row awaiting a receipt
-        assert len(dev.outbox) == 40 and dev.outbox.receipt_mode is True
-        kill_and_restart(bare_mosquitto)  # the broker forgets the collector's queue
-        dev.start()
-        col = collector(db, bare_mosquitto.url)
-        assert wait_until(lambda: len(dev.outbox) == 0, 30), (dev.fw.health(), col.stats())
-        got = ids_in_db(db)
-        assert sorted(got) == sorted(sent)
-        assert dev.fw.resends >= 40  # they came back from the outbox, not from the broker
-    finally:
-        dev.stop()
-        col.stop()
-        db.close()
+    r = rig(bare_mosquitto.url)
+    dev = r.dev
+    r.col.stop()  # the collector is away; its session queues in the broker (in memory only)
+    sent = [dev.put(i) for i in range(40)]
+    assert wait_until(lambda: dev.fw.acked >= 40, 10), dev.fw.health()
+    assert len(dev.outbox) == 40, "rows must stay until their receipt, not go on PUBACK"
+    dev.kill()  # the agent dies with every row awaiting a receipt
+    assert len(dev.outbox) == 40 and dev.outbox.receipt_mode is True
+    kill_and_restart(bare_mosquitto)  # the broker forgets the collector's queue
+    dev.start()
+    r.col = collector(r.db, bare_mosquitto.url)
+    r.all_arrive_once(sent)
+    assert dev.fw.resends >= 40  # they came back from the outbox, not from the broker
 
 
-def test_broker_killed_mid_stream_every_message_exactly_once(bare_mosquitto, tmp_path):
-    db = FleetDB.open(tmp_path / "fleet.sqlite")
-    col = collector(db, bare_mosquitto.url)
-    dev = Device(bare_mosquitto.url, tmp_path / "agent")
+def test_broker_killed_mid_stream_every_message_exactly_once(bare_mosquitto, rig):
+    r = rig(bare_mosquitto.url)
+    dev = r.dev
     sent: list[str] = []
     stop = threading.Event()
 
@@ -127,72 +146,50 @@ def test_broker_killed_mid_stream_every_message_exactly_once(bare_mosquitto, tmp
                 return
             sent.append(dev.put(i))
 
+    t = threading.Thread(target=produce)
+    t.start()
     try:
-        assert wait_until(lambda: dev.outbox.receipt_mode is True, 10)
-        t = threading.Thread(target=produce)
-        t.start()
-        assert wait_until(lambda: col.stats()["stored"] >= 100, 20), col.stats()
+        assert wait_until(lambda: r.col.stats()["stored"] >= 100, 20), r.col.stats()
         kill_and_restart(bare_mosquitto)
-        t.join(30)
-        assert len(sent) == 400
-        assert wait_until(lambda: len(dev.outbox) == 0, 40), (dev.fw.health(), col.stats())
-        got = ids_in_db(db)
-        assert len(got) == len(set(got)) == 400 and set(got) == set(sent)
-        s = col.stats()
-        assert s["stored"] == 400 and s["rejected"] == 0
     finally:
+        t.join(30)
         stop.set()
-        dev.stop()
-        col.stop()
-        db.close()
+    assert len(sent) == 400
+    r.all_arrive_once(sent)
+    s = r.col.stats()
+    assert s["stored"] == 400 and s["rejected"] == 0
 
 
-def test_embedded_amqtt_broker_restart_while_the_collector_is_away_loses_nothing(tmp_path):
+def test_embedded_amqtt_broker_restart_while_the_collector_is_away_loses_nothing(rig):
     pytest.importorskip("amqtt")
     from edgeship.fleet.embedded_broker import EmbeddedBroker
 
-    broker = EmbeddedBroker().start()
-    db = FleetDB.open(tmp_path / "fleet.sqlite")
-    col = collector(db, broker.url)
-    dev = Device(broker.url, tmp_path / "agent")
+    brokers = [EmbeddedBroker().start()]
     try:
-        assert wait_until(lambda: dev.outbox.receipt_mode is True, 10)
-        col.stop()
-        sent = [dev.put(i) for i in range(30)]
-        assert wait_until(lambda: dev.fw.acked >= 30, 10), dev.fw.health()
-        broker.stop()
-        broker = EmbeddedBroker(port=broker.port).start()
-        col = collector(db, broker.url)
-        assert wait_until(lambda: len(dev.outbox) == 0, 30), (dev.fw.health(), col.stats())
-        assert sorted(ids_in_db(db)) == sorted(sent)
+        r = rig(brokers[0].url)
+        r.col.stop()
+        sent = [r.dev.put(i) for i in range(30)]
+        assert wait_until(lambda: r.dev.fw.acked >= 30, 10), r.dev.fw.health()
+        brokers[0].stop()
+        brokers.append(EmbeddedBroker(port=brokers[0].port).start())
+        r.col = collector(r.db, brokers[1].url)
+        r.all_arrive_once(sent)
     finally:
-        dev.stop()
-        col.stop()
-        db.close()
-        broker.stop()
+        for b in brokers:
+            b.stop()
 
 
-def test_collector_down_for_a_while_rows_stay_in_the_outbox_and_arrive_after(mosquitto, tmp_path):
-    db = FleetDB.open(tmp_path / "fleet.sqlite")
-    col = collector(db, mosquitto.url)
-    dev = Device(mosquitto.url, tmp_path / "agent", name="dev-away", timeout_s=0.5)
-    try:
-        assert wait_until(lambda: dev.outbox.receipt_mode is True, 10)
-        col.stop()
-        sent = [dev.put(i) for i in range(25)]
-        assert wait_until(lambda: dev.fw.acked >= 25, 10)
-        # Several resend timers pass while the collector is away: the rows stay, bounded resends.
-        assert not wait_until(lambda: len(dev.outbox) < 25, 3)
-        assert dev.fw.health()["confirm_on"] == "receipt"
-        col = collector(db, mosquitto.url)
-        assert wait_until(lambda: len(dev.outbox) == 0, 30), (dev.fw.health(), col.stats())
-        got = ids_in_db(db)
-        assert sorted(got) == sorted(sent)
-        assert col.stats()["duplicates"] >= 0 and col.stats()["receipted"] >= 25
-    finally:
-        dev.stop()
-        col.stop()
-        db.close()
+def test_collector_down_for_a_while_rows_stay_in_the_outbox_and_arrive_after(mosquitto, rig):
+    r = rig(mosquitto.url, name="dev-away", timeout_s=0.5)
+    r.col.stop()
+    sent = [r.dev.put(i) for i in range(25)]
+    assert wait_until(lambda: r.dev.fw.acked >= 25, 10)
+    # Several resend timers pass while the collector is away: the rows stay, bounded resends.
+    assert not wait_until(lambda: len(r.dev.outbox) < 25, 3)
+    assert r.dev.fw.health()["confirm_on"] == "receipt"
+    r.col = collector(r.db, mosquitto.url)
+    r.all_arrive_once(sent)
+    assert r.col.stats()["receipted"] >= 25
 
 
 def test_without_an_announcement_the_outbox_keeps_pubback_behaviour(mosquitto, tmp_path):
