@@ -275,6 +275,12 @@ class Outbox:
         """Oldest messages never acknowledged by the broker with id > ``after_id``, in order."""
         return self._select("id > ? AND due = 0 ORDER BY id LIMIT ?", (after_id, limit))
 
+    def last_id(self) -> int:
+        """The newest row's id (0 when empty); every later put gets a larger one (AUTOINCREMENT)."""
+        with self._lock:
+            self._check_open()
+            return int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()[0])
+
     def due_rows(self, now: float, limit: int = 100) -> list[OutboxRow]:
         """Rows whose receipt did not come in time (their resend time is <= ``now``), oldest timer first."""
         return self._select("due > 0 AND due <= ? ORDER BY due LIMIT ?", (now, limit))
@@ -516,6 +522,7 @@ class Forwarder(Loop):
                     last_flush = now
                 room = self.window - len(inflight)
                 if room > 0:
+                    top = self.outbox.last_id()
                     rows = self.outbox.peek(cursor, room)
                     fresh = len(rows)
                     if len(rows) < room and self._receipt_mode and now >= next_due_check:
@@ -535,6 +542,12 @@ class Forwarder(Loop):
                         else:
                             self.resends += 1
                         self.sent += 1
+                    else:
+                        if fresh < room:
+                            # Every fresh row up to ``top`` is out: skip the rows awaiting receipts
+                            # below it, or each peek would scan them all again (a long outage
+                            # leaves many; ids only grow, so a later put lands above ``top``).
+                            cursor = max(cursor, top)
                     if not rows and not inflight:
                         self._flush(acked)
                         last_flush = time.monotonic()
