@@ -8,7 +8,10 @@ network is written to the outbox by the telemetry / state / feedback code and
 sent by the forwarder thread, so a dead broker never slows inference.
 
 Without ``[mqtt] broker`` the outbox still fills (bounded) and nothing is
-sent: configuring a broker later delivers what was kept.
+sent: configuring a broker later delivers what was kept. With a collector
+that announces end-to-end receipts, a row leaves the outbox only on the
+collector's receipt (``[outbox] receipt_timeout_s``; see
+:mod:`edgeship.agent.outbox`), so a broker that forgets loses nothing.
 """
 from __future__ import annotations
 
