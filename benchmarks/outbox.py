@@ -287,6 +287,14 @@ def latency_run(pkg: Path, state: Path, broker: str | None, n: int) -> dict:
 
 
 def bench_latency(work: Path, broker: Mosquitto, n: int) -> dict:
+    from edgeship import protocol
+    from edgeship.mqtt import MqttLink
+
+    # The collectors above announced receipts (retained) and are gone: clear it, as an operator
+    # would, or these agents would rightly keep every row waiting for a receipt.
+    admin = MqttLink(broker.url, client_id="bench-admin").start()
+    assert admin.wait_connected(10) and admin.publish(protocol.collector_topic(FLEET), b"", retain=True).wait(10)
+    admin.stop()
     pkg = build_mlp_package(work)
     down_url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens: the broker is down for the whole run
     res = {}

@@ -522,7 +522,7 @@ class Forwarder(Loop):
                     last_flush = now
                 room = self.window - len(inflight)
                 if room > 0:
-                    top = self.outbox.last_id()
+                    top = self.outbox.last_id() if self._receipt_mode else 0
                     rows = self.outbox.peek(cursor, room)
                     fresh = len(rows)
                     if len(rows) < room and self._receipt_mode and now >= next_due_check:
@@ -543,7 +543,7 @@ class Forwarder(Loop):
                             self.resends += 1
                         self.sent += 1
                     else:
-                        if fresh < room:
+                        if fresh < room and top:
                             # Every fresh row up to ``top`` is out: skip the rows awaiting receipts
                             # below it, or each peek would scan them all again (a long outage
                             # leaves many; ids only grow, so a later put lands above ``top``).
