@@ -183,6 +183,7 @@ class OutboxSection:
 
     max_bytes: int = _opt(50_000_000, _positive)
     resend_rate: float = _opt(200, _positive)
+    receipt_timeout_s: float = _opt(30.0, _positive)
 
 
 @dataclass(frozen=True)
@@ -485,6 +486,7 @@ protocol = "3.1.1"                # or "5"
 [outbox]
 max_bytes = 50_000_000            # SQLite outbox bound; oldest telemetry goes first
 resend_rate = 200                 # messages/s when the broker comes back
+receipt_timeout_s = 30            # resend a row whose collector receipt is this late (doubling, max 600 s)
 
 [telemetry]
 window_s = 60

@@ -8,7 +8,10 @@ network is written to the outbox by the telemetry / state / feedback code and
 sent by the forwarder thread, so a dead broker never slows inference.
 
 Without ``[mqtt] broker`` the outbox still fills (bounded) and nothing is
-sent: configuring a broker later delivers what was kept.
+sent: configuring a broker later delivers what was kept. With a collector
+that announces end-to-end receipts, a row leaves the outbox only on the
+collector's receipt (``[outbox] receipt_timeout_s``; see
+:mod:`edgeship.agent.outbox`), so a broker that forgets loses nothing.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ class FleetLink:
                  resend_rate: float = 200.0, window_s: float = 60.0, ring_size: int = 10000,
                  keep_inputs: bool = False, max_input_bytes: int = 50_000_000,
                  metrics_snapshot: Callable[[], Mapping[str, Any]] | None = None,
-                 model_fn: Callable[[], Mapping | None] | None = None) -> None:
+                 model_fn: Callable[[], Mapping | None] | None = None,
+                 receipt_timeout_s: float = 30.0) -> None:
         state_dir = Path(state_dir)
         self.fleet, self.device = fleet, device
         self.state_dir = state_dir
@@ -55,7 +59,9 @@ class FleetLink:
                                   "will_factory": self.state.will})
             self.link = MqttLink(broker, opts)
             self.state.link = self.link
-            self.forwarder = Forwarder(self.outbox, self.link, rate=resend_rate)
+            # With fleet + device the forwarder follows the collector's end-to-end receipts.
+            self.forwarder = Forwarder(self.outbox, self.link, rate=resend_rate, fleet=fleet, device=device,
+                                       receipt_timeout_s=receipt_timeout_s)
         self._started = False
 
     @classmethod
@@ -69,7 +75,8 @@ class FleetLink:
                    window_s=float(config.telemetry.window_s), ring_size=int(config.feedback.ring_size),
                    keep_inputs=bool(config.feedback.keep_inputs),
                    max_input_bytes=int(config.feedback.max_input_bytes),
-                   metrics_snapshot=metrics_snapshot, model_fn=model_fn)
+                   metrics_snapshot=metrics_snapshot, model_fn=model_fn,
+                   receipt_timeout_s=float(config.outbox.receipt_timeout_s))
 
     def attach(self, agent: Any) -> "FleetLink":
         """Plug into an :class:`edgeship.agent.Agent` (before or after ``start()``)."""
@@ -113,7 +120,7 @@ class FleetLink:
                 self.forwarder.drain(min(timeout, 2.0))
             self.forwarder.stop(timeout)
         if self.link is not None:
-            self.link.stop(timeout)
+            self.link.stop(timeout)  # flushes first: the last state goes out before DISCONNECT
         self.outbox.close()
 
     def on_batch(self, batch: Any) -> None:

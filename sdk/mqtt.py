@@ -14,6 +14,13 @@ controller. What it adds over a bare paho client:
   the consumer calls :meth:`ack` (the collector acks after its DB commit), so
   a crash between receipt and storage means redelivery, never loss;
 * :meth:`publish` returns a :class:`PublishHandle` that completes on PUBACK;
+  :meth:`flush` waits (bounded) until every accepted publish is out, and
+  :meth:`stop` flushes first, so stopping does not silently drop what
+  ``publish()`` accepted (what is still unsent at the deadline is logged and
+  counted as ``dropped_at_stop``);
+* :meth:`route` gives one topic filter its own bounded queue, so two
+  consumers of one link (the rollout client's plans, the outbox forwarder's
+  receipts) never read each other's messages;
 * health: connected flag, time of the last acknowledged publish, and a
   watchdog: a dead or stalled network thread (paho issues #894 / #704: the
   loop dies quietly while ``publish()`` keeps returning) is noticed by
@@ -248,7 +255,9 @@ class MqttLink:
         self._beat = time.monotonic()
         self._ack_event = threading.Event()
         self.counters = {"published": 0, "acked": 0, "received": 0, "inbound_dropped": 0,
-                         "connects": 0, "disconnects": 0, "thread_restarts": 0, "publish_refused": 0}
+                         "connects": 0, "disconnects": 0, "thread_restarts": 0, "publish_refused": 0,
+                         "dropped_at_stop": 0}
+        self._routes: list[tuple[str, queue.Queue[Inbound]]] = []
         self._extra_subs: list[tuple[str, int]] = list(opts.subscriptions)
         self._subs_lock = threading.Lock()
 
@@ -261,7 +270,18 @@ class MqttLink:
         self._spawn()
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0, *, flush: bool = True) -> None:
+        """Flush (up to half of ``timeout``) what was accepted, then disconnect cleanly.
+
+        ``flush=False`` drops unsent publishes at once (a test simulating a crash).
+        """
+        if flush and self._client is not None and (not self._connected or not self.flush(timeout / 2)):
+            left = self.pending()
+            if left:
+                # Not silent: an outbox keeps its rows and resends them; other senders lose these.
+                self.counters["dropped_at_stop"] += left
+                log.warning("MQTT link to %s stopped with %d accepted publishes not acknowledged by the broker",
+                            self.url, left)
         self._stop.set()
         t = self._thread
         if t is not None:
@@ -347,6 +367,42 @@ class MqttLink:
             return PublishHandle(info, error=mqtt.error_string(info.rc))
         self.counters["published"] += 1
         return PublishHandle(info)
+
+    def pending(self) -> int:
+        """Accepted publishes not yet done (QoS 1: not PUBACKed; QoS 0: not written to the socket)."""
+        c = self._client
+        if c is None:
+            return 0
+        # paho keeps QoS>0 messages in _out_messages until their PUBACK and every packet not yet
+        # written in _out_packet; it has no public count of either.
+        return len(c._out_messages) + len(c._out_packet)  # noqa: SLF001
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until every accepted publish is done; True if none is left.
+
+        Returns False at once when the link is not started. While disconnected it keeps waiting
+        (the link reconnects and paho resends), so a caller bounds it with ``timeout``.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        while self._client is not None and self.pending():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._ack_event.wait(min(left, 0.02))  # set by every PUBACK; QoS 0 needs the short poll
+        return self._client is not None
+
+    def route(self, topic_filter: str, qos: int = 1, maxsize: int = 1000) -> "queue.Queue[Inbound]":
+        """Subscribe ``topic_filter`` and deliver its messages to a queue of their own (bounded).
+
+        A message matching a route never reaches :meth:`get`. When the route's queue is full the
+        message is dropped and counted (``inbound_dropped``): give routes to messages that the
+        sender repeats (receipts, retained announcements), not to ones that must not be lost.
+        """
+        q: queue.Queue[Inbound] = queue.Queue(maxsize=max(1, maxsize))
+        with self._subs_lock:
+            self._routes.append((topic_filter, q))
+        self.subscribe(topic_filter, qos)
+        return q
 
     def wait_ack_activity(self, timeout: float) -> bool:
         """Block up to ``timeout`` for any PUBACK (lets a forwarder sleep without polling)."""
@@ -443,6 +499,15 @@ class MqttLink:
     def _on_message(self, client, userdata, msg) -> None:
         self.counters["received"] += 1
         item = Inbound(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), msg.mid)
+        for flt, q in self._routes:
+            if _paho().topic_matches_sub(flt, msg.topic):
+                try:
+                    q.put_nowait(item)
+                except queue.Full:
+                    self.counters["inbound_dropped"] += 1
+                if self.options.manual_ack and msg.qos:
+                    client.ack(msg.mid, msg.qos)  # a routed message is never held for a later ack
+                return
         try:
             if self.options.manual_ack:
                 # Backpressure instead of loss: the consumer acks after it has

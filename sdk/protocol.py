@@ -49,6 +49,14 @@ __all__ = [
     "valid_id",
     "array_field",
     "parse_array_field",
+    "MAX_RECEIPT_IDS",
+    "receipt_topic",
+    "collector_topic",
+    "make_receipt",
+    "parse_receipt",
+    "make_announcement",
+    "parse_announcement",
+    "envelope_msg_id",
 ]
 
 PROTOCOL = "edgeship/v1"
@@ -205,8 +213,7 @@ def parse_message(topic_name: str, payload: bytes, *, received: float | None = N
     try:
         # Strict UTF-8 (RFC 8259): json.loads(bytes) would also take UTF-16, a BOM and encoded
         # lone surrogates, which no agent sends and no database stores.
-        body = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant, parse_int=_bounded_int,
-                          parse_float=_bounded_float)
+        body = _decode_bounded(payload)
         if b"\\u" in payload and _has_lone_surrogate(body):
             raise ValueError("a \\u escape makes a lone surrogate, which is not Unicode text")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -277,6 +284,23 @@ def check_bounds(kind: str, body: dict[str, Any], *, received: float | None = No
                            f"(more than the {skew.past_s:.0f} s allowed)", reason="old_ts")
 
 
+# A JSON integer can pass MAX_NUMBER (2**53, 16 digits) only with a run of 16+ digits. Most payloads
+# have none, and for them the C decoder runs without a Python call per integer (the parse_int hook
+# was a third of ingest time); a payload with such a run, even inside a string, takes the checked
+# decoder. Floats keep their hook: an exponent (1e400) makes a huge number out of few digits.
+_LONG_DIGITS = re.compile(rb"[0-9]{16}")
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _decode_bounded(payload: bytes) -> Any:
+    """``json.loads`` with every number bounded (MessageError) and NaN/Infinity refused (ValueError)."""
+    dec = _CHECKED if _LONG_DIGITS.search(payload) else _FAST
+    return dec.decode(payload.decode("utf-8"))
+
+
 def _out_of_range(value: Any) -> MessageError:
     return MessageError(f"a number in the payload is out of range (beyond ±2**53): {str(value)[:40]}",
                         reason="out_of_range")
@@ -304,8 +328,9 @@ def _has_lone_surrogate(body: Any) -> bool:
     return False
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed")
+# Built once: json.loads with hooks builds a new decoder on every call. Decoders hold no state.
+_FAST = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_bounded_float)
+_CHECKED = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_bounded_float, parse_int=_bounded_int)
 
 
 def _num(body: dict, key: str, *, required: bool = True, minimum: float | None = None) -> None:
@@ -418,3 +443,102 @@ def parse_array_field(field: Any, what: str = "array") -> tuple[str, tuple[int, 
     if n * itemsize != len(data):
         raise MessageError(f"{what}: {len(data)} bytes do not fill shape {shape} of {dtype}")
     return dtype, tuple(shape), data
+
+
+# ----------------------------------------------------------------- end-to-end receipts (fleet -> device)
+#
+# The collector confirms what it has durably stored (committed to the fleet DB, or kept as a dead
+# letter) by sending the device a receipt listing those msg_ids; a device that knows its collector
+# sends receipts deletes an outbox row only on its receipt, not on the broker's PUBACK, so a broker
+# that loses what it accepted (no persistence, a restart) costs a resend, never a message. A device
+# learns that the fleet sends receipts from the collector's retained announcement; without one it
+# keeps deleting on PUBACK (an older collector never sends receipts: waiting for them would fill
+# the outbox). docs/architecture.md, "End-to-end receipts".
+#
+#   edgeship/v1/{fleet}/devices/{device}/receipt   fleet -> device, not retained, QoS 1
+#       {"schema": "edgeship/v1/receipt", "msg_id", "device", "ts", "ids": [msg_id, ...]}
+#   edgeship/v1/{fleet}/collector                  fleet -> devices, retained, QoS 1
+#       {"schema": "edgeship/v1/collector", "msg_id", "ts", "receipts": true}; empty = none
+
+MAX_RECEIPT_IDS = 1000  # per receipt message: 1000 uuid hex ids are ~35 KB, well under MAX_PAYLOAD
+
+
+def receipt_topic(fleet: str, device: str) -> str:
+    return f"{PROTOCOL}/{_check_id('fleet', fleet)}/devices/{_check_id('device', device)}/receipt"
+
+
+def collector_topic(fleet: str) -> str:
+    return f"{PROTOCOL}/{_check_id('fleet', fleet)}/collector"
+
+
+def make_receipt(device: str, ids: list[str]) -> dict[str, Any]:
+    if not 0 < len(ids) <= MAX_RECEIPT_IDS:
+        raise MessageError(f"a receipt holds 1 to {MAX_RECEIPT_IDS} msg_ids, got {len(ids)}")
+    return {"schema": f"{PROTOCOL}/receipt", "msg_id": new_msg_id(), "device": _check_id("device", device),
+            "ts": time.time(), "ids": list(ids)}
+
+
+def parse_receipt(payload: bytes, device: str) -> list[str]:
+    """The msg_ids a receipt for ``device`` confirms; MessageError for anything else (pure)."""
+    body = _small_json(payload, "receipt")
+    if body.get("device") != device:
+        raise MessageError(f"receipt for device {str(body.get('device'))[:80]!r}, not {device!r}",
+                           reason="spoofed")
+    ids = body.get("ids")
+    if not isinstance(ids, list) or not 0 < len(ids) <= MAX_RECEIPT_IDS or not all(
+            isinstance(i, str) and 0 < len(i) <= 128 for i in ids):
+        raise MessageError(f"receipt field 'ids' must be a list of 1 to {MAX_RECEIPT_IDS} msg_ids "
+                           "(strings of at most 128 characters)")
+    return ids
+
+
+def make_announcement(receipts: bool = True) -> dict[str, Any]:
+    return {"schema": f"{PROTOCOL}/collector", "msg_id": new_msg_id(), "ts": time.time(),
+            "receipts": bool(receipts)}
+
+
+def parse_announcement(payload: bytes) -> bool:
+    """Whether the fleet's collector sends receipts; an empty (cleared) retained message means no."""
+    if not payload:
+        return False
+    body = _small_json(payload, "collector")
+    if not isinstance(body.get("receipts"), bool):
+        raise MessageError("collector announcement field 'receipts' must be true or false")
+    return body["receipts"]
+
+
+def _small_json(payload: bytes, kind: str) -> dict[str, Any]:
+    if len(payload) > MAX_PAYLOAD:
+        raise MessageError(f"{kind} of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte limit", reason="oversized")
+    try:
+        body = _decode_bounded(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(f"{kind} is not valid JSON: {str(exc)[:200]}", reason="malformed") from exc
+    except RecursionError as exc:
+        raise MessageError(f"{kind} JSON is nested too deep", reason="too_deep") from exc
+    if not isinstance(body, dict) or body.get("schema") != f"{PROTOCOL}/{kind}":
+        raise MessageError(f"not an {PROTOCOL}/{kind} message", reason="wrong_schema")
+    return body
+
+
+_MSG_ID_KEY = b'"msg_id":"'
+
+
+def envelope_msg_id(payload: bytes) -> str | None:
+    """The top-level ``msg_id`` of an encoded message, or None (pure; never raises).
+
+    Fast path for what :func:`encode` writes: one ``"msg_id":"`` in the payload is the envelope's
+    (a string value holding it is escaped as ``\\"msg_id\\"``); with more than one, decode.
+    """
+    try:
+        if payload.count(_MSG_ID_KEY) == 1:
+            start = payload.index(_MSG_ID_KEY) + len(_MSG_ID_KEY)
+            end = payload.index(b'"', start)
+            value = payload[start:end]
+            if b"\\" not in value and 0 < len(value) <= 128:
+                return value.decode("utf-8")
+        body = json.loads(payload)
+        mid = body.get("msg_id") if isinstance(body, dict) else None
+        return mid if isinstance(mid, str) and 0 < len(mid) <= 128 else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None

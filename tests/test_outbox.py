@@ -377,3 +377,75 @@ def _ok(url: str) -> bool:
         return _http(url, "/v1/health", timeout=1)[0] == 200
     except OSError:
         return False
+
+
+# ----------------------------------------------------------------- receipts (#17.7), no network
+
+def test_rows_carry_their_msg_id_and_a_receipt_deletes_only_what_it_names(tmp_path):
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        sent = [fb_msg("d", i) for i in range(5)]
+        for t, p, _ in sent:
+            ob.put("feedback", t, p)
+        size = ob.bytes
+        assert ob.confirm([sent[1][2], sent[3][2], "unknown", sent[1][2]]) == 2
+        assert ob.confirm([sent[1][2]]) == 0  # a repeated receipt deletes nothing more
+        assert [r.payload for r in ob.peek(0, 10)] == [sent[i][1] for i in (0, 2, 4)]
+        assert len(ob) == 3 and 0 < ob.bytes < size
+
+
+def test_unreceipted_rows_are_resent_on_a_doubling_capped_schedule(tmp_path):
+    with Outbox(tmp_path / "o.sqlite") as ob:
+        t, p, _ = fb_msg("d", 0)
+        rid = ob.put("feedback", t, p)
+        waits = []
+        for _ in range(8):
+            ob.mark_sent([rid], 1000.0, 2.0, 30.0)
+            waits.append(ob.next_due() - 1000.0)
+        assert waits == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 30.0]
+        assert ob.peek(0, 10) == []  # awaiting its receipt: not a fresh row any more
+        assert ob.due_rows(1000.0 + 29.0) == [] and [r.id for r in ob.due_rows(1000.0 + 30.0)] == [rid]
+
+
+def test_receipt_mode_is_remembered_and_turning_it_off_makes_awaiting_rows_fresh(tmp_path):
+    path = tmp_path / "o.sqlite"
+    with Outbox(path) as ob:
+        assert ob.receipt_mode is None
+        ob.set_receipt_mode(True)
+        t, p, _ = fb_msg("d", 0)
+        rid = ob.put("feedback", t, p)
+        ob.mark_sent([rid], 1000.0, 2.0, 30.0)
+    with Outbox(path) as ob:  # an agent restart
+        assert ob.receipt_mode is True and ob.peek(0, 10) == [] and len(ob) == 1
+        ob.set_receipt_mode(False)
+        assert [r.id for r in ob.peek(0, 10)] == [rid]
+    with Outbox(path) as ob:
+        assert ob.receipt_mode is False
+
+
+def test_an_outbox_file_from_before_receipts_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    t, p, _ = fb_msg("d", 0)
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, "
+                     "topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, "
+                     "size INTEGER NOT NULL, created REAL NOT NULL);")
+    db.execute("INSERT INTO outbox(kind, topic, payload, qos, retain, size, created) VALUES "
+               "('feedback', ?, ?, 1, 0, 100, 0)", (t, p))
+    db.commit()
+    db.close()
+    with Outbox(path) as ob:
+        assert [r.payload for r in ob.peek(0, 10)] == [p]  # the old row is kept, sent as before
+        assert ob.receipt_mode is None
+
+
+def test_envelope_msg_id_reads_the_top_level_id_only():
+    m = protocol.make_message("rollout", "d", {"rollout_id": "r", "state": "failed",
+                                                "reason": 'log said "msg_id":"not-this"'})
+    assert protocol.envelope_msg_id(protocol.encode(m)) == m["msg_id"]
+    nested = protocol.encode(protocol.make_message("feedback", "d", {"prediction_id": "p", "kind": "comment",
+                                                                     "value": {"msg_id": "nested"}}))
+    assert protocol.envelope_msg_id(nested) == protocol.parse_message(
+        protocol.device_topic(FLEET, "d", "feedback"), nested).msg_id
+    assert protocol.envelope_msg_id(b"{") is None and protocol.envelope_msg_id(b"[1]") is None

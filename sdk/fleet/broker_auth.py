@@ -7,9 +7,10 @@ rest itself, before a message reaches the collector:
 
 - every **device** logs in as its device id and may write only under
   ``edgeship/v1/<fleet>/devices/<its id>/#`` (ACL ``pattern`` with ``%u``) and
-  read rollout plans;
+  read rollout plans, its own receipts and the collector's announcement;
 - a **fleet** login (collector, controller, console) reads everything under
-  ``edgeship/v1/`` and is the only one allowed to write rollout plans.
+  ``edgeship/v1/`` and is the only one allowed to write rollout plans,
+  receipts to other devices and the collector announcement.
 
 ``add_credentials`` issues a random password (or takes one), stores its hash
 in Mosquitto 2's own format (``$7$``: PBKDF2-SHA512, 101 iterations, as
@@ -53,13 +54,18 @@ def check_password(password: str, hashed: str) -> bool:
 def acl_text(fleet_users: list[str]) -> str:
     lines = [
         "# edgeship broker ACL, written by `edgeship fleet device add`; reload the broker after a change.",
-        "# Every login: write only under its own device id, read rollout plans.",
+        "# Every login: write only under its own device id; read rollout plans, its own receipts and",
+        "# whether the collector sends receipts.",
         f"pattern write {PROTOCOL}/+/devices/%u/#",
         f"pattern read {PROTOCOL}/+/rollouts/#",
+        f"pattern read {PROTOCOL}/+/devices/%u/receipt",
+        f"pattern read {PROTOCOL}/+/collector",
     ]
     for user in sorted(set(fleet_users)):
-        lines += ["", "# fleet side: reads every device, publishes rollout plans", f"user {user}",
-                  f"topic read {PROTOCOL}/#", f"topic write {PROTOCOL}/+/rollouts/#"]
+        lines += ["", "# fleet side: reads every device, publishes rollout plans, receipts and the collector",
+                  "# announcement", f"user {user}", f"topic read {PROTOCOL}/#",
+                  f"topic write {PROTOCOL}/+/rollouts/#", f"topic write {PROTOCOL}/+/devices/+/receipt",
+                  f"topic write {PROTOCOL}/+/collector"]
     return "\n".join(lines) + "\n"
 
 

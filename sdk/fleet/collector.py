@@ -21,6 +21,15 @@ collector. *Any* exception while handling one message makes it such a
 rejected message — one message must never stop ingestion, or it would be
 redelivered after every restart and stop it again.
 
+End-to-end receipts: once a batch is committed (stored, duplicates, dead
+letters), the collector publishes to each device that sent part of it a
+receipt naming those msg_ids (gathered for up to ``receipt_delay_s``) (``edgeship/v1/{fleet}/devices/{device}/receipt``),
+and it keeps a retained announcement on ``edgeship/v1/{fleet}/collector`` so
+devices know to wait for receipts rather than trust the broker's PUBACK
+(edgeship.protocol, "end-to-end receipts"). A duplicate is receipted again:
+its first receipt was lost, or the device would not have resent it.
+``receipts=False`` sends neither (a device then confirms on PUBACK).
+
 Only a DB that is unavailable (locked, disk, connection) holds a batch back:
 it is retried, unacknowledged. If the loop itself fails (a bug, a broken
 link), it restarts with the same batch after a growing pause (0.5 s doubling
@@ -47,6 +56,8 @@ __all__ = ["DEAD_LETTER_PAYLOAD", "Collector", "CollectorError", "classify_error
 
 # How much of a rejected payload the dead-letter table keeps: enough to see what it was.
 DEAD_LETTER_PAYLOAD = 16 * 1024
+# Receipts held back to be sent together: at this many ids they go at once (memory bound).
+_RECEIPTS_HELD = 20_000
 # Crash budget of the loop: more than this many restarts within CRASH_WINDOW_S stops it for good.
 CRASH_WINDOW_S = 60.0
 
@@ -88,7 +99,7 @@ class Collector(Loop):
                  client_id: str | None = None, batch_max: int = 500, batch_wait_s: float = 0.05,
                  protocol_version: str = "3.1.1", link_options: LinkOptions | None = None,
                  skew: protocol.Skew | None = None, max_crashes: int | None = None,
-                 max_dead_letters: int = 100_000) -> None:
+                 max_dead_letters: int = 100_000, receipts: bool = True, receipt_delay_s: float = 1.0) -> None:
         if not protocol.valid_id(fleet):
             raise protocol.MessageError(f"fleet {fleet!r} is not a valid id")
         super().__init__(f"collector-{fleet}")
@@ -100,6 +111,15 @@ class Collector(Loop):
         self.skew = skew or protocol.Skew()
         self.max_crashes = max_crashes
         self.max_dead_letters = max_dead_letters
+        self.receipts = receipts
+        # Receipts wait up to receipt_delay_s to gather more ids per device: one publish per device
+        # per batch cost a third of the ingest CPU with 200 devices in a flood. Bounded: at
+        # _RECEIPTS_HELD ids they go at once. Devices wait [outbox] receipt_timeout_s (30 s) first.
+        self.receipt_delay_s = receipt_delay_s
+        self._held: dict[str, list[str]] = {}
+        self._held_n = 0
+        self._held_since: float | None = None
+        self._announced_gen: int | None = None
         self.filters = protocol.subscriptions(fleet, share_group=share_group)
         if isinstance(link_or_broker_url, str):
             cid = client_id or f"edgeship-collector-{fleet}-{share_group or socket.gethostname()}"[:64]
@@ -115,7 +135,8 @@ class Collector(Loop):
                 self.link.subscribe(f, 1)
             self._own_link = False
         self.counters: dict[str, int] = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0,
-                                         "db_errors": 0, "crashes": 0}
+                                         "db_errors": 0, "crashes": 0, "receipts": 0, "receipted": 0,
+                                         "receipt_errors": 0}
         self.rejected: dict[str, int] = {}
         self._lock = threading.Lock()
         self._idle = threading.Event()
@@ -129,6 +150,8 @@ class Collector(Loop):
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> bool:
         stopped = super().stop(timeout)
+        if stopped:
+            self._release_receipts(force=True)  # what the loop stored; the link flushes them below
         if self._own_link:
             self.link.stop(timeout)
         return stopped
@@ -149,14 +172,16 @@ class Collector(Loop):
                     "error": self.error, "link": self.link.health()}
 
     # ------------------------------------------------------------ processing
-    def process(self, items: list[Any]) -> None:
+    def process(self, items: list[Any]) -> dict[str, list[str]]:
         """Validate and store one batch of :class:`edgeship.mqtt.Inbound` (also used by benchmarks).
 
-        Raises only :class:`FleetDBError` for a DB that is unavailable (the caller retries the
-        batch); every other failure is about one message and makes it a dead letter.
+        Returns the msg_ids now durable (stored, duplicate or dead letter) by device: what the
+        receipts confirm. Raises only :class:`FleetDBError` for a DB that is unavailable (the
+        caller retries the batch); every other failure is about one message and makes it a dead letter.
         """
         good: list[tuple[protocol.Message, Any]] = []
         dead: list[dict] = []
+        done: dict[str, list[str]] = {}
         for it in items:
             try:
                 msg = protocol.parse_message(it.topic, it.payload, received=getattr(it, "received", None),
@@ -183,6 +208,8 @@ class Collector(Loop):
                         if _transient(one):
                             raise
                         dead.append(self._dead_letter("unstorable", it, one))
+        for m, _ in good:
+            done.setdefault(m.device, []).append(m.msg_id)
         if dead:
             # Stored before the batch is acked; if this fails the whole batch is retried.
             self.db.store_dead_letters(dead)
@@ -194,6 +221,58 @@ class Collector(Loop):
             if self._dead_since_prune >= 1000:  # bounded table: a hostile flood cannot fill the disk
                 self._dead_since_prune = 0
                 self.db.dead_letters_prune(self.max_dead_letters)
+            for d in dead:
+                if d["device"] and d["msg_id"]:
+                    done.setdefault(d["device"], []).append(d["msg_id"])
+        return done
+
+    def _hold_receipts(self, done: dict[str, list[str]]) -> None:
+        for device, ids in done.items():
+            self._held.setdefault(device, []).extend(ids)
+            self._held_n += len(ids)
+        if self._held_since is None and self._held_n:
+            self._held_since = time.monotonic()
+        self._release_receipts()
+
+    def _release_receipts(self, force: bool = False) -> None:
+        if self._held_since is None or not (force or self._held_n >= _RECEIPTS_HELD
+                                            or time.monotonic() - self._held_since >= self.receipt_delay_s):
+            return
+        held, self._held, self._held_n, self._held_since = self._held, {}, 0, None
+        self._send_receipts(held)
+
+    def _send_receipts(self, done: dict[str, list[str]]) -> None:
+        """Tell each device what is durable now (after the commit). A lost receipt costs a resend only."""
+        for device, ids in done.items():
+            ids = list(dict.fromkeys(ids))  # one batch may hold a message and its resent copy
+            for i in range(0, len(ids), protocol.MAX_RECEIPT_IDS):
+                chunk = ids[i:i + protocol.MAX_RECEIPT_IDS]
+                try:
+                    h = self.link.publish(protocol.receipt_topic(self.fleet, device),
+                                          protocol.encode(protocol.make_receipt(device, chunk)), qos=1)
+                    ok = not h.failed()
+                except EdgeshipError as exc:  # TransportError, or MessageError from a bad device id
+                    log.warning("receipt for %s not sent: %s", device[:80], exc)
+                    ok = False
+                with self._lock:
+                    if ok:
+                        self.counters["receipts"] += 1
+                        self.counters["receipted"] += len(chunk)
+                    else:
+                        self.counters["receipt_errors"] += 1
+
+    def _announce(self) -> None:
+        """Keep the retained announcement on the broker: again after each reconnection, because a
+        broker without persistence forgets retained messages when it restarts."""
+        gen = self.link.generation
+        if not self.receipts or not self.link.connected or gen == self._announced_gen:
+            return
+        try:
+            self.link.publish(protocol.collector_topic(self.fleet),
+                              protocol.encode(protocol.make_announcement(True)), qos=1, retain=True)
+            self._announced_gen = gen
+        except EdgeshipError as exc:
+            log.warning("collector announcement not sent: %s", exc)
 
     def _count(self, res: Any) -> None:
         with self._lock:
@@ -206,9 +285,15 @@ class Collector(Loop):
         # One line per bad message, truncated: a hostile sender must not flood the log with its payload.
         log.warning("rejected message (%s) on %s: %s", reason, topic_name[:160], " ".join(detail[:200].split()))
         payload = getattr(it, "payload", b"")
+        # Whom to receipt: the device of the topic (the broker's ACL says who may publish there) and
+        # the msg_id if one can be read — else nothing, and the sender resends it until it expires.
+        parts = topic_name.split("/")
+        device = parts[4] if (len(parts) == 6 and parts[2] == self.fleet and parts[3] == "devices"
+                              and protocol.valid_id(parts[4])) else None
+        msg_id = protocol.envelope_msg_id(bytes(payload)) if device and len(payload) <= protocol.MAX_PAYLOAD else None
         return {"received": float(getattr(it, "received", None) or time.time()), "topic": topic_name[:512],
                 "reason": reason, "detail": detail[:1000], "size": len(payload),
-                "payload": bytes(payload[:DEAD_LETTER_PAYLOAD])}
+                "payload": bytes(payload[:DEAD_LETTER_PAYLOAD]), "device": device, "msg_id": msg_id}
 
     def run(self) -> None:
         crashes: list[float] = []
@@ -232,6 +317,7 @@ class Collector(Loop):
 
     def _loop(self) -> None:
         while not self.stopping:
+            self._announce()
             if not self._batch:
                 self._batch = self._next_batch()
                 if not self._batch:
@@ -241,7 +327,7 @@ class Collector(Loop):
             batch = self._batch
             while True:
                 try:
-                    self.process(batch)
+                    done = self.process(batch)
                     break
                 except FleetDBError as exc:
                     # Not acknowledged yet: retry the same batch (the ledger makes a partial earlier
@@ -256,9 +342,12 @@ class Collector(Loop):
             for it in batch:
                 self.link.ack(it)
             self._batch = []
+            if self.receipts:
+                self._hold_receipts(done)
 
     def _next_batch(self) -> list[Inbound]:
         first = self.link.get(timeout=0.2)
+        self._release_receipts()
         if first is None:
             self._idle.set()
             return []
