@@ -908,6 +908,35 @@ def _attempt(c: Candidate, build, measure) -> None:
         c.seconds = round(time.monotonic() - t, 2)
 
 
+def _search_plan(method: str, engines: Sequence[str] | None, calibrations: Sequence[str] | None,
+                 activation_types: Sequence[str], prepped: Path, notes: dict) -> tuple[list, list[list]]:
+    """The candidates to try first, and the later steps tried only while nothing meets the budget.
+
+    Each candidate is ``(engine, method, calibration, activation type)``.
+    """
+    staged = engines is None
+    engines = [e for e in (engines or ENGINES) if e != "nncf" or nncf_available()]
+    notes["engines"] = list(engines)
+    explicit = calibrations is not None
+    first_cals = tuple(calibrations) if explicit else ("minmax",)
+    plan = []
+    if method in ("auto", "static"):
+        if "onnxruntime" in engines:
+            plan += [("onnxruntime", "static", cal, act) for cal in first_cals for act in activation_types]
+        if "nncf" in engines and not staged:
+            plan.append(("nncf", "static", None, None))
+    if method == "dynamic" or (method == "auto" and "onnxruntime" in engines and _dynamic_worth_trying(prepped)):
+        plan.append(("onnxruntime", "dynamic", None, None))
+    later = []
+    if method != "dynamic":
+        if staged and "nncf" in engines:
+            later.append([("nncf", "static", None, None)])
+        if not explicit and "onnxruntime" in engines:
+            later.append([("onnxruntime", "static", cal, act) for cal in ("percentile", "entropy")
+                          for act in activation_types])
+    return plan, later
+
+
 def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None, method: str, batch: int,
               threads_batch: int, repeats: int, calibrations: Sequence[str] | None, recovery_steps: int,
               work: Path, quiet: bool, metric_options: Mapping | None = None,
@@ -977,26 +1006,7 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
     # serves u8 and s8, and on the real models they were never slower than NNCF's. NNCF (bias
     # correction, its ignored patterns) and then the histogram calibrations (a pass each, holding
     # every activation of the calibration set) are tried only while nothing meets the budget.
-    staged = engines is None
-    engines = [e for e in (engines or ENGINES) if e != "nncf" or nncf_available()]
-    notes["engines"] = list(engines)
-    explicit = calibrations is not None
-    first_cals = tuple(calibrations) if explicit else ("minmax",)
-    plan = []
-    if method in ("auto", "static"):
-        if "onnxruntime" in engines:
-            plan += [("onnxruntime", "static", cal, act) for cal in first_cals for act in activation_types]
-        if "nncf" in engines and not staged:
-            plan.append(("nncf", "static", None, None))
-    if method == "dynamic" or (method == "auto" and "onnxruntime" in engines and _dynamic_worth_trying(prepped)):
-        plan.append(("onnxruntime", "dynamic", None, None))
-    later = []
-    if method != "dynamic":
-        if staged and "nncf" in engines:
-            later.append([("nncf", "static", None, None)])
-        if not explicit and "onnxruntime" in engines:
-            later.append([("onnxruntime", "static", cal, act) for cal in ("percentile", "entropy")
-                          for act in activation_types])
+    plan, later = _search_plan(method, engines, calibrations, activation_types, prepped, notes)
     with _phase(phases, "candidates", quiet):
         run(plan)
         for step in later:
@@ -1329,6 +1339,36 @@ def _package(out: Path, runs: list[dict], rep: dict, src: _Source, *, signing_ke
     return out
 
 
+def _check_options(*, method, target, max_drop, batch, calibrations, activation_types, weight_type, engines,
+                   samples, model_type) -> None:
+    """:func:`quantize`'s arguments, each refused in one line before any work starts."""
+    if method not in METHODS:
+        raise ConversionError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if target not in TARGETS:
+        raise ConversionError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    if max_drop < 0:
+        raise ConversionError(f"max_drop must be >= 0 points, got {max_drop}")
+    if batch < 1:
+        raise ConversionError(f"batch must be >= 1, got {batch}")
+    bad = [c for c in calibrations or () if c not in CALIBRATIONS]
+    if bad:
+        raise ConversionError(f"unknown calibration {bad[0]!r}; use {', '.join(CALIBRATIONS)}")
+    if calibrations is not None and not calibrations:
+        raise ConversionError("calibrations: give at least one of " + ", ".join(CALIBRATIONS))
+    for what, given, allowed in (("activation type", activation_types, ACTIVATION_TYPES),
+                                 ("weight type", [weight_type], WEIGHT_TYPES),
+                                 ("engine", engines or (), ENGINES)):
+        bad = [x for x in given if x not in allowed]
+        if bad or not given and what != "engine":
+            raise ConversionError(f"unknown {what} {bad[0] if bad else '(none)'!r}; use {', '.join(allowed)}")
+    if engines is not None and "nncf" in engines and not nncf_available():
+        raise ConversionError("engine nncf is not installed: pip install 'edgeship[convert]' (or pip install nncf)")
+    if samples is not None and samples < MIN_CALIB_SAMPLES:
+        raise ConversionError(f"samples must be >= {MIN_CALIB_SAMPLES} calibration samples, got {samples}")
+    if model_type not in (None, "transformer", "default"):
+        raise ConversionError(f"unknown model type {model_type!r}; use transformer or default")
+
+
 def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = None,  # noqa: A002 - issue's name
              method: str = "auto", target: str = "onnx", out=None, allow_fp32: bool = False, batch: int = 32,
              signing_key=None, name: str | None = None, version: str | None = None, quiet: bool = False,
@@ -1378,31 +1418,9 @@ def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = 
     candidate meets the budget and ``allow_fp32`` is False — in every error
     case no package is written.
     """
-    if method not in METHODS:
-        raise ConversionError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    if target not in TARGETS:
-        raise ConversionError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
-    if max_drop < 0:
-        raise ConversionError(f"max_drop must be >= 0 points, got {max_drop}")
-    if batch < 1:
-        raise ConversionError(f"batch must be >= 1, got {batch}")
-    bad = [c for c in calibrations or () if c not in CALIBRATIONS]
-    if bad:
-        raise ConversionError(f"unknown calibration {bad[0]!r}; use {', '.join(CALIBRATIONS)}")
-    if calibrations is not None and not calibrations:
-        raise ConversionError("calibrations: give at least one of " + ", ".join(CALIBRATIONS))
-    for what, given, allowed in (("activation type", activation_types, ACTIVATION_TYPES),
-                                 ("weight type", [weight_type], WEIGHT_TYPES),
-                                 ("engine", engines or (), ENGINES)):
-        bad = [x for x in given if x not in allowed]
-        if bad or not given and what != "engine":
-            raise ConversionError(f"unknown {what} {bad[0] if bad else '(none)'!r}; use {', '.join(allowed)}")
-    if engines is not None and "nncf" in engines and not nncf_available():
-        raise ConversionError("engine nncf is not installed: pip install 'edgeship[convert]' (or pip install nncf)")
-    if samples is not None and samples < MIN_CALIB_SAMPLES:
-        raise ConversionError(f"samples must be >= {MIN_CALIB_SAMPLES} calibration samples, got {samples}")
-    if model_type not in (None, "transformer", "default"):
-        raise ConversionError(f"unknown model type {model_type!r}; use transformer or default")
+    _check_options(method=method, target=target, max_drop=max_drop, batch=batch, calibrations=calibrations,
+                   activation_types=activation_types, weight_type=weight_type, engines=engines, samples=samples,
+                   model_type=model_type)
     device = load_target_bench(target_bench) if target_bench else None
     out = Path(out) if out is not None else None
     if out is not None and out.suffix != ".edgepkg":
@@ -1431,8 +1449,8 @@ def quantize(model, calib, eval, *, max_drop: float = 1.0, metric: str | None = 
         elif wanted != [src.kind]:
             raise ConversionError(
                 f"{src.path.name}: target {target} needs a {' and a '.join(wanted)} model but this is {src.kind}; "
-                "ONNX and TFLite are not converted into each other here — pass the torch model (library call) "
-                f"or the float .tflite/.onnx, or use --target {src.kind}")
+                "TFLite is not converted to ONNX here — pass the torch model (library call) or the .onnx, "
+                f"or use --target {src.kind}")
         from .report import machine_info
 
         machine = machine_info()
