@@ -154,10 +154,12 @@ def check_broker(url: str | None, timeout: float = 3.0) -> Check:
     except OSError as exc:
         return Check("broker", FAIL, f"{host}:{port} unreachable: {exc.strerror or exc}",
                      "check the broker address, the network and the firewall; the agent buffers until it is back")
-    # Whether the broker persists cannot be seen from a client (MQTT has no such signal), so the
-    # check says what it requires instead of guessing: "nothing accepted is lost" rests on it.
+    # Whether the broker persists cannot be seen from a client (MQTT has no such signal). With a
+    # collector that announces end-to-end receipts the outbox keeps every row until it is stored,
+    # so persistence matters only for an old collector (and for retained state and plans).
     return Check("broker", OK, f"{host}:{port} reachable in {1000 * (time.monotonic() - start):.0f} ms; "
-                 "it must persist (Mosquitto: persistence true, docs/secure-broker.md)")
+                 "rows leave the outbox on the collector's receipt; with a collector that sends none the "
+                 "broker must persist (Mosquitto: persistence true, docs/secure-broker.md)")
 
 
 def check_keys(paths: Iterable[str], allow_unsigned: bool | None = None) -> Check:

@@ -129,8 +129,9 @@ def fleet_option(f):
 
 def embedded_broker_line(url: str) -> str:
     """The start line of a command that runs the embedded broker: it says the broker does not persist."""
-    return (f"embedded MQTT broker on {url}: in memory only, what it holds is lost when it stops; "
-            "for a fleet pass --broker to a Mosquitto with persistence true (docs/secure-broker.md)")
+    return (f"embedded MQTT broker on {url}: in memory only (devices keep telemetry until the collector's "
+            "receipt, but retained state and plans are lost when it stops); for a fleet pass --broker to a "
+            "Mosquitto with persistence true (docs/secure-broker.md)")
 
 
 @contextlib.contextmanager
