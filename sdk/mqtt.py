@@ -249,6 +249,7 @@ class MqttLink:
         self._connected = False
         self._generation = 0          # +1 per successful CONNACK
         self._subscribed_gen = 0
+        self._subs_version = self._subscribed_version = 0
         self._refused: str | None = None
         self._last_error: str | None = None
         self._last_ack: float | None = None
@@ -313,7 +314,7 @@ class MqttLink:
     def wait_connected(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._connected and self._subscribed_gen == self._generation:
+            if self._connected and self._subscribed():
                 return True
             self._stop.wait(0.02)
         return False
@@ -415,7 +416,10 @@ class MqttLink:
         with self._subs_lock:
             if (topic_filter, qos) not in self._extra_subs:
                 self._extra_subs.append((topic_filter, qos))
-        self._subscribed_gen = -1  # the network thread re-issues the whole list
+                # A version, not "_subscribed_gen = -1": the network thread may be between copying
+                # the list and marking it issued, and would mark this subscription issued unsent
+                # (seen: a device's rollout-plan subscription lost when the receipt route came in).
+                self._subs_version += 1
 
     def get(self, timeout: float) -> Inbound | None:
         try:
@@ -572,15 +576,21 @@ class MqttLink:
         c.connect(self._addr["host"], self._addr["port"], keepalive=o.keepalive,
                   clean_start=clean_start, properties=props)
 
+    def _subscribed(self) -> bool:
+        """Whether this connection has been sent every subscription of the list as it is now."""
+        return self._subscribed_gen == self._generation and self._subscribed_version == self._subs_version
+
     def _resubscribe(self) -> None:
         with self._subs_lock:
             subs = list(self._extra_subs)
+            version = self._subs_version
         gen = self._generation
         if subs:
             rc, _ = self._client.subscribe(subs)
             if rc != _paho().MQTT_ERR_SUCCESS:
                 return
         self._subscribed_gen = gen
+        self._subscribed_version = version
 
     def _run(self) -> None:
         mqtt = _paho()
@@ -618,7 +628,7 @@ class MqttLink:
                     continue
                 if self._connected:
                     attempt = 0
-                    if self._subscribed_gen != self._generation:
+                    if not self._subscribed():
                         self._resubscribe()
             except Exception as exc:  # noqa: BLE001 - keep the network thread alive, record why
                 self._last_error = f"network thread error: {type(exc).__name__}: {exc}"

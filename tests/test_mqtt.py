@@ -271,3 +271,44 @@ def test_tls_with_ca_and_client_certificate(tmp_path):
             MqttLink(url, ca_file=str(tmp_path / "missing.pem")).start()
     finally:
         b.stop()
+
+
+def test_subscriptions_added_while_the_link_subscribes_are_never_lost(mosquitto):
+    """A subscription added while the network thread issues the list used to be marked issued unsent.
+
+    Seen in the demo: a device's rollout-plan subscription was lost when the outbox added its
+    receipt route at the same moment, and that device never received a plan.
+    """
+    links = []
+    try:
+        for i in range(12):
+            link = MqttLink(mosquitto.url, client_id=f"race-{i}").start()
+            # Several threads add subscriptions while the link connects and subscribes.
+            ts = [threading.Thread(target=link.subscribe, args=(f"race/{i}/{k}", 1)) for k in range(6)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(5)
+            links.append(link)
+        pub = MqttLink(mosquitto.url, client_id="race-pub").start()
+        try:
+            for i, link in enumerate(links):
+                assert link.wait_connected(10), f"race-{i} never subscribed"
+            assert pub.wait_connected(10)
+            for i in range(len(links)):
+                for k in range(6):
+                    pub.publish(f"race/{i}/{k}", b"x", qos=1)
+            assert pub.flush(10)
+        finally:
+            pub.stop()
+        for i, link in enumerate(links):
+            got: set = set()
+            deadline = time.monotonic() + 5
+            while len(got) < 6 and time.monotonic() < deadline:
+                m = link.get(0.1)
+                if m is not None:
+                    got.add(m.topic)
+            assert len(got) == 6, f"race-{i} lost subscriptions: got {sorted(got)}"
+    finally:
+        for link in links:
+            link.stop()
