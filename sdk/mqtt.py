@@ -193,7 +193,16 @@ class PublishHandle:
         return None if self._info is None else self._info.mid
 
     def acked(self) -> bool:
-        return self.error is None and self._info is not None and self._info.is_published()
+        return self.error is None and self._info is not None and self._published()
+
+    def _published(self) -> bool:
+        info = self._info
+        # A QoS 1 message published while disconnected keeps rc NO_CONN (and one lost with its
+        # connection CONN_LOST) for good: paho resends it on connecting and its PUBACK sets the
+        # flag, but is_published() checks rc first and raises "not currently connected".
+        if info.rc:
+            return bool(info._published)  # noqa: SLF001 - the flag is_published() hides behind rc
+        return info.is_published()
 
     def failed(self) -> bool:
         return self.error is not None
@@ -203,7 +212,7 @@ class PublishHandle:
         if self.error is not None or self._info is None:
             return False
         deadline = time.monotonic() + timeout
-        while not self._info.is_published():
+        while not self._published():
             left = deadline - time.monotonic()
             if left <= 0:
                 return False

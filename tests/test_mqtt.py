@@ -312,3 +312,29 @@ def test_subscriptions_added_while_the_link_subscribes_are_never_lost(mosquitto)
     finally:
         for link in links:
             link.stop()
+
+
+def test_a_publish_accepted_while_disconnected_completes_after_the_connection_comes(tmp_path):
+    """paho keeps a QoS 1 message published while disconnected and sends it on connecting, but its
+    ``is_published()`` raises "not currently connected" for it forever. The rollout controller
+    published a plan right after starting and crashed on that (CI, session 5)."""
+    from conftest import MosquittoBroker
+
+    broker = MosquittoBroker(tmp_path / "late")  # port chosen, nothing listening yet
+    sub = None
+    pub = MqttLink(broker.url, client_id="pub-late", backoff_base=0.05, backoff_cap=0.2).start()
+    try:
+        h = pub.publish("t/late", b"early", qos=1, retain=True)
+        assert not pub.connected and not h.failed()
+        assert h.wait(0.3) is False and not h.acked()   # not yet: no broker
+        broker.start()
+        assert h.wait(15), "the message accepted while disconnected was never acknowledged"
+        assert h.acked()
+        sub = MqttLink(broker.url, client_id="sub-late", subscriptions=(("t/late", 1),)).start()
+        m = sub.get(10)
+        assert m is not None and m.payload == b"early"
+    finally:
+        pub.stop()
+        if sub is not None:
+            sub.stop()
+        broker.stop()
