@@ -121,6 +121,43 @@ def test_choose_picks_fastest_within_budget():
     assert "fastest" in d.reason and "0.40x" in d.reason
 
 
+def test_choose_takes_the_most_accurate_of_the_equally_fast_candidates():
+    # issue 18: the fastest-only rule shipped the detector at IoU 99.9 where plain onnxruntime's
+    # configuration, as fast within timing noise, had 100.0 -- the old rule picks ort-u8-minmax here.
+    cands = [_cand("fp32", "fp32", 0.0, 1.0, 1.0, 400), _cand("ort-u8-minmax", "static", 0.10, 0.50, 0.50),
+             _cand("ort-u8-minmax-pt", "static", 0.0, 0.51, 0.52), _cand("nncf", "static", 0.05, 0.52, 0.51)]
+    d = choose(cands, max_drop=1.0)
+    assert d.ok and d.chosen == "ort-u8-minmax-pt" and d.best_int8 == "ort-u8-minmax-pt"
+    assert "most accurate" in d.reason and "ort-u8-minmax" in d.reason   # names the fastest it passed over
+    # a real speed difference is not traded for accuracy: 20 % slower is outside the noise band
+    slow = [cands[0], cands[1], _cand("nncf", "static", 0.0, 0.60, 0.60)]
+    assert choose(slow, max_drop=1.0).chosen == "ort-u8-minmax"
+    # ... unless the band is widened by the caller
+    assert choose(slow, max_drop=1.0, speed_tie=0.25).chosen == "nncf"
+    # out of budget stays out, however accurate-looking the rest is
+    assert choose([cands[0], _cand("a", "static", 1.5, 0.5, 0.5), _cand("b", "static", 0.9, 0.52, 0.52)],
+                  max_drop=1.0).chosen == "b"
+
+
+def test_search_plan_holds_both_peers_defaults_and_stages_the_rest():
+    from edgeship.converters.quantization import ESCALATE, PEER, _search_plan
+
+    plan, later = _search_plan("auto", None, None, None, None, dense=False, nncf_installed=True)
+    # plain onnxruntime's quantize_static defaults (u8, per-tensor, MinMax) beside u8 per-channel
+    assert plan == [("onnxruntime", "static", "minmax", "uint8", True),
+                    ("onnxruntime", "static", "minmax", "uint8", False)]
+    kinds = [(k, [c[0] if c[0] == "nncf" else f"{c[2]}-{c[3]}" for c in step]) for k, step in later]
+    assert kinds == [(PEER, ["nncf"]), (ESCALATE, ["minmax-int8"]), (ESCALATE, ["percentile-uint8", "percentile-int8"]),
+                     (ESCALATE, ["entropy-uint8", "entropy-int8"])]
+    # what the user fixes is all that is tried, and nothing is staged behind it
+    plan, later = _search_plan("static", ("onnxruntime", "nncf"), ("minmax",), ("int8",), False, dense=False,
+                               nncf_installed=True)
+    assert plan == [("onnxruntime", "static", "minmax", "int8", False), ("nncf", "static", None, None, True)]
+    assert later == []
+    plan, later = _search_plan("auto", None, None, None, None, dense=True, nncf_installed=False)
+    assert ("onnxruntime", "dynamic", None, None, False) in plan and all(k == ESCALATE for k, _ in later)
+
+
 def test_choose_keeps_fp32_when_int8_is_slower_and_says_why():
     cands = [_cand("fp32", "fp32", 0.0, 0.010, 0.05), _cand("static-minmax", "static", 0.0, 0.020, 0.09),
              _cand("dynamic", "dynamic", 0.0, 0.015, 0.08)]
@@ -704,7 +741,8 @@ def test_unsigned_and_signed_activations_share_one_calibration(mlp, tmp_path):
     from onnx import numpy_helper
 
     res = quantize(mlp["onnx"], mlp["calib"], mlp["eval"], method="static", engines=("onnxruntime",), quiet=True,
-                   repeats=3, recovery_steps=0, work_dir=tmp_path / "w", allow_fp32=True, max_drop=5.0)
+                   repeats=3, recovery_steps=0, work_dir=tmp_path / "w", allow_fp32=True, max_drop=5.0,
+                   activation_types=("uint8", "int8"), per_channel=True)
     cands = {c.name: c for c in res.candidates}
     u8, s8 = cands["ort-u8-minmax"], cands["ort-s8-minmax"]
     assert u8.error is None and s8.error is None and u8.duplicate_of is None and s8.duplicate_of is None
@@ -726,7 +764,7 @@ def test_dynamic_is_skipped_in_auto_on_a_conv_net_and_node_errors_stream(cnn, tm
     res = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], engines=("onnxruntime",), activation_types=("uint8",),
                    quiet=True, repeats=3, recovery_steps=0, work_dir=tmp_path / "w", allow_fp32=True,
                    max_drop=50.0, analyze=True, metric="cosine")
-    assert {c.name for c in res.candidates} == {"fp32", "ort-u8-minmax"}
+    assert {c.name for c in res.candidates} == {"fp32", "ort-u8-minmax", "ort-u8-minmax-pt"}
     rep = res.report["targets"]["onnx"]
     if res.chosen["onnx"] != "fp32":
         assert rep["node_errors"] and "per-node error" in rep["phases"]
@@ -779,7 +817,7 @@ def test_cli_quantize_knobs_reach_the_model(cnn, tmp_path):
 
     pkg = open_package(out)
     rep = json.loads(pkg.read("report.json"))["targets"]["onnx"]
-    assert [c["name"] for c in rep["candidates"]] == ["fp32", "ort-u8-minmax"]
+    assert [c["name"] for c in rep["candidates"]] == ["fp32", "ort-u8-minmax-pt"]
     assert rep["calibration_samples"] == 16 and len(pkg.manifest["variants"]) == 1
     if rep["chosen"] != "fp32":
         m = onnx.load_from_string(pkg.read("model.onnx"))
@@ -838,14 +876,62 @@ def test_target_bench_from_the_device_decides_fp32_vs_int8(cnn, tmp_path):
     assert res.report["targets"]["onnx"]["decided_on"]["machine"].startswith(os.uname().machine)
 
 
-def test_staged_search_tries_nncf_only_when_onnxruntime_misses_the_budget(cnn, tmp_path):
+def test_staged_search_runs_nncf_after_onnxruntime_and_escalates_only_when_nothing_meets_the_budget(cnn, tmp_path):
     pytest.importorskip("nncf")
-    kw = dict(method="static", quiet=True, repeats=3, recovery_steps=0, allow_fp32=True, metric="cosine",
-              activation_types=("uint8",))
+    kw = dict(method="static", quiet=True, repeats=3, recovery_steps=0, allow_fp32=True, metric="cosine")
     easy = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], max_drop=50.0, work_dir=tmp_path / "a", **kw)
-    assert [c.name for c in easy.candidates] == ["fp32", "ort-u8-minmax"]          # in budget: no escalation
-    assert "escalated" not in easy.report["targets"]["onnx"]["notes"]
+    # both peers' defaults compete (plain ORT = u8 per-tensor MinMax; NNCF), nothing escalates
+    assert [c.name for c in easy.candidates] == ["fp32", "ort-u8-minmax", "ort-u8-minmax-pt", "nncf"]
+    notes = easy.report["targets"]["onnx"]["notes"]
+    assert "escalated" not in notes and notes["engines"] == ["onnxruntime", "nncf"]
+    assert all(c.latency_b1_ms is not None for c in easy.candidates)        # all in budget: all timed
     hard = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], max_drop=0.0, work_dir=tmp_path / "b", **kw)
     names = [c.name for c in hard.candidates]
-    assert names[:3] == ["fp32", "ort-u8-minmax", "nncf"]                           # NNCF next, then histograms
-    assert hard.report["targets"]["onnx"]["notes"]["escalated"][0] == "nncf"
+    assert names[:5] == ["fp32", "ort-u8-minmax", "ort-u8-minmax-pt", "nncf", "ort-s8-minmax"]
+    assert hard.report["targets"]["onnx"]["notes"]["escalated"][0] == "ort-s8-minmax"
+    # candidates out of budget cannot be chosen, so they are not timed
+    assert all(c.latency_b1_ms is None for c in hard.candidates if c.meets_budget is False)
+
+
+def test_nncf_is_skipped_when_an_onnxruntime_candidate_already_equals_fp32(cnn, tmp_path):
+    pytest.importorskip("nncf")
+    res = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], method="static", quiet=True, repeats=3,
+                   recovery_steps=0, allow_fp32=True, metric="agreement", max_drop=50.0, work_dir=tmp_path / "w")
+    ort = [c for c in res.candidates if c.engine == "onnxruntime"]
+    skipped = res.report["targets"]["onnx"]["notes"].get("skipped", [])
+    # agreement with fp32 cannot exceed 100 %: NNCF runs only when no onnxruntime candidate reached it
+    assert (any(c.drop <= 0 for c in ort)) == bool(skipped) == ("nncf" not in [c.name for c in res.candidates])
+
+
+def _qdq_scales(path) -> list[np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    return [inits[n.input[1]] for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[1] in inits]
+
+
+def test_nncf_candidate_is_nncf_default_on_single_samples_though_run_in_batches(cnn, tmp_path):
+    """The NNCF candidate must be the NNCF peer's configuration: its default activation ranges are means of
+    per-sample min/max, so batches of 16 fed as plain items (the old code) gave other, wider ranges."""
+    nncf = pytest.importorskip("nncf")
+    import contextlib
+    import io
+
+    import onnx
+
+    from edgeship.converters.quantization import _build_nncf, _feeds
+
+    data = load_data(np.load(cnn["calib"]), input_names=["input"])
+    ours = tmp_path / "ours.onnx"
+    _build_nncf(cnn["onnx"], ours, feeds=_feeds(data, 16, None), exclude=[], transformer=False)
+    singles = [{"input": data.inputs["input"][i:i + 1]} for i in range(len(data))]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        peer = nncf.quantize(onnx.load(str(cnn["onnx"])), nncf.Dataset(singles), subset_size=len(singles))
+    onnx.save(peer, str(tmp_path / "peer.onnx"))
+    a, b = _qdq_scales(ours), _qdq_scales(tmp_path / "peer.onnx")
+    assert len(a) == len(b) >= 3
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-4)
