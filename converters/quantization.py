@@ -93,6 +93,11 @@ WEIGHT_TYPES = ("int8", "uint8")
 #: intermediates); enough to rank nodes, far from the 64 x all-tensors that cost 11.9 GB.
 NODE_ERROR_SAMPLES = 8
 TIMING_BATCH = 8
+#: Input bytes per batch for calibration (onnxruntime's MinMax pass and NNCF's statistics keep every
+#: activation of a batch alive: PP-OCRv4's detector at 320x320 held ~370 MB a sample, 11.8 GB at
+#: batch 32) and for plain inference (eval, reference). Small inputs keep the full batch.
+CALIB_BATCH_BYTES = 2 << 20
+EVAL_BATCH_BYTES = 8 << 20
 TARGETS = ("onnx", "tflite", "both")
 METHODS = ("auto", "static", "dynamic")
 #: int8 must be at least this much slower than fp32 (geometric-mean latency ratio)
@@ -349,6 +354,12 @@ def _feeds(data: Dataset, batch: int, fixed: int | None) -> list[dict[str, np.nd
             f = {k: np.concatenate([v, np.repeat(v[-1:], bs - n, axis=0)]) for k, v in f.items()}
         out.append(f)
     return out
+
+
+def _batch_for(data: Dataset, batch: int, budget: int) -> int:
+    """``batch`` or fewer samples, so that one batch holds at most ``budget`` bytes of input."""
+    per_sample = sum(np.asarray(v[:1]).nbytes for v in data.inputs.values()) or 1
+    return max(1, min(batch, budget // per_sample))
 
 
 def _reader(feeds: list[dict[str, np.ndarray]], *, desc: str, quiet: bool):
@@ -799,20 +810,17 @@ def _time_all(cands: Sequence[Candidate], evald: Dataset, *, batch: int, threads
     bn = {c.name: [] for c in live}
     m1 = {c.name: ev.open_model(c.path, threads=1) for c in live}
     mn = {c.name: ev.open_model(c.path, threads=threads_batch) for c in live}
-    for _ in _progress(range(rounds), desc="timing", quiet=quiet):
+    for r in _progress(range(rounds), desc="timing", quiet=quiet):
         for c in live:
             b1[c.name].append(ev.measure_latency(m1[c.name], evald.inputs, threads=1, batch=1, repeats=per_round,
                                                  warmup=1))
+            # one warm-up run per session is enough at batch N (a run of PP-OCR's recognizer at batch 8
+            # took 0.7 s: warming up every round was a third of the timing phase)
             bn[c.name].append(ev.measure_latency(mn[c.name], evald.inputs, threads=threads_batch, batch=batch,
-                                                 repeats=max(1, per_round // 3), warmup=1))
+                                                 repeats=max(1, per_round // 3), warmup=1 if r == 0 else 0))
     for c in live:
         c.latency_b1_ms = float(np.median(b1[c.name]))
         c.latency_batch_ms = float(np.median(bn[c.name]))
-
-
-def _onnx_specs(path: Path) -> tuple[list[InputSpec], list[InputSpec]]:
-    m = ev.OnnxModel(path)
-    return m.inputs, m.outputs
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -998,6 +1006,50 @@ def _search_plan(method: str, engines: Sequence[str] | None, calibrations: Seque
     return plan, later
 
 
+def _recover(candidates: list[Candidate], *, prepped: Path, calib_d: Dataset, work: Path, quiet: bool, steps: int,
+             node_tables: dict, log: list, build, measure) -> None:
+    """Accuracy recovery (onnxruntime candidates): per family with no candidate in the budget, start from
+    its most accurate onnxruntime candidate and keep the nodes adding the most error in float, for at
+    most ``steps`` steps; new candidates are appended to ``candidates``."""
+    for fam in ("static", "dynamic"):
+        fam_cands = [c for c in candidates if c.method == fam and c.error is None and c.drop is not None]
+        ort_cands = [c for c in fam_cands if c.engine == "onnxruntime"]
+        if not ort_cands or any(c.meets_budget for c in fam_cands) or steps <= 0:
+            continue
+        start = min(ort_cands, key=lambda c: c.drop)
+        quantizable = _quantizable_nodes(prepped, fam)
+        per_step = max(1, math.ceil(0.1 * len(quantizable)))
+        excluded: list[str] = []
+        current = start
+        for step in range(1, steps + 1):
+            try:
+                rows = node_errors(prepped, Path(current.path), calib_d, work_dir=work, quiet=quiet,
+                                   batch=_batch_for(calib_d, 4, CALIB_BATCH_BYTES))
+            except Exception as exc:  # analysis is best effort: report it, keep the candidates we have
+                log.append({"from": current.name, "step": step, "error": _one_line(exc)})
+                break
+            node_tables[current.name] = rows
+            ranked = [r for r in sorted(rows, key=lambda r: -r["added_db"])
+                      if r["added_db"] > 0 and _fixes(r, quantizable, excluded)]
+            if not ranked:
+                log.append({"from": current.name, "step": step, "note": "no node adds measurable error"})
+                break
+            worst = list(dict.fromkeys(n for r in ranked[:per_step] for n in _fixes(r, quantizable, excluded)))
+            excluded = excluded + worst
+            name = f"{start.name}+float{len(excluded)}"
+            c = Candidate(name=name, target="onnx", method=fam, calibration=start.calibration,
+                          excluded_nodes=list(excluded), engine="onnxruntime", activation_type=start.activation_type,
+                          per_channel=start.per_channel)
+            candidates.append(c)
+            out = work / f"{name}.onnx"
+            _attempt(c, lambda c=c, out=out: build(c, out), lambda c=c, out=out: measure(c, out))
+            log.append({"from": current.name, "step": step, "excluded": worst, "candidate": name,
+                        "drop": c.drop, "meets_budget": c.meets_budget})
+            if c.error is not None or c.meets_budget:
+                break
+            current = c
+
+
 def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None, method: str, batch: int,
               threads_batch: int, repeats: int, calibrations: Sequence[str] | None, recovery_steps: int,
               work: Path, quiet: bool, metric_options: Mapping | None = None,
@@ -1010,28 +1062,33 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
     fp32_path = src.file_for("onnx")
     with _phase(phases, "prepare", quiet):
         prepped, notes = _prepare_onnx(fp32_path, work, quiet=quiet)
-        specs, out_specs = _onnx_specs(fp32_path)
+        # One fp32 session for the IO specs, the batch and the reference run (each session costs
+        # a graph optimisation pass: ~0.3 s on the 10 MB recognizer).
+        fp32_model = ev.OnnxModel(fp32_path)
+        specs, out_specs = fp32_model.inputs, fp32_model.outputs
         calib_d, eval_d = _load_sets(calib, evald, specs, src.preprocess)
         if samples is not None:
             calib_d = calib_d.take(samples)
-        fixed = ev.OnnxModel(fp32_path).fixed_batch
-    bs = fixed or batch
+        fixed = fp32_model.fixed_batch
+    bs = fixed or _batch_for(eval_d, batch, EVAL_BATCH_BYTES)
     # Latency is compared at batch 1 and at a serving-size batch; 8 ranks candidates like 32 does
-    # at a quarter of the cost (a batch of 32 224x224 images takes a second per run).
-    timing_batch = fixed or min(batch, TIMING_BATCH)
+    # at a quarter of the cost (a batch of 32 224x224 images takes a second per run), and large
+    # inputs get fewer (PP-OCR's detector at 320x320 took a second per batch of 8).
+    timing_batch = fixed or _batch_for(eval_d, min(batch, TIMING_BATCH), CALIB_BATCH_BYTES)
     with _phase(phases, "fp32 reference", quiet):
         # The fp32 model runs once over the eval data (its outputs are the reference *and* the
         # baseline's score) and, only when a package is written, once over the calibration data
         # for the reference statistics.
-        reference = ev.predict(fp32_path, eval_d, batch=bs)
-        calib_reference = ev.predict(fp32_path, calib_d, batch=bs) if packaging else None
+        reference = ev.predict(fp32_model, eval_d, batch=bs)
+        calib_reference = ev.predict(fp32_model, calib_d, batch=bs) if packaging else None
+        fp32_model.close()
     metric = ev.choose_metric(reference.shape, eval_d.labels is not None, metric)
     ev.metric_value(metric, reference, labels=eval_d.labels, reference=reference, options=metric_options)
     base = Candidate(name="fp32", target="onnx", method="fp32", engine="fp32")
     measure_kw = dict(metric=metric, reference=reference, batch=bs, max_drop=max_drop, metric_options=metric_options)
     _measure(base, fp32_path, eval_d, fp32_points=None, outputs=reference, **measure_kw)
     fp32_points = base.points
-    feeds = _feeds(calib_d, batch, fixed)
+    feeds = _feeds(calib_d, _batch_for(calib_d, batch, CALIB_BATCH_BYTES), fixed)
     transformer = model_type == "transformer" or (model_type is None and _looks_like_transformer(prepped))
     notes["model_type"] = "transformer" if transformer else "default"
     candidates = [base]
@@ -1070,6 +1127,22 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
     plan, later = _search_plan(method, engines, calibrations, activation_types, knobs.per_channel,
                                dense=method == "auto" and _dynamic_worth_trying(prepped),
                                nncf_installed=nncf_available())
+    node_tables: dict[str, list[dict]] = {}
+    recovery_log: list[dict] = []
+
+    def recover() -> None:
+        t_rec = time.monotonic()
+        _recover(candidates, prepped=prepped, calib_d=calib_d, work=work, quiet=quiet, steps=recovery_steps,
+                 node_tables=node_tables, log=recovery_log,
+                 build=lambda c, out: _build_candidate(
+                     prepped, out, method=c.method, calibration=c.calibration, feeds=feeds, cache_dir=work,
+                     exclude=c.excluded_nodes, quiet=quiet, activation_type=c.activation_type or "int8",
+                     knobs=knobs, per_channel=bool(c.per_channel)),
+                 measure=lambda c, out: _measure(c, out, eval_d, fp32_points=fp32_points, **measure_kw))
+        if recovery_log:
+            phases["recovery"] = round(phases.get("recovery", 0.0) + time.monotonic() - t_rec, 2)
+
+    recovered = False
     with _phase(phases, "candidates", quiet):
         run(plan)
         for kind, step in later:
@@ -1078,59 +1151,19 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
                 notes.setdefault("skipped", []).append(
                     ", ".join(_candidate_name(*x) for x in step) + " (a candidate already equals fp32)")
                 continue
-            if kind == ESCALATE and any(c.meets_budget for c in tried):
+            if kind == ESCALATE and not recovered:
+                # Keeping the worst nodes in float costs one streamed analysis and one build (0.5-2 s
+                # on the PP-OCR models) where another calibration costs a pass over the data and a
+                # full evaluation per activation type: it goes first.
+                recover()
+                recovered = True
+            if kind == ESCALATE and any(c.meets_budget for c in candidates if c.method != "fp32"):
                 break
             if kind == ESCALATE:
                 notes.setdefault("escalated", []).append(", ".join(_candidate_name(*x) for x in step))
             run(step)
-
-    # Accuracy recovery (onnxruntime candidates): per family, take the most accurate candidate when
-    # none of the family is in budget, and keep the nodes adding the most error in float.
-    node_tables: dict[str, list[dict]] = {}
-    recovery_log = []
-    t_rec = time.monotonic()
-    for fam in ("static", "dynamic"):
-        fam_cands = [c for c in candidates if c.method == fam and c.error is None and c.drop is not None]
-        ort_cands = [c for c in fam_cands if c.engine == "onnxruntime"]
-        if not ort_cands or any(c.meets_budget for c in fam_cands) or recovery_steps <= 0:
-            continue
-        start = min(ort_cands, key=lambda c: c.drop)
-        quantizable = _quantizable_nodes(prepped, fam)
-        per_step = max(1, math.ceil(0.1 * len(quantizable)))
-        excluded: list[str] = []
-        current = start
-        for step in range(1, recovery_steps + 1):
-            try:
-                rows = node_errors(prepped, Path(current.path), calib_d, work_dir=work, quiet=quiet)
-            except Exception as exc:  # analysis is best effort: report it, keep the candidates we have
-                recovery_log.append({"from": current.name, "step": step, "error": _one_line(exc)})
-                break
-            node_tables[current.name] = rows
-            ranked = [r for r in sorted(rows, key=lambda r: -r["added_db"])
-                      if r["added_db"] > 0 and _fixes(r, quantizable, excluded)]
-            if not ranked:
-                recovery_log.append({"from": current.name, "step": step, "note": "no node adds measurable error"})
-                break
-            worst = list(dict.fromkeys(n for r in ranked[:per_step] for n in _fixes(r, quantizable, excluded)))
-            excluded = excluded + worst
-            name = f"{start.name}+float{len(excluded)}"
-            c = Candidate(name=name, target="onnx", method=fam, calibration=start.calibration,
-                          excluded_nodes=list(excluded), engine="onnxruntime", activation_type=start.activation_type,
-                          per_channel=start.per_channel)
-            candidates.append(c)
-            out = work / f"{name}.onnx"
-            _attempt(c, lambda c=c, out=out: _build_candidate(
-                         prepped, out, method=c.method, calibration=c.calibration, feeds=feeds, cache_dir=work,
-                         exclude=c.excluded_nodes, quiet=quiet, activation_type=c.activation_type or "int8",
-                         knobs=knobs, per_channel=bool(c.per_channel)),
-                     lambda c=c, out=out: _measure(c, out, eval_d, fp32_points=fp32_points, **measure_kw))
-            recovery_log.append({"from": current.name, "step": step, "excluded": worst, "candidate": name,
-                                 "drop": c.drop, "meets_budget": c.meets_budget})
-            if c.error is not None or c.meets_budget:
-                break
-            current = c
-    if recovery_log:
-        phases["recovery"] = round(time.monotonic() - t_rec, 2)
+    if not recovered:
+        recover()
 
     with _phase(phases, "timing", quiet):
         # Only fp32 and the candidates within the budget can be chosen, so only they are timed
@@ -1144,7 +1177,7 @@ def _run_onnx(src: _Source, calib, evald, *, max_drop: float, metric: str | None
         with _phase(phases, "per-node error", quiet):
             try:
                 node_tables[chosen.name] = node_errors(prepped, Path(chosen.path), calib_d, work_dir=work,
-                                                       quiet=quiet)
+                                                       quiet=quiet, batch=_batch_for(calib_d, 4, CALIB_BATCH_BYTES))
             except Exception as exc:  # the table is a report nicety, never a reason to fail
                 recovery_log.append({"from": chosen.name, "error": f"per-node analysis failed: {_one_line(exc)}"})
     return {"target": "onnx", "candidates": candidates, "decision": decision, "chosen": chosen, "metric": metric,

@@ -288,7 +288,7 @@ def test_quantize_digits_student_produces_a_valid_package(digits, tmp_path, sign
     assert c.drop <= 1.0 and c.size < 0.5 * next(x for x in res.candidates if x.method == "fp32").size
     rep = res.report["targets"]["onnx"]
     assert rep["metric"] == "top1" and rep["calibration_samples"] == 197 and rep["node_errors"]
-    assert {x["name"] for x in rep["candidates"]} >= {"fp32", "ort-s8-minmax", "ort-s8-percentile"}
+    assert {x["name"] for x in rep["candidates"]} >= {"fp32", "ort-u8-minmax", "ort-u8-minmax-pt", "ort-u8-percentile"}
     # side report + plots next to the output
     assert res.report_md.is_file() and "Chosen" in res.report_md.read_text()
     assert all(p.is_file() and p.suffix == ".png" for p in res.plots) and len(res.plots) == 2
@@ -477,9 +477,9 @@ def test_multi_input_int64_and_old_opset_model(tmp_path):
                    work_dir=tmp_path / "w")
     notes = res.report["targets"]["onnx"]["notes"]
     assert notes["source_opset"] == 11 and notes["upgraded_to"] == 13
-    static = next(c for c in res.candidates if c.name == "ort-s8-minmax")
+    static = next(c for c in res.candidates if c.name == "ort-u8-minmax")
     assert static.error is None and static.drop is not None
-    prepped = onnx.load(str(tmp_path / "w" / "ort-s8-minmax.onnx"))
+    prepped = onnx.load(str(tmp_path / "w" / "ort-u8-minmax.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in prepped.graph.node)
 
 
@@ -563,7 +563,7 @@ def test_torch_module_to_both_targets(digits, tmp_path):
                    work_dir=tmp_path / "w")
     assert set(res.chosen) == {"onnx", "tflite"}
     names = {c.name for c in res.candidates}
-    assert {"ort-s8-minmax", "tflite-static", "tflite-pt2e"} <= names
+    assert {"ort-u8-minmax", "tflite-static", "tflite-pt2e"} <= names
     pt2e = next(c for c in res.candidates if c.name == "tflite-pt2e")
     assert pt2e.error is None and pt2e.drop <= 1.0
     man = open_package(out).manifest
@@ -627,7 +627,7 @@ def test_symbolic_shape_inference_failure_falls_back(tmp_path):
     notes = res.report["targets"]["onnx"]["notes"]
     assert "symbolic shape inference failed" in notes["pre_process"]
     assert notes["pre_process_errors"] and res.report["targets"]["onnx"]["metric"] == "cosine"
-    static = next(c for c in res.candidates if c.name == "ort-s8-minmax")
+    static = next(c for c in res.candidates if c.name == "ort-u8-minmax")
     assert static.error is None and static.points is not None
 
 
