@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -61,7 +60,9 @@ LATENCY_NOISE = 0.05
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The child's own peak RSS: VmHWM (ru_maxrss would carry this benchmark parent's peak across exec)."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:"))
 
 
 def _feeds(calib: dict, batch: int = 1) -> list[dict]:
