@@ -41,44 +41,17 @@ def _export(model, sample, path: Path, **kw) -> Path:
     return path
 
 
-def grid_crops(n: int, *, size: int = 224, grid: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` crops of scikit-learn's photos labelled by (photo, cell of a ``grid`` x ``grid`` grid):
-    ``2 * grid**2`` classes (18 for 3x3), uint8 NHWC. Smaller cells than :func:`zoo.photo_patches`'
-    quadrants make neighbouring classes alike, so a briefly trained model has small margins."""
-    from PIL import Image
-
-    photos = zoo.sample_photos()
-    rng = np.random.default_rng(seed)
-    xs = np.empty((n, size, size, 3), np.uint8)
-    ys = rng.integers(0, 2 * grid * grid, n)
-    for i, label in enumerate(ys):
-        img = photos[label // (grid * grid)]
-        cell = label % (grid * grid)
-        ch, cw = img.shape[0] // grid, img.shape[1] // grid
-        side = int(rng.uniform(0.6, 1.0) * min(ch, cw))
-        top = (cell // grid) * ch + int(rng.integers(0, ch - side + 1))
-        left = (cell % grid) * cw + int(rng.integers(0, cw - side + 1))
-        crop = Image.fromarray(img[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
-        xs[i] = np.clip(np.asarray(crop, np.float32) * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8)
-    return xs, ys.astype(np.int64)
-
-
 def mobilenet(folder: Path, *, n_calib: int = 64, n_eval: int = 128, n_train: int = 384) -> tuple:
-    """MobileNetV3-style 224x224 classifier, 18 classes (photo x 3x3 cell), trained 3 short epochs.
-
-    The session-5 task (8 quadrant classes) was so easy that every method kept 100 % agreement;
-    more, closer classes leave smaller margins that int8 can flip. (One epoch was too short: the
-    model answered one class for every crop, which int8 cannot get wrong either.)
-    """
-    p = folder / "mobilenet18e3.onnx"
-    c, e = folder / "mobilenet18e3.calib.npz", folder / "mobilenet18e3.eval.npz"
+    """MobileNetV3-style 224x224 classifier trained briefly on (photo, quadrant) crops."""
+    p = folder / "mobilenet.onnx"
+    c, e = folder / "mobilenet.calib.npz", folder / "mobilenet.eval.npz"
     if not p.is_file():
         _torch_seed()
-        x, y = grid_crops(n_train + n_calib + n_eval, seed=1)
+        x, y = zoo.photo_patches(n_train + n_calib + n_eval, seed=1)
         x = zoo.to_nchw(x)
-        m = zoo.train_classifier_briefly(zoo.MobileNetV3Like(num_classes=18), x[:n_train], y[:n_train], epochs=3)
+        m = zoo.train_classifier_briefly(zoo.MobileNetV3Like(), x[:n_train], y[:n_train], epochs=3)
         _export(m, x[:2], p)
-        c, e = _save_sets(folder, "mobilenet18e3", {"input": x[n_train:n_train + n_calib]},
+        c, e = _save_sets(folder, "mobilenet", {"input": x[n_train:n_train + n_calib]},
                           {"input": x[n_train + n_calib:], "labels": y[n_train + n_calib:]})
     return p, c, e, "agreement", {}
 
