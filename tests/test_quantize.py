@@ -942,3 +942,28 @@ def test_nncf_candidate_is_nncf_default_on_single_samples_though_run_in_batches(
     assert len(a) == len(b) >= 3
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-4)
+
+
+def test_calibration_batches_are_sized_by_input_bytes():
+    from edgeship.converters.quantization import CALIB_BATCH_BYTES, _batch_for
+
+    small = Dataset({"input": np.zeros((64, 64), np.float32)})                  # 256 B a sample: full batch
+    big = Dataset({"x": np.zeros((4, 3, 320, 320), np.float32)})                # 1.2 MB a sample: one at a time
+    two = Dataset({"ids": np.zeros((8, 64), np.int64), "mask": np.zeros((8, 64), np.int64)})
+    assert _batch_for(small, 32, CALIB_BATCH_BYTES) == 32 and _batch_for(big, 32, CALIB_BATCH_BYTES) == 1
+    assert _batch_for(two, 32, 4 * 1024) == 4                                   # every input counts
+
+
+def test_nncf_is_imported_without_torch_and_torch_stays_importable():
+    pytest.importorskip("nncf")
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from edgeship.converters.quantization import _without_torch\n"
+            "with _without_torch():\n"
+            "    import nncf\n"
+            "assert 'nncf' in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)[:5]\n"
+            "import importlib.util; assert importlib.util.find_spec('torch') is not None\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]
