@@ -2,6 +2,13 @@
 real photo crops where a class decision exists, exported to ONNX, cached by name in a folder.
 
 Each builder returns ``(onnx_path, calib_npz, eval_npz, metric, metric_options)``.
+
+The three PP-OCR models (``ocr_det``, ``ocr_rec``, ``ocr_cls``) are real pretrained networks from the
+``rapidocr-onnxruntime`` wheel (:func:`edgeship.demo_data.pretrained.rapidocr_models`); nothing is
+trained or exported for them. Their inputs are text drawn with PIL's default font (Aileron, scalable)
+onto crops of scikit-learn's photos: on plain photos a text detector's map is empty and a recognizer
+emits blanks, so agreement with fp32 would be trivially high and say nothing; text over real photo
+backgrounds gives the activations these models were trained for, in real images' statistics.
 """
 from __future__ import annotations
 
@@ -153,3 +160,103 @@ def digits(folder: Path) -> tuple:
 
 
 BUILDERS["digits"] = digits
+
+
+# ----------------------------------------------------------------------------- real pretrained OCR models
+
+_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def _bands(n: int, h: int, w: int, seed: int) -> np.ndarray:
+    """``n`` uint8 (h, w, 3) photo crops: a ``w``-wide square crop of the photos, a random ``h``-high band of it."""
+    x, _ = zoo.photo_patches(n, size=w, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    tops = rng.integers(0, w - h + 1, n)
+    return np.stack([x[i, t:t + h] for i, t in enumerate(tops)])
+
+
+def _draw_text(images: np.ndarray, seed: int, *, lines: tuple[int, int], font_px: tuple[int, int],
+               chars: tuple[int, int], rotate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Text in PIL's default font on each image, dark on light or light on dark by the area's brightness;
+    with ``rotate`` every other image is turned 180 degrees (label 1). Returns (uint8 NHWC, labels)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    out = np.empty_like(images)
+    labels = np.zeros(len(images), np.int64)
+    for i, arr in enumerate(images):
+        img = Image.fromarray(arr)
+        draw = ImageDraw.Draw(img)
+        h, w = arr.shape[:2]
+        for _ in range(int(rng.integers(lines[0], lines[1] + 1))):
+            font = ImageFont.load_default(size=int(rng.integers(font_px[0], font_px[1] + 1)))
+            text = "".join(rng.choice(list(_CHARS), int(rng.integers(chars[0], chars[1] + 1))))
+            while len(text) > 2 and font.getlength(text) > w - 8:
+                text = text[:-1]
+            left, t, r, b = draw.textbbox((0, 0), text, font=font)
+            x0 = int(rng.integers(2, max(3, w - (r - left) - 2)))
+            y0 = int(rng.integers(0, max(1, h - (b - t)))) - t
+            bright = arr[max(0, y0 + t):y0 + b, x0:x0 + r - left].mean() if b > t else 128
+            draw.text((x0, y0), text, font=font, fill=(20, 20, 20) if bright > 110 else (245, 245, 245))
+        if rotate and i % 2:
+            img = img.rotate(180)
+            labels[i] = 1
+        out[i] = np.asarray(img)
+    return out, labels
+
+
+def _ppocr_input(x: np.ndarray, *, imagenet: bool) -> np.ndarray:
+    """uint8 RGB NHWC -> float32 NCHW in PP-OCR's channel order (BGR: it reads images with OpenCV)
+    and normalisation: ImageNet mean/std for the detector, (x/255 - 0.5) / 0.5 for rec and cls."""
+    bgr = np.ascontiguousarray(x[..., ::-1])
+    if imagenet:
+        return zoo.to_nchw(bgr)
+    return np.ascontiguousarray(((bgr.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2))
+
+
+def _ocr_sets(folder: Path, name: str, x: np.ndarray, n_calib: int, labels: np.ndarray | None = None
+              ) -> tuple[Path, Path]:
+    c, e = folder / f"{name}.calib.npz", folder / f"{name}.eval.npz"
+    if not e.is_file():
+        ev = {"x": x[n_calib:]}
+        if labels is not None:
+            ev["labels"] = labels[n_calib:]
+        _save_sets(folder, name, {"x": x[:n_calib]}, ev)
+    return c, e
+
+
+def ocr_det(folder: Path, *, n_calib: int = 64, n_eval: int = 32, size: int = 320) -> tuple:
+    """PP-OCRv4 text detector (dynamic H x W) on 320x320 photo crops with 1-4 lines of text; gated on
+    IoU of the probability map thresholded at 0.3 (PP-OCR's own binarisation threshold)."""
+    from edgeship.demo_data.pretrained import rapidocr_models
+
+    x, _ = zoo.photo_patches(n_calib + n_eval, size=size, seed=5)
+    x, _ = _draw_text(x, 6, lines=(1, 4), font_px=(16, 40), chars=(3, 12))
+    c, e = _ocr_sets(folder, "ocr_det", _ppocr_input(x, imagenet=True), n_calib)
+    return rapidocr_models()["ocr_det"], c, e, "iou", {"threshold": 0.3, "channel": 0}
+
+
+def ocr_rec(folder: Path, *, n_calib: int = 64, n_eval: int = 64) -> tuple:
+    """PP-OCRv4 CTC recognizer on 48x320 photo bands with one line of text; gated on per-step agreement
+    of the argmax over 6,625 characters (the benchmark also shows whole-sequence exact match)."""
+    from edgeship.demo_data.pretrained import rapidocr_models
+
+    x, _ = _draw_text(_bands(n_calib + n_eval, 48, 320, 7), 8, lines=(1, 1), font_px=(28, 38), chars=(4, 14))
+    c, e = _ocr_sets(folder, "ocr_rec", _ppocr_input(x, imagenet=False), n_calib)
+    return rapidocr_models()["ocr_rec"], c, e, "step_agreement", {}
+
+
+def ocr_cls(folder: Path, *, n_calib: int = 64, n_eval: int = 128) -> tuple:
+    """PP-OCR MobileNet text-angle classifier on 48x192 photo bands with a line of text, every other one
+    turned 180 degrees; gated on agreement with fp32 (the eval set's rotation labels are kept too)."""
+    from edgeship.demo_data.pretrained import rapidocr_models
+
+    x, y = _draw_text(_bands(n_calib + n_eval, 48, 192, 9), 10, lines=(1, 1), font_px=(26, 36), chars=(3, 10),
+                      rotate=True)
+    c, e = _ocr_sets(folder, "ocr_cls", _ppocr_input(x, imagenet=False), n_calib, labels=y)
+    return rapidocr_models()["ocr_cls"], c, e, "agreement", {}
+
+
+BUILDERS.update(ocr_det=ocr_det, ocr_rec=ocr_rec, ocr_cls=ocr_cls)
+#: Metrics shown beside the gated one (name -> (metric, options)).
+EXTRA_METRICS = {"ocr_rec": ("seq_exact", {}), "ocr_cls": ("top1", {})}

@@ -121,6 +121,43 @@ def test_choose_picks_fastest_within_budget():
     assert "fastest" in d.reason and "0.40x" in d.reason
 
 
+def test_choose_takes_the_most_accurate_of_the_equally_fast_candidates():
+    # issue 18: the fastest-only rule shipped the detector at IoU 99.9 where plain onnxruntime's
+    # configuration, as fast within timing noise, had 100.0 -- the old rule picks ort-u8-minmax here.
+    cands = [_cand("fp32", "fp32", 0.0, 1.0, 1.0, 400), _cand("ort-u8-minmax", "static", 0.10, 0.50, 0.50),
+             _cand("ort-u8-minmax-pt", "static", 0.0, 0.51, 0.52), _cand("nncf", "static", 0.05, 0.52, 0.51)]
+    d = choose(cands, max_drop=1.0)
+    assert d.ok and d.chosen == "ort-u8-minmax-pt" and d.best_int8 == "ort-u8-minmax-pt"
+    assert "most accurate" in d.reason and "ort-u8-minmax" in d.reason   # names the fastest it passed over
+    # a real speed difference is not traded for accuracy: 20 % slower is outside the noise band
+    slow = [cands[0], cands[1], _cand("nncf", "static", 0.0, 0.60, 0.60)]
+    assert choose(slow, max_drop=1.0).chosen == "ort-u8-minmax"
+    # ... unless the band is widened by the caller
+    assert choose(slow, max_drop=1.0, speed_tie=0.25).chosen == "nncf"
+    # out of budget stays out, however accurate-looking the rest is
+    assert choose([cands[0], _cand("a", "static", 1.5, 0.5, 0.5), _cand("b", "static", 0.9, 0.52, 0.52)],
+                  max_drop=1.0).chosen == "b"
+
+
+def test_search_plan_holds_both_peers_defaults_and_stages_the_rest():
+    from edgeship.converters.quantization import ESCALATE, PEER, _search_plan
+
+    plan, later = _search_plan("auto", None, None, None, None, dense=False, nncf_installed=True)
+    # plain onnxruntime's quantize_static defaults (u8, per-tensor, MinMax) beside u8 per-channel
+    assert plan == [("onnxruntime", "static", "minmax", "uint8", True),
+                    ("onnxruntime", "static", "minmax", "uint8", False)]
+    kinds = [(k, [c[0] if c[0] == "nncf" else f"{c[2]}-{c[3]}" for c in step]) for k, step in later]
+    assert kinds == [(PEER, ["nncf"]), (ESCALATE, ["minmax-int8"]), (ESCALATE, ["percentile-uint8", "percentile-int8"]),
+                     (ESCALATE, ["entropy-uint8", "entropy-int8"])]
+    # what the user fixes is all that is tried, and nothing is staged behind it
+    plan, later = _search_plan("static", ("onnxruntime", "nncf"), ("minmax",), ("int8",), False, dense=False,
+                               nncf_installed=True)
+    assert plan == [("onnxruntime", "static", "minmax", "int8", False), ("nncf", "static", None, None, True)]
+    assert later == []
+    plan, later = _search_plan("auto", None, None, None, None, dense=True, nncf_installed=False)
+    assert ("onnxruntime", "dynamic", None, None, False) in plan and all(k == ESCALATE for k, _ in later)
+
+
 def test_choose_keeps_fp32_when_int8_is_slower_and_says_why():
     cands = [_cand("fp32", "fp32", 0.0, 0.010, 0.05), _cand("static-minmax", "static", 0.0, 0.020, 0.09),
              _cand("dynamic", "dynamic", 0.0, 0.015, 0.08)]
@@ -251,7 +288,7 @@ def test_quantize_digits_student_produces_a_valid_package(digits, tmp_path, sign
     assert c.drop <= 1.0 and c.size < 0.5 * next(x for x in res.candidates if x.method == "fp32").size
     rep = res.report["targets"]["onnx"]
     assert rep["metric"] == "top1" and rep["calibration_samples"] == 197 and rep["node_errors"]
-    assert {x["name"] for x in rep["candidates"]} >= {"fp32", "ort-s8-minmax", "ort-s8-percentile"}
+    assert {x["name"] for x in rep["candidates"]} >= {"fp32", "ort-u8-minmax", "ort-u8-minmax-pt", "ort-u8-percentile"}
     # side report + plots next to the output
     assert res.report_md.is_file() and "Chosen" in res.report_md.read_text()
     assert all(p.is_file() and p.suffix == ".png" for p in res.plots) and len(res.plots) == 2
@@ -440,9 +477,9 @@ def test_multi_input_int64_and_old_opset_model(tmp_path):
                    work_dir=tmp_path / "w")
     notes = res.report["targets"]["onnx"]["notes"]
     assert notes["source_opset"] == 11 and notes["upgraded_to"] == 13
-    static = next(c for c in res.candidates if c.name == "ort-s8-minmax")
+    static = next(c for c in res.candidates if c.name == "ort-u8-minmax")
     assert static.error is None and static.drop is not None
-    prepped = onnx.load(str(tmp_path / "w" / "ort-s8-minmax.onnx"))
+    prepped = onnx.load(str(tmp_path / "w" / "ort-u8-minmax.onnx"))
     assert any(n.op_type == "QuantizeLinear" for n in prepped.graph.node)
 
 
@@ -526,7 +563,7 @@ def test_torch_module_to_both_targets(digits, tmp_path):
                    work_dir=tmp_path / "w")
     assert set(res.chosen) == {"onnx", "tflite"}
     names = {c.name for c in res.candidates}
-    assert {"ort-s8-minmax", "tflite-static", "tflite-pt2e"} <= names
+    assert {"ort-u8-minmax", "tflite-static", "tflite-pt2e"} <= names
     pt2e = next(c for c in res.candidates if c.name == "tflite-pt2e")
     assert pt2e.error is None and pt2e.drop <= 1.0
     man = open_package(out).manifest
@@ -590,7 +627,7 @@ def test_symbolic_shape_inference_failure_falls_back(tmp_path):
     notes = res.report["targets"]["onnx"]["notes"]
     assert "symbolic shape inference failed" in notes["pre_process"]
     assert notes["pre_process_errors"] and res.report["targets"]["onnx"]["metric"] == "cosine"
-    static = next(c for c in res.candidates if c.name == "ort-s8-minmax")
+    static = next(c for c in res.candidates if c.name == "ort-u8-minmax")
     assert static.error is None and static.points is not None
 
 
@@ -704,7 +741,8 @@ def test_unsigned_and_signed_activations_share_one_calibration(mlp, tmp_path):
     from onnx import numpy_helper
 
     res = quantize(mlp["onnx"], mlp["calib"], mlp["eval"], method="static", engines=("onnxruntime",), quiet=True,
-                   repeats=3, recovery_steps=0, work_dir=tmp_path / "w", allow_fp32=True, max_drop=5.0)
+                   repeats=3, recovery_steps=0, work_dir=tmp_path / "w", allow_fp32=True, max_drop=5.0,
+                   activation_types=("uint8", "int8"), per_channel=True)
     cands = {c.name: c for c in res.candidates}
     u8, s8 = cands["ort-u8-minmax"], cands["ort-s8-minmax"]
     assert u8.error is None and s8.error is None and u8.duplicate_of is None and s8.duplicate_of is None
@@ -726,7 +764,7 @@ def test_dynamic_is_skipped_in_auto_on_a_conv_net_and_node_errors_stream(cnn, tm
     res = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], engines=("onnxruntime",), activation_types=("uint8",),
                    quiet=True, repeats=3, recovery_steps=0, work_dir=tmp_path / "w", allow_fp32=True,
                    max_drop=50.0, analyze=True, metric="cosine")
-    assert {c.name for c in res.candidates} == {"fp32", "ort-u8-minmax"}
+    assert {c.name for c in res.candidates} == {"fp32", "ort-u8-minmax", "ort-u8-minmax-pt"}
     rep = res.report["targets"]["onnx"]
     if res.chosen["onnx"] != "fp32":
         assert rep["node_errors"] and "per-node error" in rep["phases"]
@@ -779,7 +817,7 @@ def test_cli_quantize_knobs_reach_the_model(cnn, tmp_path):
 
     pkg = open_package(out)
     rep = json.loads(pkg.read("report.json"))["targets"]["onnx"]
-    assert [c["name"] for c in rep["candidates"]] == ["fp32", "ort-u8-minmax"]
+    assert [c["name"] for c in rep["candidates"]] == ["fp32", "ort-u8-minmax-pt"]
     assert rep["calibration_samples"] == 16 and len(pkg.manifest["variants"]) == 1
     if rep["chosen"] != "fp32":
         m = onnx.load_from_string(pkg.read("model.onnx"))
@@ -838,14 +876,94 @@ def test_target_bench_from_the_device_decides_fp32_vs_int8(cnn, tmp_path):
     assert res.report["targets"]["onnx"]["decided_on"]["machine"].startswith(os.uname().machine)
 
 
-def test_staged_search_tries_nncf_only_when_onnxruntime_misses_the_budget(cnn, tmp_path):
+def test_staged_search_runs_nncf_after_onnxruntime_and_escalates_only_when_nothing_meets_the_budget(cnn, tmp_path):
     pytest.importorskip("nncf")
-    kw = dict(method="static", quiet=True, repeats=3, recovery_steps=0, allow_fp32=True, metric="cosine",
-              activation_types=("uint8",))
+    kw = dict(method="static", quiet=True, repeats=3, recovery_steps=0, allow_fp32=True, metric="cosine")
     easy = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], max_drop=50.0, work_dir=tmp_path / "a", **kw)
-    assert [c.name for c in easy.candidates] == ["fp32", "ort-u8-minmax"]          # in budget: no escalation
-    assert "escalated" not in easy.report["targets"]["onnx"]["notes"]
+    # both peers' defaults compete (plain ORT = u8 per-tensor MinMax; NNCF), nothing escalates
+    assert [c.name for c in easy.candidates] == ["fp32", "ort-u8-minmax", "ort-u8-minmax-pt", "nncf"]
+    notes = easy.report["targets"]["onnx"]["notes"]
+    assert "escalated" not in notes and notes["engines"] == ["onnxruntime", "nncf"]
+    assert all(c.latency_b1_ms is not None for c in easy.candidates)        # all in budget: all timed
     hard = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], max_drop=0.0, work_dir=tmp_path / "b", **kw)
     names = [c.name for c in hard.candidates]
-    assert names[:3] == ["fp32", "ort-u8-minmax", "nncf"]                           # NNCF next, then histograms
-    assert hard.report["targets"]["onnx"]["notes"]["escalated"][0] == "nncf"
+    assert names[:5] == ["fp32", "ort-u8-minmax", "ort-u8-minmax-pt", "nncf", "ort-s8-minmax"]
+    assert hard.report["targets"]["onnx"]["notes"]["escalated"][0] == "ort-s8-minmax"
+    # candidates out of budget cannot be chosen, so they are not timed
+    assert all(c.latency_b1_ms is None for c in hard.candidates if c.meets_budget is False)
+
+
+def test_nncf_is_skipped_when_an_onnxruntime_candidate_already_equals_fp32(cnn, tmp_path):
+    pytest.importorskip("nncf")
+    res = quantize(cnn["onnx"], cnn["calib"], cnn["eval"], method="static", quiet=True, repeats=3,
+                   recovery_steps=0, allow_fp32=True, metric="agreement", max_drop=50.0, work_dir=tmp_path / "w")
+    ort = [c for c in res.candidates if c.engine == "onnxruntime"]
+    skipped = res.report["targets"]["onnx"]["notes"].get("skipped", [])
+    # agreement with fp32 cannot exceed 100 %, which u8 MinMax reaches on this CNN: NNCF is not run
+    assert any(c.drop <= 0 for c in ort)
+    assert "nncf" not in [c.name for c in res.candidates] and skipped and "nncf" in skipped[0]
+    # on a metric against labels fp32 is no ceiling, so the peer still runs
+    rng = np.random.default_rng(5)
+    labelled = {"input": np.load(cnn["eval"]), "labels": rng.integers(0, 4, 40)}
+    res = quantize(cnn["onnx"], cnn["calib"], labelled, method="static", quiet=True, repeats=3, recovery_steps=0,
+                   allow_fp32=True, metric="top1", max_drop=50.0, work_dir=tmp_path / "t")
+    assert "nncf" in [c.name for c in res.candidates]
+
+
+def _qdq_scales(path) -> list[np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    return [inits[n.input[1]] for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[1] in inits]
+
+
+def test_nncf_candidate_is_nncf_default_on_single_samples_though_run_in_batches(cnn, tmp_path):
+    """The NNCF candidate must be the NNCF peer's configuration: its default activation ranges are means of
+    per-sample min/max, so batches of 16 fed as plain items (the old code) gave other, wider ranges."""
+    nncf = pytest.importorskip("nncf")
+    import contextlib
+    import io
+
+    import onnx
+
+    from edgeship.converters.quantization import _build_nncf, _feeds
+
+    data = load_data(np.load(cnn["calib"]), input_names=["input"])
+    ours = tmp_path / "ours.onnx"
+    _build_nncf(cnn["onnx"], ours, feeds=_feeds(data, 16, None), exclude=[], transformer=False)
+    singles = [{"input": data.inputs["input"][i:i + 1]} for i in range(len(data))]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        peer = nncf.quantize(onnx.load(str(cnn["onnx"])), nncf.Dataset(singles), subset_size=len(singles))
+    onnx.save(peer, str(tmp_path / "peer.onnx"))
+    a, b = _qdq_scales(ours), _qdq_scales(tmp_path / "peer.onnx")
+    assert len(a) == len(b) >= 3
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-4)
+
+
+def test_calibration_batches_are_sized_by_input_bytes():
+    from edgeship.converters.quantization import CALIB_BATCH_BYTES, _batch_for
+
+    small = Dataset({"input": np.zeros((64, 64), np.float32)})                  # 256 B a sample: full batch
+    big = Dataset({"x": np.zeros((4, 3, 320, 320), np.float32)})                # 1.2 MB a sample: one at a time
+    two = Dataset({"ids": np.zeros((8, 64), np.int64), "mask": np.zeros((8, 64), np.int64)})
+    assert _batch_for(small, 32, CALIB_BATCH_BYTES) == 32 and _batch_for(big, 32, CALIB_BATCH_BYTES) == 1
+    assert _batch_for(two, 32, 4 * 1024) == 4                                   # every input counts
+
+
+def test_nncf_is_imported_without_torch_and_torch_stays_importable():
+    pytest.importorskip("nncf")
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from edgeship.converters.quantization import _without_torch\n"
+            "with _without_torch():\n"
+            "    import nncf\n"
+            "assert 'nncf' in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)[:5]\n"
+            "import importlib.util; assert importlib.util.find_spec('torch') is not None\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]

@@ -116,10 +116,12 @@ def _iou_options(metric: str | None, threshold: float | None, channel: str | Non
               help="Quantization engine(s) whose candidates compete (repeatable; default: onnxruntime, and NNCF "
                    "when installed).")
 @click.option("--activation-type", "activation_types", multiple=True, type=click.Choice(["uint8", "int8"]),
-              help="Activation type(s) of the onnxruntime static candidates (repeatable; default: uint8 and int8).")
+              help="Activation type(s) of the onnxruntime static candidates (repeatable; default: uint8, and "
+                   "int8 only when nothing meets the budget).")
 @click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True)
-@click.option("--per-channel/--no-per-channel", default=True, show_default=True,
-              help="Per-channel weight scales (onnxruntime static candidates).")
+@click.option("--per-channel/--no-per-channel", default=None,
+              help="Per-channel or per-tensor weight scales for the onnxruntime static candidates (default: "
+                   "both compete for uint8 MinMax; per-tensor is onnxruntime's own default).")
 @click.option("--calibration-method", "calibrations", multiple=True,
               type=click.Choice(["minmax", "percentile", "entropy"]),
               help="Calibration(s) to try (repeatable; default: minmax, then percentile and entropy only when "
@@ -162,7 +164,7 @@ def quantize_cmd(model, calib, eval_, max_drop, metric, iou_threshold, iou_chann
                       allow_fp32=allow_fp32, batch=batch, signing_key=key, name=name, version=version, quiet=quiet,
                       preprocess=_json_arg(preprocess, "--preprocess"),
                       metric_options=_iou_options(metric, iou_threshold, iou_channel),
-                      engines=engines or None, activation_types=activation_types or ("uint8", "int8"),
+                      engines=engines or None, activation_types=activation_types or None,
                       weight_type=weight_type, per_channel=per_channel, calibrations=calibrations or None,
                       exclude_nodes=_names(exclude_nodes), op_types=_names(op_types) or None, samples=samples,
                       model_type=model_type, analyze=analyze, target_bench=list(target_bench) or None,
