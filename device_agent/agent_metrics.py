@@ -105,7 +105,7 @@ def fixed_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
 
 
 QUEUE_MIN_BYTES = 4 << 20   # sensor rows keep their deep queue (4 MB = 16k 64-float rows > queue_size)
-QUEUE_BATCHES = 4
+QUEUE_BATCHES = 2
 
 
 def batch_cap(max_batch: int, max_bytes: int, sample_bytes: float, work_bytes: float) -> tuple[int, int]:
@@ -120,8 +120,10 @@ def batch_cap(max_batch: int, max_bytes: int, sample_bytes: float, work_bytes: f
         return max_batch, 0
     per = max(1.0, sample_bytes + work_bytes)
     b = max(1, min(max_batch, int((max_bytes // 2) // per)))
-    # A queue of a few batches keeps the model busy through decode jitter; more only holds memory
-    # (2 workers decode 224x224 JPEGs faster than the model runs, so the queue sits full).
+    # Two batches queued keep the model busy through decode jitter (each worker also holds the
+    # block it waits to put, so the model has ~3 batches ahead); more only holds memory: 2 workers
+    # decode 224x224 JPEGs faster than the model runs, so the queue sits full (4 batches were 6 MB
+    # of the folder run's peak RSS at batch 5).
     few = max(QUEUE_MIN_BYTES, QUEUE_BATCHES * b * sample_bytes)
     return b, int(max(sample_bytes, min(few, max_bytes - b * per)))
 
