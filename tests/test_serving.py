@@ -277,3 +277,79 @@ def test_fixed_mmap_threshold_gives_freed_image_buffers_back(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.split()[-1]) < 10  # given back, not kept in the heap
+
+
+# -- issue 19, session 6: cheaper image rows, lighter sessions, faster start-up ---------------------
+
+def test_image_rows_prepared_in_place_are_identical_to_the_reference(jpegs):
+    """Folder images take the in-place path (no per-step copies, no stacking) and give the very rows the
+    reference Preprocessor gives, bit for bit; an image of another size is resized first, as there."""
+    from PIL import Image
+
+    from edgeship.agent.intake import _decode_items
+    from edgeship.agent.preprocessing import BlockPreprocessor
+    from edgeship.demo_data.zoo import IMAGENET_PREPROCESS
+    from edgeship.preprocess import Preprocessor
+
+    pre = BlockPreprocessor({**IMAGENET_PREPROCESS, "resize": [96, 96]}, (3, 96, 96), np.float32)
+    ref = Preprocessor({**IMAGENET_PREPROCESS, "resize": [96, 96]}, (-1, 3, 96, 96))
+    files = sorted(str(p) for p in jpegs.glob("*.jpg"))[:8]
+    src = FolderSource("f", path=str(jpegs))
+    rejects: list = []
+    x, keep, finite = _decode_items(pre, files + [str(jpegs / "labels.txt")], None, src, rejects)
+    assert keep == list(range(8)) and len(rejects) == 1 and finite  # the text file is refused, one line
+    assert np.array_equal(x, np.stack([ref.one(f) for f in files]))
+    out = np.empty((3, 96, 96), np.float32)
+    big = np.asarray(Image.open(files[0]).resize((130, 110)))
+    assert pre.image_into(big, out) and np.array_equal(out, ref.one(big))
+    gray = np.asarray(Image.open(files[0]).convert("L"))
+    assert not pre.image_into(gray, out)  # 1 channel for a 3-channel model: the reference path decides
+
+
+def test_serving_sessions_plan_no_memory_pattern_and_do_not_spin(conv_pkg):
+    from edgeship.runtime import load
+
+    with load(conv_pkg, serving=True) as r:
+        so = r._session.get_session_options()
+        assert so.enable_mem_pattern is False
+        assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with load(conv_pkg) as r:  # the SDK's own default is unchanged
+        assert r._session.get_session_options().enable_mem_pattern is True
+
+
+def test_working_memory_is_measured_once_per_package_and_start_up_warms_once(tmp_path, conv_pkg, monkeypatch):
+    """The first start measures the working memory per sample and keeps it in the store; the next start
+    reads it (no probe runs) and caps the batch alike. Start-up warms with one run; a candidate loaded
+    beside a running model gets [runtime] warmup runs."""
+    import edgeship.agent.handle as handle_mod
+    from edgeship.runtime.base import Runner
+
+    warm: list[int] = []
+    real_warmup = Runner.warmup
+    monkeypatch.setattr(Runner, "warmup", lambda self, n=3: (warm.append(n), real_warmup(self, n))[1])
+    sections = {"batcher": {"max_batch": 64, "max_bytes_in_flight": 16 << 20}}
+    with agent_for(tmp_path, conv_pkg, **sections) as a:
+        first, cap = a.handle.work_bytes, a._max_batch
+    assert first > 0.5e6 and warm == [1]
+
+    def no_probe(*a, **k):
+        raise AssertionError("measured again")
+    monkeypatch.setattr(handle_mod, "batch_work_bytes", no_probe)
+    with agent_for(tmp_path, conv_pkg, **sections) as a:
+        assert a.handle.work_bytes == first and a._max_batch == cap
+        cand = a.load_candidate(a.handle.sha256)
+        cand.close()
+    assert warm == [1, 1, 3]
+
+
+def test_agent_start_up_imports_no_plugin_metadata_and_preloads_pillow(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, edgeship.agent.runner_main, edgeship.cli.agent_cmds\n"
+            "assert 'importlib.metadata' not in sys.modules, 'importlib.metadata imported'\n"
+            "from edgeship.agent.sources import preload_image_decoder\n"
+            "preload_image_decoder().join(30)\n"
+            "assert 'PIL.JpegImagePlugin' in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
