@@ -210,12 +210,13 @@ def test_unbounded_bytes_keeps_max_batch(tmp_path, conv_pkg):
         assert agent.metrics.snapshot()["memory"]["batch_cap"] == 64
 
 
-def _measured_agent_rate(tmp_path, pkg, shape, n: int) -> float:
+def _measured_agent_rate(state, pkg, shape, n: int) -> tuple[float, int]:
     """An agent run as a user would measure one: a finite synthetic stream, samples/s from its first
-    result to the last (default prefetch settings, max_batch 8)."""
+    result to the last (default prefetch settings, max_batch 8); and its batch cap."""
     import time
 
-    agent = agent_for(tmp_path, pkg, batcher={"max_batch": 8})
+    agent = Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(state)},
+                                "batcher": {"max_batch": 8}}))
     with agent:
         agent.add_source(SyntheticSource("s", shape=list(shape), count=n, distinct=8))
         m = agent.metrics.counters
@@ -224,32 +225,41 @@ def _measured_agent_rate(tmp_path, pkg, shape, n: int) -> float:
             time.sleep(0.002)
         n0, t0 = m["inferences"], time.perf_counter()
         assert agent.wait_idle(120)
-        return (m["inferences"] - n0) / (time.perf_counter() - t0)
+        return (m["inferences"] - n0) / (time.perf_counter() - t0), agent._max_batch
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["mlp", "conv"])
 def test_bench_agent_throughput_agrees_with_a_measured_agent_run(tmp_path, conv_pkg, model):
-    """``edgeship bench``'s agent figure at b=8 against real agent runs on the same model, on two models
-    whose costs differ ~1000x (sensor MLP, 64x64 conv net).
+    """``edgeship bench``'s agent figure at b=8 (its own config and window, ``bench_agent_rate``) against
+    real agent runs on the same model, on two models whose costs differ ~1000x (sensor MLP, 64x64 conv).
 
-    The issue's target is 15 %. On this 2-core machine shared with other jobs, two identical agent runs
-    seconds apart differed by up to 2x (measured: 70 vs 33/s), so a fixed 15 % here would be flaky. The
-    bench figure must fall inside the band the two measured runs (one before, one after) span, widened by
-    25 %: that catches the old error (2.5-10x below, the window holding the pool build and the ramp-up)
-    while a loaded machine does not fail it. The 15 % figure itself is reported by benchmarks/agent.py.
-    Marked slow: ~40 s of measuring.
+    Why two identical runs differed by up to 2x: each measured the model's working memory afresh, a
+    noisy figure that set the batch cap (now kept in the store: every run here caps alike, checked),
+    and the machine is shared: other jobs take wall time from a run in bursts of seconds. So bench and
+    measured runs alternate in 5 pairs and the median of the pairs' ratios is compared. At load 6-17
+    (session 6, 7 runs per model) single pairs ranged 0.55-3.8x and the medians 0.80-1.22x: the issue's
+    15 % is not a bound this machine keeps, so the check is 25 % of the median, which still catches the
+    old error (2.5-10x: the window held the pool build and the ramp-up). Marked slow: ~40 s.
     """
+    import statistics
+
     from test_agent import build_mlp_package
 
-    from edgeship.agent.bench import run_bench
+    from edgeship.agent.bench import bench_agent_rate
 
-    pkg, shape, n = (build_mlp_package(tmp_path / "p"), (64,), 200_000) if model == "mlp" else \
-        (conv_pkg, (3, SIZE, SIZE), 300)
-    before = _measured_agent_rate(tmp_path / "a", pkg, shape, n)
-    bench = run_bench(pkg, seconds=1.0, quiet=True)["agent_throughput"]["8"]
-    after = _measured_agent_rate(tmp_path / "b", pkg, shape, n)
-    assert 0.75 * min(before, after) <= bench <= 1.25 * max(before, after), (bench, before, after)
+    pkg, shape, n = (build_mlp_package(tmp_path / "p"), (64,), 100_000) if model == "mlp" else \
+        (conv_pkg, (3, SIZE, SIZE), 200)
+    state = tmp_path / "st"
+    sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ratios, caps = [], set()
+    for _ in range(5):
+        b = bench_agent_rate(pkg, state, 8, sample, 1.0)
+        per_s, cap = _measured_agent_rate(state, pkg, shape, n)
+        ratios.append(b["per_s"] / per_s)
+        caps |= {b["batch_cap"], cap}
+    assert len(caps) == 1, caps  # one measured working memory: one batch cap everywhere
+    assert 0.75 <= statistics.median(ratios) <= 1.25, ratios
 
 
 def test_fixed_mmap_threshold_gives_freed_image_buffers_back(tmp_path):
