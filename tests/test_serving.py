@@ -364,3 +364,26 @@ def test_agent_start_up_imports_no_plugin_metadata_and_preloads_pillow(tmp_path)
             "assert 'PIL.JpegImagePlugin' in sys.modules\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_store_install_of_an_unchanged_package_file_skips_hashing(tmp_path, conv_pkg, monkeypatch):
+    """``[agent] package`` is installed at every start: an unchanged file (path, size, mtime, inode) is
+    not hashed again; a file that changed is hashed and installed as a new package."""
+    import shutil
+
+    import edgeship.agent.store as store_mod
+    from edgeship.agent.store import ModelStore
+
+    pkg = tmp_path / "m.edgepkg"
+    shutil.copy(conv_pkg, pkg)
+    store = ModelStore(tmp_path / "st")
+    sha = store.install(pkg)
+    hashed: list = []
+    real = store_mod.file_sha256
+    monkeypatch.setattr(store_mod, "file_sha256", lambda p: (hashed.append(p), real(p))[1])
+    assert ModelStore(tmp_path / "st").install(pkg) == sha and hashed == []
+    from test_agent import build_mlp_package
+
+    shutil.copy(build_mlp_package(tmp_path / "other"), pkg)  # another package under the same name
+    sha2 = ModelStore(tmp_path / "st").install(pkg)
+    assert sha2 != sha and hashed == [pkg]
