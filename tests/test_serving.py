@@ -91,13 +91,13 @@ def test_auto_workers_two_for_decoding_sources_one_for_numeric(tmp_path):
     assert auto_workers(SyntheticSource("s", shape=[4]), cores=4) == 1
 
 
-def test_batch_cap_fits_the_batch_in_half_the_bound():
+def test_batch_cap_fits_the_batch_in_a_third_of_the_bound():
     mb = 1 << 20
-    # 0.6 MB inputs + 4.4 MB working memory per sample, 32 MB bound: 16 MB / 5 MB -> batch 3
-    b, q = batch_cap(32, 32 * mb, 0.6 * mb, 4.4 * mb)
+    # 0.6 MB inputs + 2.2 MB working memory per sample, 32 MB bound: 10.7 MB / 2.8 MB -> batch 3
+    b, q = batch_cap(32, 32 * mb, 0.6 * mb, 2.2 * mb)
     assert b == 3
     assert q == pytest.approx(max(QUEUE_MIN_BYTES, QUEUE_BATCHES * 3 * 0.6 * mb), rel=1e-6)  # a few batches, no more
-    assert b * 5 * mb + q <= 32 * mb
+    assert b * 2.8 * mb + q <= 32 * mb
     # small rows: max_batch unchanged and the queue keeps a deep byte bound
     b, q = batch_cap(32, 32 * mb, 256, 1024)
     assert b == 32 and q >= QUEUE_MIN_BYTES
