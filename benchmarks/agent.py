@@ -569,7 +569,7 @@ def _default_source_kw() -> dict:
             "read_ahead_bytes": d.read_ahead_bytes}
 
 
-def _peak_rss_run(argv: list, out: Path, timeout: float = 120) -> dict:
+def _peak_rss_run(argv: list, out: Path, timeout: float = 120, env: dict | None = None) -> dict:
     """Spawn ``argv``; seconds from spawn to the first line in ``out``, to exit, and the peak RSS.
 
     The peak is the child's VmHWM, polled until it exits. Not ``wait4``'s ru_maxrss: Linux carries the
@@ -578,7 +578,7 @@ def _peak_rss_run(argv: list, out: Path, timeout: float = 120) -> dict:
     if out.exists():
         out.unlink()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     first = None
     deadline = t0 + timeout
     hwm = 0.0
@@ -708,13 +708,18 @@ path = "{out_agent}"
                 ",".join(zoo.PHOTO_CLASSES)]
     agent_argv = [sys.executable, "-m", "edgeship.cli", "agent", "run", "--config", str(cfg), "--until-done"]
     # One run first, not measured: the agent installs the package into its store (a device does
-    # that once), and both get their files into the page cache.
-    _peak_rss_run(agent_argv, out_agent)
-    _peak_rss_run(raw_argv, out_raw)
+    # that once), and both get their files into the page cache. Both children may write bytecode
+    # (to a cache here, not the tree), as an installed package has it: under PYTHONDONTWRITEBYTECODE
+    # an editable checkout compiled edgeship's modules from source at every spawn, while the raw
+    # script's imports (numpy, onnxruntime, Pillow) had theirs from pip.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    _peak_rss_run(agent_argv, out_agent, env=env)
+    _peak_rss_run(raw_argv, out_raw, env=env)
     runs: dict = {"raw": [], "agent": []}
     for _ in range(reps):
-        runs["raw"].append(_peak_rss_run(raw_argv, out_raw))
-        runs["agent"].append(_peak_rss_run(agent_argv, out_agent))
+        runs["raw"].append(_peak_rss_run(raw_argv, out_raw, env=env))
+        runs["agent"].append(_peak_rss_run(agent_argv, out_agent, env=env))
     for k, rs in runs.items():
         assert all(r["lines"] == n for r in rs), (k, [(r["lines"], r["stderr_tail"]) for r in rs])
 

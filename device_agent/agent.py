@@ -72,7 +72,7 @@ from .intake import decode_block, validate_one
 from .prefetch import Prefetcher
 from .results import Result, ResultBatch, _top, classify, label_name
 from .sinks import Sink, make_sink
-from .sources import RawBlock, Source, make_source
+from .sources import RawBlock, Source, make_source, preload_image_decoder
 from .store import ModelStore
 from .systemd import Notifier
 
@@ -185,8 +185,14 @@ class Agent:
         self.store.verify(sha, self._trusted(), deep=False)  # install hashed it; the load hashes the model file
         return self._load(sha, variant)
 
-    def _load(self, sha: str, variant: str | None = None) -> ModelHandle:
-        return load_handle(self.store, sha, self.config.runtime, variant)
+    def _load(self, sha: str, variant: str | None = None, warmup: int | None = None) -> ModelHandle:
+        return load_handle(self.store, sha, self.config.runtime, variant, warmup=warmup)
+
+    def _load_first(self, sha: str) -> ModelHandle:
+        # Nothing is served yet at start-up: one warm-up run takes the first run's one-off costs
+        # (allocation, kernel choice) off the first request. [runtime] warmup's further runs are for
+        # a model swapped in under load (load_candidate); here they only delay the first result.
+        return self._load(sha, warmup=min(1, self.config.runtime.warmup))
 
     @property
     def signatures_off(self) -> bool:
@@ -300,7 +306,9 @@ class Agent:
         # The start-up choice loads (and so checks) its model: a package that fails to load is
         # set aside and the previous one tried (store.load_startup).
         # An empty store needs no keys yet (a rollout, which needs them, installs the first model).
-        first = self.store.load_startup(self._load, self._trusted()) if self.store.active is not None else None
+        if any(s.type == "folder" for s in cfg.sources):
+            preload_image_decoder()  # in the background, while the model loads
+        first = self.store.load_startup(self._load_first, self._trusted()) if self.store.active is not None else None
         if first is None and not self.waits_for_rollout:
             raise StoreError(f"no model: the store in {cfg.agent.state_dir} is empty; set [agent] package "
                              "to a .edgepkg file, or [mqtt] broker so a rollout can install one")

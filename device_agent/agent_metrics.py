@@ -105,23 +105,30 @@ def fixed_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
 
 
 QUEUE_MIN_BYTES = 4 << 20   # sensor rows keep their deep queue (4 MB = 16k 64-float rows > queue_size)
-QUEUE_BATCHES = 4
+QUEUE_BATCHES = 2
+# A third, not half: one more sample of batch cost the folder run of benchmarks/agent.py (224x224 CNN,
+# `edgeship agent run`, 300 JPEGs) 5-8 MB of peak RSS (103 MB at batch 1, 113 at 3, 129 at 5), not the
+# 2.8 MB its inputs and measured working memory count: its rows also sit in the queue, the packer and
+# the hooks' copies while a batch is delivered, and the runtime's arena grows in steps.
+BATCH_SHARE = 3
 
 
 def batch_cap(max_batch: int, max_bytes: int, sample_bytes: float, work_bytes: float) -> tuple[int, int]:
     """(batch size, queue byte bound) within ``max_bytes`` in flight (0 = unbounded) (pure).
 
     The batch (inputs + measured working memory per sample) gets at most
-    half the bound, never less than one sample; the queue holds the rest, at
-    most ``QUEUE_BATCHES`` batches of inputs (or ``QUEUE_MIN_BYTES``), never
-    less than one sample's inputs.
+    a third of the bound (``BATCH_SHARE``), never less than one sample; the
+    queue holds the rest, at most ``QUEUE_BATCHES`` batches of inputs (or
+    ``QUEUE_MIN_BYTES``), never less than one sample's inputs.
     """
     if not max_bytes:
         return max_batch, 0
     per = max(1.0, sample_bytes + work_bytes)
-    b = max(1, min(max_batch, int((max_bytes // 2) // per)))
-    # A queue of a few batches keeps the model busy through decode jitter; more only holds memory
-    # (2 workers decode 224x224 JPEGs faster than the model runs, so the queue sits full).
+    b = max(1, min(max_batch, int((max_bytes // BATCH_SHARE) // per)))
+    # Two batches queued keep the model busy through decode jitter (each worker also holds the
+    # block it waits to put, so the model has ~3 batches ahead); more only holds memory: 2 workers
+    # decode 224x224 JPEGs faster than the model runs, so the queue sits full (4 batches were 6 MB
+    # of the folder run's peak RSS at batch 5).
     few = max(QUEUE_MIN_BYTES, QUEUE_BATCHES * b * sample_bytes)
     return b, int(max(sample_bytes, min(few, max_bytes - b * per)))
 

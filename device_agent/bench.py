@@ -23,7 +23,7 @@ import numpy as np
 from ..metrics import LATENCY_BOUNDS_MS, Histogram
 from .prefetch import BLOCK_CAP
 
-__all__ = ["run_bench", "format_bench", "rss_mb"]
+__all__ = ["run_bench", "format_bench", "rss_mb", "bench_agent_rate", "agent_rate"]
 
 BATCHES = (1, 8, 32)
 
@@ -134,10 +134,10 @@ def run_bench(package: str | os.PathLike, *, threads: int | None = None, backend
             out["agent_latency_ms_b1"] = ah.summary()
             out["rss_mb_agent"] = rss_mb()
         for b in BATCHES:
-            cfg = parse_config({**base, "batcher": {"max_batch": b, "max_delay_ms": 2}})
-            with Agent(cfg) as agent:
-                agent_tp[str(b)] = agent_rate(agent, x1[0], seconds)
-                caps[str(b)] = agent._max_batch  # lowered by [batcher] max_bytes_in_flight for big models
+            # One state dir for every agent here: the working memory per sample is measured once
+            # (kept in the store), so all of them cap their batch alike.
+            r = bench_agent_rate(package, state, b, x1[0], seconds, runtime=base["runtime"])
+            agent_tp[str(b)], caps[str(b)] = r["per_s"], r["batch_cap"]
             tick()
     out["agent_throughput"] = agent_tp
     out["agent_batch_cap"] = caps
@@ -173,6 +173,23 @@ class _PoolSource:
 
     def close(self) -> None:
         pass
+
+
+def bench_agent_rate(package: str | os.PathLike, state: str | os.PathLike, max_batch: int, sample: np.ndarray,
+                     seconds: float, runtime: dict | None = None) -> dict[str, float]:
+    """One agent as ``edgeship bench`` runs it for ``b=max_batch``: ``per_s`` (samples/s) and ``batch_cap``.
+
+    The agent's default config but for ``max_batch`` and a 2 ms delay; the
+    cap is where ``[batcher] max_bytes_in_flight`` lowered the batch.
+    """
+    from .agent import Agent  # noqa: PLC0415
+    from .config import parse_config  # noqa: PLC0415
+
+    cfg = parse_config({"agent": {"allow_unsigned": True, "package": str(package), "state_dir": str(state),
+                                  "device_id": "bench"}, "runtime": dict(runtime or {}),
+                        "batcher": {"max_batch": max_batch, "max_delay_ms": 2}})
+    with Agent(cfg) as agent:
+        return {"per_s": agent_rate(agent, sample, seconds), "batch_cap": agent._max_batch}
 
 
 def agent_rate(agent, sample: np.ndarray, seconds: float) -> float:

@@ -203,13 +203,57 @@ def batch_mode(spec, batch_size) -> tuple[int | None, tuple[int, ...]]:
     return mode, sample
 
 
-def load_handle(store: Any, sha: str, rt: Any, variant: str | None = None) -> ModelHandle:
-    """Load and warm stored package ``sha`` with the ``[runtime]`` settings ``rt`` (``variant`` overrides its)."""
+PROBE_FILE = "work_bytes.json"
+
+
+def _probe_key(runner: Any) -> str:
+    """What the working memory per sample depends on: the runtime and its version, threads, the variant."""
+    return f"{getattr(runner, 'backend', '?')}|threads={getattr(runner, 'threads', '?')}|" \
+           f"{(getattr(runner, 'variant', None) or {}).get('id')}"
+
+
+def _cached_work_bytes(store: Any, sha: str, key: str) -> float | None:
+    try:
+        with open(store.path(sha) / PROBE_FILE) as f:
+            v = json.load(f).get(key)
+        return float(v) if isinstance(v, (int, float)) and v >= 0 else None
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def _store_work_bytes(store: Any, sha: str, key: str, value: float) -> None:
+    from .._files import atomic_write_json  # noqa: PLC0415 - once per model and device
+
+    path = store.path(sha) / PROBE_FILE
+    try:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            data = {}
+        data[key] = value
+        atomic_write_json(path, data)
+    except OSError as exc:  # a read-only store measures again at the next start: nothing else is lost
+        log.debug("cannot keep the measured working memory in %s: %s", path, exc)
+
+
+def load_handle(store: Any, sha: str, rt: Any, variant: str | None = None, *,
+                warmup: int | None = None) -> ModelHandle:
+    """Load and warm stored package ``sha`` with the ``[runtime]`` settings ``rt`` (``variant`` overrides its).
+
+    ``warmup``: model runs before serving (default ``rt.warmup``). The
+    working memory per sample (:func:`~.agent_metrics.batch_work_bytes`,
+    two batch runs) is measured once per package, runtime, threads and
+    variant on this device and kept beside the package in the store: it
+    does not change between starts, and measuring it cost every start
+    ~40 ms before the first result.
+    """
     from ..runtime import load  # noqa: PLC0415 - keeps `import edgeship.agent` light
 
     manifest = store.manifest(sha)
     t0 = time.perf_counter()
-    kwargs: dict[str, Any] = {"backend": rt.backend, "threads": rt.threads, "optimization": rt.optimization}
+    kwargs: dict[str, Any] = {"backend": rt.backend, "threads": rt.threads, "optimization": rt.optimization,
+                              "serving": True}
     if (variant or rt.variant) is not None:
         kwargs["variant"] = variant or rt.variant
     try:
@@ -238,17 +282,24 @@ def load_handle(store: Any, sha: str, rt: Any, variant: str | None = None) -> Mo
         preprocessors = [BlockPreprocessor(pre if i == 0 else None, shapes[i], dtypes[i]) for i in range(len(specs))]
         t1 = time.perf_counter()
         work_bytes = 0.0
-        if rt.warmup:
+        runs = rt.warmup if warmup is None else warmup
+        if runs:
             mark = memory_mark()
             # Only a plain model is probed: zeros of the sample shapes cannot feed state inputs,
             # scalars or variable sizes.
             probe = (all(m is None for m in modes) and not state and not scalars
                      and not any(-1 in sh for sh in shapes))
+            key = _probe_key(runner)
+            cached = _cached_work_bytes(store, sha, key) if probe else None
+            probe = probe and cached is None
             # The memory probe's two batch runs count as warm-up runs (start-up time: each costs a
             # model call before the first result).
-            runner.warmup(max(1, rt.warmup - 2) if probe else rt.warmup)
+            runner.warmup(max(1, runs - 2) if probe else runs)
             if probe:
                 work_bytes = batch_work_bytes(runner, [s.name for s in specs], shapes, dtypes, mark)
+                _store_work_bytes(store, sha, key, work_bytes)
+            elif cached is not None:
+                work_bytes = cached
         warm_s = time.perf_counter() - t1
     except BaseException:
         runner.close()

@@ -81,23 +81,13 @@ def decode_block(handle: ModelHandle, block: RawBlock, src: Source) -> tuple[tup
     refs = block.refs
     pre = handle.preprocessors[0]
     ts = block.ts
+    checked = False
     if block.items is not None:
-        rows, keep_refs, keep_ts = [], [], []
-        for i, item in enumerate(block.items):
-            ref = refs[i] if refs is not None else None
-            try:
-                rows.append(pre.one(src.decode(item)))
-                keep_refs.append(ref)
-                keep_ts.append(ts[i] if isinstance(ts, np.ndarray) else ts)
-            except InputError as exc:
-                rejects.append((ref, str(exc)))
-            except (OSError, ValueError) as exc:
-                rejects.append((ref, f"cannot decode: {exc}"))
-        if not rows:
+        x, keep, checked = _decode_items(pre, block.items, refs, src, rejects)
+        if x is None:
             return None, rejects
-        x = np.stack(rows)
-        refs = keep_refs if refs is not None else None
-        ts = np.asarray(keep_ts) if isinstance(block.ts, np.ndarray) else block.ts
+        refs = [refs[i] for i in keep] if refs is not None else None
+        ts = ts[keep] if isinstance(ts, np.ndarray) else ts
     else:
         data = block.data
         if data is None or len(data) == 0:
@@ -108,7 +98,7 @@ def decode_block(handle: ModelHandle, block: RawBlock, src: Source) -> tuple[tup
             rejects.extend((refs[i] if refs else None, str(exc)) for i in range(len(data)))
             return None, rejects
     n = len(x)
-    if x.dtype.kind == "f":
+    if x.dtype.kind == "f" and not checked:
         finite = np.isfinite(x.reshape(n, -1)).all(axis=1)
         if not finite.all():
             bad = np.flatnonzero(~finite)
@@ -121,3 +111,35 @@ def decode_block(handle: ModelHandle, block: RawBlock, src: Source) -> tuple[tup
             if len(x) == 0:
                 return None, rejects
     return (x, refs, ts), rejects
+
+
+def _decode_items(pre, items: list, refs, src: Source, rejects: list) -> tuple[np.ndarray | None, list[int], bool]:
+    """Decode and preprocess items one by one: ``(rows, indices kept, rows known finite)``.
+
+    Images go through :meth:`BlockPreprocessor.image_into` straight into the
+    block's rows (no per-step copies, no stacking); anything else through the
+    reference path. Unreadable items become rejects.
+    """
+    fixed = pre.image_fast  # fixed sample shape: rows can be written in place
+    x = np.empty((len(items), *pre.sample_shape), pre.model_dtype) if fixed else None
+    rows: list = []
+    keep: list[int] = []
+    finite = fixed and pre.image_finite
+    for i, item in enumerate(items):
+        try:
+            a = src.decode(item)
+            if fixed and pre.image_into(a, x[len(keep)]):
+                pass
+            elif fixed:
+                x[len(keep)] = pre.one(a)
+                finite = False
+            else:
+                rows.append(pre.one(a))
+            keep.append(i)
+        except InputError as exc:
+            rejects.append((refs[i] if refs is not None else None, str(exc)))
+        except (OSError, ValueError) as exc:
+            rejects.append((refs[i] if refs is not None else None, f"cannot decode: {exc}"))
+    if not keep:
+        return None, keep, False
+    return (x[:len(keep)] if fixed else np.stack(rows)), keep, finite

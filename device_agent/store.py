@@ -187,6 +187,9 @@ class ModelStore:
         (:meth:`verify` with ``deep=False``).
         """
         pkg_path = Path(pkg_path)
+        known = self._known_file(pkg_path)
+        if known is not None:
+            return known
         try:
             sha = file_sha256(pkg_path)
         except FileNotFoundError as exc:
@@ -195,6 +198,7 @@ class ModelStore:
             raise StoreError(f"cannot read package {pkg_path}: {exc.strerror or exc}") from exc
         with self._lock:
             if self.has(sha):
+                self._remember_file(pkg_path, sha)
                 return sha
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
             try:
@@ -217,7 +221,50 @@ class ModelStore:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         log.info("installed %s %s (%s)", info["name"], info["version"], sha[:12])
+        self._remember_file(pkg_path, sha)
         return sha
+
+    # ``[agent] package`` is installed at every start. Hashing it again only to learn it is stored
+    # already cost ~15 ms of each start-up for a 6 MB package (before the first result); a file whose
+    # path, size, mtime (ns) and inode are unchanged since it was hashed is that same stored package.
+    # A changed file is hashed and installed as before; the stored copy is what runs either way (its
+    # model file is hashed when it loads).
+    _FILES = "files.json"
+
+    @staticmethod
+    def _stamp(path: Path) -> list | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def _known_file(self, path: Path) -> str | None:
+        stamp = self._stamp(path)
+        try:
+            rec = json.loads((self.root / self._FILES).read_text()).get(str(path.absolute()))
+        except (OSError, ValueError, AttributeError):
+            return None
+        if stamp is None or not isinstance(rec, dict) or rec.get("stamp") != stamp:
+            return None
+        sha = rec.get("sha256")
+        return sha if isinstance(sha, str) and self.has(sha) else None
+
+    def _remember_file(self, path: Path, sha: str) -> None:
+        stamp = self._stamp(path)
+        if stamp is None:
+            return
+        f = self.root / self._FILES
+        try:
+            try:
+                known = json.loads(f.read_text())
+                known = known if isinstance(known, dict) else {}
+            except (OSError, ValueError):
+                known = {}
+            known[str(path.absolute())] = {"stamp": stamp, "sha256": sha}
+            atomic_write_json(f, dict(list(known.items())[-16:]))  # bounded: the last few package paths
+        except OSError as exc:  # a read-only store hashes again at the next start: nothing else is lost
+            log.debug("cannot remember %s: %s", path, exc)
 
     def verify(self, sha: str, trusted_keys: Iterable | None = None, *, deep: bool = True) -> None:
         """Check a stored package; raises PackageError/StoreError naming what is wrong.

@@ -91,13 +91,13 @@ def test_auto_workers_two_for_decoding_sources_one_for_numeric(tmp_path):
     assert auto_workers(SyntheticSource("s", shape=[4]), cores=4) == 1
 
 
-def test_batch_cap_fits_the_batch_in_half_the_bound():
+def test_batch_cap_fits_the_batch_in_a_third_of_the_bound():
     mb = 1 << 20
-    # 0.6 MB inputs + 4.4 MB working memory per sample, 32 MB bound: 16 MB / 5 MB -> batch 3
-    b, q = batch_cap(32, 32 * mb, 0.6 * mb, 4.4 * mb)
+    # 0.6 MB inputs + 2.2 MB working memory per sample, 32 MB bound: 10.7 MB / 2.8 MB -> batch 3
+    b, q = batch_cap(32, 32 * mb, 0.6 * mb, 2.2 * mb)
     assert b == 3
-    assert q == pytest.approx(QUEUE_BATCHES * 3 * 0.6 * mb, rel=1e-6)  # a few batches of inputs, no more
-    assert b * 5 * mb + q <= 32 * mb
+    assert q == pytest.approx(max(QUEUE_MIN_BYTES, QUEUE_BATCHES * 3 * 0.6 * mb), rel=1e-6)  # a few batches, no more
+    assert b * 2.8 * mb + q <= 32 * mb
     # small rows: max_batch unchanged and the queue keeps a deep byte bound
     b, q = batch_cap(32, 32 * mb, 256, 1024)
     assert b == 32 and q >= QUEUE_MIN_BYTES
@@ -210,12 +210,13 @@ def test_unbounded_bytes_keeps_max_batch(tmp_path, conv_pkg):
         assert agent.metrics.snapshot()["memory"]["batch_cap"] == 64
 
 
-def _measured_agent_rate(tmp_path, pkg, shape, n: int) -> float:
+def _measured_agent_rate(state, pkg, shape, n: int) -> tuple[float, int]:
     """An agent run as a user would measure one: a finite synthetic stream, samples/s from its first
-    result to the last (default prefetch settings, max_batch 8)."""
+    result to the last (default prefetch settings, max_batch 8); and its batch cap."""
     import time
 
-    agent = agent_for(tmp_path, pkg, batcher={"max_batch": 8})
+    agent = Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(state)},
+                                "batcher": {"max_batch": 8}}))
     with agent:
         agent.add_source(SyntheticSource("s", shape=list(shape), count=n, distinct=8))
         m = agent.metrics.counters
@@ -224,32 +225,42 @@ def _measured_agent_rate(tmp_path, pkg, shape, n: int) -> float:
             time.sleep(0.002)
         n0, t0 = m["inferences"], time.perf_counter()
         assert agent.wait_idle(120)
-        return (m["inferences"] - n0) / (time.perf_counter() - t0)
+        return (m["inferences"] - n0) / (time.perf_counter() - t0), agent._max_batch
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["mlp", "conv"])
 def test_bench_agent_throughput_agrees_with_a_measured_agent_run(tmp_path, conv_pkg, model):
-    """``edgeship bench``'s agent figure at b=8 against real agent runs on the same model, on two models
-    whose costs differ ~1000x (sensor MLP, 64x64 conv net).
+    """``edgeship bench``'s agent figure at b=8 (its own config and window, ``bench_agent_rate``) against
+    real agent runs on the same model, on two models whose costs differ ~1000x (sensor MLP, 64x64 conv).
 
-    The issue's target is 15 %. On this 2-core machine shared with other jobs, two identical agent runs
-    seconds apart differed by up to 2x (measured: 70 vs 33/s), so a fixed 15 % here would be flaky. The
-    bench figure must fall inside the band the two measured runs (one before, one after) span, widened by
-    25 %: that catches the old error (2.5-10x below, the window holding the pool build and the ramp-up)
-    while a loaded machine does not fail it. The 15 % figure itself is reported by benchmarks/agent.py.
-    Marked slow: ~40 s of measuring.
+    Why two identical runs differed by up to 2x: each measured the model's working memory afresh, a
+    noisy figure that set the batch cap (now kept in the store: every run here caps alike, checked),
+    and the machine is shared: other jobs take wall time from a run in bursts of seconds. So bench and
+    measured runs alternate in 5 pairs and the median of the pairs' ratios is compared. At load 6-17
+    (session 6, 9 runs per model, this test at nice 19) single pairs ranged 0.55-3.8x and the medians
+    0.80-1.22x, once beyond 1.25x: the issue's 15 % is not a bound this shared machine keeps, so the
+    check is a factor 1.6 on the median, which still catches the old error (2.5-10x: the window held
+    the pool build and the ramp-up). Marked slow: ~40 s (100 s under load).
     """
+    import statistics
+
     from test_agent import build_mlp_package
 
-    from edgeship.agent.bench import run_bench
+    from edgeship.agent.bench import bench_agent_rate
 
-    pkg, shape, n = (build_mlp_package(tmp_path / "p"), (64,), 200_000) if model == "mlp" else \
-        (conv_pkg, (3, SIZE, SIZE), 300)
-    before = _measured_agent_rate(tmp_path / "a", pkg, shape, n)
-    bench = run_bench(pkg, seconds=1.0, quiet=True)["agent_throughput"]["8"]
-    after = _measured_agent_rate(tmp_path / "b", pkg, shape, n)
-    assert 0.75 * min(before, after) <= bench <= 1.25 * max(before, after), (bench, before, after)
+    pkg, shape, n = (build_mlp_package(tmp_path / "p"), (64,), 100_000) if model == "mlp" else \
+        (conv_pkg, (3, SIZE, SIZE), 200)
+    state = tmp_path / "st"
+    sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ratios, caps = [], set()
+    for _ in range(5):
+        b = bench_agent_rate(pkg, state, 8, sample, 1.0)
+        per_s, cap = _measured_agent_rate(state, pkg, shape, n)
+        ratios.append(b["per_s"] / per_s)
+        caps |= {b["batch_cap"], cap}
+    assert len(caps) == 1, caps  # one measured working memory: one batch cap everywhere
+    assert 1 / 1.6 <= statistics.median(ratios) <= 1.6, ratios
 
 
 def test_fixed_mmap_threshold_gives_freed_image_buffers_back(tmp_path):
@@ -277,3 +288,102 @@ def test_fixed_mmap_threshold_gives_freed_image_buffers_back(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.split()[-1]) < 10  # given back, not kept in the heap
+
+
+# -- issue 19, session 6: cheaper image rows, lighter sessions, faster start-up ---------------------
+
+def test_image_rows_prepared_in_place_are_identical_to_the_reference(jpegs):
+    """Folder images take the in-place path (no per-step copies, no stacking) and give the very rows the
+    reference Preprocessor gives, bit for bit; an image of another size is resized first, as there."""
+    from PIL import Image
+
+    from edgeship.agent.intake import _decode_items
+    from edgeship.agent.preprocessing import BlockPreprocessor
+    from edgeship.demo_data.zoo import IMAGENET_PREPROCESS
+    from edgeship.preprocess import Preprocessor
+
+    pre = BlockPreprocessor({**IMAGENET_PREPROCESS, "resize": [96, 96]}, (3, 96, 96), np.float32)
+    ref = Preprocessor({**IMAGENET_PREPROCESS, "resize": [96, 96]}, (-1, 3, 96, 96))
+    files = sorted(str(p) for p in jpegs.glob("*.jpg"))[:8]
+    src = FolderSource("f", path=str(jpegs))
+    rejects: list = []
+    x, keep, finite = _decode_items(pre, files + [str(jpegs / "labels.txt")], None, src, rejects)
+    assert keep == list(range(8)) and len(rejects) == 1 and finite  # the text file is refused, one line
+    assert np.array_equal(x, np.stack([ref.one(f) for f in files]))
+    out = np.empty((3, 96, 96), np.float32)
+    big = np.asarray(Image.open(files[0]).resize((130, 110)))
+    assert pre.image_into(big, out) and np.array_equal(out, ref.one(big))
+    gray = np.asarray(Image.open(files[0]).convert("L"))
+    assert not pre.image_into(gray, out)  # 1 channel for a 3-channel model: the reference path decides
+
+
+def test_serving_sessions_plan_no_memory_pattern_and_do_not_spin(conv_pkg):
+    from edgeship.runtime import load
+
+    with load(conv_pkg, serving=True) as r:
+        so = r._session.get_session_options()
+        assert so.enable_mem_pattern is False
+        assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with load(conv_pkg) as r:  # the SDK's own default is unchanged
+        assert r._session.get_session_options().enable_mem_pattern is True
+
+
+def test_working_memory_is_measured_once_per_package_and_start_up_warms_once(tmp_path, conv_pkg, monkeypatch):
+    """The first start measures the working memory per sample and keeps it in the store; the next start
+    reads it (no probe runs) and caps the batch alike. Start-up warms with one run; a candidate loaded
+    beside a running model gets [runtime] warmup runs."""
+    import edgeship.agent.handle as handle_mod
+    from edgeship.runtime.base import Runner
+
+    warm: list[int] = []
+    real_warmup = Runner.warmup
+    monkeypatch.setattr(Runner, "warmup", lambda self, n=3: (warm.append(n), real_warmup(self, n))[1])
+    sections = {"batcher": {"max_batch": 64, "max_bytes_in_flight": 16 << 20}}
+    with agent_for(tmp_path, conv_pkg, **sections) as a:
+        first, cap = a.handle.work_bytes, a._max_batch
+    assert first > 0.5e6 and warm == [1]
+
+    def no_probe(*a, **k):
+        raise AssertionError("measured again")
+    monkeypatch.setattr(handle_mod, "batch_work_bytes", no_probe)
+    with agent_for(tmp_path, conv_pkg, **sections) as a:
+        assert a.handle.work_bytes == first and a._max_batch == cap
+        cand = a.load_candidate(a.handle.sha256)
+        cand.close()
+    assert warm == [1, 1, 3]
+
+
+def test_agent_start_up_imports_no_plugin_metadata_and_preloads_pillow(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, edgeship.agent.runner_main, edgeship.cli.agent_cmds\n"
+            "assert 'importlib.metadata' not in sys.modules, 'importlib.metadata imported'\n"
+            "from edgeship.agent.sources import preload_image_decoder\n"
+            "preload_image_decoder().join(30)\n"
+            "assert 'PIL.JpegImagePlugin' in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_store_install_of_an_unchanged_package_file_skips_hashing(tmp_path, conv_pkg, monkeypatch):
+    """``[agent] package`` is installed at every start: an unchanged file (path, size, mtime, inode) is
+    not hashed again; a file that changed is hashed and installed as a new package."""
+    import shutil
+
+    import edgeship.agent.store as store_mod
+    from edgeship.agent.store import ModelStore
+
+    pkg = tmp_path / "m.edgepkg"
+    shutil.copy(conv_pkg, pkg)
+    store = ModelStore(tmp_path / "st")
+    sha = store.install(pkg)
+    hashed: list = []
+    real = store_mod.file_sha256
+    monkeypatch.setattr(store_mod, "file_sha256", lambda p: (hashed.append(p), real(p))[1])
+    assert ModelStore(tmp_path / "st").install(pkg) == sha and hashed == []
+    from test_agent import build_mlp_package
+
+    shutil.copy(build_mlp_package(tmp_path / "other"), pkg)  # another package under the same name
+    sha2 = ModelStore(tmp_path / "st").install(pkg)
+    assert sha2 != sha and hashed == [pkg]

@@ -57,11 +57,11 @@ def _runtime_wanted(backend: str | None) -> str | None:
                       f"{', '.join(TFLITE_BACKENDS)}")
 
 
-def _make(runtime: str, model, *, backend, threads, optimization, **kwargs) -> Runner:
+def _make(runtime: str, model, *, backend, threads, optimization, serving: bool = False, **kwargs) -> Runner:
     if runtime == "onnxruntime":
         from .onnx_runner import OnnxRunner
 
-        return OnnxRunner(model, threads=threads, optimization=optimization, **kwargs)
+        return OnnxRunner(model, threads=threads, optimization=optimization, serving=serving, **kwargs)
     from .tflite_runner import TFLiteRunner
 
     tfl_backend = None if backend in (None, "tflite", "auto") else backend
@@ -69,7 +69,7 @@ def _make(runtime: str, model, *, backend, threads, optimization, **kwargs) -> R
 
 
 def load(path_or_package: Any, *, variant: str | None = None, backend: str | None = None,
-         threads: int | None = None, optimization: str = "all", trusted_keys=None) -> Runner:
+         threads: int | None = None, optimization: str = "all", trusted_keys=None, serving: bool = False) -> Runner:
     """Load a model and return a :class:`Runner`.
 
     ``path_or_package``: a ``.edgepkg`` file, a directory written by
@@ -85,7 +85,9 @@ def load(path_or_package: Any, *, variant: str | None = None, backend: str | Non
     (``ai_edge_litert``, ``tflite_runtime``, ``tensorflow``).
     ``threads``: intra-op threads (default: cores). ``optimization``: the
     onnxruntime graph optimisation level (disable|basic|extended|all); for
-    TFLite, ``disable`` turns the default XNNPACK delegate off.
+    TFLite, ``disable`` turns the default XNNPACK delegate off. ``serving``:
+    tune an onnxruntime session for a long-running server that batches
+    (the agent): see :func:`edgeship.runtime._backends.open_ort`.
     """
     from .. import package as pkgmod
 
@@ -99,7 +101,8 @@ def load(path_or_package: Any, *, variant: str | None = None, backend: str | Non
             if trusted_keys:
                 raise ConfigError(f"{p} is a bare model file and cannot be signature-checked; "
                                   "load a signed .edgepkg when trusted keys are configured")
-            return _make(rt, p, backend=backend, threads=threads, optimization=optimization, source=str(p))
+            return _make(rt, p, backend=backend, threads=threads, optimization=optimization, source=str(p),
+                         serving=serving)
         if not p.exists():
             raise ModelError(f"{p}: no such package or model file")
     pkg = pkgmod.open_package(path_or_package)
@@ -123,7 +126,7 @@ def load(path_or_package: Any, *, variant: str | None = None, backend: str | Non
     top_in = [s.name for s in specs_from_dicts(pkg.manifest.get("inputs"))]
     top_out = [s.name for s in specs_from_dicts(pkg.manifest.get("outputs"))]
     runner = _make(rt, model, backend=backend, threads=threads, optimization=optimization, source=source,
-                   manifest=pkg.manifest, variant=var, package=pkg,
+                   serving=serving, manifest=pkg.manifest, variant=var, package=pkg,
                    model_input_specs=m_in, model_output_specs=m_out)
     _apply_logical_names(runner, top_in, top_out, m_in, m_out)
     try:

@@ -22,9 +22,10 @@ class OnnxRunner(Runner):
     thread_safe = True
 
     def __init__(self, model: str | os.PathLike | bytes, *, threads: int | None = None, optimization: str = "all",
-                 source: str = "", **kwargs) -> None:
+                 source: str = "", serving: bool = False, **kwargs) -> None:
         what = source or (str(model) if not isinstance(model, (bytes, bytearray)) else "model bytes")
-        self._session, backend = _backends.open_ort(model, threads=threads, optimization=optimization, what=what)
+        self._session, backend = _backends.open_ort(model, threads=threads, optimization=optimization, what=what,
+                                                    serving=serving)
         self.threads = int(threads or _backends.default_threads())
         self.optimization = optimization
         ins, outs = _backends.ort_specs(self._session)
