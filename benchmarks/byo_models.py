@@ -111,8 +111,7 @@ def col_int8(pkg: Path, calib: dict, evald: dict, work: Path, metric: str | None
     dec = res.decisions["onnx"]
     cand = {c.name: c for c in res.candidates}
     best = cand.get(dec.best_int8 or dec.chosen)
-    metric = res.report.get("metric") or metric or "metric"
-    metric = metric.get("name", "metric") if isinstance(metric, dict) else metric
+    metric = (res.report.get("targets", {}).get("onnx") or {}).get("metric") or metric or "metric"
     if best is None or best.precision != "int8":
         return f"no int8 within budget: {dec.reason}"[:200]
     kept = "" if dec.chosen == best.name else f"; {dec.chosen} kept on this machine"
@@ -288,8 +287,8 @@ def zoo_row(name, factory, feed, out_names, state, kind: str, work: Path, args) 
     files = sorted(p.name for p in src.iterdir())
     rng = np.random.default_rng(1)
     # Calibration / evaluation: more rows like the feed (the exports fix a batch of 2).
-    calib = {k: _like(v, rng, 16) for k, v in feed.items()}
-    evald = {k: _like(v, rng, 16) for k, v in feed.items()}
+    calib = {k: _like(v, rng, 24) for k, v in feed.items()}
+    evald = {k: _like(v, rng, 24) for k, v in feed.items()}
     package_row(r, name, onnx_path, src, feed, work, {}, out_names, state, (calib, evald, None, None), args)
     r["notes"] = f"{'+'.join(files)}; {time.perf_counter() - t0:.0f} s in all"
     return r
@@ -318,7 +317,7 @@ def pretrained_row(name: str, path: Path, work: Path, args) -> dict:
     t0 = time.perf_counter()
     feed = {"x": ocr_inputs(name, 1, seed=5)}
     metric, options = PRETRAINED_QUANT[name]
-    quant = ({"x": ocr_inputs(name, 16, seed=6)}, {"x": ocr_inputs(name, 16, seed=7)}, metric, options)
+    quant = ({"x": ocr_inputs(name, 24, seed=6)}, {"x": ocr_inputs(name, 24, seed=7)}, metric, options)
     out_names = [o.name for o in _session(path).get_outputs()]
     package_row(r, name, path, None, feed, work, ocr_package_args(name), out_names, None, quant, args)
     r["notes"] = f"{RAPIDOCR[name][1]}; {time.perf_counter() - t0:.0f} s in all"

@@ -117,10 +117,12 @@ QUANT = {"ocr_det": ("iou", {"threshold": 0.3, "channel": 0}), "ocr_rec": ("step
 @pytest.mark.parametrize("name", NAMES)
 def test_pretrained_model_quantizes_within_budget_or_refuses_in_one_line(name, ocr, tmp_path):
     from edgeship.converters import quantize
+    from edgeship.converters.quantization import MIN_CALIB_SAMPLES, MIN_EVAL_SAMPLES
 
     path, pkg = ocr[name]
     metric, options = QUANT[name]
-    calib, evald = pretrained.ocr_inputs(name, 8, seed=1), pretrained.ocr_inputs(name, 8, seed=2)
+    calib = pretrained.ocr_inputs(name, MIN_CALIB_SAMPLES, seed=1)
+    evald = pretrained.ocr_inputs(name, MIN_EVAL_SAMPLES, seed=2)
     out = tmp_path / "q.edgepkg"
     try:
         res = quantize(pkg, calib, evald, max_drop=2.0, metric=metric, metric_options=options, out=out, quiet=True,
@@ -131,9 +133,11 @@ def test_pretrained_model_quantizes_within_budget_or_refuses_in_one_line(name, o
     dec = res.decisions["onnx"]
     best = next(c for c in res.candidates if c.name == (dec.best_int8 or dec.chosen))
     assert best.precision == "int8" and best.drop <= 2.0
-    # The int8 file runs through the runtime, and its answers are still right.
-    with runtime.load(res.artifacts["onnx"] if dec.chosen == best.name else pkg) as r:
-        assert r.run({"x": evald[:1]})
+    # The package written holds what was chosen (int8, or fp32 where int8 is slower here) and runs.
+    with runtime.load(out) as r:
+        assert r.variant["precision"] == ("int8" if dec.chosen == best.name else "fp32")
+        got = next(iter(r.run({"x": evald[:2]}).values()))
+        assert got.shape == raw(path, evald[:2]).shape and np.isfinite(got).all()
 
 
 @pytest.mark.slow
@@ -160,5 +164,8 @@ def test_pretrained_models_bench(ocr):
     from edgeship.agent.bench import run_bench
 
     for name in NAMES:
-        r = run_bench(ocr[name][1], seconds=0.05, quiet=True)
+        r = run_bench(ocr[name][1], seconds=0.3, quiet=True)
+        # Through the agent too: bench's pool is model-ready, the package's preprocess is not applied to it.
         assert r["agent_latency_ms_b1"]["p50"] > 0 and r["raw_throughput"]["8"] > 0, (name, r)
+        # (b=1: a short window can end before a batch of 32 of the detector finishes on a loaded machine)
+        assert r["agent_throughput"]["1"] > 0, (name, r["agent_throughput"])

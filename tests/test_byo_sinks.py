@@ -17,6 +17,7 @@ from models import make_identity_onnx
 from edgeship import package as P
 from edgeship.agent import Agent
 from edgeship.agent.config import parse_config
+from edgeship.agent.sources import make_source
 from edgeship.runtime.postprocess import apply, check_postprocess
 
 pytest.importorskip("onnx")
@@ -45,8 +46,9 @@ def test_postprocess_answers_in_json_lines_and_callbacks(tmp_path, kind):
                   version="1", labels=labels, postprocess=post)
     xs = samples(kind, 6, seed=len(kind))
     src = tmp_path / "in.jsonl"
-    # The first sample twice at the end: the cache answers it, and cached lines carry the answer too.
-    src.write_text("".join(json.dumps(x.tolist()) + "\n" for x in [*xs, xs[0]]))
+    src.write_text("".join(json.dumps(x.tolist()) + "\n" for x in xs))
+    again = tmp_path / "again.jsonl"  # the first sample again, once its answer is cached
+    again.write_text(json.dumps(xs[0].tolist()) + "\n")
     out = tmp_path / "out.jsonl"
     got = []
     cfg = {"agent": {"allow_unsigned": True, "package": str(pkg), "state_dir": str(tmp_path / "st")},
@@ -55,6 +57,8 @@ def test_postprocess_answers_in_json_lines_and_callbacks(tmp_path, kind):
            "sinks": [{"type": "jsonl", "path": str(out), "outputs": True},
                      {"type": "callback", "name": "c"}]}
     with Agent(parse_config(cfg), callbacks={"c": got.append}) as agent:
+        assert agent.wait_idle(30)
+        agent.add_source(make_source("jsonl", "again", path=str(again)))
         assert agent.wait_idle(30)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == len(got) == 7
