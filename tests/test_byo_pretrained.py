@@ -10,8 +10,8 @@ the agent's HTTP API, each checked against raw onnxruntime on the same
 input. The inputs are rendered text, so the answers can be checked too: the
 recognizer reads the words, the classifier tells upright from turned lines.
 
-The slow tests take the models through ``convert quantize`` and the ONNX ->
-TFLite route, and ``edgeship bench``.
+The slow tests take the classifier through ``convert quantize``, the ONNX ->
+TFLite route and ``edgeship bench``; benchmarks/byo_models.py all three.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from edgeship import runtime
 from edgeship.agent import Agent
 from edgeship.agent.config import parse_config
 from edgeship.demo_data import pretrained
-from edgeship.errors import AccuracyBudgetError, ConversionError
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -108,64 +107,50 @@ def test_pretrained_model_packages_verifies_and_serves_equal_to_raw_onnxruntime(
 
 
 # ------------------------------------------------------------------ slow: quantize, TFLite, bench
-
-QUANT = {"ocr_det": ("iou", {"threshold": 0.3, "channel": 0}), "ocr_rec": ("step_agreement", None),
-         "ocr_cls": ("agreement", None)}
-
+# On the angle classifier only (the smallest; ~1 min in all): benchmarks/byo_models.py takes all three
+# models through these steps, and test_a_resize_by_scales_converts_to_tflite covers what the detector needed.
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_pretrained_model_quantizes_within_budget_or_refuses_in_one_line(name, ocr, tmp_path):
+def test_pretrained_classifier_quantizes_within_budget(ocr, tmp_path):
     from edgeship.converters import quantize
     from edgeship.converters.quantization import MIN_CALIB_SAMPLES, MIN_EVAL_SAMPLES
 
-    path, pkg = ocr[name]
-    metric, options = QUANT[name]
-    calib = pretrained.ocr_inputs(name, MIN_CALIB_SAMPLES, seed=1)
-    evald = pretrained.ocr_inputs(name, MIN_EVAL_SAMPLES, seed=2)
+    path, pkg = ocr["ocr_cls"]
+    calib = pretrained.ocr_inputs("ocr_cls", MIN_CALIB_SAMPLES, seed=1)
+    evald = pretrained.ocr_inputs("ocr_cls", MIN_EVAL_SAMPLES, seed=2)
     out = tmp_path / "q.edgepkg"
-    try:
-        res = quantize(pkg, calib, evald, max_drop=2.0, metric=metric, metric_options=options, out=out, quiet=True,
-                       repeats=2, both_precisions=False, engines=["onnxruntime"])
-    except AccuracyBudgetError as exc:
-        assert "\n" not in str(exc) and not out.exists()
-        return
+    # One candidate (onnxruntime u8 MinMax): the search itself is tests/test_quantize*.py's.
+    res = quantize(pkg, calib, evald, max_drop=2.0, metric="agreement", out=out, quiet=True, repeats=1,
+                   both_precisions=False, engines=["onnxruntime"], calibrations=["minmax"],
+                   activation_types=("uint8",))
     dec = res.decisions["onnx"]
     best = next(c for c in res.candidates if c.name == (dec.best_int8 or dec.chosen))
-    assert best.precision == "int8" and best.drop <= 2.0
+    assert best.precision == "int8" and best.drop <= 2.0 and best.metric_value >= 0.9
     # The package written holds what was chosen (int8, or fp32 where int8 is slower here) and runs.
     with runtime.load(out) as r:
         assert r.variant["precision"] == ("int8" if dec.chosen == best.name else "fp32")
         got = next(iter(r.run({"x": evald[:2]}).values()))
-        assert got.shape == raw(path, evald[:2]).shape and np.isfinite(got).all()
+        assert got.shape == (2, 2) and np.argmax(got, 1).tolist() == np.argmax(raw(path, evald[:2]), 1).tolist()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_pretrained_model_to_tflite_agrees_or_refuses_naming_the_node(name, ocr, tmp_path):
+def test_pretrained_classifier_converts_to_tflite_equal_to_onnxruntime(ocr, tmp_path):
     from edgeship.converters.onnx_tflite import onnx_to_tflite
 
-    path, _ = ocr[name]
-    x = pretrained.ocr_inputs(name, 1, seed=3)
-    try:
-        res = onnx_to_tflite(path, tmp_path / "m.tflite", {"x": x})
-    except ConversionError as exc:
-        msg = str(exc)
-        assert "\n" not in msg and ("node" in msg or "op(s)" in msg), msg
-        assert not (tmp_path / "m.tflite").exists()
-        return
-    pkg = P.build(tmp_path / "t.edgepkg", res.path, name=name, version="1")
+    path, _ = ocr["ocr_cls"]
+    x = pretrained.ocr_inputs("ocr_cls", 1, seed=3)
+    res = onnx_to_tflite(path, tmp_path / "m.tflite", {"x": x})
+    pkg = P.build(tmp_path / "t.edgepkg", res.path, name="ocr_cls", version="1")
     with runtime.load(pkg) as r:
-        np.testing.assert_allclose(next(iter(r.run({"x": x}).values())), raw(path, x), atol=1e-4 + 1e-3)
+        np.testing.assert_allclose(next(iter(r.run({"x": x}).values())), raw(path, x), atol=1e-4)
 
 
 @pytest.mark.slow
-def test_pretrained_models_bench(ocr):
+def test_pretrained_classifier_bench_runs_through_the_agent(ocr):
     from edgeship.agent.bench import run_bench
 
-    for name in NAMES:
-        r = run_bench(ocr[name][1], seconds=0.3, quiet=True)
-        # Through the agent too: bench's pool is model-ready, the package's preprocess is not applied to it.
-        assert r["agent_latency_ms_b1"]["p50"] > 0 and r["raw_throughput"]["8"] > 0, (name, r)
-        # (b=1: a short window can end before a batch of 32 of the detector finishes on a loaded machine)
-        assert r["agent_throughput"]["1"] > 0, (name, r["agent_throughput"])
+    r = run_bench(ocr["ocr_cls"][1], seconds=0.3, quiet=True)
+    # bench's pool is model-ready: the package's preprocess (a resize to 48x192) is not applied to it again
+    # (it was, and every block was rejected: agent throughput 0).
+    assert r["agent_latency_ms_b1"]["p50"] > 0 and r["raw_throughput"]["8"] > 0, r
+    assert r["agent_throughput"]["1"] > 0 and r["agent_throughput"]["8"] > 0, r["agent_throughput"]
