@@ -25,7 +25,7 @@ Per model and export, the columns:
 * bench — ``edgeship bench`` (``run_bench``, short windows): agent latency
   p50 at batch 1, or its error line.
 
-Prints a markdown table. ``python benchmarks/byo_models.py [--only NAME] [--no-int8] [--no-tflite]``.
+Prints a markdown table. ``python benchmarks/byo_models.py [--only NAME,...] [--no-int8] [--no-tflite]``.
 """
 from __future__ import annotations
 
@@ -329,7 +329,8 @@ COLS = ["model", "export", "builds", "verifies", "runs", "int8", "tflite", "agen
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default=None, help="one model name (zoo class or ocr_det/ocr_rec/ocr_cls)")
+    ap.add_argument("--only", default=None,
+                    help="model names, comma-separated (zoo classes, ocr_det, ocr_rec, ocr_cls)")
     ap.add_argument("--no-int8", dest="int8", action="store_false", help="skip the quantize column")
     ap.add_argument("--no-tflite", dest="tflite", action="store_false", help="skip the TFLite column")
     ap.add_argument("--no-zoo", dest="zoo", action="store_false", help="only the pretrained models")
@@ -347,11 +348,14 @@ def main(argv=None) -> int:
         for name, path in rapidocr_models().items():
             jobs.append((name, lambda w, a=(name, path): pretrained_row(*a, w, args)))
         for i, (name, job) in enumerate(jobs):
-            if args.only and name != args.only:
+            if args.only and name not in args.only.split(","):
                 continue
             work = Path(tmp) / f"{i}"
             work.mkdir()
-            rows.append(job(work))
+            try:
+                rows.append(job(work))
+            except Exception as exc:  # noqa: BLE001 - one model's crash is its row, not the end of the table
+                rows.append({"model": name, "notes": f"crashed: {one_line(exc)}"})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             shutil.rmtree(work, ignore_errors=True)
     print("| model | export | builds | verifies | runs = raw (max abs diff) | int8 (quantize gate) | "
