@@ -340,13 +340,13 @@ def main(argv=None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgeship-byo-") as tmp:
-        jobs = []
+        # The pretrained models first: the real models are what this table adds.
+        jobs = [(name, lambda w, a=(name, path): pretrained_row(*a, w, args))
+                for name, path in rapidocr_models().items()]
         if args.zoo:
             for name, factory, feed, outs, state in zoo_models():
                 for kind in ("dynamo", "legacy"):
                     jobs.append((name, lambda w, a=(name, factory, feed, outs, state, kind): zoo_row(*a, w, args)))
-        for name, path in rapidocr_models().items():
-            jobs.append((name, lambda w, a=(name, path): pretrained_row(*a, w, args)))
         for i, (name, job) in enumerate(jobs):
             if args.only and name not in args.only.split(","):
                 continue
