@@ -110,7 +110,8 @@ def _fix_shapes(model, sample: Mapping[str, np.ndarray]):
 
 
 # The ONNX ops whose shape-like inputs onnx2fx reads with ``.tolist()`` at run time, and whose
-# handlers take a Python list as well (checked in onnx2fx 0.0.1's ops/tensor.py).
+# handlers take a Python list as well (checked in onnx2fx 0.0.1's ops/tensor.py; Resize's scales and
+# sizes in ops/image.py: ``int(size * scale)`` of a traced tensor is data-dependent to torch.export).
 _SHAPE_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Expand", "Slice", "Tile"}
 
 
@@ -123,16 +124,22 @@ def _static_shape_args(gm) -> None:
     are exact.
     """
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.meta.get("onnx_op_type") not in _SHAPE_OPS:
+        op = node.meta.get("onnx_op_type")
+        if node.op != "call_function" or (op not in _SHAPE_OPS and op != "Resize"):
             continue
         args = list(node.args)
         for i, a in enumerate(args[1:], start=1):
-            if getattr(a, "op", None) != "get_attr":
+            if getattr(a, "op", None) != "get_attr" or (op == "Resize" and i not in (2, 3)):
                 continue
             value = gm
             for part in a.target.split("."):
                 value = getattr(value, part)
-            if value.dtype.is_floating_point or value.numel() > _MAX_SHAPE_CONST:
+            if value.numel() > _MAX_SHAPE_CONST or (value.dtype.is_floating_point and op != "Resize"):
+                continue
+            if op == "Resize":  # scales (floats) or sizes: the output size is then a plain int per axis
+                # (an empty tensor is ONNX's "not given")
+                args[i] = [float(v) if value.dtype.is_floating_point else int(v)
+                           for v in value.flatten().tolist()] or None
                 continue
             args[i] = [int(v) for v in value.flatten().tolist()] if value.dim() else int(value.item())
         node.args = tuple(args)
@@ -263,6 +270,10 @@ def onnx_to_tflite(onnx_path, out_path, sample: Mapping[str, np.ndarray], *, ato
     try:
         edge = litert_convert(gm.eval(), args, quiet=quiet)
     except ConversionError as exc:
+        culprit = _culprit(gm, exc)
+        if culprit:  # torch.export stopped at one node: name the ONNX node, not torch's internals
+            raise ConversionError(f"{Path(onnx_path).name}: {culprit} cannot be lowered to TFLite "
+                                  f"({_one_line(exc.__cause__ or exc, 120)}); no TFLite file written") from exc
         where = _first_divergence(gm, fixed, feed, atol, rtol) if _fx_runs(gm, args) else None
         raise ConversionError(f"{Path(onnx_path).name}: {exc}" + (f"; first diverging layer: {where}" if where
                                                                   else "")) from exc
@@ -288,6 +299,20 @@ def onnx_to_tflite(onnx_path, out_path, sample: Mapping[str, np.ndarray], *, ato
         tmp.unlink(missing_ok=True)
     batch = int(next(iter(feed.values())).shape[0]) if feed and next(iter(feed.values())).ndim else 1
     return OnnxTfliteResult(out, graph_inputs, outputs, diffs, batch)
+
+
+def _culprit(gm, exc: BaseException) -> str | None:
+    """The ONNX node behind the fx node torch.export names in ``While executing %name``, if any."""
+    import re
+
+    text = " ".join(str(e) for e in (exc, exc.__cause__) if e is not None)
+    m = re.search(r"While executing %(\w+)", text)
+    if not m:
+        return None
+    node = next((n for n in gm.graph.nodes if n.name == m.group(1)), None)
+    if node is None or not node.meta.get("onnx_name"):
+        return None
+    return f"{node.meta.get('onnx_op_type', 'the')} node {node.meta['onnx_name']!r}"
 
 
 def _fx_runs(gm, args) -> bool:

@@ -485,7 +485,8 @@ class Agent:
             raise OverloadError("no model yet: the agent waits for a rollout to install its first model")
 
     def submit(self, x, deadline: float | None = None, *, preprocess: bool = True, source: str = "api",
-               timeout: float | None = None, stream: str | None = None) -> concurrent.futures.Future:
+               timeout: float | None = None, stream: str | None = None,
+               reset: bool = False) -> concurrent.futures.Future:
         """Queue one sample; returns a Future[Result].
 
         ``x``: one raw sample (array-like; the manifest preprocess is applied
@@ -494,8 +495,9 @@ class Agent:
         early for it). ``stream``: for a stateful model, the id of the stream
         this sample continues (its state is carried from the stream's last
         call; without one, the sample starts from the initial state);
-        stateless models ignore it. Raises :class:`InputError` for a bad sample and
-        :class:`OverloadError` when the queue refuses it.
+        stateless models ignore it; ``reset``: this sample restarts it. Raises
+        :class:`InputError` for a bad sample and :class:`OverloadError` when
+        the queue refuses it.
         """
         now = time.monotonic()  # request in: validation and preprocessing count in its latency
         self._check_running()
@@ -508,7 +510,7 @@ class Agent:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         keys = None
         full = xs  # the cache key covers scalar inputs too (they leave xs for the batch group)
-        xs, group, stream = handle.split(xs, stream)
+        xs, group, stream = handle.split(xs, stream, reset)
         if self.cache is not None and handle.states is None:  # a stateful answer depends on more than x
             key = input_key(full, handle.sha256.encode())
             hit = self.cache.get(key)
@@ -696,7 +698,7 @@ class Agent:
             batch = ResultBatch(model=handle.model, output_names=handle.output_names, outputs=outs, n=n,
                                 id_prefix=self._id_prefix, id_base=base, source=sources, ts=ts, latency_ms=lats,
                                 labels=handle.labels, refs=refs, model_json=handle.model_json, cls=cls,
-                                spans=spans)
+                                spans=spans, post=handle.post)
             self._deliver(batch, inputs, handle.input_names if handle.plain else
                           [handle.input_names[i] for i in handle.packed])
         # Futures last: waking a caller can preempt this thread (same core, GIL
@@ -725,7 +727,8 @@ class Agent:
         base = self._alloc_ids(n)
         batch = ResultBatch(model=handle.model, output_names=handle.output_names, outputs=outs, n=n,
                             id_prefix=self._id_prefix, id_base=base, source=source, ts=ts, latency_ms=lat,
-                            labels=handle.labels, refs=refs, cached=True, model_json=handle.model_json)
+                            labels=handle.labels, refs=refs, cached=True, model_json=handle.model_json,
+                            post=handle.post)
         with self.metrics._lock:
             self.metrics.latency_ms.add_repeated(lat, n)
         if fut is not None:

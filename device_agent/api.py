@@ -10,6 +10,9 @@ for users in docs/http-api.md; the body parsing lives in
   multipart/form-data), raw or model-ready (``"input": "raw"|"model"``,
   echoed in the answer).
 * ``POST /v1/feedback`` — ``{"prediction_id", "kind", "value"}``.
+* ``POST /v1/streams/reset`` — ``{"stream": id}`` or ``{}``: forget a
+  stateful model's stream state (``"reset": true`` on an infer request
+  restarts a stream with that sample instead).
 * ``GET /v1/health`` — ``Agent.health()``; 200 when serving, 503 otherwise.
 * ``GET /v1/metrics`` — Prometheus text format (:func:`prometheus_text`).
 
@@ -362,13 +365,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._route(_GET, "/v1/health or /v1/metrics")
 
     def do_POST(self) -> None:  # noqa: N802
-        self._route(_POST, "/v1/infer or /v1/feedback")
+        self._route(_POST, "/v1/infer, /v1/feedback or /v1/streams/reset")
 
     def _not_allowed(self) -> None:
         self.close_connection = self.close_connection or "Content-Length" in self.headers \
             or "Transfer-Encoding" in self.headers
         self._bad(405, f"method {self.command} is not allowed; GET /v1/health, /v1/metrics; "
-                       "POST /v1/infer, /v1/feedback", {"Allow": "GET, POST"})
+                       "POST /v1/infer, /v1/feedback, /v1/streams/reset", {"Allow": "GET, POST"})
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_TRACE = do_CONNECT = _not_allowed  # noqa: N815
 
@@ -399,7 +402,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not req.batch:
             try:
                 result = agent.submit(req.samples[0], deadline, preprocess=pre, source="http",
-                                      stream=req.stream).result(cfg.timeout_s)
+                                      stream=req.stream, reset=req.reset).result(cfg.timeout_s)
             except EdgeshipError as exc:
                 return self._failed(exc)
             except TimeoutError:
@@ -408,9 +411,10 @@ class _Handler(BaseHTTPRequestHandler):
             d["input"] = req.input
             return self._send(200, strict_json(d))
         futs: list = []
-        for s in req.samples:
-            try:
-                futs.append(agent.submit(s, deadline, preprocess=pre, source="http", stream=req.stream))
+        for i, s in enumerate(req.samples):
+            try:  # a batch with a stream is consecutive windows of it: only the first restarts it
+                futs.append(agent.submit(s, deadline, preprocess=pre, source="http", stream=req.stream,
+                                         reset=req.reset and i == 0))
             except EdgeshipError as exc:  # this sample is refused; the others go on
                 futs.append(exc)
         if all(isinstance(f, OverloadError) for f in futs):
@@ -430,6 +434,24 @@ class _Handler(BaseHTTPRequestHandler):
         errors = sum(1 for r in results if "error" in r)
         self._send(200, strict_json({"input": req.input, "count": len(results), "errors": errors,
                                      "results": results}))
+
+    def _reset_streams(self, url) -> None:
+        """``POST /v1/streams/reset`` ``{"stream": id}`` (or ``{}``: every stream): forget stream state now."""
+        body = self._body()
+        if body is None:
+            return
+        try:
+            obj = parse_json(body) if body.strip() else {}
+            sid = obj.get("stream") if isinstance(obj, dict) else None
+            if not isinstance(obj, dict) or set(obj) - {"stream"} or (
+                    "stream" in obj and (not isinstance(sid, str) or not 0 < len(sid) <= 128)):
+                raise InputError('streams/reset takes {"stream": "<id>"} (one stream) or {} (every stream)')
+        except InputError as exc:
+            return self._bad(400, exc)
+        handle = self.server.agent.handle
+        if handle is None or handle.states is None:
+            return self._error(409, "the active model keeps no stream state (no \"state\" in its package)")
+        self._send(200, strict_json({"ok": True, "stream": sid, "had_state": self.server.agent.reset_stream(sid)}))
 
     def _failed(self, exc: EdgeshipError) -> None:
         if isinstance(exc, InputError):
@@ -462,7 +484,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 _GET = {"/v1/health": _Handler._health, "/v1/metrics": _Handler._metrics}
-_POST = {"/v1/infer": _Handler._infer, "/v1/feedback": _Handler._feedback}
+_POST = {"/v1/infer": _Handler._infer, "/v1/feedback": _Handler._feedback,
+         "/v1/streams/reset": _Handler._reset_streams}
 
 
 class _UnixHandler(_Handler):

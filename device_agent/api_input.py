@@ -31,7 +31,7 @@ INPUT_KINDS = ("raw", "model")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "PPM")
 MAX_IMAGE_PIXELS = 4096 * 4096  # above a 12 MP camera frame; checked from the header before decoding
 NPY_TYPES = ("application/x-npy", "application/octet-stream")
-_OPTIONS = ("input", "preprocess", "deadline_ms", "outputs", "stream", "batch")
+_OPTIONS = ("input", "preprocess", "deadline_ms", "outputs", "stream", "reset", "batch")
 _JSON_KEYS = ("x", "inputs", "samples") + _OPTIONS[:-1]
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # RFC 9110 parameter: name=token or name="quoted string"
@@ -49,6 +49,7 @@ class InferRequest:
     outputs: bool = True  # include the raw output tensors
     images: int = 0  # how many samples are uploaded images (raw input only)
     stream: str | None = None  # a stateful model's stream id: its state carries from call to call
+    reset: bool = False  # the (first) sample restarts ``stream`` from the initial state
 
 
 # -- options ---------------------------------------------------------------------------------------
@@ -89,6 +90,9 @@ def _set_option(req: InferRequest, key: str, v: Any, seen: dict) -> None:
         if not isinstance(v, (str, int)) or isinstance(v, bool) or not 0 < len(sid) <= 128 or not sid.isprintable():
             raise InputError("stream must be a non-empty id of at most 128 printable characters")
         req.stream = sid
+        return
+    elif key == "reset":
+        req.reset = _flag(v, "reset")
         return
     else:  # batch
         req.batch = req.batch or _flag(v, "batch")
@@ -352,6 +356,8 @@ def parse_infer(body: bytes, ctype_header: str | None, query: Mapping[str, list[
         raise InputError("the request holds no sample")
     if len(req.samples) > max_samples:
         raise InputError(f"{len(req.samples)} samples is over the {max_samples} per request ([api] max_batch)")
+    if req.reset and req.stream is None:
+        raise InputError("reset restarts a stream: give the stream id too (\"stream\": \"...\")")
     if req.input == "model" and req.images:
         raise InputError("an uploaded image is raw input: the package's preprocess turns it into model input; "
                          "drop input=model")

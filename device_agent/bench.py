@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
 from ..metrics import LATENCY_BOUNDS_MS, Histogram
 from .prefetch import BLOCK_CAP
 
@@ -74,6 +75,11 @@ def run_bench(package: str | os.PathLike, *, threads: int | None = None, backend
     t0 = time.perf_counter()
     runner = load(str(package), backend=backend, threads=threads, variant=variant)
     out["load_s"] = time.perf_counter() - t0
+    if len(runner.inputs) != 1:  # the pools below hold one tensor per sample (#20: say so, in one line)
+        runner.close()
+        raise InputError(f"edgeship bench feeds models one input tensor; {runner.name} takes "
+                         f"{', '.join(runner.input_names)} (several inputs or a declared state): measure it "
+                         "through the agent's API instead")
     t0 = time.perf_counter()
     runner.warmup(3)
     out["warmup_s"] = time.perf_counter() - t0
@@ -87,13 +93,14 @@ def run_bench(package: str | os.PathLike, *, threads: int | None = None, backend
     x1 = _sample(runner)
     name = runner.input_names[0]
     fixed = runner.batch_size
-    # raw latency at batch 1
+    # raw latency at batch 1 (a model with a fixed batch of k: one run of k rows, as the agent pads it)
     h = Histogram(LATENCY_BOUNDS_MS)
     lat = []
+    x_lat = np.ascontiguousarray(np.repeat(x1, fixed or 1, axis=0))
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(lat) < 50:
         t = time.perf_counter()
-        runner.run_unchecked({name: x1})
+        runner.run_unchecked({name: x_lat})
         lat.append((time.perf_counter() - t) * 1000)
     h.add_many(lat)
     out["raw_latency_ms_b1"] = h.summary()
@@ -156,6 +163,7 @@ class _PoolSource:
 
     kind = "bench"
     decodes = False
+    model_ready = True  # rows are model input already: a package's preprocess (resize, mean/std) is not applied
 
     def __init__(self, sample: np.ndarray, rows: int = 64) -> None:
         from .sources import RawBlock  # noqa: PLC0415

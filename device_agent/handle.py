@@ -13,11 +13,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import EdgeshipError, ModelError
+from ..errors import EdgeshipError, InputError, ModelError
 from .agent_metrics import batch_work_bytes, memory_mark
 from .batcher import Packer
 from .preprocessing import BlockPreprocessor
-from .streams import StreamStates
+from .streams import FreshStream, StreamStates
 
 __all__ = ["ModelHandle", "load_handle", "batch_mode"]
 
@@ -143,8 +143,15 @@ class ModelHandle:
         st.scatter(rows[:n], [np.concatenate(parts, axis=p.batch_axis) for p, parts in zip(st.pairs, state_out)])
         return outs
 
-    def split(self, xs: list[np.ndarray], stream: Any) -> tuple[list[np.ndarray], tuple | None, Any]:
-        """One validated sample -> (arrays to pack, batch group, stream id or None for a stateless model)."""
+    def split(self, xs: list[np.ndarray], stream: Any, reset: bool = False) -> tuple[list[np.ndarray], tuple | None, Any]:
+        """One validated sample -> (arrays to pack, batch group, stream id or None for a stateless model).
+
+        ``reset``: the sample restarts ``stream`` from the initial state (:class:`FreshStream`).
+        """
+        if reset:
+            if stream is None:
+                raise InputError("reset restarts a stream: give the id of the stream it restarts")
+            stream = FreshStream(stream)
         if self.plain:
             return xs, None, None
         group = self.group_of(xs)

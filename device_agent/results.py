@@ -119,8 +119,9 @@ class Result:
             d["top"] = [[lab, s] for lab, s in (self.top or [])]
         post = self.post
         if post is not None:
+            skip = ("label", "score", "top") if self.label is not None else ()  # a CTC text keeps its score
             d.update({k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in post.items()
-                      if k not in ("label", "score", "top")})
+                      if k not in skip})
         if outputs or (self.label is None and post is None):
             d["outputs"] = {k: np.asarray(v).tolist() for k, v in self.outputs.items()}
         if self.cached:
@@ -166,12 +167,13 @@ class ResultBatch:
     """
 
     __slots__ = ("model", "output_names", "outputs", "n", "id_prefix", "id_base", "source", "ts", "refs",
-                 "latency_ms", "labels", "top_idx", "scores", "cached", "_model_json", "spans")
+                 "latency_ms", "labels", "top_idx", "scores", "cached", "_model_json", "spans", "post", "_posts")
 
     def __init__(self, *, model: dict, output_names: Sequence[str], outputs: Sequence[np.ndarray], n: int,
                  id_prefix: str, id_base: int, source: str, ts, latency_ms, labels: Sequence[str] | None = None,
                  refs: Sequence[str] | None = None, cached: bool = False, model_json: str | None = None,
-                 cls: tuple[np.ndarray, np.ndarray] | None = None, spans: list | None = None) -> None:
+                 cls: tuple[np.ndarray, np.ndarray] | None = None, spans: list | None = None,
+                 post: dict | None = None) -> None:
         self.model = model
         self.output_names = list(output_names)
         self.outputs = list(outputs)
@@ -188,7 +190,13 @@ class ResultBatch:
         # Optional ((count, source, ts, latency_ms), ...) runs of rows sharing those values (one per
         # request or source block): lets to_json_lines format only the per-row fields per row.
         self.spans = spans
+        # The package's postprocess hook: its answers replace the argmax labels in every result,
+        # sink and JSON line, the same as the API gives (computed once per batch, on first read).
+        self.post = post
+        self._posts: list[dict] | None = None
         if cls is None and len(self.outputs) == 1:
+            # Also with a hook: telemetry counts classes by this argmax (a topk hook's best label is the
+            # same index); labels, scores and top that callers read come from the hook.
             cls = classify(self.outputs[0])
         self.top_idx, self.scores = cls if cls is not None else (None, None)
 
@@ -208,7 +216,22 @@ class ResultBatch:
             return v
         return [v] * n
 
+    def posts(self) -> list[dict] | None:
+        """Each row's ``postprocess`` answer (labels, detections or a mask), or None without a hook."""
+        if self.post is None:
+            return None
+        if self._posts is None:
+            from ..runtime.postprocess import apply  # noqa: PLC0415 - only models that declare a hook
+
+            self._posts = [apply(self.post, {name: o[i] for name, o in zip(self.output_names, self.outputs)},
+                                 self.labels) for i in range(self.n)]
+        return self._posts
+
     def label_names(self) -> list[str] | None:
+        posts = self.posts()
+        if posts is not None:
+            names = [p.get("label") for p in posts]
+            return names if any(x is not None for x in names) else None
         if self.top_idx is None:
             return None
         labels = self.labels
@@ -227,9 +250,16 @@ class ResultBatch:
         src = self._col(self.source, n)
         refs = self._col(self.refs, n)
         cached = self._col(self.cached, n)
+        posts = self.posts()
         out = []
         for i in range(n):
             outputs = {name: o[i] for name, o in zip(self.output_names, self.outputs)}
+            if posts is not None:
+                r = Result(ids[i], outputs, self.model, lat[i], src[i], ts[i], ref=refs[i], cached=cached[i],
+                           labels=self.labels, post=self.post)
+                r._post = posts[i]  # computed once for the batch; label/score/top are read from it
+                out.append(r)
+                continue
             label = score = top = None
             if names is not None:
                 label, score = names[i], scores[i]
@@ -245,6 +275,8 @@ class ResultBatch:
             return ""
         model_json = self._model_json or json.dumps({"name": self.model.get("name"), "version": self.model.get("version")},
                                                     separators=(",", ":"))
+        if self.post is not None:
+            return self._json_post_lines(outputs, model_json)
         names = self.label_names()
         if (self.spans is not None and names is not None and not outputs and self.refs is None
                 and self.cached is False):
@@ -289,6 +321,20 @@ class ResultBatch:
         tmpl = head + "}\n"
         return "".join([tmpl % row for row in zip(*cols)])
 
+
+    def _json_post_lines(self, outputs: bool, model_json: str) -> str:
+        """Rows of a model with a ``postprocess`` hook: one dict per row, keys as :meth:`Result.to_dict`.
+
+        Not the one-template path: a hook's answer (detections, a mask) varies in shape per row, and
+        the hook itself costs more than formatting its answer.
+        """
+        model = json.loads(model_json)
+        lines = []
+        for r in self.results():
+            d = r.to_dict(outputs)
+            d["model"] = model
+            lines.append(json.dumps(d, separators=(",", ":")) + "\n")
+        return "".join(lines)
 
     def _json_by_span(self, names: list[str], model_json: str) -> str:
         """Fast path: per row only id, label and score vary; the rest is baked in per span."""

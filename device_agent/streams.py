@@ -12,6 +12,13 @@ The handle owns it, so a model switch starts every stream afresh (a new
 handle has no states; a handle swapped back in is reset). Bounded: past
 ``max_streams`` the least recently used stream is forgotten (counted in
 ``evicted``); it then starts over from the initial state.
+
+A caller restarts a stream with its next sample by giving that sample's
+stream id as :class:`FreshStream` (``Agent.submit(..., reset=True)``, the
+API's ``"reset": true``): the row starts from the initial state and its new
+state replaces the stream's. Done at the row, not by forgetting the state
+beforehand: a window of the stream still queued would otherwise store its
+state after the forgetting, and the "fresh" window would continue from it.
 """
 from __future__ import annotations
 
@@ -25,11 +32,21 @@ import numpy as np
 if TYPE_CHECKING:
     from ..runtime.state import StatePair
 
-__all__ = ["StreamStates", "MAX_STREAMS"]
+__all__ = ["StreamStates", "FreshStream", "MAX_STREAMS"]
 
 log = logging.getLogger("edgeship.agent")
 
 MAX_STREAMS = 4096  # a GRU state is a few hundred bytes: thousands of streams cost little
+
+
+class FreshStream(str):
+    """A stream id whose sample starts from the initial state (a new utterance on the same microphone).
+
+    A ``str``: equal to and hashed as the plain id, so the batch policy still
+    puts at most one row of the stream in a batch and keeps its order.
+    """
+
+    __slots__ = ()
 
 
 class StreamStates:
@@ -52,7 +69,8 @@ class StreamStates:
     def gather(self, streams: Sequence[Hashable | None]) -> list[np.ndarray]:
         """One array per state pair with a row per entry of ``streams`` (None = a fresh state)."""
         with self._lock:
-            rows = [self._rows.get(s) if s is not None else None for s in streams]
+            rows = [self._rows.get(s) if s is not None and not isinstance(s, FreshStream) else None
+                    for s in streams]
         return [np.concatenate([r[j] if r is not None else init for r in rows], axis=p.batch_axis)
                 for j, (p, init) in enumerate(zip(self.pairs, self.initial))]
 
@@ -62,6 +80,7 @@ class StreamStates:
             for i, s in enumerate(streams):
                 if s is None:
                     continue
+                s = str(s)  # a FreshStream is stored as its plain id
                 # Copies: a view would keep the whole batch's output alive per stream.
                 self._rows[s] = [np.take(a, [i], axis=p.batch_axis).copy() for p, a in zip(self.pairs, states)]
                 self._rows.move_to_end(s)

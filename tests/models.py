@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["mlp_weights", "mlp_reference", "make_mlp_onnx", "make_image_mlp_onnx", "make_multi_io_onnx",
-           "make_stateful_onnx", "stateful_reference", "make_mlp_tflite", "make_mlp_int8_tflite", "quant_params"]
+           "make_stateful_onnx", "stateful_reference", "make_mlp_tflite", "make_mlp_int8_tflite", "quant_params",
+           "make_identity_onnx"]
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime accepts this whatever onnx's newest IR is
@@ -297,3 +298,14 @@ def make_mlp_int8_tflite(path, in_features: int = 64, hidden: int = 64, classes:
     ]
     ops = [_fc_op([0, 1, 2], [3], relu=True), _fc_op([3, 4, 5], [6], relu=False)]
     return _write_tflite(_model(tensors, buffers, ops, [0], [6]), path)
+
+
+def make_identity_onnx(path, shape, name: str = "x", output: str = "y") -> Path:
+    """x [batch, *shape] float32 -> y = x: a head whose outputs a test chooses (postprocess hooks, sinks)."""
+    from onnx import TensorProto, helper
+
+    dims = ["batch", *shape]
+    graph = helper.make_graph([helper.make_node("Identity", [name], [output])], "identity",
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, dims)])
+    return _save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)

@@ -84,6 +84,37 @@ def test_onnx_to_tflite_agrees_with_onnxruntime_and_keeps_the_onnx_names(tmp_pat
     np.testing.assert_allclose(got, mlp_reference(x), atol=1e-4)
 
 
+def make_resize_onnx(path):
+    """x [1, 2, 4, 6] -> nearest Resize by constant scales (1, 1, 2, 2) -> * 3: how PP-OCR's detector
+    (exported from Paddle) upsamples its feature maps."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    three = numpy_helper.from_array(np.array(3, np.float32), "three")
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["up"], mode="nearest", name="up_resize"),
+             helper.make_node("Mul", ["up", "three"], ["y"])]
+    graph = helper.make_graph(nodes, "resize", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 12])],
+                              initializer=[scales, three])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_a_resize_by_scales_converts_to_tflite(tmp_path):
+    """The scales become plain numbers before torch.export (a traced ``int(size * scale)`` is a
+    data-dependent size it refuses: PP-OCR's detector failed so)."""
+    from edgeship.converters.onnx_tflite import onnx_to_tflite
+
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 6)).astype(np.float32)
+    res = onnx_to_tflite(make_resize_onnx(tmp_path / "r.onnx"), tmp_path / "r.tflite", {"x": x})
+    want = 3 * x.repeat(2, axis=2).repeat(2, axis=3)
+    pkg = pkgmod.build(tmp_path / "r.edgepkg", res.path, name="r", version="1")
+    with runtime.load(pkg) as r:
+        np.testing.assert_allclose(r.run({"x": x})["y"], want, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_a_diverging_conversion_names_the_first_layer_and_writes_nothing(tmp_path):
     """A converter bug (Relu turned into a leaky one) is caught by the gate and pinned on the Relu node."""

@@ -120,6 +120,14 @@ BLOCKS: dict[tuple[str, str], str] = {
                                      "--example x.npy --out digits-pruned.edgepkg"):
         "runs green in the tour (40 s) but would put it past its 300 s timeout on a loaded machine; the same "
         "command form (.onnx, --target both, --example) runs in tests/test_byo_export.py",
+    ("docs/bring-your-own-model.md", "from edgeship import package, runtime"): RUN,
+    ("docs/bring-your-own-model.md", '{"prediction_id":"3f2a-17","source":"cam","ts":1764752400.1,"model":{"name":'
+                                     '"det","version":"1"},"latency_ms":14.2,"detections":[{"label":"dog","class":1,'
+                                     '"score":0.91,"box":[12.0,40.5,88.0,120.0]}]}'):
+        "a result line, not a command; postprocess answers in JSON lines are tested in tests/test_byo_sinks.py",
+    ("docs/bring-your-own-model.md", "curl -s -X POST http://127.0.0.1:8765/v1/infer -d '{\"x\": [...], "
+                                     "\"input\": \"model\", \"stream\": \"kitchen-mic\", \"reset\": true}'"):
+        "needs a running agent with a stateful model; the reset option is tested in tests/test_byo_streams.py",
     ("docs/bring-your-own-model.md", '{"ids": [101, 2023, 2003, 0], "mask": [1, 1, 1, 0], "label": "positive"}'):
         "the lines of a .jsonl data file, not a command; .jsonl loading is tested in tests/test_byo_data.py",
     ("docs/keys.md", "edgeship package keygen packages-2026"): RUN,

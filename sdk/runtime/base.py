@@ -55,6 +55,10 @@ class Runner:
         # Size steps of variable axes come from the manifest (an ONNX file cannot say "multiples of 32").
         self._multiples = {d.get("name"): d.get("multiple_of") for d in self.manifest.get("inputs") or ()
                            if isinstance(d, Mapping) and d.get("multiple_of")}
+        # Likewise sizes: a graph that leaves H and W open may be trained for one size (a text line of
+        # 48 pixels); the manifest's fixed axes then narrow the file's open ones (#20, PP-OCR's models).
+        self._declared = {d.get("name"): d.get("shape") for d in self.manifest.get("inputs") or ()
+                          if isinstance(d, Mapping) and isinstance(d.get("shape"), list)}
         self.state: list = []  # StatePair per declared state tensor (see edgeship.runtime.state)
         self.postprocess_spec: dict | None = None
         # Callers use the package's logical names; a TFLite file may call the
@@ -67,7 +71,8 @@ class Runner:
     def _set_names(self, input_names: Sequence[str] | None, output_names: Sequence[str] | None) -> None:
         in_names = list(input_names) if input_names else [s.name for s in self.model_inputs]
         out_names = list(output_names) if output_names else [s.name for s in self.model_outputs]
-        self.inputs = [TensorSpec(n, s.logical_dtype, s.shape, None, self._multiples.get(n) or s.multiple_of)
+        self.inputs = [TensorSpec(n, s.logical_dtype, _narrow(s.shape, self._declared.get(n)), None,
+                                  self._multiples.get(n) or s.multiple_of)
                        for n, s in zip(in_names, self.model_inputs)]
         self.outputs = [TensorSpec(n, s.logical_dtype, s.shape, None) for n, s in zip(out_names, self.model_outputs)]
         self.input_names = [s.name for s in self.inputs]
@@ -430,3 +435,11 @@ class Stream:
         self.calls += 1
         st = {p.output for p in r.state}
         return {k: v for k, v in out.items() if k not in st}
+
+
+def _narrow(shape: tuple[int, ...], declared: Sequence[Any] | None) -> tuple[int, ...]:
+    """``shape`` with its open axes (past the batch) fixed where the manifest declares a size."""
+    if not declared or len(declared) != len(shape):
+        return shape
+    return tuple(int(w) if i > 0 and d == -1 and isinstance(w, int) and not isinstance(w, bool) and w > 0 else d
+                 for i, (d, w) in enumerate(zip(shape, declared)))

@@ -9,12 +9,15 @@ data, never code: a device runs no Python that came inside a package)::
      "iou_threshold": 0.45, "max_detections": 100}               # dense detector head + NMS
     {"kind": "boxes", "layout": "rows", ...}                     # (K, 4 + 1 + classes) rows, boxes x1 y1 x2 y2
     {"kind": "threshold", "threshold": 0.5, "activation": "sigmoid"}      # a map -> 0/1 mask
+    {"kind": "ctc", "blank": 0, "activation": "none"}            # (steps, classes) -> text (greedy CTC)
 
 ``output`` picks the output tensor (default: the first). :func:`apply`
 turns one sample's outputs into what a caller reads: ``label``/``score``/
 ``top`` where there are labels, ``detections`` (label, score, box in input
 pixels) for a detector, ``mask`` and ``positive`` (the fraction above the
-threshold) for a map. Pure: numpy only; no torch on the device.
+threshold) for a map, ``text`` and ``score`` for a CTC sequence recognizer
+(best class per step, repeats merged, blanks dropped; the labels are the
+characters, ``score`` the mean probability of the kept steps). Pure: numpy only; no torch on the device.
 
 The ``grid`` layout is a CenterNet/YOLO-style head ``(5 + classes, gh, gw)``:
 objectness logit, ``tx ty tw th``, class logits per cell; the box centre is
@@ -32,12 +35,13 @@ from ..tensorspec import TensorSpec
 
 __all__ = ["KINDS", "check_postprocess", "apply", "nms"]
 
-KINDS = ("topk", "boxes", "threshold")
+KINDS = ("topk", "boxes", "threshold", "ctc")
 _ACTIVATIONS = ("softmax", "sigmoid", "none")
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "topk": {"k": 5, "activation": "softmax", "threshold": None},
     "boxes": {"layout": "grid", "stride": 8, "score_threshold": 0.3, "iou_threshold": 0.45, "max_detections": 100},
     "threshold": {"threshold": 0.5, "activation": "sigmoid"},
+    "ctc": {"blank": 0, "activation": "softmax"},
 }
 
 
@@ -80,6 +84,8 @@ def check_postprocess(spec: Any, outputs: Sequence[TensorSpec] = (), where: str 
         _num(out, "score_threshold", where, 0.0, 1.0)
         _num(out, "iou_threshold", where, 0.0, 1.0)
         _num(out, "max_detections", where, 1, 100000, integer=True)
+    elif kind == "ctc":
+        _num(out, "blank", where, 0, 1 << 20, integer=True)
     else:
         _num(out, "threshold", where, -1e9, 1e9)
     return out
@@ -160,6 +166,17 @@ def _boxes(spec: Mapping, out: np.ndarray, labels) -> dict:
     return {"detections": dets[: spec["max_detections"]]}
 
 
+def _ctc(spec: Mapping, out: np.ndarray, labels) -> dict:
+    if out.ndim != 2:
+        raise ValueError(f"a CTC output must be (steps, classes) per sample, got {out.shape}")
+    p = _act(out, spec["activation"])
+    best = p.argmax(axis=1)
+    keep = np.flatnonzero((best != spec["blank"]) & np.r_[True, best[1:] != best[:-1]])
+    text = "".join(_label(labels, int(best[i])) for i in keep)
+    score = float(p[keep, best[keep]].mean()) if keep.size else 0.0
+    return {"text": text, "score": score}
+
+
 def apply(spec: Mapping, outputs: Mapping[str, np.ndarray], labels: Sequence[str] | None = None) -> dict:
     """One sample's outputs (no batch axis) -> the declared hook's answer (see the module docstring)."""
     name = spec.get("output") or next(iter(outputs))
@@ -175,6 +192,8 @@ def apply(spec: Mapping, outputs: Mapping[str, np.ndarray], labels: Sequence[str
         return {"label": _label(labels, best), "score": float(p[best]), "top": top}
     if kind == "boxes":
         return _boxes(spec, out, labels)
+    if kind == "ctc":
+        return _ctc(spec, out, labels)
     m = _act(out, spec["activation"])
     mask = (m >= spec["threshold"]).astype(np.uint8)
     return {"mask": mask, "positive": float(mask.mean()) if mask.size else 0.0}
