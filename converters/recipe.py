@@ -627,8 +627,13 @@ def _field_data_run(ctx: Ctx) -> tuple[dict, dict]:
     hold_idx = np.flatnonzero(held)
     dropped = 0
     if f["dedup"]:
-        # A held-out input must not be learnt from, and an input already in the original set adds nothing.
+        # An input already in the original training set adds nothing, and a held-out one must not be learnt from:
+        # neither a held-out device's nor one of the original test set, which the field gate judges on (a device
+        # that meets the data the model was built from sends test-set inputs back, as the demo's devices do).
+        test = load_data(r["data"]["eval"])
         exclude = set(fd.row_keys(orig.inputs)) | {keys[i] for i in hold_idx}
+        if set(test.inputs) == set(names):
+            exclude |= set(fd.row_keys({n: test.inputs[n].astype(orig.inputs[n].dtype, copy=False) for n in names}))
         keep, dropped = fd.dedup([keys[i] for i in train_idx], exclude=exclude)
         train_idx = train_idx[keep]
     if f["max_samples"]:
@@ -747,7 +752,8 @@ PRUNE_STEP = Step("prune", needs=("student",), makes=("student", "prune_tradeoff
 #: Inserted only when the recipe has a ``[field]`` section (#22): the field export mixed into training before
 #: ``distill``, and the gate against the serving model between ``evaluate`` and ``package``.
 FIELD_DATA_STEP = Step("field_data", needs=(), makes=("train_data", "field_holdout"),
-                       options=_field_options, files=lambda r: [r["data"]["train"], *_field_files(r)],
+                       options=_field_options,
+                       files=lambda r: [r["data"]["train"], r["data"]["eval"], *_field_files(r)],
                        run=_field_data_run, enabled=_field_enabled)
 FIELD_GATE_STEP = Step("field_gate", needs=("onnx_int8", "field_holdout"), makes=(),
                        options=_field_options, files=lambda r: [r["data"]["eval"], *_field_files(r)],
