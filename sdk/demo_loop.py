@@ -124,8 +124,10 @@ def loop_settings(fast: bool = False, devices: int | None = None) -> LoopSetting
                           f"got {devices}")
     n = devices or (8 if fast else 12)
     rate = min(20.0, 240.0 / n)
-    # A window holds enough predictions for the drift monitor to judge it (MIN_ALARM_SAMPLES).
-    window = max(2.0, 1.2 * MIN_ALARM_SAMPLES / rate)
+    # A window holds enough predictions for the drift monitor to judge it (at least MIN_ALARM_SAMPLES); its
+    # alarm thresholds are calibrated for its size, so --fast takes shorter windows and every phase that counts
+    # in windows (baseline, soak, after) is shorter with them.
+    window = max(2.0, max(MIN_ALARM_SAMPLES, 60 if fast else 120) / rate)
     common = dict(devices=n, rate_hz=rate, feedback_share=0.5, window_s=window, shift_share=0.5,
                   shift="rotate+thick", holdout=0.25, mix=0.5)
     if fast:

@@ -102,8 +102,9 @@ FALSE_ALARM_RATE = 0.01
 #: Monte Carlo draws for one PSI null quantile: at least the first, about 50 draws beyond the quantile, at most
 #: the second (bounds the once-per-bucket cost: ~10 ms per 20,000 draws of 12 bins).
 NULL_DRAWS = (20_000, 200_000)
-#: A window with fewer samples reports scores but is not judged (alarm = None).
-MIN_ALARM_SAMPLES = 100
+#: A window with fewer samples reports scores but is not judged (alarm = None). The thresholds adapt to the
+#: window's size; below this the multinomial bound on an image's correlated pixels is too loose to be useful.
+MIN_ALARM_SAMPLES = 50
 #: More channels/features than this and an input is summarised as one group.
 MAX_GROUPS = 32
 #: Quantile bins per group in the reference (before deduplication; plus two tails).
