@@ -132,7 +132,7 @@ def loop_settings(fast: bool = False, devices: int | None = None) -> LoopSetting
                   shift="rotate+thick", holdout=0.25, mix=0.5)
     if fast:
         return LoopSettings(fast=True, baseline_s=2.5 * window, min_field_samples=600, max_shift_s=120.0,
-                            retrain_epochs=8, stages=(50, 100), soak_s=2 * window, min_feedback=30,
+                            retrain_epochs=5, stages=(50, 100), soak_s=2 * window, min_feedback=30,
                             after_s=2 * window, rollout_timeout_s=240.0, **common)
     return LoopSettings(fast=False, baseline_s=4 * window, min_field_samples=1500, max_shift_s=240.0,
                         retrain_epochs=15, stages=(25, 50, 100), soak_s=3 * window, min_feedback=60,
