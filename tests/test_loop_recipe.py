@@ -146,7 +146,7 @@ def test_field_data_never_trains_on_the_original_test_set(project):
 
     root, s = project["root"], project["split"]
     test_x, test_y = s["x_eval"][:200] / 16.0, s["y_eval"][:200]  # exactly the recipe's eval.npz rows
-    new_x, new_y = shift_digits(s["x_train"][1200:1300]) / 16.0, s["y_train"][1200:1300]
+    new_x, new_y = shift_digits(s["x_calib"][:100]) / 16.0, s["y_calib"][:100]  # turned: no original input
     export = _export(root / "field_test_leak.npz", np.concatenate([test_x, new_x]), np.concatenate([test_y, new_y]),
                      devices=6)
     path = _recipe(root, project["key"][0], version="1.4.0", out="v14",
