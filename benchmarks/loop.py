@@ -47,6 +47,10 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
 def _curve_point(recipe: Path, n: str, work: Path, seed: int = 0) -> dict:
     """The loop's retrain recipe with ``max_samples = n`` (0: no field data) and ``seed`` (distill and the
     field subsample); the gate's figures."""
@@ -198,9 +202,9 @@ def main() -> int:
     print(f"\ndrift alarms (windows of about {b['predictions']} predictions): calibrated / old fixed rule")
     print(f"  before the shift, all devices (false alarms)   {b['calibrated']:>3} / {b['old_rule']:>3} of {b['windows']}")
     print(f"  under the shift, shifted devices on v1         {u['calibrated']:>3} / {u['old_rule']:>3} of {u['windows']}")
-    print(f"\ndrift score after the rollout ({RETRAINED_VERSION}): {after.get('drift_score') or 0:.3f} against its own "
-          f"reference (which holds the field data), {after.get('drift_score_vs_previous') or 0:.3f} against v1's "
-          f"(under the shift on v1: {under.get('drift_score') or 0:.3f}; before it: {before.get('drift_score') or 0:.3f})")
+    print(f"\ndrift score after the rollout ({RETRAINED_VERSION}): {_num(after.get('drift_score'))} against its own "
+          f"reference (which holds the field data), {_num(after.get('drift_score_vs_previous'))} against v1's "
+          f"(under the shift on v1: {_num(under.get('drift_score'))}; before it: {_num(before.get('drift_score'))})")
     curve = []
     points = [p.strip() for p in args.curve.split(",") if p.strip()]
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
