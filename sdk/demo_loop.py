@@ -45,7 +45,7 @@ import numpy as np
 
 from .errors import ConfigError, RolloutError
 
-__all__ = ["shift_digits", "partition", "SHIFTS", "LoopSettings", "loop_settings", "loop_gates", "phase_figures",
+__all__ = ["shift_digits", "partition", "stage_salt", "SHIFTS", "LoopSettings", "loop_settings", "loop_gates", "phase_figures",
            "phase_table", "LoopResult", "loop_device", "run_loop", "RETRAINED_VERSION", "SERVING_VERSION"]
 
 #: The shifts :func:`shift_digits` knows: a quarter turn, a thicker pen, or both.
@@ -149,6 +149,26 @@ def loop_gates(s: LoopSettings) -> list[str]:
     """
     return ["failures:0.1:1", f"error_rate:0.01:{5 * s.min_feedback}", f"negative_feedback:0.05:{s.min_feedback}",
             "drift_score:1.0:3:0.95:0.1"]
+
+
+def stage_salt(devices: Sequence[str], stages: Sequence[float], base: str, tries: int = 1000) -> str:
+    """A cohort salt under which every stage but the last adds a device and leaves one on the old version. Pure.
+
+    With 12 devices a 25 % stage holds no device under about one salt in 30
+    (0.75 ** 12); a rollout with ``on_insufficient = wait`` then waits for
+    canary evidence that can never come. ``base``, then ``base/1``,
+    ``base/2``... are tried in order, so the choice is reproducible.
+    """
+    from .rollout import bucket
+
+    for k in range(tries):
+        salt = base if k == 0 else f"{base}/{k}"
+        b = [bucket(d, salt) for d in devices]
+        counts = [sum(x < p for x in b) for p in stages[:-1]]
+        if all(c2 > c1 for c1, c2 in zip([0, *counts], counts)) and all(c < len(b) for c in counts):
+            return salt
+    raise ConfigError(f"no cohort salt in {tries} tries gives each of the stages {list(stages)} a device of "
+                      f"{len(devices)}; use fewer stages")
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -530,9 +550,11 @@ def _run(fleet, s: LoopSettings, n, workdir: Path, cache: Path, built, t_start: 
     fleet.served["v1.1"] = pkg
     # -- rollout
     gates = loop_gates(s)
+    rid = f"loop-{RETRAINED_VERSION}-{int(time.time())}"
     st = fleet.controller.start_rollout(pkg, stages=[float(p) for p in s.stages], soak_s=s.soak_s, gates=gates,
                                         health=health, who="edgeship demo --loop", on_insufficient="wait",
-                                        rollout_id=f"loop-{RETRAINED_VERSION}-{int(time.time())}")
+                                        rollout_id=rid,
+                                        salt=stage_salt([d.device_id for d in fleet.devices], s.stages, rid))
     rid = st["rollout_id"]
     t_roll = tl.mark("rollout", f"[6/7] rollout {RETRAINED_VERSION}: stages "
                                 f"{' → '.join(f'{p:g}%' for p in s.stages)}, soak {s.soak_s:.0f} s, gates "

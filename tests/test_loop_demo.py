@@ -162,3 +162,22 @@ def test_demo_loop_fast_end_to_end(tmp_path):
     html = (work / "report" / "report.html").read_text()
     assert "Field loop" in html and "negative feedback" in html and "drift score" in html and "Timeline" in html
     assert "[7/7] after the rollout" in proc.stdout
+
+
+def test_stage_salt_gives_every_stage_a_canary_and_a_control():
+    """With 12 devices a 25 % stage is empty under about one salt in 30, and a rollout that waits for evidence
+    then waits forever (a benchmark run hung so at stage 1); the loop picks a salt where every stage adds a device."""
+    from edgeship.rollout import bucket
+
+    devices = [f"pi-{i:02d}" for i in range(1, 13)]
+    stages = (25, 50, 100)
+    empty = next(f"r{k}" for k in range(2000) if min(bucket(d, f"r{k}") for d in devices) >= 25)  # such salts exist
+    salt = dl.stage_salt(devices, stages, empty)
+    assert salt != empty and salt.startswith(empty + "/")
+    b = sorted(bucket(d, salt) for d in devices)
+    assert b[0] < 25 and any(25 <= x < 50 for x in b) and b[-1] >= 50
+    assert dl.stage_salt(devices, stages, empty) == salt  # reproducible
+    ok = next(f"r{k}" for k in range(2000) if dl.stage_salt(devices, stages, f"r{k}") == f"r{k}")
+    assert ok  # a salt that already works is kept
+    with pytest.raises(dl.ConfigError):
+        dl.stage_salt(devices[:2], (10, 20, 30, 100), "x", tries=50)
