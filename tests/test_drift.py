@@ -231,9 +231,10 @@ def test_fleet_report_plots_drift_and_flags_devices_whose_inputs_drift(tmp_path)
     rng = np.random.default_rng(7)
     x, logits = _classifier_data(3000, rng)
     ref = drift.reference_stats(x, logits)
+    thresholds = drift.Thresholds(ref)  # one device's cache: computed once per window size, as the agent does
 
     def window(shift=0.0, flat=False):
-        w = drift.WindowStats(ref)
+        w = drift.WindowStats(ref, thresholds=thresholds)
         xb, lb = _classifier_data(200, rng, shift=shift)
         if flat:
             lb = np.zeros_like(lb)
