@@ -8,13 +8,16 @@ by-device split) and the package serving in the field now::
     data = "field.npz"
     serving = "digits-1.0.0.edgepkg"
     mix = 0.3            # share of field samples in the training set
-    dedup = true         # drop repeated inputs, and field inputs already in the original data
+    dedup = true         # drop repeated inputs, field inputs already in the original training data, and
+                         # field inputs of the original test set ([data] eval) or of held-out devices
     max_samples = 0      # use at most this many distinct field training samples (0 = all)
+    val_share = 0.2      # of the distinct field training samples, validate instead (distill's epoch choice)
     min_gain = 0.0       # points the new model must beat serving by on the held-out field set
     max_regress = 1.0    # points it may lose against serving on the original test set
 
 The recipe then runs two more steps: ``field_data`` (before ``distill``:
-writes the mixed training set and the held-out field set) and
+writes the mixed training set, the validation set with its field share,
+and the held-out field set) and
 ``field_gate`` (after ``evaluate``: the new int8 model and the serving one
 on the original test set and on the held-out field set). A model that does
 not improve on the field, or regresses on the original data beyond the

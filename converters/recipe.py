@@ -102,6 +102,7 @@ _SECTIONS: dict[str, dict[str, Opt]] = {
     # field data from the fleet (#22, edgeship.converters.field): mixed into training, gated against serving
     "field": {"data": Opt((str,), None, kind="file"), "serving": Opt((str,), None, kind="file"),
               "mix": Opt(_NUM, 0.3), "dedup": Opt((bool,), True), "max_samples": Opt((int,), 0),
+              "val_share": Opt(_NUM, 0.2),
               "min_gain": Opt(_NUM, 0.0), "max_regress": Opt(_NUM, 1.0), "seed": Opt((int,), 0)},
 }
 
@@ -230,6 +231,9 @@ def load_recipe(path) -> Recipe:
         raise _err(path, text, "field", "mix", f"must be in [0, 1) (the share of field samples), got {f['mix']}")
     if f["max_samples"] < 0 or f["max_regress"] < 0:
         raise _err(path, text, "field", None, "max_samples and max_regress must be >= 0")
+    if not 0 <= f["val_share"] < 1:
+        raise _err(path, text, "field", "val_share", f"must be in [0, 1) (a share of the field training samples), "
+                                                     f"got {f['val_share']}")
     return Recipe(path=path, base=base, options=options, text=text)
 
 
@@ -297,7 +301,8 @@ def _distill_run(ctx: Ctx) -> tuple[dict, dict]:
     student = load_factory(r["student"]["factory"])()
     hint = d["hint_layer"]
     train = ctx.artifacts.get("train_data") or r["data"]["train"]  # mixed with field data by field_data
-    res = distill(_teacher_model(r), student, train, val=r["data"]["val"], alpha=float(d["alpha"]),
+    val = ctx.artifacts.get("val_data") or r["data"]["val"]  # with field samples too (field_data, val_share)
+    res = distill(_teacher_model(r), student, train, val=val, alpha=float(d["alpha"]),
                   temperature=float(d["temperature"]), epochs=d["epochs"], lr=float(d["lr"]),
                   batch_size=d["batch_size"], seed=d["seed"],
                   early_stopping=None if d["early_stopping"] is False else d["early_stopping"],
@@ -627,10 +632,24 @@ def _field_data_run(ctx: Ctx) -> tuple[dict, dict]:
     hold_idx = np.flatnonzero(held)
     dropped = 0
     if f["dedup"]:
-        # A held-out input must not be learnt from, and an input already in the original set adds nothing.
+        # An input already in the original training set adds nothing, and a held-out one must not be learnt from:
+        # neither a held-out device's nor one of the original test set, which the field gate judges on (a device
+        # that meets the data the model was built from sends test-set inputs back, as the demo's devices do).
+        test = load_data(r["data"]["eval"])
         exclude = set(fd.row_keys(orig.inputs)) | {keys[i] for i in hold_idx}
+        if set(test.inputs) == set(names):
+            exclude |= set(fd.row_keys({n: test.inputs[n].astype(orig.inputs[n].dtype, copy=False) for n in names}))
         keep, dropped = fd.dedup([keys[i] for i in train_idx], exclude=exclude)
         train_idx = train_idx[keep]
+    # The epoch distill keeps is the best on its validation data: the original val set alone would pick it for
+    # the original data only (and 200 samples of it tie at 98-99 % from about the fifth epoch, so the pick is
+    # noise for the field). A share of the distinct field training samples validates instead of training; fixed
+    # before max_samples, so every point of a samples curve is chosen on the same samples.
+    val_idx = np.zeros(0, dtype=np.int64)
+    if f["val_share"] and float(f["mix"]) > 0 and len(train_idx) >= 10:
+        cut = np.random.default_rng([f["seed"], 1]).permutation(len(train_idx))
+        k = int(round(f["val_share"] * len(train_idx)))
+        val_idx, train_idx = np.sort(train_idx[cut[:k]]), np.sort(train_idx[cut[k:]])
     if f["max_samples"]:
         rng = np.random.default_rng(f["seed"])
         if len(train_idx) > f["max_samples"]:
@@ -642,14 +661,34 @@ def _field_data_run(ctx: Ctx) -> tuple[dict, dict]:
     np.savez(train_out, **mixed)
     hold_out = ctx.work / "field_holdout.npz"
     np.savez(hold_out, **{n: arrays[n][hold_idx] for n in names}, labels=labels[hold_idx])
+    made = {"train_data": train_out, "field_holdout": hold_out}
+    if len(val_idx):
+        made["val_data"] = _field_val(r, names, arrays, labels, val_idx, ctx.work / "val_mixed.npz")
     rows = prov["samples"]
     info = {"original": len(orig), "field_samples": len(labels), "field_train": int(len(train_idx)),
             "field_train_rows": int(len(pick)), "field_holdout": int(len(hold_idx)), "duplicates_dropped": dropped,
+            "field_val": int(len(val_idx)),
             "mix": float(f["mix"]), "train_total": int(len(mixed["labels"])),
             "devices": sorted({row["device"] for row in rows}), "holdout_devices": prov.get("holdout_devices", []),
             "versions": sorted({str(row.get("model_version")) for row in rows}),
             "period": [min(row["ts"] for row in rows), max(row["ts"] for row in rows)] if rows else None}
-    return {"train_data": train_out, "field_holdout": hold_out}, info
+    return made, info
+
+
+def _field_val(r: Recipe, names: list[str], arrays: dict, labels: np.ndarray, idx: np.ndarray, out: Path) -> Path:
+    """The original validation data (when it has labels and the same inputs) plus the field validation samples."""
+    from .data import load_data
+
+    parts = {n: [arrays[n][idx]] for n in names}
+    ys = [labels[idx]]
+    if r["data"]["val"]:
+        v = load_data(r["data"]["val"])
+        if v.labels is not None and set(v.inputs) == set(names):
+            for n in names:
+                parts[n].insert(0, np.asarray(v.inputs[n]).astype(arrays[n].dtype, copy=False))
+            ys.insert(0, np.asarray(v.labels, dtype=np.int64))
+    np.savez(out, **{n: np.concatenate(p) for n, p in parts.items()}, labels=np.concatenate(ys))
+    return out
 
 
 def _serving_model(path: str, work: Path) -> Path:
@@ -703,7 +742,7 @@ def _sec(name: str) -> Callable[[Recipe], dict]:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("distill", needs=(), optional_needs=("train_data",), makes=("student", "learning_curve"),
+    Step("distill", needs=(), optional_needs=("train_data", "val_data"), makes=("student", "learning_curve"),
          options=lambda r: {"distill": dict(r["distill"]), "student": r["student"]["factory"].rpartition(":")[2],
                             "teacher": r["teacher"]["factory"] and r["teacher"]["factory"].rpartition(":")[2]},
          files=lambda r: [*_teacher_files(r), _factory_file(r["student"]["factory"]), r["data"]["train"],
@@ -746,8 +785,9 @@ PRUNE_STEP = Step("prune", needs=("student",), makes=("student", "prune_tradeoff
 
 #: Inserted only when the recipe has a ``[field]`` section (#22): the field export mixed into training before
 #: ``distill``, and the gate against the serving model between ``evaluate`` and ``package``.
-FIELD_DATA_STEP = Step("field_data", needs=(), makes=("train_data", "field_holdout"),
-                       options=_field_options, files=lambda r: [r["data"]["train"], *_field_files(r)],
+FIELD_DATA_STEP = Step("field_data", needs=(), makes=("train_data", "field_holdout", "val_data"),
+                       options=_field_options,
+                       files=lambda r: [r["data"]["train"], r["data"]["eval"], r["data"]["val"], *_field_files(r)],
                        run=_field_data_run, enabled=_field_enabled)
 FIELD_GATE_STEP = Step("field_gate", needs=("onnx_int8", "field_holdout"), makes=(),
                        options=_field_options, files=lambda r: [r["data"]["eval"], *_field_files(r)],
@@ -1036,7 +1076,8 @@ def _write_report(recipe: Recipe, result: RecipeResult, infos: Mapping[str, dict
             f"{', '.join(fi['versions'])}); {fi['field_holdout']} held out from devices "
             f"{', '.join(fi['holdout_devices']) or '-'}; {fi['field_train']} distinct training samples "
             f"({fi['duplicates_dropped']} duplicates dropped) make up {100 * fi['mix']:.0f}% of "
-            f"{fi['train_total']} training rows next to {fi['original']} original ones.")))
+            f"{fi['train_total']} training rows next to {fi['original']} original ones; "
+            f"{fi.get('field_val', 0)} more validate, with the original validation data, the epoch distill keeps.")))
     if fg:
         rows = [{"set": f"original test set ({fg['original_samples']})", "new": f"{fg['original_new']:.2f}",
                  "serving": f"{fg['original_serving']:.2f}",

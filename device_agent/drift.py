@@ -24,6 +24,15 @@ channel are binned (a rotating stride over larger batches). Cache hits are
 not seen (their inputs never reach the model). When the active model
 changes, the window restarts against the new model's reference; the old
 model's partial window is reported once as ``previous``.
+
+**Against the replaced model's reference, too** (``compare_previous``, on by
+default): after a switch to another package the monitor keeps a second
+window over the reference of the package it replaced and reports it as
+``"vs_previous": {"model", "samples", "score", "alarm", "alarms"}``. A
+retrained package's reference holds the field data it was trained on, so
+its own drift score falls after a rollout even when the field has not
+changed back; the score against the replaced model's reference says
+whether the inputs did. It doubles the per-batch drift cost while it runs.
 """
 from __future__ import annotations
 
@@ -44,8 +53,9 @@ class DriftMonitor:
 
     def __init__(self, agent: Any = None, *, reference: Mapping | None = None,
                  min_samples: int = dm.MIN_ALARM_SAMPLES,
-                 max_values_per_update: int = dm.MAX_VALUES_PER_UPDATE) -> None:
+                 max_values_per_update: int = dm.MAX_VALUES_PER_UPDATE, compare_previous: bool = True) -> None:
         self.agent = agent
+        self.compare_previous = bool(compare_previous)
         self.min_samples = int(min_samples)
         self.max_values = int(max_values_per_update)
         self._fixed_reference = reference
@@ -54,7 +64,9 @@ class DriftMonitor:
         self._variant: str | None = None
         self._model: dict | None = None
         self._window: dm.WindowStats | None = None
-        self._previous: dict | None = None
+        self._previous: tuple[dm.WindowStats, dict | None] | None = None
+        self._base: dm.WindowStats | None = None   # over the replaced package's reference (compare_previous)
+        self._base_model: dict | None = None
         self._skipped = 0
         self._reason: str | None = None
         self.last_report: dict | None = None
@@ -84,9 +96,14 @@ class DriftMonitor:
         """The active model changed: restart the window against its reference (called with the lock held)."""
         old = self._window
         if old is not None and old.samples:
-            self._previous = {**old.report(min_samples=self.min_samples), "model": self._model}
+            # Reported (and its thresholds computed) by the next telemetry_fields, outside the lock.
+            self._previous = (old, self._model)
+        new_sha = (batch.model or {}).get("sha256")
+        if self.compare_previous and old is not None and self._sha != new_sha:
+            # Another package (not another variant of this one): keep judging against the reference it replaces.
+            self._base, self._base_model = old.empty_like(), self._model
         self._window, self._reason = None, None
-        self._sha = (batch.model or {}).get("sha256")
+        self._sha = new_sha
         handle = getattr(self.agent, "handle", None)
         self._variant = getattr(handle, "variant", None)
         self._model = {**dict(batch.model or {}), "variant": self._variant}
@@ -112,12 +129,19 @@ class DriftMonitor:
             w = self._window
             if w is None:
                 return
+            outputs = dict(zip(batch.output_names, batch.outputs))
             try:
-                w.update(list(inputs), dict(zip(batch.output_names, batch.outputs)))
+                w.update(list(inputs), outputs)
             except EdgeshipError as exc:  # a batch that does not fit the reference: count it, keep serving
                 self._skipped += 1
                 if self._skipped == 1:
                     log.warning("drift: batch skipped: %s", exc)
+            if self._base is not None:
+                try:
+                    self._base.update(list(inputs), outputs)
+                except EdgeshipError as exc:  # the new model's inputs do not fit the old reference: stop comparing
+                    log.info("drift: no comparison with the replaced model's reference: %s", exc)
+                    self._base = self._base_model = None
 
     # -- telemetry -------------------------------------------------------------
     def telemetry_fields(self) -> dict:
@@ -127,19 +151,27 @@ class DriftMonitor:
             if w is None and self._previous is None:
                 return {"drift": {"rev": dm.REF_REV, "enabled": False, "reason": self._reason,
                                   "model": self._model}} if self._reason else {}
-            body: dict[str, Any] = (w.report(min_samples=self.min_samples) if w is not None
-                                    else {"rev": dm.REF_REV, "samples": 0, "score": None, "alarm": None,
-                                          "alarms": []})
-            body["model"] = self._model
-            body["skipped_batches"] = self._skipped
-            if self._previous is not None:
-                body["previous"] = self._previous
-            self._previous = None
-            self._skipped = 0
+            # Swap in an empty window and read the closed one outside the lock: the first window of a new
+            # size computes its calibrated thresholds (milliseconds per statistic), and the batcher thread
+            # must not wait for that in on_batch_inputs.
             if w is not None:
-                w.reset()
-            self.last_report = body
-            return {"drift": body}
+                self._window = w.empty_like()
+            previous, self._previous = self._previous, None
+            model, skipped, self._skipped = self._model, self._skipped, 0
+            base, base_model = self._base, self._base_model
+            if base is not None:
+                self._base = base.empty_like()
+        body: dict[str, Any] = (w.report(min_samples=self.min_samples) if w is not None
+                                else {"rev": dm.REF_REV, "samples": 0, "score": None, "alarm": None, "alarms": []})
+        body["model"] = model
+        body["skipped_batches"] = skipped
+        if previous is not None:
+            body["previous"] = {**previous[0].report(min_samples=self.min_samples), "model": previous[1]}
+        if base is not None:
+            r = base.report(min_samples=self.min_samples)
+            body["vs_previous"] = {"model": base_model, **{k: r[k] for k in ("samples", "score", "alarm", "alarms")}}
+        self.last_report = body
+        return {"drift": body}
 
     def health(self) -> dict:
         r = self.last_report

@@ -38,10 +38,32 @@ Scores per window:
   (a standard-error z grows without bound with the sample count, so every
   busy device would alarm). :data:`Z_ALARM` is half a standard deviation.
 
-PSI has a small-sample bias (about ``(bins - 1) / n`` for a window of ``n``
-independent samples), so a window is judged (``alarm`` true/false) only
-with at least :data:`MIN_ALARM_SAMPLES` samples; below that it reports its
-scores with ``alarm: null``.
+**The alarm is calibrated for the window's sample count.** PSI has a
+small-sample bias: between a window of ``n`` samples and a reference of
+``N``, both drawn from one distribution, it is about
+``chi2(bins - 1) * (1/n + 1/N)`` — 0.09 on average for ten classes, 120
+predictions and a 600-sample reference, and a heavy tail where a bin the
+reference rarely fills stays empty (the epsilon floor makes that cost
+``e * ln(e / eps)``). A fixed 0.2 then alarms on most clean short windows.
+So each statistic's threshold is the larger of the rule of thumb
+(:data:`PSI_ALARM`, :data:`Z_ALARM`: the smallest shift worth an alarm)
+and its null quantile for this window: :func:`psi_null_quantile` draws
+(seeded Monte Carlo, so deterministic) windows of ``n`` and references of
+``N`` from the reference's own histogram; the z threshold is the normal
+quantile of ``sqrt(1/n + 1/N)``. The window's false-alarm budget
+:data:`FALSE_ALARM_RATE` is split evenly (Bonferroni) over every
+statistic the window judges, so a window drawn from the reference data
+alarms with probability at most that rate whatever its size.
+``n`` counts samples (rows), not values: the pixels of one image move
+together, and the proportion of a row's values in a bin varies at most as
+much as one value's would, so a multinomial of ``n`` rows bounds the
+variance of an input histogram from above (conservative). Windows are
+bucketed by ``n`` rounded down to a geometric grid (a smaller ``n`` has the
+higher threshold), so the thresholds are computed once per bucket.
+
+A window is judged (``alarm`` true/false) only with at least
+:data:`MIN_ALARM_SAMPLES` samples; below that it reports its scores with
+``alarm: null``.
 
 Pure: numpy only, no I/O, no threads. The device agent, the converters and
 the fleet side (report, rollout gate) all use this one module.
@@ -49,6 +71,8 @@ the fleet side (report, rollout gate) all use this one module.
 from __future__ import annotations
 
 import math
+import threading
+from statistics import NormalDist
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -59,7 +83,8 @@ __all__ = [
     "REF_REV", "PSI_EPSILON", "PSI_WARN", "PSI_ALARM", "Z_ALARM", "MIN_ALARM_SAMPLES", "MAX_GROUPS",
     "INPUT_BINS", "CONFIDENCE_EDGES", "MAX_VALUES_PER_UPDATE",
     "psi", "mean_shift_z", "psi_from_counts", "reference_stats", "check_reference", "WindowStats",
-    "confidence_of", "is_alarm",
+    "confidence_of", "is_alarm", "FALSE_ALARM_RATE", "psi_null_quantile", "psi_threshold", "z_threshold",
+    "n_bucket", "Thresholds",
 ]
 
 #: Format revision of a reference-stats dict and of a window report.
@@ -68,12 +93,18 @@ REF_REV = 1
 PSI_EPSILON = 1e-4
 #: PSI above this is a moderate shift (reported, not alarmed).
 PSI_WARN = 0.1
-#: PSI above this is a real shift: the window alarms.
+#: PSI above this is a real shift: the smallest PSI that alarms (short windows need more, see the docstring).
 PSI_ALARM = 0.2
-#: |mean-shift z| above this (in reference standard deviations) alarms.
+#: |mean-shift z| above this (in reference standard deviations) is the smallest mean shift that alarms.
 Z_ALARM = 0.5
-#: A window with fewer samples reports scores but is not judged (alarm = None).
-MIN_ALARM_SAMPLES = 100
+#: A window drawn from the reference distribution alarms with at most this probability (all statistics together).
+FALSE_ALARM_RATE = 0.01
+#: Monte Carlo draws for one PSI null quantile: at least the first, about 25 draws beyond the quantile, at most
+#: the second (bounds the once-per-bucket cost: ~10 ms per 10,000 draws of 12 bins on an idle x86 core).
+NULL_DRAWS = (10_000, 200_000)
+#: A window with fewer samples reports scores but is not judged (alarm = None). The thresholds adapt to the
+#: window's size; below this the multinomial bound on an image's correlated pixels is too loose to be useful.
+MIN_ALARM_SAMPLES = 50
 #: More channels/features than this and an input is summarised as one group.
 MAX_GROUPS = 32
 #: Quantile bins per group in the reference (before deduplication; plus two tails).
@@ -124,10 +155,106 @@ def mean_shift_z(ref_mean: float, ref_std: float, window_mean: float) -> float:
     return float((window_mean - ref_mean) / max(ref_std, floor))
 
 
-def is_alarm(psi_value: float | None = None, z_value: float | None = None) -> bool:
-    """The alarm rule in one place: PSI above :data:`PSI_ALARM` or |z| above :data:`Z_ALARM`."""
-    return bool((psi_value is not None and psi_value > PSI_ALARM)
-                or (z_value is not None and abs(z_value) > Z_ALARM))
+def is_alarm(psi_value: float | None = None, z_value: float | None = None, *, psi_alarm: float = PSI_ALARM,
+             z_alarm: float = Z_ALARM) -> bool:
+    """The alarm rule in one place: PSI above ``psi_alarm`` or |z| above ``z_alarm``.
+
+    The defaults are the fixed rules of thumb (for scores whose window size is
+    unknown); a window passes its calibrated thresholds (:class:`Thresholds`).
+    """
+    return bool((psi_value is not None and psi_value > psi_alarm)
+                or (z_value is not None and abs(z_value) > z_alarm))
+
+
+# --------------------------------------------------------------------------- calibrated thresholds
+
+def _psi_rows(e: np.ndarray, a: np.ndarray, eps: float) -> np.ndarray:
+    """:func:`psi` of each row pair of two ``(draws, bins)`` count arrays, vectorised (same smoothing)."""
+    e = np.maximum(e / e.sum(axis=1, keepdims=True), eps)
+    a = np.maximum(a / a.sum(axis=1, keepdims=True), eps)
+    e /= e.sum(axis=1, keepdims=True)
+    a /= a.sum(axis=1, keepdims=True)
+    return np.sum((a - e) * np.log(a / e), axis=1)
+
+
+def psi_null_quantile(hist: Sequence[float] | np.ndarray, n: int, ref_n: int | None, q: float, *,
+                      draws: int | None = None, seed: int = 0, eps: float = PSI_EPSILON) -> float:
+    """The ``q``-quantile of PSI when nothing drifted: a window of ``n`` samples against a reference of ``ref_n``,
+    both multinomial draws from ``hist``'s proportions (``ref_n`` None: an exact reference). Pure and seeded.
+
+    This is the PSI a clean window exceeds with probability ``1 - q``:
+    the small-sample bias and the heavy tail of rarely filled bins included.
+    """
+    p = np.asarray(hist, dtype=np.float64).ravel()
+    if p.size == 0 or p.sum() <= 0 or n < 1:
+        raise ValueError(f"psi_null_quantile: needs a non-empty histogram and n >= 1 (n={n})")
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"psi_null_quantile: q must be in (0, 1), got {q}")
+    p = p / p.sum()
+    lo, hi = NULL_DRAWS
+    total = draws or int(min(hi, max(lo, math.ceil(25.0 / (1.0 - q)))))
+    rng = np.random.default_rng(seed)
+    out = []
+    for start in range(0, total, lo):  # in chunks: bounded memory on a small device
+        k = min(lo, total - start)
+        w = rng.multinomial(int(n), p, size=k).astype(np.float64)
+        r = (rng.multinomial(int(ref_n), p, size=k).astype(np.float64) if ref_n else np.tile(p, (k, 1)))
+        out.append(_psi_rows(r, w, eps))
+    return float(np.quantile(np.concatenate(out), q))
+
+
+def psi_threshold(hist: Sequence[float] | np.ndarray, n: int, ref_n: int | None, alpha: float, *,
+                  seed: int = 0) -> float:
+    """The PSI a window of ``n`` must exceed to alarm at false-alarm rate ``alpha``: at least :data:`PSI_ALARM`."""
+    return max(PSI_ALARM, psi_null_quantile(hist, n, ref_n, 1.0 - alpha, seed=seed))
+
+
+def z_threshold(n: int, ref_n: int | None, alpha: float) -> float:
+    """The |mean-shift z| a window of ``n`` must exceed to alarm at rate ``alpha``: at least :data:`Z_ALARM`.
+
+    The window mean of ``n`` rows moves by at most ``std / sqrt(n)`` (rows
+    average correlated values), the reference's by ``std / sqrt(ref_n)``.
+    """
+    se = math.sqrt(1.0 / max(1, n) + (1.0 / ref_n if ref_n else 0.0))
+    return max(Z_ALARM, NormalDist().inv_cdf(1.0 - alpha / 2.0) * se)
+
+
+def n_bucket(n: int) -> int:
+    """``n`` rounded down to a geometric grid (8 steps per doubling): windows of about one size share thresholds."""
+    if n < 16:
+        return max(1, int(n))
+    return int(2.0 ** (math.floor(8.0 * math.log2(n) + 1e-9) / 8.0))
+
+
+class Thresholds:
+    """Calibrated alarm thresholds of one reference, cached per window-size bucket (bounded; thread-safe).
+
+    ``alpha`` is the false-alarm budget of one statistic (the window's
+    :data:`FALSE_ALARM_RATE` over the statistics it judges).
+    """
+
+    MAX_ENTRIES = 512
+
+    def __init__(self, reference: Mapping) -> None:
+        self.ref_n = int(reference.get("samples") or 0) or None
+        self._lock = threading.Lock()
+        self._cache: dict[tuple, float] = {}
+
+    def psi(self, key: str, hist: Sequence[float], n: int, alpha: float) -> float:
+        b = n_bucket(n)
+        with self._lock:
+            hit = self._cache.get((key, b, alpha))
+        if hit is not None:
+            return hit
+        t = round(psi_threshold(hist, b, self.ref_n, alpha, seed=b), 5)
+        with self._lock:
+            if len(self._cache) >= self.MAX_ENTRIES:
+                self._cache.clear()  # a bound, not an LRU: a device's window sizes repeat, so this is rare
+            self._cache[(key, b, alpha)] = t
+        return t
+
+    def z(self, n: int, alpha: float) -> float:
+        return round(z_threshold(n_bucket(n), self.ref_n, alpha), 5)
 
 
 def _softmax_max(x: np.ndarray) -> np.ndarray:
@@ -410,6 +537,19 @@ class _GroupAcc:
                 "z": max(vz, key=abs) if vz else None,
                 "psi_groups": psis, "z_groups": zs, "mean_groups": means}
 
+    def judge(self, scores: dict, th: "Thresholds", key: str, n: int, alpha: float) -> bool:
+        """Whether any group crossed its calibrated threshold; adds the thresholds to ``scores``."""
+        pt = [th.psi(f"{key}:{i}", g["hist"], n, alpha) for i, g in enumerate(self.ref)]
+        zt = th.z(n, alpha)
+        scores["thresholds"] = {"psi": pt, "z": zt}
+        return any(is_alarm(p, z, psi_alarm=t, z_alarm=zt)
+                   for p, z, t in zip(scores["psi_groups"], scores["z_groups"], pt))
+
+    @property
+    def statistics(self) -> int:
+        """How many statistics a judged window tests here (PSI and z per group)."""
+        return 2 * len(self.ref)
+
 
 def _r(v: float | None, nd: int = 5) -> float | None:
     if v is None or not math.isfinite(v):
@@ -427,8 +567,13 @@ class WindowStats:
     serialises access).
     """
 
-    def __init__(self, reference: Mapping, *, max_values_per_update: int = MAX_VALUES_PER_UPDATE) -> None:
+    def __init__(self, reference: Mapping, *, max_values_per_update: int = MAX_VALUES_PER_UPDATE,
+                 thresholds: Thresholds | None = None, false_alarm_rate: float = FALSE_ALARM_RATE) -> None:
         self.reference = check_reference(reference)
+        if not 0.0 < false_alarm_rate < 1.0:
+            raise ValueError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate}")
+        self.thresholds = thresholds or Thresholds(reference)
+        self.false_alarm_rate = float(false_alarm_rate)
         self.max_values = int(max_values_per_update)
         self.input_names = list(reference["inputs"].keys())
         self._inputs = {name: _GroupAcc(spec.get("axis"), spec["groups"])
@@ -450,6 +595,11 @@ class WindowStats:
         self.predictions = 0
         self.nonfinite = 0
         self._phase = 0
+
+    def empty_like(self) -> "WindowStats":
+        """A new empty window over the same reference, sharing the cached thresholds."""
+        return WindowStats(self.reference, max_values_per_update=self.max_values, thresholds=self.thresholds,
+                           false_alarm_rate=self.false_alarm_rate)
 
     # -- recording -----------------------------------------------------------
     def update(self, batch_inputs: Any, batch_outputs: Any = None) -> None:
@@ -539,11 +689,13 @@ class WindowStats:
         """The window's drift field for telemetry (JSON-ready).
 
         ``score`` is the largest PSI of any input group or of the predictions;
-        ``alarms`` names what crossed :data:`PSI_ALARM` / :data:`Z_ALARM`;
-        ``alarm`` is None below ``min_samples`` samples (not enough to judge).
+        ``alarms`` names what crossed its threshold, calibrated for this
+        window's sample count (``thresholds`` in each part, see the module
+        docstring); ``alarm`` is None below ``min_samples`` samples (not
+        enough to judge). A judged window of data like the reference alarms
+        with probability at most ``false_alarm_rate``.
         """
         inputs = {name: acc.scores() for name, acc in self._inputs.items()}
-        alarms = [f"input:{name}" for name, s in inputs.items() if is_alarm(s["psi"], s["z"])]
         psis = [s["psi"] for s in inputs.values() if s["psi"] is not None]
         preds: dict[str, Any] | None = None
         if self._class_counts is not None:
@@ -559,23 +711,46 @@ class WindowStats:
                                          "counts": [int(c) for c in self._conf_counts]},
                      "class_counts": [int(c) for c in self._class_counts]}
             psis += [p for p in (preds["psi"], preds["confidence_psi"]) if p is not None]
-            if is_alarm(preds["psi"]) or is_alarm(preds["confidence_psi"]):
-                alarms.append("predictions")
         elif self._out_acc is not None:
             s = self._out_acc.scores()
             preds = {"psi": s["psi"], "z": s["z"], "psi_groups": s["psi_groups"], "z_groups": s["z_groups"]}
             if s["psi"] is not None:
                 psis.append(s["psi"])
-            if is_alarm(s["psi"], s["z"]):
-                alarms.append("predictions")
         judged = self.samples >= min_samples
+        alarms = self._judge(inputs, preds) if judged else []
         return {
             "rev": REF_REV,
             "samples": int(self.samples),
             "nonfinite": int(self.nonfinite),
             "score": max(psis) if psis else None,
             "alarm": (bool(alarms) if judged else None),
-            "alarms": alarms if judged else [],
+            "alarms": alarms,
+            "false_alarm_rate": self.false_alarm_rate,
             "inputs": inputs,
             "predictions": preds,
         }
+
+    def _judge(self, inputs: dict, preds: dict | None) -> list[str]:
+        """What crossed its calibrated threshold; the thresholds go into ``inputs`` and ``preds``."""
+        th = self.thresholds
+        stats = sum(acc.statistics for acc in self._inputs.values())
+        if self._class_counts is not None:
+            stats += 2  # class PSI and confidence PSI (the confidence z is reported, not judged)
+        elif self._out_acc is not None:
+            stats += self._out_acc.statistics
+        alpha = self.false_alarm_rate / stats  # Bonferroni: the window's budget over every statistic it tests
+        alarms = [f"input:{name}" for name, acc in self._inputs.items()
+                  if acc.judge(inputs[name], th, f"input:{name}", self.samples, alpha)]
+        n = self.predictions
+        if preds is None or n == 0:
+            return alarms
+        if self._class_counts is not None:
+            out = self._out
+            t_cls = th.psi("predictions:class", out["class_counts"], n, alpha)
+            t_conf = th.psi("predictions:confidence", out["confidence"]["hist"], n, alpha)
+            preds["thresholds"] = {"psi": t_cls, "confidence_psi": t_conf}
+            if is_alarm(preds["psi"], psi_alarm=t_cls) or is_alarm(preds["confidence_psi"], psi_alarm=t_conf):
+                alarms.append("predictions")
+        elif self._out_acc.judge(preds, th, "output", n, alpha):
+            alarms.append("predictions")
+        return alarms

@@ -231,9 +231,10 @@ def test_fleet_report_plots_drift_and_flags_devices_whose_inputs_drift(tmp_path)
     rng = np.random.default_rng(7)
     x, logits = _classifier_data(3000, rng)
     ref = drift.reference_stats(x, logits)
+    thresholds = drift.Thresholds(ref)  # one device's cache: computed once per window size, as the agent does
 
     def window(shift=0.0, flat=False):
-        w = drift.WindowStats(ref)
+        w = drift.WindowStats(ref, thresholds=thresholds)
         xb, lb = _classifier_data(200, rng, shift=shift)
         if flat:
             lb = np.zeros_like(lb)
@@ -273,3 +274,123 @@ def test_rollout_prediction_drift_gate_canary_vs_control():
     assert ro.evaluate_gate(spec, ro.CohortFigures(classes={"cat": 50}), control).verdict == "insufficient"
     plan_gates = (*ro.DEFAULT_GATES, spec)  # optional: only plans that list it are gated on it
     assert [g.name for g in plan_gates][-1] == "drift"
+
+
+# -- calibrated alarm thresholds (#22): a clean window alarms at the stated rate whatever its size ------------
+
+def _digit_like(n, rng, shift=0.0):
+    """Image-like inputs (N, 1, 8, 8) with zeros and a bright stroke, and a classifier's logits whose confidence
+    spreads over the whole histogram (a few unsure answers: bins the reference rarely fills)."""
+    x = np.where(rng.random((n, 1, 8, 8)) < 0.45 + shift, rng.random((n, 1, 8, 8)) * 0.5 + 0.5 + shift, 0.0)
+    logits = rng.normal(size=(n, 10)) * 0.5
+    margin = rng.gamma(4.0, 3.0, n) * (1.0 - 0.8 * min(1.0, 4 * shift))  # ~80 % above 0.99, like the demo's v1
+    logits[np.arange(n), rng.integers(0, 10, n)] += margin
+    return x.astype(np.float32), logits
+
+
+def _alarm_rate(ref, size, windows, rng, shift=0.0, old_rule=False):
+    w = drift.WindowStats(ref)
+    alarms = 0
+    for _ in range(windows):
+        x, lg = _digit_like(size, rng, shift)
+        w.update(x, lg)
+        r = w.report(min_samples=1)
+        if old_rule:  # the fixed thresholds before calibration: PSI 0.2 / |z| 0.5 on every statistic
+            p = r["predictions"]
+            alarms += drift.is_alarm(r["inputs"]["input"]["psi"], r["inputs"]["input"]["z"]) or \
+                drift.is_alarm(p["psi"]) or drift.is_alarm(p["confidence_psi"])
+        else:
+            alarms += bool(r["alarm"])
+        w.reset()
+    return alarms / windows
+
+
+def test_clean_windows_of_any_size_alarm_at_the_stated_rate():
+    """Windows drawn from the reference's distribution (fresh samples: the reference's own sampling noise counts)
+    alarm at most FALSE_ALARM_RATE, from 50 to 2,000 samples; the fixed 0.2 alarmed on most short windows."""
+    rng = np.random.default_rng(22)
+    ref = json.loads(json.dumps(drift.reference_stats(*_digit_like(600, rng))))  # a demo-sized reference
+    for size, windows in ((50, 400), (120, 400), (400, 200), (2000, 100)):
+        rate = _alarm_rate(ref, size, windows, rng)
+        assert rate <= drift.FALSE_ALARM_RATE, (size, rate)
+    assert _alarm_rate(ref, 50, 200, np.random.default_rng(5), old_rule=True) > 0.5  # what the fixed rule did
+
+
+def test_shifted_windows_alarm_at_every_size():
+    rng = np.random.default_rng(23)
+    ref = drift.reference_stats(*_digit_like(600, rng))
+    for size in (50, 120, 2000):
+        assert _alarm_rate(ref, size, 40, rng, shift=0.15) >= 0.95, size
+
+
+def test_thresholds_grow_for_short_windows_and_never_undercut_the_rule_of_thumb():
+    hist = [0, 0, 0, 4, 6, 5, 10, 18, 13, 29, 512]  # demo v1's confidence histogram: sparse low bins
+    small = drift.psi_threshold(hist, 120, 597, 0.0025)
+    large = drift.psi_threshold(hist, 5000, 597, 0.0025)
+    assert small > 0.3 and large == drift.PSI_ALARM
+    assert drift.psi_null_quantile(hist, 120, 597, 0.99) == drift.psi_null_quantile(hist, 120, 597, 0.99)  # seeded
+    q50, q99 = (drift.psi_null_quantile(hist, 120, None, q) for q in (0.5, 0.99))
+    assert 0.0 < q50 < q99
+    assert drift.z_threshold(10, 600, 0.0025) > drift.Z_ALARM == drift.z_threshold(1000, 600, 0.0025)
+    assert [drift.n_bucket(n) for n in (5, 16, 120, 127, 128)] == [5, 16, 117, 117, 128]
+    th = drift.Thresholds({"samples": 597})
+    assert th.psi("c", hist, 121, 0.0025) == th.psi("c", hist, 118, 0.0025)  # one bucket, one computation
+
+
+def test_window_report_carries_its_thresholds_and_budget():
+    rng = np.random.default_rng(24)
+    ref = drift.reference_stats(*_digit_like(600, rng))
+    w = drift.WindowStats(ref)
+    w.update(*_digit_like(150, rng))
+    r = w.report()
+    assert r["false_alarm_rate"] == drift.FALSE_ALARM_RATE
+    assert r["predictions"]["thresholds"]["psi"] > drift.PSI_ALARM  # 150 predictions: above the rule of thumb
+    assert len(r["inputs"]["input"]["thresholds"]["psi"]) == 1 and r["inputs"]["input"]["thresholds"]["z"] >= 0.5
+    few = drift.WindowStats(ref)
+    few.update(*_digit_like(20, rng))
+    assert few.report()["alarm"] is None and "thresholds" not in few.report()["predictions"]  # not judged
+    with pytest.raises(ValueError):
+        drift.WindowStats(ref, false_alarm_rate=0.0)
+
+
+def test_agent_drift_monitor_also_scores_against_the_replaced_packages_reference(tmp_path):
+    """After a switch to a package whose reference holds the shifted data (a retrain on the field), its own score
+    is low while the inputs are still shifted; ``vs_previous`` scores them against the replaced package (#22)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import make_mlp_onnx, mlp_reference
+
+    from edgeship import package
+    from edgeship.agent import Agent
+    from edgeship.agent.config import parse_config
+    from edgeship.agent.drift import DriftMonitor
+
+    rng = np.random.default_rng(0)
+    labels = [f"c{i}" for i in range(10)]
+    plain = rng.normal(size=(2000, 64)).astype(np.float32)
+    shifted = (rng.normal(size=(2000, 64)) * 0.2 + 1.5).astype(np.float32)
+    onnx_path = make_mlp_onnx(tmp_path / "mlp.onnx")
+    v1 = package.build(tmp_path / "v1.edgepkg", onnx_path, name="m", version="1.0.0", labels=labels,
+                       reference_stats=drift.reference_stats(plain, mlp_reference(plain), labels=labels))
+    v2 = package.build(tmp_path / "v2.edgepkg", onnx_path, name="m", version="1.1.0", labels=labels,
+                       reference_stats=drift.reference_stats(shifted, mlp_reference(shifted), labels=labels))
+    agent = Agent(parse_config({"agent": {"allow_unsigned": True, "package": str(v1),
+                                          "state_dir": str(tmp_path / "state")}}))
+
+    def window(x):
+        [f.result(10) for f in [agent.submit(row) for row in x]]
+        return monitor.telemetry_fields()["drift"]
+
+    with agent:
+        monitor = agent.add_component(DriftMonitor(agent))
+        first = window(shifted[:300])
+        assert first["alarm"] is True and "vs_previous" not in first  # v1 sees the shift; nothing replaced yet
+        agent.switch_to(agent.store.install(v2))
+        window(shifted[300:310])  # closes the window that straddles the switch
+        after = window(shifted[310:610])
+    assert after["model"]["version"] == "1.1.0" and after["alarm"] is False  # its own reference holds the shift
+    prev = after["vs_previous"]
+    assert prev["model"]["version"] == "1.0.0" and prev["samples"] == 300
+    assert prev["alarm"] is True and prev["score"] > 10 * after["score"]  # the inputs did not change back

@@ -58,22 +58,27 @@ def project(tmp_path_factory, signing_keys):
     v1 = run_recipe(_recipe(root, signing_keys[0], version="1.0.0", out="v1"), quiet=True).package
     # The field: 8 devices write the digits the original training set never saw, turned and thick.
     x, y = s["x_train"][600:1200], s["y_train"][600:1200]
+    export = _export(root / "field.npz", shift_digits(x) / 16.0, y, devices=8)
+    return {"root": root, "v1": v1, "export": export, "key": signing_keys, "split": s}
+
+
+def _export(path: Path, x: np.ndarray, y: np.ndarray, *, devices: int):
+    """A field export of ``devices`` devices correcting the inputs ``x`` (interleaved) to ``y``, via a fleet DB."""
     msgs = []
-    for d in range(8):
-        for k, i in enumerate(partition(len(x), 8, d)):
-            xs = (shift_digits(x[i:i + 1]) / 16.0)[0].astype("<f4")
+    for d in range(devices):
+        for k, i in enumerate(partition(len(x), devices, d)):
+            xs = x[i].astype("<f4")
             body = {"prediction_id": f"p{d}-{k}", "kind": "label", "value": str(int(y[i])), "predicted": "0",
                     "model": {"name": "fielddigits", "version": "1.0.0"},
                     "input": {"input": protocol.array_field("float32", list(xs.shape), xs.tobytes())}}
             msgs.append(protocol.parse_message(protocol.device_topic("lp", f"pi-{d}", "feedback"), protocol.encode(
                 protocol.make_message("feedback", f"pi-{d}", body, ts=1_790_000_000.0 + k))))
-    db = FleetDB.open(str(root / "fleet.sqlite"))
+    db = FleetDB.open(str(path.with_suffix(".sqlite")))
     try:
         db.store_messages(msgs)
-        export = export_field_data(db, root / "field.npz", holdout=0.25)
+        return export_field_data(db, path, holdout=0.25)
     finally:
         db.close()
-    return {"root": root, "v1": v1, "export": export, "key": signing_keys}
 
 
 def _field(project, *, serving: Path, mix: float = 0.5, extra: str = "") -> str:
@@ -132,3 +137,23 @@ def test_field_section_without_serving_names_the_key(project):
                    field=f'\n[field]\ndata = "{project["root"] / "field.npz"}"\n')
     with pytest.raises(RecipeError, match=r"\[field\].*serving"):
         run_recipe(path, quiet=True)
+
+
+def test_field_data_never_trains_on_the_original_test_set(project):
+    """Devices that meet the data the model was built from send its test inputs back (the demo's unshifted devices
+    do): the field_data step drops them with the held-out ones, so the original-test figure stays honest."""
+    from edgeship.converters.recipe import FIELD_DATA_STEP
+
+    root, s = project["root"], project["split"]
+    test_x, test_y = s["x_eval"][:200] / 16.0, s["y_eval"][:200]  # exactly the recipe's eval.npz rows
+    new_x, new_y = shift_digits(s["x_calib"][:100]) / 16.0, s["y_calib"][:100]  # turned: no original input
+    export = _export(root / "field_test_leak.npz", np.concatenate([test_x, new_x]), np.concatenate([test_y, new_y]),
+                     devices=6)
+    path = _recipe(root, project["key"][0], version="1.4.0", out="v14",
+                   field=f'\n[field]\ndata = "{export.path}"\nserving = "{project["v1"]}"\nmix = 0.5\n')
+    res = run_recipe(path, quiet=True, steps=(FIELD_DATA_STEP,))
+    info = res.step("field_data").info
+    train = np.load(res.artifacts["train_data"])["input"]
+    field_rows = {r.tobytes() for r in train[600:].astype(np.float32)}
+    assert not field_rows & {r.tobytes() for r in test_x.astype(np.float32)}  # no test input learnt from
+    assert info["field_train"] > 0 and info["duplicates_dropped"] >= 200 * (export.train / export.samples) * 0.5

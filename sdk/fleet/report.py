@@ -613,7 +613,8 @@ def _plot_drift(out: Path, ds: dict) -> list[Path]:
                 linewidth=1)
         a2.plot(xs, [p["confidence"] if p["confidence"] is not None else math.nan for p in pts], marker="o",
                 markersize=3, label=key)
-    a1.axhline(PSI_ALARM, color="tab:red", linestyle="--", linewidth=1, label=f"alarm (PSI {PSI_ALARM})")
+    a1.axhline(PSI_ALARM, color="tab:red", linestyle="--", linewidth=1,
+               label=f"PSI {PSI_ALARM}: the least that alarms (short windows need more)")
     a1.set_yscale("symlog", linthresh=0.01)
     a1.set_ylabel("drift score (max PSI)")
     a1.set_title("drift per model version / device group (dotted: worst device)")
