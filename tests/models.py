@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["mlp_weights", "mlp_reference", "make_mlp_onnx", "make_image_mlp_onnx", "make_multi_io_onnx",
-           "make_stateful_onnx", "stateful_reference", "make_mlp_tflite", "make_mlp_int8_tflite", "quant_params"]
+           "make_stateful_onnx", "stateful_reference", "make_mlp_tflite", "make_mlp_int8_tflite", "quant_params",
+           "make_deep_mlp_onnx"]
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime accepts this whatever onnx's newest IR is
@@ -297,3 +298,30 @@ def make_mlp_int8_tflite(path, in_features: int = 64, hidden: int = 64, classes:
     ]
     ops = [_fc_op([0, 1, 2], [3], relu=True), _fc_op([3, 4, 5], [6], relu=False)]
     return _write_tflite(_model(tensors, buffers, ops, [0], [6]), path)
+
+
+def make_deep_mlp_onnx(path: Path, layers: int = 16, width: int = 64, seed: int = 0) -> Path:
+    """input [batch, 64] -> logits [batch, 10] through ``layers`` MatMul+Add+Relu of ``width``: many small ops.
+
+    Quantized dynamically, each layer's input is quantized at run time: several times the fp32 work at this
+    width, on any CPU (tests/test_adapt_choice.py: an int8 variant slower than fp32).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits, nodes, x, fan_in = [], [], "input", 64
+    for i in range(layers + 1):
+        out_w = 10 if i == layers else width
+        w = (rng.standard_normal((fan_in, out_w)) / np.sqrt(fan_in)).astype(np.float32)
+        b = (rng.standard_normal(out_w) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"B{i}")]
+        y = "logits" if i == layers else f"h{i}"
+        nodes += [helper.make_node("MatMul", [x, f"W{i}"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", f"B{i}"],
+                                                                                         [f"a{i}" if i < layers else y])]
+        if i < layers:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [y]))
+        x, fan_in = y, out_w
+    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                              initializer=inits)
+    return _save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
