@@ -339,12 +339,9 @@ class Agent:
             from .api import ApiServer  # noqa: PLC0415
 
             self.api = ApiServer(self, cfg.api).start()
-        if self._handle is not None:
-            # Issue 18: time the package's variants on this device beside the served default (its own
-            # thread, after the first result) and serve the fastest within the accuracy budget.
-            from .adapt_choice import start_choice  # noqa: PLC0415 - only when a package leaves a choice
-
-            start_choice(self)
+        # Issue 18: time the package's variants beside the served default (own thread, after the first result).
+        from .adapt_choice import start_choice  # noqa: PLC0415 - the fastest variant within the accuracy budget
+        start_choice(self)
 
     @property
     def waits_for_rollout(self) -> bool:
