@@ -48,7 +48,7 @@ log = logging.getLogger("edgeship.agent.adapt")
 
 SETTLE_S = 0.5     # wait at most this long for the first result before measuring (it is not held up)
 MIN_ROUNDS = 3     # interleaved rounds at least, whatever choose_s says (a big model then takes longer)
-MAX_ROUNDS = 200   # and at most: a tiny model's figures are stable long before
+MAX_ROUNDS = 1000  # and at most: a tiny model's figures are stable long before choose_s
 INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")  # int8 dot-product instructions
 
 

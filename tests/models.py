@@ -300,11 +300,12 @@ def make_mlp_int8_tflite(path, in_features: int = 64, hidden: int = 64, classes:
     return _write_tflite(_model(tensors, buffers, ops, [0], [6]), path)
 
 
-def make_deep_mlp_onnx(path: Path, layers: int = 16, width: int = 64, seed: int = 0) -> Path:
-    """input [batch, 64] -> logits [batch, 10] through ``layers`` MatMul+Add+Relu of ``width``: many small ops.
+def make_deep_mlp_onnx(path: Path, layers: int = 16, width: int = 64, seed: int = 0, act: str = "Relu") -> Path:
+    """input [batch, 64] -> logits [batch, 10] through ``layers`` MatMul+Add+``act`` of ``width``: many small ops.
 
-    Quantized dynamically, each layer's input is quantized at run time: several times the fp32 work at this
-    width, on any CPU (tests/test_adapt_choice.py: an int8 variant slower than fp32).
+    Quantized to int8 (static QDQ) with ``act = "Sigmoid"``, which has no int8 kernel, every layer
+    dequantizes and requantizes around it: ~2x the fp32 time at this width (measured 2.0-2.4x on an x86
+    with int8 dot products), so tests/test_adapt_choice.py has an int8 variant slower than fp32.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -319,7 +320,7 @@ def make_deep_mlp_onnx(path: Path, layers: int = 16, width: int = 64, seed: int 
         nodes += [helper.make_node("MatMul", [x, f"W{i}"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", f"B{i}"],
                                                                                          [f"a{i}" if i < layers else y])]
         if i < layers:
-            nodes.append(helper.make_node("Relu", [f"a{i}"], [y]))
+            nodes.append(helper.make_node(act, [f"a{i}"], [y]))
         x, fan_in = y, out_w
     graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
