@@ -1,5 +1,6 @@
 """Benchmark for issues 18/19.5: the variant the agent serves, chosen by timing each variant on this machine.
 
+    python benchmarks/variant_choice.py --build-only      # trains/exports/quantizes into --cache (no timing)
     flock /tmp/bench.lock python benchmarks/variant_choice.py [--models mobilenet,ocr_cls,digits,deep]
                                                               [--choose-s 1.0] [--truth-s 4] [--reps 3]
 
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--truth-s", type=float, default=4.0, help="raw onnxruntime timing per model")
     ap.add_argument("--reps", type=int, default=3, help="interleaved agent starts per setting")
     ap.add_argument("--cache", default=str(OUT / "real_models"), help="folder of the built models (reused)")
+    ap.add_argument("--build-only", action="store_true", help="build and cache the models, time nothing (no lock)")
     args = ap.parse_args(argv)
     from edgeship.agent.adapt_choice import choice_line, machine_info
 
@@ -212,6 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.models.split(","):
             fp32, calib, evald = fp32_model(name, cache)
             int8 = int8_model(name, fp32, calib, cache / f"{name}.plain-int8.onnx")
+            if args.build_only:
+                print(f"{name}: {fp32} and {int8}", flush=True)
+                continue
             agree = agreement(fp32, int8, evald)
             drop = round(100.0 - agree, 3)
             pkgs = packages(name, fp32, int8, evald, drop, work)

@@ -179,11 +179,12 @@ def choice_line(choice: Mapping) -> str:
         rel = f" ({f['relative']:.2f}x)" if f.get("relative") is not None else ""
         figs.append(f"{vid} b1 {f['b1_ms']:.3f} ms{bn}{rel}")
     excl = "; ".join(f"{k} not served: {v}" for k, v in (choice.get("excluded") or {}).items())
-    return (f"variant choice ({choice.get('mode')}): serving {choice.get('variant')} (package default "
+    line = (f"variant choice ({choice.get('mode')}): serving {choice.get('variant')} (package default "
             f"{choice.get('default')}): {choice.get('reason')}"
             + (f"; measured {', '.join(figs)}" if figs else "") + (f"; {excl}" if excl else "")
             + f"; on {m.get('cpu')} ({m.get('arch')}, {m.get('cores')} cores{dot})"
             + (f" in {choice['measure_s']:.2f} s" if choice.get("measure_s") is not None else ""))
+    return " ".join(line.split())  # one line, whatever a load error's text holds
 
 
 def _esc(v: Any) -> str:

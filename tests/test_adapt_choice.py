@@ -102,11 +102,12 @@ def test_choice_line_and_metric_lines_name_the_variant_the_figures_and_the_machi
     choice = {"mode": "fastest", "variant": "onnx-fp32", "default": "onnx-int8", "reason": "onnx-fp32 is the fastest",
               "measured": {"onnx-int8": {"b1_ms": 3.0, "bn_ms": 20.0, "batch": 8, "relative": 1.0},
                            "onnx-fp32": {"b1_ms": 1.0, "bn_ms": 7.0, "batch": 8, "relative": 0.34}},
-              "excluded": {"tflite-int8": "no accuracy recorded"}, "measure_s": 0.41,
+              "excluded": {"tflite-int8": "cannot be loaded here: no TFLite\nruntime"}, "measure_s": 0.41,
               "machine": {"cpu": 'AMD "EPYC"', "arch": "x86_64", "cores": 2, "int8_dot": []}}
     line = choice_line(choice)
     assert "\n" not in line and "serving onnx-fp32 (package default onnx-int8)" in line
-    assert "onnx-int8 b1 3.000 ms b8 20.000 ms (1.00x)" in line and "tflite-int8 not served" in line
+    assert "onnx-int8 b1 3.000 ms b8 20.000 ms (1.00x)" in line
+    assert "tflite-int8 not served: cannot be loaded here: no TFLite runtime" in line
     assert "x86_64, 2 cores, no int8 dot product" in line
     text = "\n".join(choice_metric_lines(choice))
     assert 'edgeship_variant_choice_info{variant="onnx-fp32",default="onnx-int8",mode="fastest",' in text
