@@ -171,7 +171,7 @@ def run_agent(pkg: Path, choose: str, choose_s: float, state: Path, sample: np.n
 
 
 def truth(fp32: Path, int8: Path, x: np.ndarray, batch: int, seconds: float) -> dict:
-    """Raw onnxruntime, both files interleaved for ``seconds``: median ms per call at batch 1 and ``batch``."""
+    """Raw onnxruntime, both files interleaved for ``seconds``: median ms per call at batch 1, then ``batch``."""
     import onnxruntime as ort
 
     from edgeship.agent.adapt_choice import measure_variants
@@ -240,8 +240,11 @@ def main(argv: list[str] | None = None) -> dict:
             for default in pkgs:
                 fast, dflt = runs[f"{default}/fastest"], runs[f"{default}/default"]
                 served = [r["served"] for r in fast]
-                expect = ("onnx-int8" if ratio < 0.9 else "onnx-fp32" if ratio > 1 / 0.9 else default) \
-                    if drop <= 1.0 else default
+                # the package's default is always eligible, fp32 always within the budget, int8 when its drop is
+                other = "onnx-fp32" if default == "onnx-int8" else "onnx-int8"
+                other_rel = ratio if other == "onnx-int8" else 1.0 / ratio   # other's time / the default's
+                eligible = other == "onnx-fp32" or drop <= 1.0
+                expect = other if eligible and other_rel < 0.9 else default
                 ok = all(s == expect for s in served)
                 med = lambda rs, k: float(np.median([r[k] for r in rs]))  # noqa: E731
                 pr = {"served": served, "expected": expect, "agrees": ok,

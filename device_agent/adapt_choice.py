@@ -11,8 +11,9 @@ measures instead of trusting the workstation:
    :class:`VariantChooser` thread loads the other variants within the
    accuracy budget beside it (:func:`~edgeship.agent.adapt_policy.eligible_variants`);
 2. times them all interleaved on the package's example input, at batch 1
-   and at the batcher's batch, for ``[adapt] choose_s`` in total (at least
-   ``MIN_ROUNDS`` rounds, so a big model takes longer: :func:`measure_variants`);
+   and then at the batcher's batch, for ``[adapt] choose_s`` in total (at
+   least ``MIN_ROUNDS`` rounds each, so a big model takes longer:
+   :func:`measure_variants`);
 3. asks the pure :func:`~edgeship.agent.adapt_policy.choose_fastest` (a noise
    margin prefers the default), switches through the agent's zero-drop swap
    when another variant wins, and reports the choice, the figures and the
@@ -117,33 +118,41 @@ def example_feed(handle: Any, batch: int = 1) -> tuple[list[np.ndarray], bool] |
 def measure_variants(runs: Mapping[str, Any], feeds: Mapping[str, Mapping[int, list]], *, seconds: float = 1.0,
                      min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS,
                      stop: threading.Event | None = None) -> dict[str, dict[int, float]]:
-    """Median call ms per variant and batch size, timed round-robin: ``{id: {batch: ms}}``.
+    """Median call ms per variant and batch size: ``{id: {batch: ms}}``.
 
-    ``runs[id](feed)`` is one model call; ``feeds[id][batch]`` its inputs.
-    Interleaved (one call of each per round, the order rotated every round)
-    so a burst of load from another process, or serving meanwhile, hits
-    every variant alike instead of deciding the choice; the median, so a
-    stray preemption does not. One untimed call per shape first (a new batch
-    size plans its memory on its first run). Stops once ``seconds`` are used
-    and ``min_rounds`` done, or at ``max_rounds``, or when ``stop`` is set.
+    ``runs[id](feed)`` is one model call; ``feeds[id][batch]`` its inputs, in
+    the order to time them (batch 1 first). One phase per batch size: a
+    session that alternates shapes call by call re-plans its memory and
+    loses its caches at every call, which steady serving (a stream of lone
+    requests, or of full batches) does not (measured: a 48x192 CNN's fp32
+    batch-1 call took 9.8 ms between batch-32 calls, 1.3 ms in a row). Within
+    a phase the variants are interleaved (one call each per round, the order
+    rotated every round), so a burst of load from another process, or
+    serving meanwhile, hits every variant alike instead of deciding the
+    choice; the median, so a stray preemption does not. One untimed call
+    first (a new shape plans its memory on its first run). A phase ends once
+    its share of ``seconds`` is used and ``min_rounds`` are done, or at
+    ``max_rounds``; everything ends when ``stop`` is set.
     """
-    keys = [(vid, b) for vid in runs for b in feeds[vid]]
-    for vid, b in keys:
-        runs[vid](feeds[vid][b])
-    times: dict[tuple, list[float]] = {k: [] for k in keys}
-    t_end = time.perf_counter() + seconds
-    for r in range(max_rounds):
-        if r >= min_rounds and time.perf_counter() >= t_end or stop is not None and stop.is_set():
-            break
-        shift = r % len(keys)
-        for vid, b in keys[shift:] + keys[:shift]:
-            t0 = time.perf_counter()
-            runs[vid](feeds[vid][b])
-            times[(vid, b)].append((time.perf_counter() - t0) * 1000.0)
+    phases = max((len(f) for f in feeds.values()), default=0)
     out: dict[str, dict[int, float]] = {vid: {} for vid in runs}
-    for (vid, b), ts in times.items():
-        if ts:
-            out[vid][b] = float(np.median(ts))
+    for phase in range(phases):
+        keys = [(vid, list(feeds[vid])[phase]) for vid in runs if len(feeds[vid]) > phase]
+        for vid, b in keys:
+            runs[vid](feeds[vid][b])
+        times: dict[tuple, list[float]] = {k: [] for k in keys}
+        t_end = time.perf_counter() + seconds / phases
+        for r in range(max_rounds):
+            if r >= min_rounds and time.perf_counter() >= t_end or stop is not None and stop.is_set():
+                break
+            shift = r % len(keys)
+            for vid, b in keys[shift:] + keys[:shift]:
+                t0 = time.perf_counter()
+                runs[vid](feeds[vid][b])
+                times[(vid, b)].append((time.perf_counter() - t0) * 1000.0)
+        for (vid, b), ts in times.items():
+            if ts:
+                out[vid][b] = float(np.median(ts))
     return out
 
 

@@ -118,10 +118,14 @@ def test_choice_line_and_metric_lines_name_the_variant_the_figures_and_the_machi
 def test_measure_variants_is_bounded_and_interleaved():
     calls: list[str] = []
     runs = {"a": lambda f: calls.append("a"), "b": lambda f: calls.append("b")}
+    out = measure_variants(runs, {"a": {1: [], 4: []}, "b": {1: [], 4: []}}, seconds=0.0)
+    assert set(out) == {"a", "b"} and set(out["a"]) == {1, 4} == set(out["b"])
+    # per batch size a phase: one untimed call each, then MIN_ROUNDS rounds of one call each
+    assert len(calls) == 2 * (2 + 3 * 2)
+    assert calls[2:4] != calls[4:6]        # the order rotates from round to round
+    calls.clear()
     out = measure_variants(runs, {"a": {1: [], 4: []}, "b": {1: []}}, seconds=0.0)
-    assert set(out) == {"a", "b"} and set(out["a"]) == {1, 4} and set(out["b"]) == {1}
-    assert len(calls) == 3 + 3 * 3          # one untimed call per shape, then MIN_ROUNDS rounds
-    assert calls[3:6] != calls[6:9]        # the order rotates from round to round
+    assert set(out["a"]) == {1, 4} and set(out["b"]) == {1} and len(calls) == (2 + 3 * 2) + (1 + 3)
     calls.clear()
     measure_variants({"a": runs["a"]}, {"a": {1: []}}, seconds=60.0, max_rounds=7)
     assert len(calls) == 1 + 7
