@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import EdgeshipError
 from ..lifecycle import Loop
-from .adapt_policy import accuracy_budget, choose_fastest, eligible_variants, variant_accuracy
+from .adapt_policy import accuracy_budget, accuracy_drops, choose_fastest, eligible_variants, variant_accuracy
 
 __all__ = ["VariantChooser", "start_choice", "stop_choice", "measure_variants", "example_feed", "machine_info",
            "parse_cpuinfo", "choice_line", "choice_metric_lines", "publish_choice", "SETTLE_S", "MIN_ROUNDS"]
@@ -289,7 +289,8 @@ class VariantChooser(Loop):
         budget, budget_from = accuracy_budget(manifest, self.max_drop)
         ids, excluded = eligible_variants(variants, did, budget, agent.config.runtime.backend)
         base = {"mode": self.mode, "default": did, "variant": did, "max_drop": budget, "max_drop_from": budget_from,
-                "excluded": excluded, "machine": self.machine or machine_info(), "at": time.time()}
+                "drops": accuracy_drops(variants), "excluded": excluded, "machine": self.machine or machine_info(),
+                "at": time.time()}
         if self.mode == "most_accurate":
             by_id = {str(v["id"]): v for v in variants}
             best = max(by_id, key=lambda vid: variant_accuracy(by_id[vid]))
@@ -336,7 +337,7 @@ class VariantChooser(Loop):
                 self.state = "cancelled"
                 return None
             figures = {vid: _figures(loaded[vid], ms[vid], batch) for vid in runs}
-            best, reason, rel = choose_fastest(figures, base["default"], self.margin)
+            best, reason, rel = choose_fastest(figures, base["default"], self.margin, base["drops"])
             for vid in figures:
                 figures[vid] = {**{k: round(v, 4) if isinstance(v, float) else v for k, v in figures[vid].items()},
                                 "relative": round(rel[vid], 3)}

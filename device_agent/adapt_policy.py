@@ -121,7 +121,8 @@ def _per_sample(fig: Mapping) -> list[float]:
     return out
 
 
-def choose_fastest(figures: Mapping[str, Mapping], default_id: str, margin: float = 0.1) -> tuple[str, str, dict]:
+def choose_fastest(figures: Mapping[str, Mapping], default_id: str, margin: float = 0.1,
+                   drops: Mapping[str, float | None] | None = None) -> tuple[str, str, dict]:
     """The variant to serve from measured figures: ``(id, reason, {id: time relative to the default})``. Pure.
 
     ``figures``: ``{id: {"b1_ms", "bn_ms", "batch"}}`` for the eligible
@@ -131,7 +132,10 @@ def choose_fastest(figures: Mapping[str, Mapping], default_id: str, margin: floa
     a full batch), taken relative to the default's. The fastest wins only
     when it beats the default by more than ``margin`` (0.1 = 10 %): within
     that, the difference is start-up measurement noise, and the default stays
-    (the package's choice, and no swap).
+    (the package's choice, and no swap) — unless a variant more accurate than
+    the default (a smaller ``drops`` entry: fp32 beside an int8 default)
+    measured faster at all: it loses nothing, so an int8 default that
+    measured slower than fp32 here is never kept.
     """
     if default_id not in figures:
         raise ValueError(f"the default variant {default_id!r} was not measured")
@@ -147,6 +151,14 @@ def choose_fastest(figures: Mapping[str, Mapping], default_id: str, margin: floa
     if best == default_id:
         return default_id, f"the default is the fastest ({what})", rel
     if rel[best] > 1.0 - margin:
+        d = dict(drops or {})
+        mine = d.get(default_id)
+        better = [v for v in rel if v != default_id and rel[v] < 1.0 and d.get(v) is not None and mine is not None
+                  and d[v] < mine]
+        if better:
+            b = min(better, key=lambda v: rel[v])
+            return b, (f"{b} is more accurate than the default ({d[b]:.2f} vs {mine:.2f} pt below fp32) and "
+                       f"measured faster ({rel[b]:.2f}x its time, {what})"), rel
         return default_id, (f"kept the default: {best} takes {rel[best]:.2f}x its time ({what}), within the "
                             f"{margin:.0%} noise margin"), rel
     return best, f"{best} is the fastest: {rel[best]:.2f}x the default's time ({what})", rel

@@ -76,6 +76,13 @@ def test_choose_fastest_needs_more_than_the_noise_margin_to_leave_the_default():
     best, reason, _ = choose_fastest(close, "int8", margin=0.1)
     assert best == "int8" and "within the 10% noise margin" in reason
     assert choose_fastest(close, "int8", margin=0.0)[0] == "fp32"
+    # ... unless the faster one is also more accurate: an int8 default measured slower than fp32 is never kept
+    best, reason, _ = choose_fastest(close, "int8", margin=0.1, drops={"int8": 0.5, "fp32": 0.0})
+    assert best == "fp32" and "more accurate than the default" in reason
+    slower = {"int8": {"b1_ms": 1.0, "bn_ms": 8.0, "batch": 8}, "fp32": {"b1_ms": 1.05, "bn_ms": 8.4, "batch": 8}}
+    assert choose_fastest(slower, "int8", 0.1, {"int8": 0.5, "fp32": 0.0})[0] == "int8"
+    # the other way round: an fp32 default keeps serving when the less accurate int8 is only a little faster
+    assert choose_fastest(close, "fp32", 0.1, {"int8": 0.5, "fp32": 0.0})[0] == "fp32"
     # batch 1 and per sample at the batch both count (geometric mean): faster alone, slower in batches
     mixed = {"a": {"b1_ms": 1.0, "bn_ms": 8.0, "batch": 8}, "b": {"b1_ms": 0.5, "bn_ms": 32.0, "batch": 8}}
     assert choose_fastest(mixed, "a")[0] == "a"
