@@ -121,11 +121,11 @@ def measure_variants(runs: Mapping[str, Any], feeds: Mapping[str, Mapping[int, l
     """Median call ms per variant and batch size: ``{id: {batch: ms}}``.
 
     ``runs[id](feed)`` is one model call; ``feeds[id][batch]`` its inputs, in
-    the order to time them (batch 1 first). One phase per batch size: a
-    session that alternates shapes call by call re-plans its memory and
-    loses its caches at every call, which steady serving (a stream of lone
-    requests, or of full batches) does not (measured: a 48x192 CNN's fp32
-    batch-1 call took 9.8 ms between batch-32 calls, 1.3 ms in a row). Within
+    the order to time them (batch 1 first). One phase per batch size: in a
+    session that alternates shapes call by call, a 48x192 CNN's fp32 batch-1
+    call took 9.8 ms between batch-32 calls against 1.3 ms in a row (cause
+    not traced: likely memory re-planning and cold caches), which steady
+    serving (a stream of lone requests, or of full batches) does not see. Within
     a phase the variants are interleaved (one call each per round, the order
     rotated every round), so a burst of load from another process, or
     serving meanwhile, hits every variant alike instead of deciding the
