@@ -11,7 +11,10 @@ measured, why, and the figures behind each choice: ``docs/adapt.md``.
 Three layers: :mod:`~edgeship.agent.adapt_policy` (pure decisions),
 :mod:`~edgeship.agent.adapt_probes` (reading the device) and this module
 (the component, its thread and the swap). Every public name of the three is
-importable from here.
+importable from here. Without a budget the start-up choice is
+:mod:`~edgeship.agent.adapt_choice`'s (the fastest variant within the
+accuracy budget); with one, this controller's, which stops a chooser still
+timing: one choice, reported the same way.
 """
 from __future__ import annotations
 
@@ -22,20 +25,25 @@ import threading
 import time
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from ..errors import EdgeshipError
 from ..lifecycle import STOP_TIMEOUT_S, Loop
 from ..metrics import Histogram
+from .adapt_choice import example_feed, machine_info, publish_choice, stop_choice
 from .adapt_policy import (
     AdaptPolicy,
     Decision,
     Rung,
+    accuracy_budget,
+    accuracy_drops,
     choose_batch_delay,
+    choose_fastest,
     choose_threads,
     choose_variant,
+    eligible_variants,
     request_estimate,
     variant_accuracy,
 )
@@ -55,7 +63,8 @@ from .adapt_probes import (
 __all__ = ["Rung", "Decision", "AdaptPolicy", "choose_variant", "choose_threads", "choose_batch_delay",
            "variant_accuracy", "request_estimate", "read_thermal", "measure_call_ms", "measure_interleaved",
            "tick_lateness", "probe_cpu_wait", "parse_psi", "parse_loadavg", "psi_fraction", "others_wait",
-           "CpuPressure", "AdaptController"]
+           "CpuPressure", "AdaptController", "accuracy_drops", "accuracy_budget", "eligible_variants",
+           "choose_fastest"]
 
 log = logging.getLogger("edgeship.agent.adapt")
 
@@ -145,22 +154,10 @@ class AdaptController(Loop):
 
     # -- start-up measurement -------------------------------------------------
     def _example(self, handle: Any) -> list[np.ndarray]:
-        ex = None
-        pkg = getattr(handle.runner, "package", None)
-        try:
-            ex = pkg.example_input() if pkg is not None else None
-        except EdgeshipError:
-            ex = None
-        feed = []
-        for i, (name, shape, dtype) in enumerate(zip(handle.input_names, handle.sample_shapes, handle.dtypes)):
-            arr = None
-            if isinstance(ex, Mapping):
-                arr = ex.get(name)
-            elif ex is not None and i == 0:
-                arr = ex
-            arr = np.zeros((1, *shape), dtype) if arr is None else np.asarray(arr, dtype=dtype).reshape(-1, *shape)[:1]
-            feed.append(np.ascontiguousarray(arr))
-        return feed
+        fed = example_feed(handle)
+        if fed is None:  # a variable size and no example: the smallest the shape allows
+            return [np.zeros((1, *(max(1, d) for d in s)), t) for s, t in zip(handle.sample_shapes, handle.dtypes)]
+        return fed[0]
 
     def _time(self, handle: Any, batch: int = 1) -> dict:
         feed = self._example(handle)
@@ -176,6 +173,7 @@ class AdaptController(Loop):
     def _select(self) -> None:
         """Measure the active package's variants (and threads, batch delay) and switch to the best one."""
         agent = self.agent
+        stop_choice(agent)  # the start-up choice is this one under a budget: a chooser still timing stands down
         handle = agent.handle
         sha = handle.sha256
         manifest = handle.manifest
@@ -245,6 +243,13 @@ class AdaptController(Loop):
             bn = self._time(agent.handle, batch=mb)["p50"] if mb > 1 else b1
             self.max_delay_ms = choose_batch_delay(b1, bn, mb, self.budget_ms)
             agent.batcher.policy.max_delay_s = self.max_delay_ms / 1000.0
+        default = next((v["id"] for v in variants if v.get("default")), variants[0]["id"] if variants else None)
+        publish_choice(agent, {"mode": "latency_budget", "default": default, "variant": best.id, "reason": reason,
+                               "budget_ms": self.budget_ms, "at": time.time(), "machine": machine_info(),
+                               "excluded": {k: v["error"] for k, v in self.measurements.items() if "error" in v},
+                               "measured": {r.id: {"b1_ms": round(r.p50_ms or r.p95_ms, 4), "bn_ms": None,
+                                                   "batch": 1, "p95_ms": round(r.p95_ms, 4)} for r in rungs},
+                               "measure_s": round(time.monotonic() - t0, 3)})
         self._record({"action": "start", "from_id": previous, "to_id": best.id, "reason": reason, "at": time.time(),
                       "p95_ms": best.p95_ms, "base_ms": self.base_ms,
                       "pressure_source": self._cpu.source if self._cpu is not None else None,

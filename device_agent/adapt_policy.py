@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 __all__ = ["Rung", "Decision", "AdaptPolicy", "choose_variant", "choose_threads", "choose_batch_delay",
-           "variant_accuracy", "request_estimate"]
+           "variant_accuracy", "request_estimate", "accuracy_drops", "accuracy_budget", "eligible_variants",
+           "choose_fastest", "DEFAULT_MAX_DROP"]
 
 _PRECISION_RANK = {"fp64": 4, "fp32": 3, "float32": 3, "fp16": 2, "float16": 2, "int8": 1, "uint8": 1}
 _METRIC_KEYS = ("points", "top1", "agreement", "cosine", "accuracy")
@@ -30,6 +31,137 @@ def variant_accuracy(variant: Mapping) -> tuple:
         acc *= 100.0  # a 0..1 metric on the points scale, so variants with either compare
     return (acc if acc is not None else float("-inf"), _PRECISION_RANK.get(str(variant.get("precision")), 0),
             float(m.get("size") or 0))
+
+
+# --------------------------------------------------------------------------- the start-up choice (issue 18)
+
+#: The accuracy budget (points below fp32) when neither the config nor the package records one:
+#: ``edgeship convert quantize``'s default ``max_drop``.
+DEFAULT_MAX_DROP = 1.0
+
+
+def _points(variant: Mapping) -> float | None:
+    acc = variant_accuracy(variant)[0]
+    return None if acc == float("-inf") else acc
+
+
+def accuracy_drops(variants: Sequence[Mapping]) -> dict[str, float | None]:
+    """Each variant's accuracy drop in points below fp32, as its manifest entry records it. Pure.
+
+    ``metrics.drop`` when the converter wrote it (``convert quantize`` does);
+    else the variant's measured metric below the most accurate fp32 variant's
+    (points, or a 0..1 metric on the points scale, as in
+    :func:`variant_accuracy`). None: nothing recorded to compare, so the
+    variant's accuracy is unknown.
+    """
+    fp32 = [_points(v) for v in variants if _PRECISION_RANK.get(str(v.get("precision")), 0) >= 3]
+    ref = max((p for p in fp32 if p is not None), default=None)
+    out: dict[str, float | None] = {}
+    for v in variants:
+        m = v.get("metrics") or {}
+        drop = m.get("drop")
+        if isinstance(drop, (int, float)) and not isinstance(drop, bool):
+            out[str(v.get("id"))] = float(drop)
+            continue
+        pts = _points(v)
+        out[str(v.get("id"))] = None if pts is None or ref is None else ref - pts
+    return out
+
+
+def accuracy_budget(manifest: Mapping, configured: float | None = None) -> tuple[float, str]:
+    """The accuracy drop (points below fp32) a variant may have, and where that figure comes from. Pure.
+
+    The config's ``[adapt] max_drop`` first; else the budget the package was
+    quantized to (``provenance.quantization.<target>.max_drop``, the
+    strictest over targets); else :data:`DEFAULT_MAX_DROP`.
+    """
+    if configured is not None:
+        return float(configured), "[adapt] max_drop"
+    quant = (manifest.get("provenance") or {}).get("quantization") or {}
+    recorded = [float(q["max_drop"]) for q in quant.values() if isinstance(q, Mapping)
+                and isinstance(q.get("max_drop"), (int, float))] if isinstance(quant, Mapping) else []
+    if recorded:
+        return min(recorded), "the package's quantization budget"
+    return DEFAULT_MAX_DROP, "the default budget"
+
+
+def eligible_variants(variants: Sequence[Mapping], default_id: str, max_drop: float,
+                      backend: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """Which variants may be served instead of the default: ``(ids, {excluded id: why})``. Pure.
+
+    The default always may (it is what the package's author ships). Another
+    variant must run on ``backend`` (when the config names one) and have a
+    recorded accuracy drop (:func:`accuracy_drops`) within ``max_drop``: a
+    variant beyond the budget, or of unknown accuracy, is never served by
+    speed, however fast it is.
+    """
+    drops = accuracy_drops(variants)
+    ok, excluded = [], {}
+    for v in variants:
+        vid = str(v.get("id"))
+        drop = drops.get(vid)
+        if vid == default_id:
+            ok.append(vid)
+        elif backend and v.get("runtime") != backend:
+            excluded[vid] = f"runs on {v.get('runtime')}, the config asks for {backend}"
+        elif drop is None:
+            excluded[vid] = "no accuracy recorded in the manifest (metrics.drop or a metric to compare with fp32)"
+        elif drop > max_drop:
+            excluded[vid] = f"{drop:.2f} pt below fp32, over the {max_drop:g} pt budget"
+        else:
+            ok.append(vid)
+    return ok, excluded
+
+
+def _per_sample(fig: Mapping) -> list[float]:
+    """A variant's measured times that decide: batch-1 call ms and, if measured, ms per sample in a batch."""
+    out = [float(fig["b1_ms"])]
+    if fig.get("bn_ms") is not None and int(fig.get("batch") or 1) > 1:
+        out.append(float(fig["bn_ms"]) / int(fig["batch"]))
+    return out
+
+
+def choose_fastest(figures: Mapping[str, Mapping], default_id: str, margin: float = 0.1,
+                   drops: Mapping[str, float | None] | None = None) -> tuple[str, str, dict]:
+    """The variant to serve from measured figures: ``(id, reason, {id: time relative to the default})``. Pure.
+
+    ``figures``: ``{id: {"b1_ms", "bn_ms", "batch"}}`` for the eligible
+    variants measured on this device (``bn_ms``: one call at ``batch``, or
+    None). A variant's score is the geometric mean of its batch-1 time and
+    its time per sample at ``batch`` (both what serving does: a lone request,
+    a full batch), taken relative to the default's. The fastest wins only
+    when it beats the default by more than ``margin`` (0.1 = 10 %): within
+    that, the difference is start-up measurement noise, and the default stays
+    (the package's choice, and no swap) — unless a variant more accurate than
+    the default (a smaller ``drops`` entry: fp32 beside an int8 default)
+    measured faster at all: it loses nothing, so an int8 default that
+    measured slower than fp32 here is never kept.
+    """
+    if default_id not in figures:
+        raise ValueError(f"the default variant {default_id!r} was not measured")
+    base = _per_sample(figures[default_id])
+    rel: dict[str, float] = {}
+    for vid, fig in figures.items():
+        own = _per_sample(fig)
+        k = min(len(own), len(base))  # a variant measured at batch 1 only is compared at batch 1
+        rel[vid] = float(np.exp(np.mean([np.log(own[i] / base[i]) for i in range(k)])))
+    best = min(rel, key=lambda v: (rel[v], v != default_id))
+    what = "batch 1 and per sample at batch " + str(figures[default_id].get("batch")) \
+        if len(base) > 1 else "batch 1"
+    if best == default_id:
+        return default_id, f"the default is the fastest ({what})", rel
+    if rel[best] > 1.0 - margin:
+        d = dict(drops or {})
+        mine = d.get(default_id)
+        better = [v for v in rel if v != default_id and rel[v] < 1.0 and d.get(v) is not None and mine is not None
+                  and d[v] < mine]
+        if better:
+            b = min(better, key=lambda v: rel[v])
+            return b, (f"{b} is more accurate than the default ({d[b]:.2f} vs {mine:.2f} pt below fp32) and "
+                       f"measured faster ({rel[b]:.2f}x its time, {what})"), rel
+        return default_id, (f"kept the default: {best} takes {rel[best]:.2f}x its time ({what}), within the "
+                            f"{margin:.0%} noise margin"), rel
+    return best, f"{best} is the fastest: {rel[best]:.2f}x the default's time ({what})", rel
 
 
 @dataclasses.dataclass(frozen=True)

@@ -347,6 +347,9 @@ class Agent:
             from .api import ApiServer  # noqa: PLC0415
 
             self.api = ApiServer(self, cfg.api).start()
+        # Issue 18: time the package's variants beside the served default (own thread, after the first result).
+        from .adapt_choice import start_choice  # noqa: PLC0415 - the fastest variant within the accuracy budget
+        start_choice(self)
 
     @property
     def waits_for_rollout(self) -> bool:

@@ -146,6 +146,7 @@ class AgentMetrics:
         # Memory figures (the agent sets it): rss_bytes, bytes_in_flight and its bound, the batch cap.
         self.memory: Callable[[], dict] = lambda: {"rss_bytes": rss_bytes()}
         self.reject_reasons: dict[str, int] = {}
+        self.variant_choice: dict | None = None  # which variant serves and why, measured here (adapt_choice)
         self.recent_rejects: list[dict] = []
 
     def record_batch(self, n: int, run_ms: float, latencies: Sequence[tuple[float, int]]) -> None:
@@ -172,5 +173,6 @@ class AgentMetrics:
             return {"counters": self.counters.snapshot(), "queue_depth": self.queue_depth(),
                     "latency_ms": self.latency_ms.to_dict(), "inference_ms": self.inference_ms.to_dict(),
                     "batch_size": self.batch_size.to_dict(), "reject_reasons": dict(self.reject_reasons),
-                    "memory": self.memory()}
+                    "memory": self.memory(),
+                    **({"variant_choice": self.variant_choice} if self.variant_choice else {})}
 

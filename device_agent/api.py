@@ -56,6 +56,7 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError, EdgeshipError, FeedbackUnavailableError, InputError, OverloadError
 from ..metrics import Histogram
+from .adapt_choice import choice_metric_lines
 from .api_input import parse_infer, parse_json, strict_json
 
 __all__ = ["ApiServer", "prometheus_text", "read_token"]
@@ -95,6 +96,8 @@ def prometheus_text(snapshot: Mapping[str, Any], model: Mapping[str, Any] | None
         lines += [f"# TYPE {prefix}_model_info gauge",
                   f'{prefix}_model_info{{name="{_esc(model.get("name"))}",version="{_esc(model.get("version"))}",'
                   f'sha256="{_esc(model.get("sha256"))}"}} 1']
+    if snapshot.get("variant_choice"):  # which variant serves, the measured figures and the machine
+        lines += choice_metric_lines(snapshot["variant_choice"], prefix)
     return "\n".join(lines) + "\n"
 
 

@@ -125,7 +125,8 @@ def run_bench(package: str | os.PathLike, *, threads: int | None = None, backend
     caps: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as state:
         base = {"agent": {"allow_unsigned": True, "package": str(package), "state_dir": state, "device_id": "bench"},
-                "runtime": {"threads": threads, "backend": backend, "variant": variant}}
+                "runtime": {"threads": threads, "backend": backend, "variant": variant},
+                "adapt": {"choose": "default"}}  # the variant asked for (or the default), not the fastest
         base["runtime"] = {k: v for k, v in base["runtime"].items() if v is not None}
         cfg = parse_config({**base, "batcher": {"max_batch": 1, "max_delay_ms": 0}})
         with Agent(cfg) as agent:

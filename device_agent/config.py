@@ -231,6 +231,14 @@ class AdaptSection:
     hot_c: float = _opt(80.0, _positive)            # no step up at or above this SoC temperature
     measure_s: float = _opt(1.0, _positive)         # start-up timing per variant
     tune: bool = True                               # measure threads / batch delay when the config leaves them open
+    # The variant served without a latency budget (edgeship.agent.adapt_choice): "fastest" measures the
+    # package's variants within its accuracy budget at start-up; "default" serves the package's default;
+    # "most_accurate" the most accurate variant. [runtime] variant, when set, wins over all three.
+    choose: str = _opt("fastest", _one_of("fastest", "default", "most_accurate"))
+    choose_s: float = _opt(1.0, _positive)          # start-up timing of the variants, in total (>= 3 rounds)
+    choose_margin: float = _opt(0.1, _at_least(0))  # another variant must be this much faster than the default
+    # Accuracy points below fp32 a variant may lose and still be served for its speed; None: the package's budget.
+    max_drop: float | None = field(default=None, metadata={"check": lambda v: None if v is None or v >= 0 else f"must be >= 0 (got {v})"})
 
 
 @dataclass(frozen=True)
@@ -509,6 +517,9 @@ plan_keys = []                    # keys that sign rollout plans (fleet.pub); em
 # headroom_s = 30                 # headroom this long -> step back up (not while hot_c is reached)
 # pressure_max = 0.2              # no step up while tasks waited for a CPU more of the time (PSI / loadavg)
 # tune = true                     # measure [runtime] threads / [batcher] max_delay_ms when not set here
+choose = "fastest"                # without a latency budget: time the variants at start-up, serve the fastest
+                                  # within the package's accuracy budget ("default": the package's default)
+# max_drop = 1.0                  # accuracy points below fp32 a variant may lose; default: the package's budget
 '''
 
 

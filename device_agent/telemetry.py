@@ -319,6 +319,8 @@ class Telemetry(Loop):
                     log.warning("telemetry field provider failed: %s", exc)
             if snap.get("memory"):
                 extra.setdefault("memory", dict(snap["memory"]))  # bytes in flight and their bounds
+            if snap.get("variant_choice"):
+                extra.setdefault("variant_choice", dict(snap["variant_choice"]))  # which variant, why, measured where
             cpu, rss = self.sampler.sample()
             dropped = self.outbox.take_dropped()
             body = build_telemetry_body(w, now=now, counters=delta, outbox_dropped=dropped,

@@ -523,6 +523,9 @@ class SimDevice:
             "agent": agent_section,
             # Many agents share two cores here: one intra-op thread each, one warm-up run.
             "runtime": {"threads": 1, "warmup": 1},
+            # The demo's devices run the default int8 variant (see DemoSettings.tflite): no start-up timing of
+            # both variants by each of many agents on two shared cores.
+            "adapt": {"choose": "default"},
             "batcher": {"max_batch": 16, "max_delay_ms": 5.0},
             "mqtt": {"broker": broker, "keepalive": 10},
             "telemetry": {"window_s": settings.window_s},

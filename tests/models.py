@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = ["mlp_weights", "mlp_reference", "make_mlp_onnx", "make_image_mlp_onnx", "make_multi_io_onnx",
            "make_stateful_onnx", "stateful_reference", "make_mlp_tflite", "make_mlp_int8_tflite", "quant_params",
-           "make_identity_onnx"]
+           "make_identity_onnx", "make_deep_mlp_onnx"]
 
 OPSET = 17
 IR_VERSION = 8  # onnxruntime accepts this whatever onnx's newest IR is
@@ -308,4 +308,32 @@ def make_identity_onnx(path, shape, name: str = "x", output: str = "y") -> Path:
     graph = helper.make_graph([helper.make_node("Identity", [name], [output])], "identity",
                               [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)],
                               [helper.make_tensor_value_info(output, TensorProto.FLOAT, dims)])
+    return _save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def make_deep_mlp_onnx(path: Path, layers: int = 16, width: int = 64, seed: int = 0, act: str = "Relu") -> Path:
+    """input [batch, 64] -> logits [batch, 10] through ``layers`` MatMul+Add+``act`` of ``width``: many small ops.
+
+    Quantized to int8 (static QDQ) with ``act = "Sigmoid"``, which has no int8 kernel, every layer
+    dequantizes and requantizes around it: ~2x the fp32 time at this width (measured 2.0-2.4x on an x86
+    with int8 dot products), so tests/test_adapt_choice.py has an int8 variant slower than fp32.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits, nodes, x, fan_in = [], [], "input", 64
+    for i in range(layers + 1):
+        out_w = 10 if i == layers else width
+        w = (rng.standard_normal((fan_in, out_w)) / np.sqrt(fan_in)).astype(np.float32)
+        b = (rng.standard_normal(out_w) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"B{i}")]
+        y = "logits" if i == layers else f"h{i}"
+        nodes += [helper.make_node("MatMul", [x, f"W{i}"], [f"m{i}"]), helper.make_node("Add", [f"m{i}", f"B{i}"],
+                                                                                         [f"a{i}" if i < layers else y])]
+        if i < layers:
+            nodes.append(helper.make_node(act, [f"a{i}"], [y]))
+        x, fan_in = y, out_w
+    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                              initializer=inits)
     return _save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)

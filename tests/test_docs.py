@@ -74,6 +74,8 @@ BLOCKS: dict[tuple[str, str], str] = {
                            "--holdout 0.2"):
         "needs a fleet DB with field feedback; the command is run by tests/test_loop_export.py",
     ("docs/field-loop.md", "[field]"): "a recipe section (TOML), not a command; run by tests/test_loop_recipe.py",
+    ("docs/adapt.md", "[adapt]"):
+        "an agent config section (TOML), not a command; parsed by tests/test_adapt_choice.py",
     ("docs/field-loop.md", "edgeship fleet rollout start build/digits-1.1.0.edgepkg --db fleet.sqlite "
                            "--broker mqtt://broker:1883 --key dev.key \\"):
         "needs a broker and a fleet; these gates and on_insufficient=wait are run by tests/test_loop_rollout.py "
