@@ -32,6 +32,8 @@ BENCHMARKS = {
     "variant_load": ("variant_load.py", "load and switch to an 80 MB variant of an installed package", "verify once"),
     "collectors": ("collectors.py", "one vs two collectors on a shared subscription", "scale"),
     "drift": ("drift.py", "drift scores: clean vs shifted inputs", "monitoring"),
+    "variant_choice": ("variant_choice.py", "start-up variant choice: per-variant timings and the served variant",
+                       "device agent"),
     "adapt": ("adapt.py", "variant choice under a latency budget and CPU load", "monitoring"),
     "prune": ("prune.py", "channel pruning: accuracy/size/latency over ratios", "monitoring"),
     "console": ("console.py", "console page load with 1,000 devices / 100,000 telemetry rows", "console"),

@@ -13,21 +13,19 @@ Data flow and threads (each loop is a class owning its thread):
   entry reads blocks, decodes/preprocesses/validates them and puts
   :class:`~edgeship.agent.batcher.Work` into the shared
   :class:`~edgeship.agent.batcher.MicroBatcher`;
-* ``submit()`` and the HTTP API validate one sample in the caller's thread
-  and put it into the same batcher;
+* ``submit()`` and the HTTP API validate one sample in the caller's thread and put it into the batcher;
 * the batcher thread packs a batch into preallocated buffers, runs the
   *current* model (:class:`ModelHandle`, read once per batch), splits the
   outputs back per request in order, completes futures and hands one
   :class:`~edgeship.agent.results.ResultBatch` per batch to the sinks and
   components.
 
-Bad input never stops the agent: a sample with the wrong shape or dtype, or
-with NaN/inf, is refused with an :class:`~edgeship.errors.InputError`
-(``submit`` raises it; source rows are logged and counted as
-``rejected``) and everything else goes on.
+Bad input never stops the agent: a sample with the wrong shape or dtype, or with NaN/inf, is
+refused with an :class:`~edgeship.errors.InputError` (``submit`` raises it; source rows are logged
+and counted as ``rejected``) and everything else goes on.
 
-Components (telemetry, feedback, rollout, drift) plug in with
-``agent.add_component(obj)``; their contract is in :mod:`.hooks`.
+Components (telemetry, feedback, rollout, drift) plug in with ``agent.add_component(obj)``; their
+contract is in :mod:`.hooks`.
 
 Model swaps (rollout): ``load_candidate(sha)`` loads and warms a stored
 package beside the running one and returns a handle; ``switch_to(handle
@@ -43,9 +41,8 @@ succeeds; health says ``waiting``, requests are refused with an
 ``switch_to`` starts serving. Without such a component an empty store is a
 one-line :class:`~edgeship.errors.StoreError` (nothing would ever install one).
 
-Around this module: :mod:`.handle` (a loaded model), :mod:`.intake` (sample
-and block validation, pure), :mod:`.agent_metrics` (counters), and
-:mod:`.runner_main` (which components a config asks for).
+Around this module: :mod:`.handle` (a loaded model), :mod:`.intake` (sample and block validation,
+pure), :mod:`.agent_metrics` (counters), :mod:`.runner_main` (which components a config asks for).
 """
 from __future__ import annotations
 
@@ -347,9 +344,8 @@ class Agent:
             from .api import ApiServer  # noqa: PLC0415
 
             self.api = ApiServer(self, cfg.api).start()
-        # Issue 18: time the package's variants beside the served default (own thread, after the first result).
-        from .adapt_choice import start_choice  # noqa: PLC0415 - the fastest variant within the accuracy budget
-        start_choice(self)
+        from .adapt_choice import start_choice  # noqa: PLC0415 - #18: serve the fastest variant within budget
+        start_choice(self)  # times the variants beside the default on its own thread, after the first result
 
     @property
     def waits_for_rollout(self) -> bool:
