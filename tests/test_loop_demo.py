@@ -155,8 +155,9 @@ def test_demo_loop_fast_end_to_end(tmp_path):
     # windows of this size), and the loop acted on the first one after it (no 3x-baseline workaround).
     assert before["windows"] >= 8 and before["alarm_windows"] <= 0.3 * before["windows"], before
     # After the rollout the inputs are still shifted: lower against 1.1.0's reference (it holds the field data)
-    # than against the one it replaced (the devices' vs_previous; 0.73 and 1.88 against 0.35 in two runs).
-    assert after["drift_score_vs_previous"] > 1.5 * after["drift_score"], after
+    # than against the one it replaced (the devices' vs_previous). Measured ratios: 5.4, 2.1, 1.48 (CI) and 1.43
+    # (benchmark), so only the order is asserted: a 1.5x bound failed CI once.
+    assert after["drift_score_vs_previous"] > after["drift_score"], after
     assert after["negative_rate"] < under["negative_rate"] - 0.15
     assert after["negative_rate_shifted"] < under["negative_rate_shifted"] - 0.3
     html = (work / "report" / "report.html").read_text()
